@@ -1,0 +1,27 @@
+"""earlytom_ext: EarlyTom video-token compression inside the vision encoder.
+
+Quick use with Hugging Face LLaVA-OneVision::
+
+    import earlytom_ext
+    handle = earlytom_ext.apply(model, earlytom_ext.EarlyTomConfig(retain_ratio=0.1))
+    out = model.generate(**inputs, max_new_tokens=64)
+    handle.remove()
+"""
+from ._version import __version__
+from .config import PAPER_PRESETS, EarlyTomConfig, preset
+from . import _ext, reference
+
+__all__ = ["__version__", "EarlyTomConfig", "PAPER_PRESETS", "preset", "reference", "ops", "apply"]
+
+
+def __getattr__(name):
+    # Lazy: importing earlytom_ext must stay cheap (no transformers import).
+    if name == "ops":
+        from . import ops
+
+        return ops
+    if name in ("apply", "EarlyTomHandle"):
+        from . import integration
+
+        return getattr(integration, name)
+    raise AttributeError(f"module 'earlytom_ext' has no attribute {name!r}")
