@@ -303,6 +303,17 @@ class EarlyTomHandle:
         """Refined segmentation at the last prune layer: ``(segments [K, 2] global, segment_counts [B])``."""
         return ops.segment_frames(x, frame_counts, self._cfg)
 
+    def _attention_scores(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """Attention received per token of the score layer, ``[N, S]`` fp32."""
+        fn = ops.attention_received
+        kw = {}
+        try:
+            if "check_finite" in inspect.signature(fn).parameters:
+                kw["check_finite"] = False  # the pixels were checked; avoid a host sync here
+        except (TypeError, ValueError):
+            pass
+        return fn(q, k, scale=self._scale, num_heads=self._num_heads, **kw)
+
     # ---------------------------------------------------------------- installation
     def _install(self) -> None:
         p = self._parts
@@ -346,7 +357,7 @@ class EarlyTomHandle:
                 if run.q is None or run.k is None:
                     raise RuntimeError("EarlyTom: Q/K of the score layer were not captured")
                 t0 = clock.now()
-                extras = ops.attention_received(run.q, run.k, scale=self._scale, num_heads=self._num_heads)
+                extras = self._attention_scores(run.q, run.k)
                 run.q = run.k = None
                 clock.span("attention_score", t0, clock.now())
             t0 = clock.now()

@@ -1,0 +1,380 @@
+"""earlytom_ext.apply on tiny random Hugging Face LLaVA-OneVision models (transformers 4.57.x / 5.x).
+
+The compressed tokens are checked against the reference pipeline run by hand on the same model
+(embeddings, encoder layers one by one, Stage I / score / refined segmentation / pooling /
+Stage II from earlytom_ext.reference).
+"""
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+import tiny_models as tm  # noqa: E402
+
+pytest.importorskip("transformers")
+
+import earlytom_ext  # noqa: E402
+from earlytom_ext import EarlyTomConfig, reference as R  # noqa: E402
+
+# A config that merges on the tiny 6-layer tower (the paper's layers are for 26 layers).
+CFG = EarlyTomConfig(retain_ratio=0.2, tau=0.5, max_window=6, ema=0.9, prune_layers=(1, 3, 4))
+# Stage I is an identity (every segment has one frame), r = 1 keeps every token.
+IDENTITY = EarlyTomConfig(retain_ratio=1.0, tau=-1.0, max_window=2, prune_layers=(1, 3, 4))
+T = 8
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tm.build_model(seed=0)
+
+
+@pytest.fixture(scope="module")
+def videos():
+    return [tm.make_video(T, seed=1, kind="scenes", scene_length=3),
+            tm.make_video(T, seed=2, kind="static")]
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover(model):
+    yield
+    h = model.__dict__.get("_earlytom_handle")
+    if h is not None:
+        h.remove()
+
+
+# --------------------------------------------------------------------------------------------
+# The reference pipeline, by hand
+# --------------------------------------------------------------------------------------------
+def _layers(model):
+    vt = model.model.vision_tower
+    vm = getattr(vt, "vision_model", vt)
+    return vm, vm.encoder.layers
+
+
+def _call_layer(layer, h):
+    out = layer(h, None)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def reference_video(model, video, cfg, feature_layer=-1):
+    """Compressed tokens of one video [T, 3, H, W] by the reference: (tokens + newline, index, stats)."""
+    vm, layers = _layers(model)
+    hidden = vm.embeddings(video.to(model.dtype))
+    depth = len(layers)
+    fl = (feature_layer % (depth + 1)) - 1
+    used = [(lambda h, layer=layer: _call_layer(layer, h)) for layer in layers[:fl + 1]]
+
+    def qk(i, h):
+        attn = layers[i].self_attn
+        x = layers[i].layer_norm1(h)
+        n, s, _ = x.shape
+        H = attn.num_heads
+        q = attn.q_proj(x).view(n, s, H, -1).transpose(1, 2)
+        k = attn.k_proj(x).view(n, s, H, -1).transpose(1, 2)
+        return q, k, attn.scale
+
+    hidden, scores, refined, counts = R.run_encoder(hidden, used, cfg, qk)
+    proj = model.model.multi_modal_projector(hidden)
+    tokens, index, r_adj = R.compress_after_encoder(proj, scores, refined, cfg.retain_ratio, video.shape[0])
+    tokens = torch.cat([tokens, model.model.image_newline[None].to(tokens.dtype)])
+    return tokens, index, {"segments": refined, "counts": counts, "ratio": r_adj}
+
+
+def expected_token_count(segments, T_before, r, P=tm.TOKENS_PER_FRAME):
+    Tm = segments[-1][1] + 1
+    ra = R.adjusted_ratio(r, T_before, Tm, P)
+    k, n = R.dynamic_keep(ra, P), R.static_windows(ra, P)
+    return sum(n if s else k for s in R.frame_kinds(segments))
+
+
+def _close(a, b, tol=1e-4):
+    assert a.shape == b.shape, (a.shape, b.shape)
+    torch.testing.assert_close(a.float(), b.float(), atol=tol, rtol=tol)
+
+
+# --------------------------------------------------------------------------------------------
+# Tests
+# --------------------------------------------------------------------------------------------
+def test_kept_tokens_equal_reference(model, videos):
+    with earlytom_ext.apply(model, CFG) as h:
+        feats = h.encode_videos(torch.stack(videos))
+        stats = h.last_stats
+    assert len(feats) == 2
+    merged_somewhere = False
+    for b, v in enumerate(videos):
+        ref_tokens, ref_index, ref = reference_video(model, v, CFG)
+        st = stats["videos"][b]
+        assert st["segments"] == [tuple(s) for s in ref["segments"]]
+        assert [st["frames_after"][p] for p in CFG.prune_layers] == ref["counts"]
+        assert st["kept"] == [tuple(x) for x in ref_index.tolist()]
+        assert math.isclose(st["ratio"], ref["ratio"], rel_tol=0, abs_tol=0)
+        _close(feats[b], ref_tokens)
+        merged_somewhere |= ref["counts"][-1] < T
+    assert merged_somewhere, "the test videos should exercise Stage I merging"
+    # Different contents -> different numbers of kept tokens.
+    assert feats[0].shape[0] != feats[1].shape[0]
+
+
+def test_feature_layer_not_last(videos):
+    m = tm.build_model(seed=3, vision_feature_layer=-2)
+    cfg = CFG.replace(prune_layers=(1, 3))
+    with earlytom_ext.apply(m, cfg) as h:
+        feats = h.encode_videos(videos[1][None])
+    ref_tokens, _, _ = reference_video(m, videos[1], cfg, feature_layer=-2)
+    _close(feats[0], ref_tokens)
+    # A feature layer before the last prune layer cannot work.
+    with pytest.raises(ValueError, match="prune"):
+        earlytom_ext.apply(m, CFG.replace(prune_layers=(1, 5)))
+
+
+def test_generate_deterministic_and_token_count(model, videos):
+    inputs = tm.make_inputs(videos, seed=4)
+    with earlytom_ext.apply(model, CFG) as h:
+        out1 = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        li = h.last_inputs
+        stats = h.last_stats
+        out2 = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert torch.equal(out1, out2)
+    L = inputs["input_ids"].shape[1]
+    assert out1.shape == (2, L + 4)
+    assert torch.equal(out1[:, :L], inputs["input_ids"])  # the original prompt comes back
+    for b, st in enumerate(stats["videos"]):
+        n = expected_token_count(st["segments"], T, CFG.retain_ratio) + 1
+        assert st["tokens_after"] == n
+        assert li["video_token_counts"][b] == n
+        assert int((li["input_ids"][b] == tm.VIDEO_TOKEN_ID).sum()) == n
+        assert st["tokens_before"] == T * 196 + 1
+    # Compressed prompts, left padding kept.
+    am = li["attention_mask"]
+    lengths = am.sum(1).tolist()
+    assert lengths[0] != lengths[1]
+    for b in range(2):
+        assert am[b, -1] == 1 and am[b, : am.shape[1] - lengths[b]].sum() == 0
+    assert set(stats["timings_ms"]) >= {"vision_tower", "stage1_layer1", "stage1_layer3", "stage1_layer4",
+                                         "attention_score", "refine_segments", "projector", "pooling",
+                                         "stage2", "total"}
+
+
+def test_generate_output_object_reexpanded(model, videos):
+    inputs = tm.make_inputs(videos[:1], seed=5)
+    with earlytom_ext.apply(model, CFG):
+        plain = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        out = model.generate(**inputs, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, plain)
+    assert torch.equal(out.sequences[:, : inputs["input_ids"].shape[1]], inputs["input_ids"])
+
+
+def test_batch_each_video_equals_alone(model, videos):
+    inputs = tm.make_inputs(videos, seed=6)
+    with earlytom_ext.apply(model, CFG) as h:
+        batch_logits = model(**inputs).logits
+        li = h.last_inputs
+        batch_gen = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        for b in range(2):
+            single = {k: v[b:b + 1] for k, v in inputs.items()}
+            # Drop this sample's own left padding.
+            keep = single["attention_mask"][0].bool()
+            single["input_ids"] = single["input_ids"][:, keep]
+            single["attention_mask"] = single["attention_mask"][:, keep]
+            logits = model(**single).logits
+            n = logits.shape[1]
+            assert li["attention_mask"][b].sum() == n
+            _close(batch_logits[b, -n:], logits[0], tol=2e-4)
+            gen = model.generate(**single, max_new_tokens=3, do_sample=False)
+            assert torch.equal(gen[0, -3:], batch_gen[b, -3:])
+
+
+def test_right_padding_kept(model, videos):
+    inputs = tm.make_inputs(videos, seed=7, padding_side="right")
+    with earlytom_ext.apply(model, CFG) as h:
+        logits = model(**inputs).logits
+        li = h.last_inputs
+    am = li["attention_mask"]
+    assert logits.shape[:2] == am.shape
+    for b in range(2):
+        n = int(am[b].sum())
+        assert am[b, :n].all() and not am[b, n:].any()
+        assert (li["input_ids"][b, n:] == tm.PAD_ID).all()
+
+
+def test_identity_config_equals_unpatched(model, videos):
+    inputs = tm.make_inputs(videos, seed=8)
+    with torch.no_grad():
+        base_logits = model(**inputs).logits
+    base_gen = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    with earlytom_ext.apply(model, IDENTITY) as h:
+        with torch.no_grad():
+            logits = model(**inputs).logits
+        gen = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        st = h.last_stats
+    assert all(v["frames_after"] == {1: T, 3: T, 4: T} for v in st["videos"])
+    assert all(v["tokens_after"] == v["tokens_before"] for v in st["videos"])
+    assert torch.equal(h.last_inputs["input_ids"], inputs["input_ids"])
+    _close(logits, base_logits, tol=1e-5)
+    assert torch.equal(gen, base_gen)
+
+
+def test_remove_restores_exactly(videos):
+    m = tm.build_model(seed=0)
+    inputs = tm.make_inputs(videos[:1], seed=9)
+    vm, layers = _layers(m)
+    with torch.no_grad():
+        before = m(**inputs).logits
+    modules = list(m.modules())
+    hooks_before = [(len(x._forward_hooks), len(x._forward_pre_hooks)) for x in modules]
+    dict_before = set(m.__dict__)
+    h = earlytom_ext.apply(m, CFG)
+    assert "forward" in m.__dict__ and "generate" in m.__dict__
+    with pytest.raises(RuntimeError, match="already applied"):
+        earlytom_ext.apply(m, CFG)
+    with torch.no_grad():
+        patched = m(**inputs).logits
+    assert patched.shape[1] < before.shape[1]
+    h.remove()
+    h.remove()  # idempotent
+    assert set(m.__dict__) == dict_before
+    assert [(len(x._forward_hooks), len(x._forward_pre_hooks)) for x in modules] == hooks_before
+    with torch.no_grad():
+        after = m(**inputs).logits
+    assert torch.equal(before, after)
+    with pytest.raises(RuntimeError, match="removed"):
+        h.encode_videos(inputs["pixel_values_videos"])
+    # Applying again after remove works.
+    with earlytom_ext.apply(m, CFG):
+        with torch.no_grad():
+            again = m(**inputs).logits
+    _close(again, patched, tol=1e-6)
+
+
+def test_mixed_image_and_video(model, videos):
+    img = tm.make_image(seed=0)
+    n_img = tm.image_token_count(model, img)
+    inputs = tm.make_inputs(videos, seed=10, images=[img, None], image_tokens=n_img)
+    sizes = inputs["image_sizes"]
+    with torch.no_grad():
+        base_img = model.model.get_image_features(
+            pixel_values=inputs["pixel_values"], image_sizes=sizes,
+            vision_feature_layer=model.config.vision_feature_layer,
+            vision_feature_select_strategy=model.config.vision_feature_select_strategy)
+        base_logits = model(**inputs).logits
+    base_img = getattr(base_img, "pooler_output", base_img)
+    with earlytom_ext.apply(model, CFG) as h:
+        with torch.no_grad():
+            img_feats = model.model.get_image_features(
+                pixel_values=inputs["pixel_values"], image_sizes=sizes,
+                vision_feature_layer=model.config.vision_feature_layer,
+                vision_feature_select_strategy=model.config.vision_feature_select_strategy)
+        img_feats = getattr(img_feats, "pooler_output", img_feats)
+        for a, b in zip(base_img, img_feats):
+            assert torch.equal(a, b)  # images through the same tower are untouched
+        with torch.no_grad():
+            logits = model(**inputs).logits
+        li = h.last_inputs
+        gen = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert int((li["input_ids"][0] == tm.IMAGE_TOKEN_ID).sum()) == n_img
+    assert logits.shape[1] < base_logits.shape[1]
+    assert torch.equal(gen[:, : inputs["input_ids"].shape[1]], inputs["input_ids"])
+    # With the identity config, the mixed batch equals the unpatched model.
+    with earlytom_ext.apply(model, IDENTITY):
+        with torch.no_grad():
+            logits_id = model(**inputs).logits
+    _close(logits_id, base_logits, tol=1e-5)
+
+
+def test_sdpa_and_eager_keep_the_same_tokens(videos):
+    pix = torch.stack(videos)
+    out = {}
+    for impl in ("sdpa", "eager"):
+        m = tm.build_model(seed=0, attn_implementation=impl)
+        with earlytom_ext.apply(m, CFG) as h:
+            feats = h.encode_videos(pix)
+            out[impl] = (feats, h.last_stats)
+    for b in range(2):
+        assert out["sdpa"][1]["videos"][b]["kept"] == out["eager"][1]["videos"][b]["kept"]
+        _close(out["sdpa"][0][b], out["eager"][0][b], tol=1e-4)
+
+
+def test_labels_follow_the_compression(model, videos):
+    inputs = tm.make_inputs(videos, seed=11)
+    labels = inputs["input_ids"].clone()
+    labels[labels == tm.VIDEO_TOKEN_ID] = -100
+    labels[inputs["attention_mask"] == 0] = -100
+    with earlytom_ext.apply(model, CFG) as h:
+        with torch.no_grad():
+            out = model(**inputs, labels=labels)
+        li = h.last_inputs
+    assert out.loss is not None and torch.isfinite(out.loss)
+    lab = li["labels"]
+    assert lab.shape == li["input_ids"].shape
+    text = (li["attention_mask"] == 1) & (li["input_ids"] != tm.VIDEO_TOKEN_ID)
+    assert torch.equal(lab[text], li["input_ids"][text])
+    assert (lab[~text] == -100).all()
+
+
+def test_stage1_seam_can_be_overridden(model, videos):
+    calls = []
+    with earlytom_ext.apply(model, CFG) as h:
+        orig = h._stage1
+
+        def spy(x, frame_counts, layer_index, extras=None):
+            calls.append((layer_index, x.shape[0], extras is not None))
+            return orig(x, frame_counts, layer_index, extras)
+
+        refine_calls = []
+        orig_refine = h._refine
+
+        def spy_refine(x, frame_counts):
+            refine_calls.append(x.shape[0])
+            return orig_refine(x, frame_counts)
+
+        h._stage1 = spy
+        h._refine = spy_refine
+        h.encode_videos(torch.stack(videos))
+    assert [c[0] for c in calls] == list(CFG.prune_layers)
+    assert calls[0][1] == 2 * T
+    assert [c[2] for c in calls] == [False, False, True]
+    assert len(refine_calls) == 1
+
+
+def test_errors(model, videos):
+    with earlytom_ext.apply(model, CFG) as h:
+        good = torch.stack(videos)
+        with pytest.raises(ValueError, match="5 dimensions"):
+            h.encode_videos(good[0])
+        with pytest.raises(ValueError, match="at least 1 frame"):
+            h.encode_videos(good[:, :0])
+        bad = good.clone()
+        bad[0, 1, 0, 5, 5] = float("nan")
+        with pytest.raises(ValueError, match="NaN"):
+            h.encode_videos(bad)
+        with pytest.raises(TypeError):
+            h.encode_videos(good.numpy())
+        inputs = tm.make_inputs(videos, seed=12)
+        with pytest.raises(ValueError, match="5 dimensions"):
+            model(input_ids=inputs["input_ids"], pixel_values_videos=good[0])
+        wrong = tm.make_inputs(videos, seed=12, video_tokens=[100, 100])
+        with pytest.raises(ValueError, match="placeholder"):
+            model.generate(**wrong, max_new_tokens=2)
+    with pytest.raises(TypeError):
+        earlytom_ext.apply(torch.nn.Linear(2, 2), CFG)
+    with pytest.raises(TypeError):
+        earlytom_ext.apply(model.model, CFG)
+    with pytest.raises(TypeError, match="EarlyTomConfig"):
+        earlytom_ext.apply(model, {"retain_ratio": 0.1})
+    with pytest.raises(ValueError, match="encoder depth"):
+        earlytom_ext.apply(model, EarlyTomConfig(prune_layers=(1, 6)))
+    with pytest.raises(ValueError, match="encoder depth"):
+        earlytom_ext.apply(model, EarlyTomConfig())  # the paper's layers need 24+ encoder layers
+    assert "_earlytom_handle" not in model.__dict__
+
+
+def test_unsupported_vision_tower():
+    m = tm.build_model(seed=0)
+    _, layers = _layers(m)
+    del layers[2].self_attn.q_proj
+    with pytest.raises(TypeError, match="q_proj"):
+        earlytom_ext.apply(m, CFG)
