@@ -1,5 +1,98 @@
-"""Placeholder: attention_received wrapper."""
+"""Attention received per token: ``a[n, s] = mean_h mean_q softmax(q kᵀ·scale)[n, h, q, s]``.
+
+Wrapper of ``torch.ops.earlytom.attention_received`` (schema in ``csrc/earlytom.cpp``, contract
+in ``docs/design.md``). The op computes a row log-sum-exp pass and a column-sum pass over tiles;
+no ``S x S`` attention map is stored in global memory.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from .. import _ext
+from .._validation import FLOAT_DTYPES, check_tensor
+
+__all__ = ["attention_received"]
 
 
-def attention_received(*a, **k):
-    raise NotImplementedError
+def _attention_received_fake(q, k, scale):
+    torch._check(q.dim() == 4, lambda: f"q must be [N, H, S, d], got {tuple(q.shape)}")
+    torch._check(k.shape == q.shape, lambda: f"k must have the shape of q {tuple(q.shape)}, got {tuple(k.shape)}")
+    return q.new_empty((q.shape[0], q.shape[2]), dtype=torch.float32)
+
+
+if _ext.available():
+    torch.library.register_fake("earlytom::attention_received")(_attention_received_fake)
+
+
+def _as_heads(name: str, t: torch.Tensor, num_heads: Optional[int]) -> torch.Tensor:
+    """``[N, H, S, d]`` view of ``t`` (``[N, H, S, d]`` as is, ``[N, S, H·d]`` split into heads)."""
+    if t.dim() == 4:
+        if num_heads is not None and t.shape[1] != num_heads:
+            raise ValueError(f"{name} has {t.shape[1]} heads (dim 1 of [N, H, S, d]) but num_heads={num_heads}")
+        return t
+    if t.dim() == 3:
+        if num_heads is None:
+            raise ValueError(f"{name} is 3-D [N, S, H*d]: num_heads must be given")
+        n, s, hd = t.shape
+        if hd % num_heads != 0:
+            raise ValueError(f"num_heads={num_heads} must divide the last dim of {name} ({hd})")
+        # A view whenever the strides allow it (always when the last dim is contiguous).
+        return t.reshape(n, s, num_heads, hd // num_heads).transpose(1, 2)
+    raise ValueError(f"{name} must be [N, H, S, d] or [N, S, H*d] (with num_heads), got shape {tuple(t.shape)}")
+
+
+def attention_received(q: torch.Tensor, k: torch.Tensor, scale: Optional[float] = None,
+                       num_heads: Optional[int] = None, *, check_finite: bool = True) -> torch.Tensor:
+    """Attention received by each key, averaged over heads and queries.
+
+    Args:
+        q, k: ``[N, H, S, d]`` (any strides; a non-contiguous last dim is copied) or
+            ``[N, S, H·d]`` with ``num_heads`` given (viewed as heads without a copy, e.g. the
+            output of ``q_proj``). float32/float16/bfloat16, same dtype, same device.
+        scale: softmax scale, default ``d ** -0.5``. Must be finite.
+        num_heads: number of heads H; required for 3-D inputs, checked for 4-D inputs.
+        check_finite: reject NaN/Inf in ``q``/``k``. This costs one reduction over each input
+            and one host sync (both flags are read together); pass ``False`` in a hot loop
+            when the inputs are known to be finite.
+
+    Returns:
+        ``a [N, S]`` float32 with ``a[n, s] = mean_h mean_q softmax(q kᵀ·scale)[n, h, q, s]``
+        (each row sums to 1).
+
+    The logits ``q·k·scale`` must be finite in float32 (always the case for float16 inputs;
+    bfloat16/float32 inputs of magnitude ~1e19 can overflow).
+    """
+    _ext.require()
+    q = check_tensor("q", q, dtypes=FLOAT_DTYPES)
+    k = check_tensor("k", k, dtypes=FLOAT_DTYPES, device=q.device)
+    if k.dtype != q.dtype:
+        raise TypeError(f"k must have the dtype of q ({str(q.dtype).replace('torch.', '')}), "
+                        f"got {str(k.dtype).replace('torch.', '')}")
+    if num_heads is not None:
+        if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
+            raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
+    if k.dim() != q.dim():
+        raise ValueError(f"k must have the rank of q ({q.dim()}), got shape {tuple(k.shape)}")
+    qh = _as_heads("q", q, num_heads)
+    kh = _as_heads("k", k, num_heads)
+    if kh.shape != qh.shape:
+        raise ValueError(f"k must have the shape of q {tuple(q.shape)}, got {tuple(k.shape)}")
+    n, h, s, d = qh.shape
+    if h < 1:
+        raise ValueError(f"q must have at least one head, got shape {tuple(q.shape)}")
+    if d < 1:
+        raise ValueError(f"the head dim d must be >= 1, got shape {tuple(qh.shape)}")
+    if scale is None:
+        scale = d ** -0.5
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite real number, got {scale!r}")
+    if check_finite and q.numel():
+        flags = torch.stack([torch.isfinite(q).all(), torch.isfinite(k).all()]).tolist()
+        if not flags[0]:
+            raise ValueError("q contains NaN or Inf values")
+        if not flags[1]:
+            raise ValueError("k contains NaN or Inf values")
+    return torch.ops.earlytom.attention_received(qh, kh, float(scale))
