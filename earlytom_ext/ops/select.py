@@ -1,9 +1,229 @@
-"""Placeholder: Stage II wrappers."""
+"""Stage II wrappers: the host-side plan (``stage2_plan``) and the fused per-frame token
+selection (``select_tokens``, ``torch.ops.earlytom.select_tokens``).
+
+``stage2_plan`` turns the refined segments of every video into per-frame token counts on the host
+(double precision, ``math.ceil`` and Python's half-to-even ``round``, through the reference's
+``adjusted_ratio`` / ``dynamic_keep`` / ``static_windows``). ``select_tokens`` then runs one fused
+op over all frames of all videos; the output size is known on the host, so the op never waits on
+the device.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
+
+import torch
+
+from .. import _ext
+from .. import reference as _ref
+from .._validation import FLOAT_DTYPES, check_tensor
+
+__all__ = ["Stage2Plan", "stage2_plan", "select_tokens"]
 
 
-def select_tokens(*a, **k):
-    raise NotImplementedError
+class Stage2Plan(NamedTuple):
+    """Per-frame Stage II counts of a batch of videos (merged frames concatenated).
+
+    Attributes:
+        frame_keep: tokens kept per merged frame (``k`` for a dynamic frame, ``n`` windows for a
+            static one), all videos concatenated.
+        frame_static: per merged frame, True for a static frame (interior of a refined segment of
+            length >= 3).
+        num_out: ``sum(frame_keep)``.
+        ratios: the adjusted ratio r' of every video.
+        tokens_per_video: selected tokens per video (no newline token).
+    """
+
+    frame_keep: List[int]
+    frame_static: List[bool]
+    num_out: int
+    ratios: List[float]
+    tokens_per_video: List[int]
 
 
-def stage2_plan(*a, **k):
-    raise NotImplementedError
+def _as_int(name: str, v) -> int:
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(v).__name__} ({v!r})")
+    return int(v)
+
+
+def _check_segments(v: int, segs) -> List[Tuple[int, int]]:
+    """Segments of video ``v``: inclusive (start, end) pairs covering 0..T'-1 contiguously, in order."""
+    name = f"segments_per_video[{v}]"
+    if isinstance(segs, torch.Tensor):
+        if segs.dim() != 2 or segs.shape[-1] != 2:
+            raise ValueError(f"{name} must be a list of (start, end) pairs or a [K, 2] tensor, got shape {tuple(segs.shape)}")
+        segs = segs.tolist()
+    if isinstance(segs, (str, bytes)) or not hasattr(segs, "__iter__"):
+        raise TypeError(f"{name} must be a list of (start, end) pairs, got {type(segs).__name__}")
+    out: List[Tuple[int, int]] = []
+    expected = 0
+    for j, seg in enumerate(segs):
+        try:
+            s, e = seg
+        except (TypeError, ValueError):
+            raise TypeError(f"{name}[{j}] must be a (start, end) pair, got {seg!r}") from None
+        s, e = _as_int(f"{name}[{j}][0]", s), _as_int(f"{name}[{j}][1]", e)
+        if s != expected:
+            raise ValueError(
+                f"{name} must cover the merged frames 0..T'-1 contiguously and in order: segment {j} "
+                f"should start at frame {expected}, got ({s}, {e})"
+            )
+        if e < s:
+            raise ValueError(f"{name}[{j}] must satisfy start <= end, got ({s}, {e})")
+        out.append((s, e))
+        expected = e + 1
+    if not out:
+        raise ValueError(f"{name} must hold at least one segment (every video has >= 1 frame), got none")
+    return out
+
+
+def stage2_plan(segments_per_video: Sequence, frames_before: Sequence[int],
+                retain_ratio: Union[float, Sequence[float]], tokens_per_frame: int = _ref.TOKENS_PER_FRAME) -> Stage2Plan:
+    """Per-frame token counts of Stage II, computed on the host.
+
+    Args:
+        segments_per_video: per video, the refined segments as inclusive ``(start, end)`` LOCAL
+            frame indices covering its merged frames ``0..T'-1`` contiguously, in order.
+        frames_before: per video, the frame count T before Stage I.
+        retain_ratio: r in (0, 1] (one value for all videos, or one per video).
+        tokens_per_frame: P (196 for LLaVA-OneVision).
+
+    Per video: ``r' = min(r / ((T·P - (T - T')·P) / (T·P)), 1)`` (double precision), a dynamic
+    frame keeps ``k = ceil(P·r')`` tokens, a static frame ``n = max(1, round(P·r'))`` (half to even).
+    """
+    if isinstance(segments_per_video, (str, bytes, torch.Tensor)) or not hasattr(segments_per_video, "__len__"):
+        raise TypeError(f"segments_per_video must be a list (per video) of lists of (start, end) pairs, "
+                        f"got {type(segments_per_video).__name__}")
+    if isinstance(frames_before, torch.Tensor):
+        frames_before = frames_before.tolist()
+    if isinstance(frames_before, (str, bytes)) or not hasattr(frames_before, "__len__"):
+        raise TypeError(f"frames_before must be a list of ints (T per video), got {type(frames_before).__name__}")
+    B = len(segments_per_video)
+    if B == 0:
+        raise ValueError("segments_per_video must hold at least one video, got an empty list")
+    if len(frames_before) != B:
+        raise ValueError(f"frames_before must have one entry per video ({B}), got {len(frames_before)}")
+    P = _as_int("tokens_per_frame", tokens_per_frame)
+    if P < 1:
+        raise ValueError(f"tokens_per_frame must be >= 1, got {P}")
+    if isinstance(retain_ratio, numbers.Real) and not isinstance(retain_ratio, bool):
+        ratios_in = [retain_ratio] * B
+    elif isinstance(retain_ratio, (str, bytes, bool)) or not hasattr(retain_ratio, "__len__"):
+        raise TypeError(f"retain_ratio must be a float in (0, 1] or one float per video, got {retain_ratio!r}")
+    else:
+        ratios_in = list(retain_ratio)
+        if len(ratios_in) != B:
+            raise ValueError(f"retain_ratio must have one value per video ({B}), got {len(ratios_in)}")
+    for v, r in enumerate(ratios_in):
+        if isinstance(r, bool) or not isinstance(r, numbers.Real):
+            raise TypeError(f"retain_ratio must be a float in (0, 1], got {r!r} (video {v})")
+        if not (math.isfinite(float(r)) and 0.0 < float(r) <= 1.0):
+            raise ValueError(f"retain_ratio must be in (0, 1], got {r!r} (video {v})")
+
+    frame_keep: List[int] = []
+    frame_static: List[bool] = []
+    ratios: List[float] = []
+    tokens_per_video: List[int] = []
+    for v in range(B):
+        segs = _check_segments(v, segments_per_video[v])
+        T = _as_int(f"frames_before[{v}]", frames_before[v])
+        T_merged = segs[-1][1] + 1
+        if T < T_merged:
+            raise ValueError(f"frames_before[{v}] must be >= the merged frame count T' = {T_merged} "
+                             f"(segments cover 0..{T_merged - 1}), got {T}")
+        r_adj = _ref.adjusted_ratio(float(ratios_in[v]), T, T_merged, P)
+        k = _ref.dynamic_keep(r_adj, P)
+        n = _ref.static_windows(r_adj, P)
+        if not (1 <= k <= P and 1 <= n <= P):  # guaranteed by 0 < r' <= 1; kept as a guard
+            raise ValueError(f"video {v}: token counts out of range (k = {k}, n = {n}, P = {P}, r' = {r_adj})")
+        count = 0
+        for s, e in segs:
+            length = e - s + 1
+            for f in range(s, e + 1):
+                static = length >= 3 and s < f < e
+                frame_static.append(static)
+                frame_keep.append(n if static else k)
+                count += n if static else k
+        ratios.append(r_adj)
+        tokens_per_video.append(count)
+    return Stage2Plan(frame_keep, frame_static, sum(tokens_per_video), ratios, tokens_per_video)
+
+
+def _check_plan(plan, n_frames: int, P: int) -> Tuple[List[int], List[bool], int]:
+    for field in ("frame_keep", "frame_static", "num_out"):
+        if not hasattr(plan, field):
+            raise TypeError(f"plan must be a Stage2Plan (from stage2_plan), got {type(plan).__name__} without .{field}")
+    keep = [int(k) for k in plan.frame_keep]
+    static = [bool(s) for s in plan.frame_static]
+    num_out = _as_int("plan.num_out", plan.num_out)
+    if len(keep) != n_frames or len(static) != n_frames:
+        raise ValueError(f"plan must describe every merged frame: feats has {n_frames} frames, plan.frame_keep "
+                         f"has {len(keep)} and plan.frame_static {len(static)}")
+    bad = [(f, k) for f, k in enumerate(keep) if not 1 <= k <= P]
+    if bad:
+        f, k = bad[0]
+        raise ValueError(f"plan.frame_keep[{f}] must be in [1, P = {P}], got {k}")
+    if num_out != sum(keep):
+        raise ValueError(f"plan.num_out must equal sum(plan.frame_keep) = {sum(keep)}, got {num_out}")
+    return keep, static, num_out
+
+
+def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Host list -> device tensor without a host sync (pinned staging + non_blocking copy)."""
+    if device.type == "cpu":
+        return torch.tensor(values, dtype=dtype)
+    pin = device.type == "cuda"
+    host = torch.tensor(values, dtype=dtype, pin_memory=pin) if pin else torch.tensor(values, dtype=dtype)
+    return host.to(device, non_blocking=True)
+
+
+def select_tokens(feats: torch.Tensor, scores: torch.Tensor, plan: Stage2Plan, *,
+                  check_nan: Optional[bool] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Stage II selection over all merged frames of all videos, one fused op.
+
+    Args:
+        feats: ``[N', P, C]`` pooled features (float32/float16/bfloat16, any strides).
+        scores: ``[N', P]`` token scores (float32; float16/bfloat16 are upcast).
+        plan: ``stage2_plan(...)`` for these frames (``len(plan.frame_keep) == N'``).
+        check_nan: reject NaN scores with a ValueError. Default: on CPU tensors only, because on
+            a GPU the check costs a host sync (the kernel itself ranks NaN above every number,
+            as ``torch.sort`` does).
+
+    Returns:
+        ``tokens [num_out, C]`` (dtype of feats, bit-exact copies) and ``index [num_out, 2]`` int64
+        (global merged-frame row, position): frames in order, each frame's tokens in raster order
+        (dynamic frames: the k best scores, ties to the lowest position; static frames: the
+        top-1 of each of the n windows).
+    """
+    _ext.require()
+    check_tensor("feats", feats, ndim=3, dtypes=FLOAT_DTYPES)
+    check_tensor("scores", scores, ndim=2, dtypes=FLOAT_DTYPES, device=feats.device)
+    N, P, _ = feats.shape
+    if tuple(scores.shape) != (N, P):
+        raise ValueError(f"scores must have shape [{N}, {P}] (feats' first two dims), got {tuple(scores.shape)}")
+    keep, static, num_out = _check_plan(plan, N, P)
+    if feats.device.type == "cuda" and P > 8192:
+        raise ValueError(f"select_tokens on CUDA supports at most 8192 positions per frame, got P = {P}")
+    if scores.dtype != torch.float32:
+        scores = scores.float()
+    if check_nan is None:
+        check_nan = scores.device.type == "cpu"
+    if check_nan and scores.numel() and bool(torch.isnan(scores).any()):
+        raise ValueError("scores contains NaN values")
+    frame_keep = _to_device(keep, torch.int64, feats.device)
+    frame_static = _to_device(static, torch.bool, feats.device)
+    return torch.ops.earlytom.select_tokens(feats, scores, frame_keep, frame_static, num_out)
+
+
+if _ext.available():
+
+    @torch.library.register_fake("earlytom::select_tokens")
+    def _select_tokens_fake(feats, scores, frame_keep, frame_static, num_out):
+        torch._check(feats.dim() == 3, lambda: f"feats must be [N, P, C], got {tuple(feats.shape)}")
+        torch._check(scores.dim() == 2, lambda: f"scores must be [N, P], got {tuple(scores.shape)}")
+        torch._check(num_out >= 0, lambda: f"num_out must be >= 0, got {num_out}")
+        tokens = feats.new_empty((num_out, feats.shape[2]))
+        index = feats.new_empty((num_out, 2), dtype=torch.int64)
+        return tokens, index
