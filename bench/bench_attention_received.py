@@ -1,0 +1,111 @@
+"""attention_received microbenchmark: the fused two-pass op vs eager softmax maps.
+
+    python bench/bench_attention_received.py                      # GPU: N=32, H=16, S=729, d=72
+    python bench/bench_attention_received.py --device cpu --quick # smoke test (seconds)
+
+Eager baseline: ``torch.softmax(q @ kᵀ * scale, -1).mean((1, 2))`` in the input dtype (what an
+eager encoder layer with ``output_attentions=True`` materialises: [N, H, S, S] maps).
+Reported per shape: median time (CUDA events / perf_counter), TFLOP/s (op: 2 passes of q kᵀ =
+``4·N·H·S²·d`` flops; eager: one q kᵀ = ``2·N·H·S²·d``), peak extra memory
+(``torch.cuda.max_memory_allocated`` above the inputs, CUDA only), speed-up and the max abs
+difference between the two results.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Dict, List
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+from bench.common import markdown_table, time_fn
+from earlytom_ext.ops import attention_received
+
+COLUMNS = ["N", "H", "S", "d", "dtype", "layout", "op_ms", "eager_ms", "speedup", "op_tflops", "eager_tflops",
+           "op_peak_mib", "eager_peak_mib", "max_abs_diff"]
+
+
+def _eager(q, k, scale):
+    return torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * scale, dim=-1).mean(dim=(1, 2))
+
+
+def _peak_mib(fn, device: str):
+    """Peak memory allocated by one call above what was allocated before it (MiB); CUDA only."""
+    if not str(device).startswith("cuda"):
+        return None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def _inputs(N, H, S, d, dtype, layout, device, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    if layout == "qproj":  # [N, S, H·d] projection output viewed as heads (strided, no copy)
+        q = torch.randn(N, S, H * d, generator=g).to(device=device, dtype=dtype)
+        k = torch.randn(N, S, H * d, generator=g).to(device=device, dtype=dtype)
+        return q.view(N, S, H, d).transpose(1, 2), k.view(N, S, H, d).transpose(1, 2)
+    q = torch.randn(N, H, S, d, generator=g).to(device=device, dtype=dtype)
+    k = torch.randn(N, H, S, d, generator=g).to(device=device, dtype=dtype)
+    return q, k
+
+
+def benchmark(device: str = "cuda", quick: bool = False) -> List[Dict[str, object]]:
+    if quick:
+        shapes = [(2, 4, 65, 72, torch.float32, "nhsd"), (2, 4, 65, 72, torch.bfloat16, "qproj")]
+        warmup, iters = 1, 3
+    else:
+        shapes = [
+            (32, 16, 729, 72, torch.bfloat16, "qproj"),
+            (32, 16, 729, 72, torch.bfloat16, "nhsd"),
+            (32, 16, 729, 72, torch.float16, "qproj"),
+            (32, 16, 729, 72, torch.float32, "qproj"),
+            (8, 16, 729, 72, torch.bfloat16, "qproj"),
+            (32, 16, 196, 64, torch.bfloat16, "nhsd"),
+        ]
+        warmup, iters = 3, 20
+        if not str(device).startswith("cuda"):
+            shapes = [(2, 16, 729, 72, torch.float32, "nhsd")]
+            warmup, iters = 1, 3
+    rows = []
+    for N, H, S, d, dtype, layout in shapes:
+        q, k = _inputs(N, H, S, d, dtype, layout, device)
+        scale = d ** -0.5
+        op = lambda: attention_received(q, k, scale, check_finite=False)
+        eager = lambda: _eager(q, k, scale)
+        with torch.no_grad():
+            diff = (op().float() - eager().float()).abs().max().item()
+            t_op = time_fn(op, device=device, warmup=warmup, iters=iters)["median_ms"]
+            t_eager = time_fn(eager, device=device, warmup=warmup, iters=iters)["median_ms"]
+            peak_op = _peak_mib(op, device)
+            peak_eager = _peak_mib(eager, device)
+        mm_flops = 2.0 * N * H * S * S * d
+        rows.append({
+            "N": N, "H": H, "S": S, "d": d, "dtype": str(dtype).replace("torch.", ""), "layout": layout,
+            "op_ms": t_op, "eager_ms": t_eager, "speedup": t_eager / t_op,
+            "op_tflops": 2 * mm_flops / (t_op * 1e-3) / 1e12, "eager_tflops": mm_flops / (t_eager * 1e-3) / 1e12,
+            "op_peak_mib": peak_op, "eager_peak_mib": peak_eager, "max_abs_diff": diff,
+            "device": torch.cuda.get_device_name() if str(device).startswith("cuda") else "cpu",
+        })
+        del q, k
+    return rows
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--quick", action="store_true", help="small shapes, few iterations (smoke test)")
+    args = ap.parse_args(argv)
+    rows = benchmark(device=args.device, quick=args.quick)
+    print(f"attention_received on {rows[0]['device'] if rows else args.device}")
+    print(markdown_table(rows, COLUMNS))
+
+
+if __name__ == "__main__":
+    main()
