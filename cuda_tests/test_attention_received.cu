@@ -80,26 +80,18 @@ std::vector<double> oracle(const std::vector<float>& q, const std::vector<float>
 }
 
 uint16_t to_bits(float v, DType t) {
-  if (t == DType::kFloat16) {
-    __half x = __float2half_rn(v);
-    uint16_t b;
-    std::memcpy(&b, &x, 2);
-    return b;
-  }
-  __nv_bfloat16 x = __float2bfloat16_rn(v);
-  uint16_t b;
-  std::memcpy(&b, &x, 2);
-  return b;
+  if (t == DType::kFloat16) return static_cast<__half_raw>(__float2half_rn(v)).x;
+  return static_cast<__nv_bfloat16_raw>(__float2bfloat16_rn(v)).x;
 }
 float from_bits(uint16_t b, DType t) {
   if (t == DType::kFloat16) {
-    __half x;
-    std::memcpy(&x, &b, 2);
-    return __half2float(x);
+    __half_raw r;
+    r.x = b;
+    return __half2float(__half(r));
   }
-  __nv_bfloat16 x;
-  std::memcpy(&x, &b, 2);
-  return __bfloat162float(x);
+  __nv_bfloat16_raw r;
+  r.x = b;
+  return __bfloat162float(__nv_bfloat16(r));
 }
 
 // Runs one case; returns true on pass.
