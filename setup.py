@@ -35,6 +35,31 @@ def _want_cuda() -> bool:
     return CUDA_HOME is not None
 
 
+def _cuda_library_headers():
+    """Include dirs for CUDA library headers (cusparse.h, cublas.h, ...) that ATen's CUDA headers
+    need but a compiler-only toolkit lacks: taken from the NVIDIA wheels torch depends on."""
+    if CUDA_HOME and os.path.exists(os.path.join(CUDA_HOME, "include", "cusparse.h")):
+        return []
+    import importlib.util
+
+    spec = importlib.util.find_spec("nvidia")
+    roots = list(spec.submodule_search_locations) if spec and spec.submodule_search_locations else []
+    def cuda_version(include_dir):
+        try:
+            with open(os.path.join(include_dir, "cuda.h")) as f:
+                return next((l.split()[2] for l in f if l.startswith("#define CUDA_VERSION")), None)
+        except OSError:
+            return None
+
+    toolkit = cuda_version(os.path.join(CUDA_HOME, "include")) if CUDA_HOME else None
+    for root in roots:
+        for header in sorted(glob.glob(os.path.join(root, "*", "include", "cusparse.h"))):
+            found = os.path.dirname(header)
+            if toolkit is None or cuda_version(found) == toolkit:  # same CUDA release only
+                return [found]
+    return []
+
+
 def _version() -> str:
     about = {}
     with open(os.path.join(HERE, "earlytom_ext", "_version.py")) as f:
@@ -52,6 +77,7 @@ def _extension():
     if _want_cuda():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         sources += rel("csrc/cuda/*.cu")
+        include_dirs += _cuda_library_headers()
         extra["nvcc"] = ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
         define_macros.append(("EARLYTOM_WITH_CUDA", "1"))
         return CUDAExtension(
