@@ -592,7 +592,7 @@ class EarlyTomHandle:
         mask_host = attention_mask.tolist() if attention_mask is not None else [[1] * L for _ in range(Bs)]
         labels_host = labels.tolist() if labels is not None else None
         # The runs of placeholders, one per video, in the order HF fills them (sample-major).
-        flat = [(b, i) for b in range(Bs) for i in range(L) if ids_host[b][i] == vid]
+        flat = [tuple(bi) for bi in (input_ids == vid).nonzero().tolist()]  # row-major = sample-major
         if len(flat) != B * n0:
             raise ValueError(
                 f"input_ids hold {len(flat)} video placeholder tokens (id {vid}), but {B} video(s) of {T} frames "
