@@ -69,6 +69,12 @@ class _Parts:
                 "model must be a Hugging Face LlavaOnevisionForConditionalGeneration (with a `.model` "
                 f"holding the vision tower and the language model), got {name}"
             )
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type != "llava_onevision":
+            raise TypeError(
+                "earlytom_ext.apply supports Hugging Face LLaVA-OneVision models (config.model_type "
+                f"'llava_onevision'), got {name} with model_type {model_type!r}"
+            )
         missing = [a for a in ("vision_tower", "multi_modal_projector", "image_newline") if not hasattr(inner, a)]
         if missing or not callable(getattr(model, "generate", None)):
             raise TypeError(

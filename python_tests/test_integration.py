@@ -373,6 +373,16 @@ def test_errors(model, videos):
     assert "_earlytom_handle" not in model.__dict__
 
 
+def test_other_llava_family_model_rejected():
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    ov = tm.tiny_config(vision_layers=2)
+    cfg = LlavaConfig(vision_config=ov.vision_config, text_config=ov.text_config, image_token_index=tm.IMAGE_TOKEN_ID)
+    m = LlavaForConditionalGeneration._from_config(cfg)
+    with pytest.raises(TypeError, match="llava_onevision"):
+        earlytom_ext.apply(m, CFG.replace(prune_layers=(0, 1)))
+
+
 def test_unsupported_vision_tower():
     m = tm.build_model(seed=0)
     _, layers = _layers(m)
