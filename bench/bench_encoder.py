@@ -85,15 +85,16 @@ def _measure(fn, model, device, warmup: int, iters: int, handle=None) -> dict:
 def benchmark(model, spec, device="cuda", *, frames: int = 32, batch: int = 1,
               ratios: Sequence[float] = (0.10, 0.15, 0.20, 0.25), patterns: Sequence[str] = ("forced-merge", "natural"),
               benchmark_preset: str = "videomme", warmup: int = 2, iters: int = 7, dtype=torch.bfloat16,
-              seed: int = 0, log=print) -> List[dict]:
-    """Uncompressed vs EarlyTom video features at each ratio and merge pattern."""
+              seed: int = 0, deadline: Optional[float] = None, log=print) -> List[dict]:
+    """Uncompressed vs EarlyTom video features at each ratio and merge pattern (configurations
+    past ``deadline``, a ``time.monotonic()`` value, are skipped and reported)."""
     from earlytom_ext.config import preset
 
     videos = models.make_batch(spec, batch, frames, device=device, dtype=dtype, seed=seed)["pixel_values_videos"]
     rows: List[dict] = []
     base = _measure(stock_video_features(model, videos), model, device, warmup, iters)
     base.update(config="uncompressed", pattern="-", ratio=1.0, frames=frames, batch=batch,
-                video_tokens=models.video_placeholders(frames))
+                video_tokens=models.video_placeholders(frames, spec))
     rows.append(base)
     log(f"  encoder uncompressed: features {base['features_ms']:.2f} ms, tower {base['tower_ms']:.2f} ms")
     for pattern in patterns:
@@ -101,6 +102,10 @@ def benchmark(model, spec, device="cuda", *, frames: int = 32, batch: int = 1,
             cfg = preset(benchmark_preset, r)
             row = {"config": "earlytom", "pattern": pattern, "ratio": r, "frames": frames, "batch": batch,
                    "prune_layers": list(cfg.prune_layers)}
+            if deadline is not None and time.monotonic() > deadline:
+                row["error"] = "skipped: time budget"
+                rows.append(row)
+                continue
             try:
                 handle = apply_earlytom(model, cfg, pattern)
                 try:

@@ -214,7 +214,7 @@ def install_pattern(handle, pattern: str) -> Callable[[], None]:
         return lambda: None
     if pattern not in models.FORCED_PATTERNS:
         raise ValueError(f"pattern must be one of {PATTERNS}, got {pattern!r}")
-    from earlytom_ext import ops
+    import earlytom_ext.ops as ops
 
     orig_stage1 = handle._stage1
     orig_refine = handle._refine
@@ -251,9 +251,10 @@ def install_pattern(handle, pattern: str) -> Callable[[], None]:
 def apply_earlytom(model, cfg, pattern: str):
     """``earlytom_ext.apply`` plus the merge pattern; returns the handle (``handle.remove()``
     undoes both)."""
-    import earlytom_ext
+    import earlytom_ext.ops  # noqa: F401  (import the submodules explicitly, not through the
+    from earlytom_ext.integration import apply  # package's lazy attributes)
 
-    handle = earlytom_ext.apply(model, cfg)
+    handle = apply(model, cfg)
     try:
         install_pattern(handle, pattern)
     except Exception:
@@ -403,9 +404,10 @@ def measure(model, inputs: dict, device, *, handle=None, warmup: int = 2, iters:
 def benchmark(model, spec, device="cuda", *, frames: int = 32, batch: int = 1,
               ratios: Sequence[float] = (0.10, 0.15, 0.20, 0.25), patterns: Sequence[str] = ("forced-merge", "natural"),
               benchmark_preset: str = "videomme", warmup: int = 2, iters: int = 7, profile: bool = True,
-              dtype=torch.bfloat16, seed: int = 0, log=print) -> List[dict]:
+              dtype=torch.bfloat16, seed: int = 0, deadline: Optional[float] = None, log=print) -> List[dict]:
     """Uncompressed TTFT (measured before and after the compressed runs) and EarlyTom at each
-    ratio (the paper's ``preset(benchmark_preset, r)``) and merge pattern. One row per run."""
+    ratio (the paper's ``preset(benchmark_preset, r)``) and merge pattern. One row per run.
+    Configurations past ``deadline`` (a ``time.monotonic()`` value) are skipped and reported."""
     from earlytom_ext.config import preset
 
     inputs = models.make_batch(spec, batch, frames, device=device, dtype=dtype, seed=seed)
@@ -426,6 +428,10 @@ def benchmark(model, spec, device="cuda", *, frames: int = 32, batch: int = 1,
             cfg = preset(benchmark_preset, r)
             row = {"config": "earlytom", "pattern": pattern, "ratio": r, "frames": frames, "batch": batch,
                    "tau": cfg.tau, "prune_layers": list(cfg.prune_layers), "max_window": cfg.max_window}
+            if deadline is not None and time.monotonic() > deadline:
+                row["error"] = "skipped: time budget"
+                rows.append(row)
+                continue
             try:
                 handle = apply_earlytom(model, cfg, pattern)
                 try:

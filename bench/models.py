@@ -9,7 +9,9 @@ Two model sizes:
   (see ``bench/README.md``, "merge patterns").
 * ``"tiny"``: the same frame geometry (384x384 pixels, 14x14 patches, 27x27 tokens pooled to
   14x14) and the same encoder depth (26 layers, so the paper's prune-layer presets apply
-  unchanged), but tiny widths. Used for the CPU smoke run.
+  unchanged), but tiny widths. Used for the CPU quick run.
+* ``"micro"``: like ``"tiny"`` with 112x112 frames (8x8 encoder tokens pooled to 4x4), for the
+  unit-test smoke run where every second counts.
 
 Nothing is downloaded: weights are random, inputs are built by hand (no processor).
 """
@@ -49,14 +51,22 @@ class ModelSpec:
     video_token_id: int
     pad_token_id: int
     text_id_range: tuple  # [lo, hi) of ordinary text ids used for prompts
+    image_size: int = IMAGE_SIZE
+    patch_size: int = PATCH_SIZE
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
 
     @property
     def encoder_tokens(self) -> int:
-        return TOKENS_PER_FRAME_ENCODER
+        """Encoder tokens per frame (729 for LLaVA-OneVision's SigLIP)."""
+        return self.grid * self.grid
 
     @property
     def tokens_per_frame(self) -> int:
-        return TOKENS_PER_FRAME
+        """LLM tokens per frame after the 2x bilinear pooling (196)."""
+        return math.ceil(self.grid / 2) ** 2
 
     def to_dict(self) -> dict:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -79,6 +89,12 @@ SPECS: Dict[str, ModelSpec] = {
         vocab=320, image_token_id=300, video_token_id=301, pad_token_id=0,
         text_id_range=(3, 290),
     ),
+    "micro": ModelSpec(
+        name="micro", vision_hidden=32, vision_mlp=64, vision_layers=26, vision_heads=2,
+        text_hidden=64, text_mlp=128, text_layers=2, text_heads=4, text_kv_heads=2,
+        vocab=320, image_token_id=300, video_token_id=301, pad_token_id=0,
+        text_id_range=(3, 290), image_size=112,
+    ),
 }
 
 
@@ -97,8 +113,8 @@ def hf_config(spec: ModelSpec):
         intermediate_size=spec.vision_mlp,
         num_hidden_layers=spec.vision_layers,
         num_attention_heads=spec.vision_heads,
-        image_size=IMAGE_SIZE,
-        patch_size=PATCH_SIZE,
+        image_size=spec.image_size,
+        patch_size=spec.patch_size,
         hidden_act="gelu_pytorch_tanh",
         layer_norm_eps=1e-6,
         vision_use_head=False,
@@ -128,7 +144,7 @@ def hf_config(spec: ModelSpec):
         projector_hidden_act="gelu",
         vision_feature_select_strategy="full",
         vision_feature_layer=-1,
-        image_grid_pinpoints=[[IMAGE_SIZE, IMAGE_SIZE]],
+        image_grid_pinpoints=[[spec.image_size, spec.image_size]],
         tie_word_embeddings=False,
     )
     cfg.pad_token_id = spec.pad_token_id
@@ -219,9 +235,10 @@ def make_video(num_frames: int, *, device="cpu", dtype=torch.float32, seed: int 
     return frames.clamp(-1, 1).to(dtype)
 
 
-def video_placeholders(num_frames: int) -> int:
+def video_placeholders(num_frames: int, spec: Optional[ModelSpec] = None) -> int:
     """Video placeholders of the uncompressed model for one video: ``T * 196 + 1``."""
-    return num_frames * TOKENS_PER_FRAME + 1
+    per_frame = spec.tokens_per_frame if spec is not None else TOKENS_PER_FRAME
+    return num_frames * per_frame + 1
 
 
 def make_inputs(spec: ModelSpec, videos: torch.Tensor, *, video_tokens: Optional[Sequence[int]] = None,
@@ -237,7 +254,7 @@ def make_inputs(spec: ModelSpec, videos: torch.Tensor, *, video_tokens: Optional
     device = videos.device
     g = torch.Generator().manual_seed(seed)
     lo, hi = spec.text_id_range
-    counts = list(video_tokens) if video_tokens is not None else [video_placeholders(T)] * B
+    counts = list(video_tokens) if video_tokens is not None else [video_placeholders(T, spec)] * B
     seqs: List[List[int]] = []
     for b in range(B):
         ids = torch.randint(lo, hi, (prefix_len,), generator=g).tolist()
@@ -259,7 +276,8 @@ def make_inputs(spec: ModelSpec, videos: torch.Tensor, *, video_tokens: Optional
 
 def make_batch(spec: ModelSpec, batch: int, frames: int, *, device="cpu", dtype=torch.float32, seed: int = 0) -> dict:
     """``batch`` different synthetic videos of ``frames`` frames and their uncompressed inputs."""
-    videos = torch.stack([make_video(frames, device=device, dtype=dtype, seed=seed + 17 * b) for b in range(batch)])
+    videos = torch.stack([make_video(frames, device=device, dtype=dtype, seed=seed + 17 * b, image_size=spec.image_size)
+                          for b in range(batch)])
     return make_inputs(spec, videos, seed=seed)
 
 
@@ -347,10 +365,11 @@ def stage2_token_count(segments: Sequence[tuple], r_adj: float, P: int = TOKENS_
     return total
 
 
-def forced_video_tokens(num_frames: int, cfg, pattern: str = "forced-merge") -> int:
-    """Video tokens (without the newline) one video keeps under a forced pattern."""
+def forced_video_tokens(num_frames: int, cfg, pattern: str = "forced-merge", P: int = TOKENS_PER_FRAME) -> int:
+    """Video tokens (without the newline) one video keeps under a forced pattern (``P`` LLM
+    tokens per frame)."""
     from earlytom_ext import reference as ref
 
     T_final = forced_counts(num_frames, cfg, pattern)[-1]
-    r_adj = ref.adjusted_ratio(cfg.retain_ratio, num_frames, T_final)
-    return stage2_token_count(forced_segments(T_final, cfg.max_window - 1), r_adj)
+    r_adj = ref.adjusted_ratio(cfg.retain_ratio, num_frames, T_final, P)
+    return stage2_token_count(forced_segments(T_final, cfg.max_window - 1), r_adj, P)

@@ -22,6 +22,7 @@ import json
 import os
 import platform
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -186,8 +187,8 @@ def flops_rows(spec, ttft_rows: List[dict], frames: int, text_tokens: int, prese
         for ratio in (0.10, 0.15, 0.20, 0.25):
             cfg = preset(preset_name, ratio)
             counts = models.forced_counts(frames, cfg, pattern)
-            kept = models.forced_video_tokens(frames, cfg, pattern)
-            full_len = models.video_placeholders(frames) + text_tokens
+            kept = models.forced_video_tokens(frames, cfg, pattern, spec.tokens_per_frame)
+            full_len = models.video_placeholders(frames, spec) + text_tokens
             comp_len = kept + 1 + text_tokens
             row = {"source": "analytical", "pattern": pattern, "ratio": ratio,
                    "frames_after_prune": "/".join(map(str, counts)), "prefill_tokens": comp_len}
@@ -277,7 +278,8 @@ def write_markdown(path: Path, results: dict) -> None:
     L.append(f"- model: `{meta['model']}` ({meta.get('model_info', {}).get('params', 0) / 1e9:.2f} B parameters, "
              f"random weights, {meta['dtype']}, attention `{meta.get('model_info', {}).get('attn_implementation')}`); "
              f"built in {meta.get('model_info', {}).get('build_s', 0):.1f} s")
-    L.append(f"- input: batch {meta['batch']}, {meta['frames']} frames of 384x384 (synthetic video), "
+    L.append(f"- input: batch {meta['batch']}, {meta['frames']} frames of {meta['spec']['image_size']}x"
+             f"{meta['spec']['image_size']} (synthetic video), "
              f"{meta['text_tokens']} text tokens; `generate(max_new_tokens=1)`")
     L.append(f"- EarlyTom settings: `preset(\"{meta['preset']}\", r)` (max_window 6, ema 0.9; tau and prune layers per r)")
     L.append(f"- timing: CUDA events around each call, {meta['warmup']} warm-ups, median of {meta['iters']}"
@@ -346,8 +348,8 @@ def write_markdown(path: Path, results: dict) -> None:
     fl = results.get("flops") or []
     if fl:
         L += ["## FLOPs (the paper's analytical count, `4nd² + 2n²d + 2ndm` per layer)", "",
-              "Encoder: each frame is a sequence of 729 tokens; each layer counts the frames it runs on. LLM: "
-              "the prefill sequence. TFLOPs per batch.", ""]
+              f"Encoder: each frame is a sequence of {meta['spec']['encoder_tokens_per_frame']} tokens; each "
+              "layer counts the frames it runs on. LLM: the prefill sequence. TFLOPs per batch.", ""]
         L.append(markdown_table(fl, ["source", "pattern", "ratio", "frames_after_prune", "prefill_tokens",
                                      "encoder_tflops_full", "encoder_tflops", "llm_tflops_full", "llm_tflops",
                                      "total_tflops_full", "total_tflops", "flops_reduction_pct"]))
@@ -471,6 +473,8 @@ def write_plots(stem: Path, results: dict) -> List[Path]:
             ax.plot(xs, [r.get("ops_ms") or 0.0 for r in rows], "^--", label="EarlyTom ops")
             if axis == "frames":
                 ax.set_xscale("log", base=2)
+            ax.set_xticks(xs)
+            ax.set_xticklabels([str(x) for x in xs])
             ax.set_yscale("log")
         ax.set_xlabel(xlabel)
         ax.set_ylabel("ms")
@@ -516,6 +520,8 @@ def parse_args(argv=None):
     ap.add_argument("--time-budget", type=float, default=None,
                     help="seconds; the scaling section skips its remaining points past it")
     ap.add_argument("--manifest", default=None, help="write the list of output files to this path")
+    ap.add_argument("--cpu-threads", type=int, default=1,
+                    help="torch threads for CPU runs (default 1: steady smoke runs on a shared machine)")
     args = ap.parse_args(argv)
     if not (args.all or args.ttft or args.encoder or args.flops or args.scaling or args.kernels):
         ap.error("choose --all or at least one of --ttft --encoder --flops --scaling --kernels")
@@ -584,7 +590,34 @@ def main(argv=None) -> dict:
             log(f"model build FAILED: {e}")
             traceback.print_exc()
 
+    files: List[Path] = []
+    md, js = Path(f"{stem}.md"), Path(f"{stem}.json")
+
+    def write_outputs(final: bool) -> None:
+        """md + json (+ plots when final) and the manifest; called after every section so a run
+        stopped by a time limit still leaves its finished sections behind."""
+        nonlocal files
+        results["meta"]["elapsed_s"] = time.monotonic() - t_start
+        results["meta"]["complete"] = final
+        plots: List[Path] = []
+        if final and not args.no_plots:
+            try:
+                plots = write_plots(stem, results)
+            except Exception as e:
+                results["errors"].append(f"plots failed: {type(e).__name__}: {e}")
+                traceback.print_exc()
+        files = [md, js] + plots
+        results["meta"]["files"] = [str(p) for p in files]
+        write_markdown(md, results)
+        js.write_text(json.dumps(results, indent=1, default=str))
+        if args.manifest:
+            Path(args.manifest).write_text("\n".join(str(p.resolve()) for p in files) + "\n")
+
     def section(name, fn):
+        if deadline is not None and time.monotonic() > deadline and name != "flops":
+            results["errors"].append(f"{name}: skipped (time budget of {args.time_budget:.0f} s used up)")
+            log(f"section {name} skipped (time budget)")
+            return
         log(f"section {name}")
         try:
             results[name] = fn()
@@ -594,50 +627,53 @@ def main(argv=None) -> dict:
             traceback.print_exc()
         if cuda:
             torch.cuda.empty_cache()
+        write_outputs(final=False)
 
-    if args.ttft and model is not None:
-        section("ttft", lambda: bench_ttft.benchmark(
-            model, spec, device, frames=frames, batch=args.batch, ratios=ratios, patterns=patterns,
-            benchmark_preset=args.preset, warmup=warmup, iters=iters, profile=not args.no_profile, dtype=dtype,
-            log=log))
-    if args.encoder and model is not None:
-        section("encoder", lambda: bench_encoder.benchmark(
-            model, spec, device, frames=frames, batch=args.batch, ratios=ratios, patterns=patterns,
-            benchmark_preset=args.preset, warmup=warmup, iters=iters, dtype=dtype, log=log))
-    if args.flops:
-        section("flops", lambda: flops_rows(spec, results.get("ttft") or [], frames, text_tokens, args.preset))
-    if args.kernels:
-        section("kernels", lambda: run_kernels(device, quick, log))
-    if args.scaling and model is not None:
-        section("scaling", lambda: bench_ttft.scaling(
-            model, spec, device, frames_list=sc_frames, batch_list=sc_batch, base_frames=frames,
-            ratio=ratios[0], pattern=patterns[0], benchmark_preset=args.preset, warmup=warmup,
-            iters=max(5, iters - 2) if not quick else iters, dtype=dtype, deadline=deadline, log=log))
+    # A time limit (SIGTERM from `timeout`) ends the run through KeyboardInterrupt, so the
+    # finished sections are still written.
+    def on_term(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    prev_term = signal.signal(signal.SIGTERM, on_term)
+    prev_threads = torch.get_num_threads()
+    if not cuda:
+        torch.set_num_threads(max(1, args.cpu_threads))
+    try:
+        if args.ttft and model is not None:
+            section("ttft", lambda: bench_ttft.benchmark(
+                model, spec, device, frames=frames, batch=args.batch, ratios=ratios, patterns=patterns,
+                benchmark_preset=args.preset, warmup=warmup, iters=iters, profile=not args.no_profile,
+                dtype=dtype, deadline=deadline, log=log))
+        if args.encoder and model is not None:
+            section("encoder", lambda: bench_encoder.benchmark(
+                model, spec, device, frames=frames, batch=args.batch, ratios=ratios, patterns=patterns,
+                benchmark_preset=args.preset, warmup=warmup, iters=iters, dtype=dtype, deadline=deadline,
+                log=log))
+        if args.flops:
+            section("flops", lambda: flops_rows(spec, results.get("ttft") or [], frames, text_tokens, args.preset))
+        if args.kernels:
+            section("kernels", lambda: run_kernels(device, quick, log))
+        if args.scaling and model is not None:
+            section("scaling", lambda: bench_ttft.scaling(
+                model, spec, device, frames_list=sc_frames, batch_list=sc_batch, base_frames=frames,
+                ratio=ratios[0], pattern=patterns[0], benchmark_preset=args.preset, warmup=warmup,
+                iters=max(5, iters - 2) if not quick else iters, dtype=dtype, deadline=deadline, log=log))
+    except KeyboardInterrupt as e:
+        results["errors"].append(f"run interrupted ({e}); the sections above are complete")
+        log(f"interrupted: {e}")
+    finally:
+        signal.signal(signal.SIGTERM, prev_term)
+        torch.set_num_threads(prev_threads)
         for r in results.get("scaling") or []:
             if r.get("skipped"):
                 results["errors"].append(f"scaling B={r['batch']} T={r['frames']} skipped: {r['skipped']}")
             if r.get("error"):
                 results["errors"].append(f"scaling B={r['batch']} T={r['frames']}: {r['error']}")
-    for name in ("ttft", "encoder"):
-        for r in results.get(name) or []:
-            if r.get("error"):
-                results["errors"].append(f"{name} r={r.get('ratio')} {r.get('pattern')}: {r['error']}")
-
-    results["meta"]["elapsed_s"] = time.monotonic() - t_start
-    files = []
-    md, js = Path(f"{stem}.md"), Path(f"{stem}.json")
-    if not args.no_plots:
-        try:
-            files += write_plots(stem, results)
-        except Exception as e:
-            results["errors"].append(f"plots failed: {type(e).__name__}: {e}")
-            traceback.print_exc()
-    results["meta"]["files"] = [str(p) for p in [md, js] + files]
-    write_markdown(md, results)
-    js.write_text(json.dumps(results, indent=1, default=str))
-    files = [md, js] + files
-    if args.manifest:
-        Path(args.manifest).write_text("\n".join(str(p.resolve()) for p in files) + "\n")
+        for name in ("ttft", "encoder"):
+            for r in results.get(name) or []:
+                if r.get("error"):
+                    results["errors"].append(f"{name} r={r.get('ratio')} {r.get('pattern')}: {r['error']}")
+        write_outputs(final=True)
     log(f"wrote {', '.join(str(p) for p in files)}")
     print()
     print("\n".join(goals_section(results, device)))
