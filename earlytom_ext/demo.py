@@ -259,7 +259,8 @@ def run(video: Optional[str] = None, frames: int = 32, ratio: float = 0.1, out: 
         tau: Optional[float] = None, max_window: Optional[int] = None, prune_layers: Optional[Sequence[int]] = None,
         device: Optional[str] = None, seed: int = 0, generate: bool = True, quiet: bool = False) -> dict:
     """Run the demo; returns ``{"png", "summary", "stats"}``."""
-    import earlytom_ext
+    from ._ext import has_cuda_kernels
+    from .integration import apply
 
     if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
         raise ValueError(f"--frames must be an int >= 1, got {frames!r}")
@@ -272,7 +273,7 @@ def run(video: Optional[str] = None, frames: int = 32, ratio: float = 0.1, out: 
         changes["prune_layers"] = tuple(prune_layers)
     cfg = EarlyTomConfig(**changes)
     if device is None:
-        device = "cuda" if torch.cuda.is_available() and earlytom_ext.ops.has_cuda_kernels() else "cpu"
+        device = "cuda" if torch.cuda.is_available() and has_cuda_kernels() else "cpu"
     dev = torch.device(device)
 
     if video is not None:
@@ -303,7 +304,7 @@ def run(video: Optional[str] = None, frames: int = 32, ratio: float = 0.1, out: 
         sync()
         baseline_ms = (time.perf_counter() - t0) * 1000.0
         prompt = torch.tensor([[5, 6, 7] + [VIDEO_TOKEN_ID] * (frames * 196 + 1) + [8, 9]], device=dev)
-        with earlytom_ext.apply(model, cfg) as handle:
+        with apply(model, cfg) as handle:
             handle.encode_videos(pix)  # warm-up
             llm = None
             if generate:

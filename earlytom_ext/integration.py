@@ -44,10 +44,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+# Import the ops package as a submodule first (``from .ops import ...``): this binds
+# ``earlytom_ext.ops`` without going through the package's lazy ``__getattr__``.
+from .ops import merge as _merge_ops
 from . import ops
 from ._validation import check_finite
 from .config import EarlyTomConfig
-from .ops import merge as _merge_ops
 
 __all__ = ["apply", "EarlyTomHandle"]
 

@@ -18,6 +18,7 @@ pytest.importorskip("transformers")
 
 import earlytom_ext  # noqa: E402
 from earlytom_ext import EarlyTomConfig, reference as R  # noqa: E402
+from earlytom_ext._ext import has_cuda_kernels  # noqa: E402
 
 # A config that merges on the tiny 6-layer tower (the paper's layers are for 26 layers).
 CFG = EarlyTomConfig(retain_ratio=0.2, tau=0.5, max_window=6, ema=0.9, prune_layers=(1, 3, 4))
@@ -416,7 +417,7 @@ def test_bfloat16_model_runs(videos):
         assert f.shape[0] == expected_token_count(st["videos"][b]["segments"], T, CFG.retain_ratio) + 1
 
 
-@pytest.mark.skipif(not (torch.cuda.is_available() and earlytom_ext.ops.has_cuda_kernels()),
+@pytest.mark.skipif(not (torch.cuda.is_available() and has_cuda_kernels()),
                     reason="needs a GPU and the CUDA kernels")
 def test_cuda_matches_cpu(videos):
     pix = torch.stack(videos)
