@@ -385,7 +385,10 @@ def write_markdown(path: Path, results: dict) -> None:
 
     errs = results.get("errors") or []
     if errs:
-        L += ["## Errors and skipped parts", ""] + [f"- {e}" for e in errs] + [""]
+        L += ["## Errors", ""] + [f"- {e}" for e in errs] + [""]
+    skipped = results.get("skipped") or []
+    if skipped:
+        L += ["## Skipped", ""] + [f"- {e}" for e in skipped] + [""]
     path.write_text("\n".join(L))
 
 
@@ -574,6 +577,7 @@ def main(argv=None) -> dict:
                  "label": "CPU smoke run, not a performance result" if not cuda else "GPU run"},
         "env": environment(device),
         "errors": [],
+        "skipped": [],
     }
     log(f"device {device} ({results['env'].get('gpu', {}).get('name', 'CPU')}), model {model_name}, {frames} frames, "
         f"batch {args.batch}, output {stem}.*")
@@ -615,7 +619,7 @@ def main(argv=None) -> dict:
 
     def section(name, fn):
         if deadline is not None and time.monotonic() > deadline and name != "flops":
-            results["errors"].append(f"{name}: skipped (time budget of {args.time_budget:.0f} s used up)")
+            results["skipped"].append(f"{name}: time budget of {args.time_budget:.0f} s used up")
             log(f"section {name} skipped (time budget)")
             return
         log(f"section {name}")
@@ -666,23 +670,34 @@ def main(argv=None) -> dict:
         torch.set_num_threads(prev_threads)
         for r in results.get("scaling") or []:
             if r.get("skipped"):
-                results["errors"].append(f"scaling B={r['batch']} T={r['frames']} skipped: {r['skipped']}")
+                results["skipped"].append(f"scaling B={r['batch']} T={r['frames']}: {r['skipped']}")
             if r.get("error"):
                 results["errors"].append(f"scaling B={r['batch']} T={r['frames']}: {r['error']}")
         for name in ("ttft", "encoder"):
             for r in results.get(name) or []:
                 if r.get("error"):
-                    results["errors"].append(f"{name} r={r.get('ratio')} {r.get('pattern')}: {r['error']}")
+                    where = f"{name} r={r.get('ratio')} {r.get('pattern')}"
+                    if str(r["error"]).startswith("skipped"):
+                        results["skipped"].append(f"{where}: {r['error']}")
+                    else:
+                        results["errors"].append(f"{where}: {r['error']}")
+        for name, res in (results.get("kernels") or {}).items():
+            if res.get("error"):
+                results["errors"].append(f"kernels {name}: {res['error']}")
+            if res.get("skipped"):
+                results["skipped"].append(f"kernels {name}: {res['skipped']}")
         write_outputs(final=True)
     log(f"wrote {', '.join(str(p) for p in files)}")
     print()
     print("\n".join(goals_section(results, device)))
-    if results["errors"]:
-        print("errors / skipped:")
-        for e in results["errors"]:
-            print(f"  - {e}")
+    for key in ("errors", "skipped"):
+        if results[key]:
+            print(f"{key}:")
+            for e in results[key]:
+                print(f"  - {e}")
     return results
 
 
 if __name__ == "__main__":
-    main()
+    # Exit status 1 when a part failed (skipped parts do not count), so scripts can tell.
+    sys.exit(1 if main()["errors"] else 0)
