@@ -211,7 +211,7 @@ static __global__ void select_index_kernel(SelectIndexParams p) {
       window_bounds(P, keep, w, &start, &stop);
       const int best = window_argmax(keys, start, stop);
       const int64_t row = off + w;
-      if (row < num_out) {
+      if (row >= 0 && row < num_out) {
         index[2 * row] = f;
         index[2 * row + 1] = best;
       }
@@ -222,7 +222,7 @@ static __global__ void select_index_kernel(SelectIndexParams p) {
   if (keep == P) {
     for (int i = tid; i < P; i += blockDim.x) {
       const int64_t row = off + i;
-      if (row < num_out) {
+      if (row >= 0 && row < num_out) {
         index[2 * row] = f;
         index[2 * row + 1] = i;
       }
@@ -257,7 +257,7 @@ static __global__ void select_index_kernel(SelectIndexParams p) {
     }
     if (kept) {
       const int64_t row = off + before + lane_prefix;
-      if (row < num_out) {
+      if (row >= 0 && row < num_out) {
         index[2 * row] = f;
         index[2 * row + 1] = i;
       }
