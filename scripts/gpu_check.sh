@@ -13,9 +13,12 @@
 # "test" and "bench" build the extension first when it is not importable with CUDA kernels;
 # "sanitize" builds the cuda_tests first when they are missing.
 #
-# A budget of 10 minutes per command fits e.g. two calls:
+# With at most 10 minutes per command, split the work into two calls made back to back (the
+# machine stays warm only briefly between calls; "bench" rebuilds the extension if it has to):
 #   bash scripts/gpu_check.sh env build test cuda sanitize
 #   bash scripts/gpu_check.sh bench
+# The summary and the log archive in $OUT are rewritten after every stage, so a call stopped by
+# its time limit still returns the finished stages.
 #
 # Output: everything is logged under a work folder; at the end $OUT receives summary.md (stage
 # table + the tail of each failing log), logs.tar.gz (all logs and all bench outputs) and the
@@ -23,16 +26,23 @@
 # exits non-zero when any stage failed.
 #
 # Environment: OUT (default: a temp folder), PYTHON (default python3), CUDA_HOME
-# (default /usr/local/cuda), MAX_JOBS (16), TORCH_CUDA_ARCH_LIST (9.0), CMAKE_CUDA_ARCHITECTURES
-# (90), SANITIZE_TOOLS ("memcheck racecheck"), STAGE_TIMEOUT_<STAGE> seconds (per-stage limits),
-# BENCH_ARGS (extra arguments of bench/run.py).
+# (default /usr/local/cuda or nvcc's), MAX_JOBS (16), TORCH_CUDA_ARCH_LIST (9.0),
+# CMAKE_CUDA_ARCHITECTURES (90), SANITIZE_TOOLS ("memcheck racecheck"; add initcheck, synccheck),
+# STAGE_TIMEOUT_<STAGE> seconds (per-stage limits), PYTEST_ARGS (extra pytest arguments),
+# BENCH_TIME_BUDGET (seconds, default 480), BENCH_ARGS (extra arguments of bench/run.py).
 set -u
 set -o pipefail
 
 cd "$(dirname "$0")/.."
 ROOT="$(pwd)"
 export PYTHONUNBUFFERED=1
-export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
+if [ -z "${CUDA_HOME:-}" ]; then
+  if [ -x /usr/local/cuda/bin/nvcc ]; then CUDA_HOME=/usr/local/cuda
+  elif command -v nvcc >/dev/null 2>&1; then CUDA_HOME="$(dirname "$(dirname "$(command -v nvcc)")")"
+  else CUDA_HOME=/usr/local/cuda
+  fi
+fi
+export CUDA_HOME
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
 export MAX_JOBS="${MAX_JOBS:-16}"
 export PATH="$PATH:$CUDA_HOME/bin"
@@ -87,6 +97,7 @@ run_stage() {
   fi
   printf '%s\t%s\t%s\n' "$name" "$status" "$dt" >>"$STATUS_ROWS"
   log "stage $name: $status in ${dt}s"
+  finalize
 }
 
 ext_ready() {
@@ -150,8 +161,11 @@ EOF
 stage_test() {
   ensure_ext || return 1
   nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv 2>/dev/null
+  local extra=()
+  if "$PY" -c "import pytest_timeout" >/dev/null 2>&1; then extra+=(--timeout 240); fi
+  # shellcheck disable=SC2086
   "$PY" -m pytest python_tests -q -rs -p no:cacheprovider --junitxml="$WORK/logs/pytest.xml" \
-    --durations=15
+    --durations=15 "${extra[@]}" ${PYTEST_ARGS:-}
 }
 
 stage_cuda() {
@@ -187,7 +201,6 @@ stage_sanitize() {
     for tool in $SANITIZE_TOOLS; do
       local extra=()
       case "$tool" in
-        memcheck) extra=(--leak-check full) ;;
         racecheck) extra=(--racecheck-report all) ;;
       esac
       echo "=== compute-sanitizer --tool $tool $(basename "$b")"
@@ -210,6 +223,47 @@ stage_bench() {
 }
 
 # ------------------------------------------------------------------------------------------
+# Summary + log archive (+ bench outputs) into $OUT; called after every stage.
+finalize() {
+  {
+    echo "# earlytom_ext gpu_check ($(date -u +%Y-%m-%dT%H:%M:%SZ))"
+    echo
+    echo "stages asked: $STAGES"
+    echo
+    echo "| stage | status | seconds |"
+    echo "|---|---|---|"
+    while IFS=$'\t' read -r n st dt; do echo "| $n | $st | $dt |"; done <"$STATUS_ROWS"
+    echo
+    while IFS=$'\t' read -r n st dt; do
+      case "$st" in
+        FAIL*)
+          echo "## $n: last 60 lines of its log"
+          echo '```'
+          tail -n 60 "$WORK/logs/$n.log"
+          echo '```'
+          ;;
+      esac
+    done <"$STATUS_ROWS"
+  } >"$SUMMARY"
+  # Bench outputs (the run writes the list of its files) go into the archive and, as far as the
+  # 8-file limit of $OUT allows, next to it.
+  if [ -f "$WORK/bench_files.txt" ]; then
+    mkdir -p "$WORK/bench"
+    while read -r f; do [ -f "$f" ] && cp "$f" "$WORK/bench/"; done <"$WORK/bench_files.txt"
+  fi
+  cp "$SUMMARY" "$OUT/summary.md"
+  tar czf "$OUT/logs.tar.gz.tmp" -C "$WORK" . 2>/dev/null && mv "$OUT/logs.tar.gz.tmp" "$OUT/logs.tar.gz"
+  local n_out=2 f
+  if [ -d "$WORK/bench" ]; then
+    for f in "$WORK"/bench/*.md "$WORK"/bench/*.json "$WORK"/bench/*.png; do
+      [ -f "$f" ] || continue
+      [ "$n_out" -ge 8 ] && break
+      cp "$f" "$OUT/" && n_out=$((n_out + 1))
+    done
+  fi
+}
+
+# ------------------------------------------------------------------------------------------
 # The stages run in child shells: export what they use.
 export PY ROOT WORK CT_BUILD CUDA_ARCHS SANITIZE_TOOLS
 export -f log ext_ready ensure_ext sanitizer_bin stage_env stage_build stage_test stage_cuda \
@@ -226,44 +280,6 @@ for s in $STAGES; do
   esac
 done
 
-# ------------------------------------------------------------------------------------------
-{
-  echo "# earlytom_ext gpu_check ($(date -u +%Y-%m-%dT%H:%M:%SZ))"
-  echo
-  echo "stages: $STAGES"
-  echo
-  echo "| stage | status | seconds |"
-  echo "|---|---|---|"
-  while IFS=$'\t' read -r n st dt; do echo "| $n | $st | $dt |"; done <"$STATUS_ROWS"
-  echo
-  while IFS=$'\t' read -r n st dt; do
-    case "$st" in
-      FAIL*)
-        echo "## $n: last 60 lines of its log"
-        echo '```'
-        tail -n 60 "$WORK/logs/$n.log"
-        echo '```'
-        ;;
-    esac
-  done <"$STATUS_ROWS"
-} >"$SUMMARY"
-
-# Bench outputs (the run writes the list of its files) go into the tarball and, as far as the
-# 8-file limit of $OUT allows, next to it.
-if [ -f "$WORK/bench_files.txt" ]; then
-  mkdir -p "$WORK/bench"
-  while read -r f; do [ -f "$f" ] && cp "$f" "$WORK/bench/"; done <"$WORK/bench_files.txt"
-fi
-cp "$SUMMARY" "$OUT/summary.md"
-tar czf "$OUT/logs.tar.gz" -C "$WORK" . 2>/dev/null
-n_out=2
-if [ -d "$WORK/bench" ]; then
-  for f in "$WORK"/bench/*.md "$WORK"/bench/*.json "$WORK"/bench/*.png; do
-    [ -f "$f" ] || continue
-    [ "$n_out" -ge 8 ] && break
-    cp "$f" "$OUT/" && n_out=$((n_out + 1))
-  done
-fi
 echo
 cat "$SUMMARY"
 echo
