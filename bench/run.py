@@ -415,7 +415,8 @@ def write_plots(stem: Path, results: dict) -> List[Path]:
 
     # 1. speed-up vs ratio
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for pat, style in ((meta["headline_pattern"], "o-"), ("natural", "s--")):
+    styles = ["o-", "v-.", "s--", "x:"]
+    for pat, style in zip(meta["patterns"], styles):
         pts = sorted((r["ratio"], r["speedup"]) for r in ttft if r["config"] == "earlytom" and r["pattern"] == pat
                      and r.get("speedup"))
         if pts:
@@ -511,7 +512,8 @@ def parse_args(argv=None):
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--ratios", type=float, nargs="+", default=None)
     ap.add_argument("--patterns", nargs="+", default=None, choices=bench_ttft.PATTERNS,
-                    help="merge patterns; the first is the headline (default: forced-merge natural)")
+                    help="merge patterns; the first is the headline (default: forced-merge forced-nomerge "
+                         "natural; forced-merge natural with --quick)")
     ap.add_argument("--preset", default="videomme", help="benchmark preset of the paper's settings")
     ap.add_argument("--warmup", type=int, default=None, help="default 2 (1 with --quick)")
     ap.add_argument("--iters", type=int, default=None, help="default 7 (3 with --quick)")
@@ -521,7 +523,8 @@ def parse_args(argv=None):
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument("--out", default=None, help="output folder (GPU default bench/results, CPU default a temp dir)")
     ap.add_argument("--time-budget", type=float, default=None,
-                    help="seconds; the scaling section skips its remaining points past it")
+                    help="seconds after which remaining sections / configurations / scaling points are skipped "
+                         "(default: 540 for full GPU runs, none otherwise)")
     ap.add_argument("--manifest", default=None, help="write the list of output files to this path")
     ap.add_argument("--cpu-threads", type=int, default=1,
                     help="torch threads for CPU runs (default 1: steady smoke runs on a shared machine)")
@@ -536,9 +539,11 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     t_start = time.monotonic()
-    deadline = t_start + args.time_budget if args.time_budget else None
     device = args.device
     cuda = bench_ttft.is_cuda(device)
+    if args.time_budget is None and cuda and not args.quick:
+        args.time_budget = 540.0
+    deadline = t_start + args.time_budget if args.time_budget else None
     if cuda and not torch.cuda.is_available():
         raise SystemExit("--device cuda but torch sees no GPU; use --device cpu --quick for a smoke run")
     quick = args.quick or not cuda
@@ -546,7 +551,8 @@ def main(argv=None) -> dict:
     dtype = torch.bfloat16 if cuda else torch.float32
     frames = args.frames or (8 if quick else 32)
     ratios = tuple(args.ratios) if args.ratios else ((0.10, 0.25) if quick else (0.10, 0.15, 0.20, 0.25))
-    patterns = tuple(args.patterns) if args.patterns else ("forced-merge", "natural")
+    patterns = tuple(args.patterns) if args.patterns else (
+        ("forced-merge", "natural") if quick else ("forced-merge", "forced-nomerge", "natural"))
     warmup = args.warmup if args.warmup is not None else (1 if quick else 2)
     iters = args.iters if args.iters is not None else (3 if quick else 7)
     sc_frames = tuple(args.scaling_frames) if args.scaling_frames else ((4, 8) if quick else (8, 16, 32, 64, 128))
@@ -587,7 +593,10 @@ def main(argv=None) -> dict:
     if need_model:
         try:
             model, info = models.build_model(model_name, device=device, dtype=dtype)
+            info["weights_finite"] = models.check_weights_finite(model)
             results["meta"]["model_info"] = info
+            if not info["weights_finite"]:
+                results["errors"].append("the random weights contain NaN/Inf")
             log(f"model built in {info['build_s']:.1f} s ({info['params'] / 1e9:.2f} B parameters)")
         except Exception as e:
             results["errors"].append(f"model build failed: {type(e).__name__}: {e}")
