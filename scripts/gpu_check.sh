@@ -143,7 +143,7 @@ EOF
 stage_build() {
   export EARLYTOM_FORCE_CUDA=1
   echo "TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS CUDA_HOME=$CUDA_HOME"
-  if ! "$PY" -m pip install --no-build-isolation --no-deps --no-index -v -e . ; then
+  if ! "$PY" -m pip install --no-build-isolation --no-deps --no-index -e . ; then
     echo "pip install -e . failed; falling back to an in-place build (setup.py build_ext --inplace)"
     "$PY" setup.py build_ext --inplace || return 1
   fi
