@@ -115,7 +115,7 @@ std::tuple<at::Tensor, at::Tensor> select_tokens_cpu(const at::Tensor& feats, co
   const bool chan_contig = (s_chan == es) || C <= 1;
 
   // Frames per task: small problems run inline (a parallel region costs more than they do).
-  constexpr int64_t kGrainCost = 64 * 1024;
+  constexpr int64_t kGrainCost = 256 * 1024;
   const int64_t frame_cost = static_cast<int64_t>(P) * 8 + (num_out / std::max<int64_t>(N, 1) + 1) * row_bytes;
   const int64_t grain = std::max<int64_t>(1, kGrainCost / std::max<int64_t>(frame_cost, 1));
 
