@@ -239,7 +239,8 @@ def goals_section(results: dict, device: str) -> List[str]:
     if r010 is not None:
         sp = r010.get("speedup")
         met = "met" if sp is not None and sp >= GOALS["ttft_speedup_r010_h100"] else "NOT met"
-        lines.append(f"- TTFT speed-up at r = 0.10 ({results['meta']['headline_pattern']}): **{sp:.2f}x** on {gpu} "
+        sp_txt = f"{sp:.2f}x" if sp is not None else "n/a"
+        lines.append(f"- TTFT speed-up at r = 0.10 ({results['meta']['headline_pattern']}): **{sp_txt}** on {gpu} "
                      f"(goal >= {GOALS['ttft_speedup_r010_h100']:.1f}x on H100: {met}; "
                      f"paper: {PAPER['ttft_reduction_r010']}x on {PAPER['hardware']}, {PAPER['dtype']}).")
         if r010.get("flops_reduction_pct") is not None:
@@ -247,6 +248,12 @@ def goals_section(results: dict, device: str) -> List[str]:
                          f"-{PAPER['flops_reduction_pct_r010']:.0f}%).")
     else:
         lines.append("- TTFT speed-up at r = 0.10: no result (see errors).")
+    others = [r for r in results.get("ttft", []) if r.get("config") == "earlytom" and not r.get("error")
+              and r.get("pattern") != results["meta"]["headline_pattern"] and abs(r["ratio"] - 0.10) < 1e-9
+              and r.get("speedup") is not None]
+    if others:
+        lines.append("- Other merge patterns at r = 0.10: "
+                     + ", ".join(f"{r['pattern']} {r['speedup']:.2f}x" for r in others) + ".")
     shares = [(r["ratio"], r.get("ops_share_pct")) for r in head if r.get("ops_share_pct") is not None]
     if shares:
         worst = max(s for _, s in shares)
