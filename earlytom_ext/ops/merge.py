@@ -1,24 +1,289 @@
-"""Placeholder: Stage I op wrappers (merge_frames, apply_merge_plan, segment_frames)."""
-from typing import NamedTuple
+"""Stage I wrappers: ``merge_frames``, ``apply_merge_plan``, ``segment_frames`` (fused ops
+``torch.ops.earlytom.*``) and ``segments_per_video`` (host lists).
+
+Semantics: docs/algorithm.md "Stage I", applied to every video of the batch independently;
+contract: docs/design.md "merge_frames". The frames of all videos are concatenated along dim 0
+(``x [N, S, D]``) and ``frame_counts`` gives the frames per video.
+
+Host syncs: ``merge_frames`` and ``segment_frames`` wait on the device once (to learn the number
+of merged frames / segments). ``frame_counts`` given as a list or a CPU tensor is checked on the
+host; given as a tensor on the GPU it is checked on the device within that same sync (so passing
+the previous call's ``MergeResult.frame_counts`` costs nothing extra). NaN/Inf in ``x`` are
+detected inside the similarity pass, also without an extra sync. ``apply_merge_plan`` never syncs
+on a GPU (an out-of-range plan index gives a NaN row there; on the CPU it raises).
+"""
+from __future__ import annotations
+
+import numbers
+from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
+
+import torch
+
+from .. import _ext
+from .._validation import FLOAT_DTYPES, check_frame_counts, check_tensor
+from ..config import EarlyTomConfig
+
+__all__ = ["MergeResult", "merge_frames", "apply_merge_plan", "segment_frames", "segments_per_video"]
+
+#: dtypes accepted by ``apply_merge_plan`` and for ``extras`` (fp32 math; fp64 math for fp64).
+APPLY_DTYPES = FLOAT_DTYPES + (torch.float64,)
+
+Extras = Union[None, torch.Tensor, Tuple[torch.Tensor, ...], List[torch.Tensor]]
 
 
 class MergeResult(NamedTuple):
-    x: object
-    extras: object
-    frame_counts: object
-    segments: object
-    segment_counts: object
-    plan_src: object
-    plan_weight: object
+    """Output of :func:`merge_frames`.
+
+    Attributes:
+        x: merged frames ``[N', S, D]`` (dtype of the input).
+        extras: the extras merged with the same plan, in the structure they were given
+            (``None``, a tensor, or a tuple/list of tensors).
+        frame_counts: merged frames per video, int64 ``[B]`` on ``x.device``.
+        segments: the Stage-I segmentation before merging, int64 ``[K, 2]``, inclusive
+            ``(start, end)`` global input-frame indices.
+        segment_counts: segments per video, int64 ``[B]``.
+        plan_src: int64 ``[N', 2]``, global input-frame indices of the two frames merged into
+            each output frame (equal for a frame passed unchanged).
+        plan_weight: float32 ``[N']``: output ``o = w*x[src0] + (1-w)*x[src1]``.
+    """
+
+    x: torch.Tensor
+    extras: Extras
+    frame_counts: torch.Tensor
+    segments: torch.Tensor
+    segment_counts: torch.Tensor
+    plan_src: torch.Tensor
+    plan_weight: torch.Tensor
 
 
-def merge_frames(*a, **k):
-    raise NotImplementedError
+# ------------------------------------------------------------------------------------------
+# Fake (meta) implementations: the output sizes N' and K are data dependent.
+# ------------------------------------------------------------------------------------------
+def _merge_frames_fake(x, frame_counts, tau, max_window, ema, keep_last_interior):
+    ctx = torch.library.get_ctx()
+    n_out = ctx.new_dynamic_size()
+    k = ctx.new_dynamic_size()
+    B = frame_counts.shape[0]
+    out = x.new_empty((n_out, x.shape[1], x.shape[2]))
+    out_counts = frame_counts.new_empty((B,), dtype=torch.int64)
+    plan_src = frame_counts.new_empty((n_out, 2), dtype=torch.int64)
+    plan_weight = x.new_empty((n_out,), dtype=torch.float32)
+    segments = frame_counts.new_empty((k, 2), dtype=torch.int64)
+    segment_counts = frame_counts.new_empty((B,), dtype=torch.int64)
+    return out, out_counts, plan_src, plan_weight, segments, segment_counts
 
 
-def apply_merge_plan(*a, **k):
-    raise NotImplementedError
+def _segment_frames_fake(x, frame_counts, tau, max_window, ema):
+    ctx = torch.library.get_ctx()
+    k = ctx.new_dynamic_size()
+    B = frame_counts.shape[0]
+    return frame_counts.new_empty((k, 2), dtype=torch.int64), frame_counts.new_empty((B,), dtype=torch.int64)
 
 
-def segment_frames(*a, **k):
-    raise NotImplementedError
+def _apply_merge_plan_fake(x, plan_src, plan_weight):
+    return x.new_empty((plan_src.shape[0], *x.shape[1:]))
+
+
+if _ext.available():  # the schemas live in the compiled library
+    torch.library.register_fake("earlytom::merge_frames")(_merge_frames_fake)
+    torch.library.register_fake("earlytom::segment_frames")(_segment_frames_fake)
+    torch.library.register_fake("earlytom::apply_merge_plan")(_apply_merge_plan_fake)
+
+
+# ------------------------------------------------------------------------------------------
+# Validation helpers
+# ------------------------------------------------------------------------------------------
+def _check_cfg(cfg) -> EarlyTomConfig:
+    if not isinstance(cfg, EarlyTomConfig):
+        raise TypeError(f"cfg must be an earlytom_ext.EarlyTomConfig, got {type(cfg).__name__}")
+    cfg.validate()
+    return cfg
+
+
+def _check_x(x) -> torch.Tensor:
+    check_tensor("x", x, ndim=3, dtypes=FLOAT_DTYPES)
+    N, S, D = x.shape
+    if N < 1:
+        raise ValueError(f"x must hold at least one frame [N >= 1, S, D], got shape {tuple(x.shape)}")
+    if S < 1 or D < 1:
+        raise ValueError(f"x must have S >= 1 positions and D >= 1 channels, got shape {tuple(x.shape)}")
+    return x
+
+
+def _counts(frame_counts, n_frames: int, device: torch.device) -> torch.Tensor:
+    """``frame_counts`` as int64 on ``device``.
+
+    A list or a CPU tensor is checked on the host (values >= 1, sum == N); a tensor already on
+    ``device`` (a GPU) keeps its values on the device, where the op checks them.
+    """
+    if isinstance(frame_counts, torch.Tensor):
+        if frame_counts.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"frame_counts must be an int32/int64 tensor, got {frame_counts.dtype}")
+        if frame_counts.dim() != 1:
+            raise ValueError(f"frame_counts must be 1-D [B], got shape {tuple(frame_counts.shape)}")
+        if frame_counts.device != device:
+            raise ValueError(
+                f"frame_counts must be on the device of x ({device}), got {frame_counts.device} "
+                "(pass a list of ints to give host-side counts)"
+            )
+        if device.type != "cpu":
+            if frame_counts.numel() == 0:
+                raise ValueError("frame_counts must hold at least one video, got an empty tensor")
+            return frame_counts.to(torch.int64)
+        return check_frame_counts(frame_counts, n_frames, device)
+    host = check_frame_counts(frame_counts, n_frames, torch.device("cpu"))
+    if device.type == "cpu":
+        return host
+    # Pinned + non_blocking: the copy does not wait for the work already queued on the stream.
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+def _check_plan(plan_src, plan_weight, device: torch.device) -> None:
+    check_tensor("plan_src", plan_src, ndim=2, dtypes=(torch.int64,), device=device)
+    if plan_src.shape[1] != 2:
+        raise ValueError(f"plan_src must have shape [N', 2], got {tuple(plan_src.shape)}")
+    check_tensor("plan_weight", plan_weight, ndim=1, dtypes=(torch.float32,), device=device)
+    if plan_weight.shape[0] != plan_src.shape[0]:
+        raise ValueError(
+            f"plan_weight must have shape [{plan_src.shape[0]}] (one weight per row of plan_src), "
+            f"got {tuple(plan_weight.shape)}"
+        )
+
+
+def _check_extra(name: str, t, n_frames: int, device: torch.device) -> torch.Tensor:
+    check_tensor(name, t, dtypes=APPLY_DTYPES, device=device)
+    if t.dim() < 1 or t.shape[0] != n_frames:
+        raise ValueError(f"{name} must have leading dim N = {n_frames} (one entry per frame of x), got shape {tuple(t.shape)}")
+    return t
+
+
+def _normalize_extras(extras, n_frames: int, device: torch.device):
+    if extras is None:
+        return None
+    if isinstance(extras, torch.Tensor):
+        return _check_extra("extras", extras, n_frames, device)
+    if isinstance(extras, (tuple, list)):
+        for i, t in enumerate(extras):
+            _check_extra(f"extras[{i}]", t, n_frames, device)
+        return extras
+    raise TypeError(f"extras must be None, a tensor or a tuple/list of tensors, got {type(extras).__name__}")
+
+
+def _apply(t: torch.Tensor, plan_src: torch.Tensor, plan_weight: torch.Tensor) -> torch.Tensor:
+    return torch.ops.earlytom.apply_merge_plan(t, plan_src, plan_weight)
+
+
+# ------------------------------------------------------------------------------------------
+# Public wrappers
+# ------------------------------------------------------------------------------------------
+def merge_frames(x: torch.Tensor, frame_counts, cfg: EarlyTomConfig, extras: Extras = None) -> MergeResult:
+    """Stage I of one prune layer on a batch of videos (each video independently).
+
+    Args:
+        x: ``[N, S, D]`` float32/float16/bfloat16, the frames of all videos concatenated (any
+            strides).
+        frame_counts: frames per video, int tensor or list ``[B]`` summing to N, every count >= 1.
+        cfg: :class:`earlytom_ext.EarlyTomConfig` (uses ``tau``, ``max_window``, ``ema``,
+            ``keep_last_interior``).
+        extras: ``None``, a float tensor with leading dim N (any trailing shape), or a tuple/list
+            of such tensors: merged with the same plan (e.g. per-token scores).
+
+    Returns:
+        :class:`MergeResult`. Equal to ``reference.merge_frames_batched`` (similarities in fp32,
+        merges in fp32 math).
+    """
+    _ext.require()
+    cfg = _check_cfg(cfg)
+    x = _check_x(x)
+    counts = _counts(frame_counts, x.shape[0], x.device)
+    extras = _normalize_extras(extras, x.shape[0], x.device)
+    with torch.no_grad():
+        out, out_counts, plan_src, plan_weight, segments, segment_counts = torch.ops.earlytom.merge_frames(
+            x, counts, float(cfg.tau), int(cfg.max_window), float(cfg.ema), bool(cfg.keep_last_interior)
+        )
+        if extras is None:
+            merged = None
+        elif isinstance(extras, torch.Tensor):
+            merged = _apply(extras, plan_src, plan_weight)
+        else:
+            merged = type(extras)(_apply(t, plan_src, plan_weight) for t in extras)
+    return MergeResult(out, merged, out_counts, segments, segment_counts, plan_src, plan_weight)
+
+
+def apply_merge_plan(t: torch.Tensor, plan_src: torch.Tensor, plan_weight: torch.Tensor) -> torch.Tensor:
+    """Merge any per-frame tensor ``t`` (leading dim N, float dtype) with a Stage-I plan.
+
+    Output row ``o`` is ``w*t[src0] + (1-w)*t[src1]`` with ``(src0, src1) = plan_src[o]`` and
+    ``w = plan_weight[o]``, computed in float32 (float64 for float64 tensors), in ``t``'s dtype.
+    """
+    _ext.require()
+    check_tensor("t", t, dtypes=APPLY_DTYPES)
+    if t.dim() < 1:
+        raise ValueError("t must have a leading frame dimension, got a 0-d tensor")
+    _check_plan(plan_src, plan_weight, t.device)
+    if t.device.type == "cpu" and plan_src.numel():
+        lo, hi = int(plan_src.min()), int(plan_src.max())
+        if lo < 0 or hi >= t.shape[0]:
+            raise ValueError(f"plan_src must hold frame indices in [0, {t.shape[0]}) (t's leading dim), got values in [{lo}, {hi}]")
+    with torch.no_grad():
+        return _apply(t, plan_src, plan_weight)
+
+
+def segment_frames(x: torch.Tensor, frame_counts, cfg: EarlyTomConfig) -> Tuple[torch.Tensor, torch.Tensor]:
+    """EMA segmentation (Stage I step 1) of every video: ``(segments [K, 2], segment_counts [B])``,
+    int64 on ``x.device``, inclusive global frame indices."""
+    _ext.require()
+    cfg = _check_cfg(cfg)
+    x = _check_x(x)
+    counts = _counts(frame_counts, x.shape[0], x.device)
+    with torch.no_grad():
+        return torch.ops.earlytom.segment_frames(x, counts, float(cfg.tau), int(cfg.max_window), float(cfg.ema))
+
+
+def _host_ints(name: str, v) -> List[int]:
+    if isinstance(v, torch.Tensor):
+        if v.dtype.is_floating_point or v.dtype.is_complex or v.dtype == torch.bool:
+            raise TypeError(f"{name} must hold integers, got dtype {v.dtype}")
+        if v.dim() != 1:
+            raise ValueError(f"{name} must be 1-D [B], got shape {tuple(v.shape)}")
+        return [int(c) for c in v.tolist()]
+    if isinstance(v, (str, bytes)) or not hasattr(v, "__iter__"):
+        raise TypeError(f"{name} must be a 1-D int tensor or a list of ints, got {type(v).__name__}")
+    out = []
+    for c in v:
+        if isinstance(c, bool) or not isinstance(c, numbers.Integral):
+            raise TypeError(f"{name} must hold ints, got {c!r}")
+        out.append(int(c))
+    return out
+
+
+def segments_per_video(segments: torch.Tensor, segment_counts, frame_counts) -> List[List[Tuple[int, int]]]:
+    """Split ``segments [K, 2]`` (global indices) into per-video lists of LOCAL ``(start, end)``.
+
+    ``segment_counts`` and ``frame_counts`` are ``[B]`` (tensors or lists). One host copy.
+    """
+    if isinstance(segments, torch.Tensor):
+        if segments.dim() != 2 or segments.shape[-1] != 2:
+            raise ValueError(f"segments must have shape [K, 2], got {tuple(segments.shape)}")
+        segs = segments.tolist()
+    else:
+        segs = [tuple(s) for s in segments]
+    sc = _host_ints("segment_counts", segment_counts)
+    fc = _host_ints("frame_counts", frame_counts)
+    if len(sc) != len(fc):
+        raise ValueError(f"segment_counts and frame_counts must both have one entry per video, got {len(sc)} and {len(fc)}")
+    if sum(sc) != len(segs):
+        raise ValueError(f"segment_counts must sum to the number of segments {len(segs)}, got {sum(sc)}")
+    out: List[List[Tuple[int, int]]] = []
+    k = offset = 0
+    for n, T in zip(sc, fc):
+        video = []
+        for s, e in segs[k:k + n]:
+            s, e = int(s) - offset, int(e) - offset
+            if not (0 <= s <= e < T):
+                raise ValueError(f"segment ({s + offset}, {e + offset}) lies outside its video's frames [{offset}, {offset + T})")
+            video.append((s, e))
+        out.append(video)
+        k += n
+        offset += T
+    return out
