@@ -101,3 +101,14 @@ def test_demo_errors(tmp_path, capsys):
     assert "--frames" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         demo.main(["--prune-layers", "a,b"])
+
+
+def test_lazy_apply_in_a_fresh_interpreter():
+    # `earlytom_ext.apply` resolves lazily (no transformers import until used).
+    code = ("import sys, earlytom_ext; assert 'transformers' not in sys.modules; "
+            "h = earlytom_ext.EarlyTomHandle; f = earlytom_ext.apply; print(f.__module__)")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "earlytom_ext.integration"
