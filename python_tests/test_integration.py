@@ -433,3 +433,21 @@ def test_cuda_matches_cpu(videos):
         assert res["cpu"][1]["videos"][b]["segments"] == res["cuda"][1]["videos"][b]["segments"]
         _close(res["cpu"][0][b], res["cuda"][0][b].cpu(), tol=1e-3)
     assert res["cuda"][2].shape == res["cpu"][2].shape
+
+
+def test_text_only_sample_next_to_a_video(model, videos):
+    one = tm.make_inputs(videos[1:], seed=15)
+    L = one["input_ids"].shape[1]
+    text = torch.randint(*tm.TEXT_ID_RANGE, (1, 7))
+    ids = torch.full((2, L), tm.PAD_ID)
+    am = torch.zeros((2, L), dtype=torch.long)
+    ids[0], am[0] = one["input_ids"][0], one["attention_mask"][0]
+    ids[1, -7:], am[1, -7:] = text[0], 1
+    with earlytom_ext.apply(model, CFG) as h:
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=am, pixel_values_videos=one["pixel_values_videos"]).logits
+            li = h.last_inputs
+            alone = model(input_ids=text, attention_mask=torch.ones_like(text)).logits
+    assert torch.equal(li["input_ids"][1, -7:], text[0]) and li["attention_mask"][1].sum() == 7
+    _close(logits[1, -7:], alone[0], tol=2e-4)
+    assert int((li["input_ids"][0] == tm.VIDEO_TOKEN_ID).sum()) == li["video_token_counts"][0]
