@@ -102,7 +102,10 @@ bool band_cpu(const scalar_t* x, int64_t S, int64_t D, int64_t sn, int64_t ss, i
       tile_vstart.push_back(offsets[b]);
     }
   std::atomic<bool> bad{false};
-  at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t tb, int64_t te) {
+  // A tile costs about kCpuTile * S * D * (kb + 1) multiply-adds; do not fork for tiny inputs.
+  const int64_t tile_work = std::max<int64_t>(1, kCpuTile * S * D * (kb + 1));
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 18) / tile_work);
+  at::parallel_for(0, static_cast<int64_t>(tiles.size()), grain, [&](int64_t tb, int64_t te) {
     std::vector<float> ring(static_cast<size_t>((kb + 1) * D));
     std::vector<float> nrm(static_cast<size_t>(kCpuTile + kb));
     std::vector<double> acc(static_cast<size_t>(kCpuTile * kb));
@@ -209,7 +212,7 @@ Stage1Cpu stage1_cpu(const char* op, const at::Tensor& x, const at::Tensor& fram
   std::vector<int64_t> seg_scratch(static_cast<size_t>(2 * N)), plan_scratch(with_plan ? static_cast<size_t>(2 * N) : 0);
   std::vector<float> w_scratch(with_plan ? static_cast<size_t>(N) : 0);
   std::vector<int64_t> nseg(static_cast<size_t>(B)), nout(static_cast<size_t>(B));
-  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, B, 64, [&](int64_t b0, int64_t b1) {  // O(T) scalar work per video
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t t0 = offsets[b];
       mg::walk_video(band.data(), kb, t0, cnt[b], cfg, seg_scratch.data() + 2 * t0,

@@ -681,7 +681,8 @@ __global__ void __launch_bounds__(kScanThreads) walk_kernel(WalkParams p) {
     const int64_t t0 = p.offsets[b];
     int64_t ns = 0, no = 0;
     walk_video(band, p.kb, t0, p.counts[b], p.cfg, p.seg_scratch + 2 * t0,
-               p.with_plan ? p.plan_scratch + 2 * t0 : nullptr, p.w_scratch + t0, &ns, &no);
+               p.with_plan ? p.plan_scratch + 2 * t0 : nullptr, p.with_plan ? p.w_scratch + t0 : nullptr, &ns,
+               &no);
     p.seg_counts[b] = ns;
     if (p.with_plan) p.out_counts[b] = no;
   }
