@@ -15,13 +15,12 @@ __all__ = ["__version__", "EarlyTomConfig", "PAPER_PRESETS", "preset", "referenc
 
 
 def __getattr__(name):
-    # Lazy: importing earlytom_ext must stay cheap (no transformers import).
+    # Lazy: importing earlytom_ext must stay cheap. importlib (not `from . import`) so that the
+    # submodule import does not come back through this __getattr__.
+    import importlib
+
     if name == "ops":
-        from . import ops
-
-        return ops
+        return importlib.import_module(f"{__name__}.ops")
     if name in ("apply", "EarlyTomHandle"):
-        from . import integration
-
-        return getattr(integration, name)
+        return getattr(importlib.import_module(f"{__name__}.integration"), name)
     raise AttributeError(f"module 'earlytom_ext' has no attribute {name!r}")
