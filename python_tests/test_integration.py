@@ -204,7 +204,8 @@ def test_right_padding_kept(model, videos):
 
 
 def test_identity_config_equals_unpatched(model, videos):
-    inputs = tm.make_inputs(videos, seed=8)
+    t = 5
+    inputs = tm.make_inputs([v[:t] for v in videos], seed=8)
     with torch.no_grad():
         base_logits = model(**inputs).logits
     base_gen = model.generate(**inputs, max_new_tokens=2, do_sample=False)
@@ -213,7 +214,7 @@ def test_identity_config_equals_unpatched(model, videos):
             logits = model(**inputs).logits
         gen = model.generate(**inputs, max_new_tokens=2, do_sample=False)
         st = h.last_stats
-    assert all(v["frames_after"] == {1: T, 3: T, 4: T} for v in st["videos"])
+    assert all(v["frames_after"] == {1: t, 3: t, 4: t} for v in st["videos"])
     assert all(v["tokens_after"] == v["tokens_before"] for v in st["videos"])
     assert torch.equal(h.last_inputs["input_ids"], inputs["input_ids"])
     _close(logits, base_logits, tol=1e-5)
@@ -253,6 +254,7 @@ def test_remove_restores_exactly(model, videos):
 
 
 def test_mixed_image_and_video(model, videos):
+    videos = [v[:3] for v in videos]  # short clips keep the unpatched runs cheap
     img = tm.make_image(seed=0)
     n_img = tm.image_token_count(model, img)
     inputs = tm.make_inputs(videos, seed=10, images=[img, None], image_tokens=n_img)
