@@ -516,9 +516,13 @@ def test_cuda_strided_unaligned_and_deterministic(dtype):
         base.transpose(1, 2).contiguous().transpose(1, 2),              # channels strided
     ]
     ref = merge_frames(base, [11, 20], cfg)
-    for v in variants:
+    for i, v in enumerate(variants):
         r = assert_matches_reference(v, [11, 20], cfg)
-        assert torch.equal(r.plan_src, ref.plan_src) and torch.equal(r.x, ref.x)
+        assert torch.equal(r.plan_src, ref.plan_src) and torch.equal(r.segments, ref.segments)
+        if i == 2:  # scalar loads: another fp32 summation order, last-bit differences
+            torch.testing.assert_close(r.x, ref.x, **TOL[dtype])
+        else:  # same vector width: bit-identical
+            assert torch.equal(r.x, ref.x)
     # run-to-run identical (no float atomics)
     for _ in range(3):
         r = merge_frames(base, [11, 20], cfg)
