@@ -1,11 +1,12 @@
 """User-facing wrappers of the compiled ops (``torch.ops.earlytom.*``), with validation and
 ``register_fake`` implementations for torch.compile / opcheck."""
 from .._ext import available, has_cuda_kernels
-from .merge import MergeResult, apply_merge_plan, merge_frames, segment_frames
+from .merge import MergeResult, apply_merge_plan, merge_frames, segment_frames, segments_per_video
 from .attention import attention_received
-from .select import select_tokens, stage2_plan
+from .select import Stage2Plan, select_tokens, stage2_plan
 
 __all__ = [
     "available", "has_cuda_kernels", "MergeResult", "merge_frames", "apply_merge_plan",
-    "segment_frames", "attention_received", "select_tokens", "stage2_plan",
+    "segment_frames", "segments_per_video", "attention_received", "Stage2Plan", "select_tokens",
+    "stage2_plan",
 ]
