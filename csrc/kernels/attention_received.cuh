@@ -631,7 +631,15 @@ inline bool uses_tensor_cores(const Problem& p, Path path = Path::kAuto) {
   if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) return false;
   if (cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess)
     return false;
-  return major >= 8 && mma_smem_bytes(ks) <= size_t(smem_optin);
+  if (major < 8 || mma_smem_bytes(ks) > size_t(smem_optin)) return false;
+  // The tensor-core kernels have an empty body when compiled for a virtual architecture below
+  // sm_80 (e.g. a compute_75 PTX image JIT-compiled for this device): use the SIMT path then.
+  cudaFuncAttributes fa;
+  if (cudaFuncGetAttributes(&fa, mma_pass_kernel<2, false, kModeLse>) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  return fa.ptxVersion >= 80;
 }
 
 // Runs the three kernels on `stream`. workspace: workspace_floats(N, H, S) floats; out: [N][S]
