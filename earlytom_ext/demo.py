@@ -22,42 +22,15 @@ from typing import List, Optional, Sequence
 import torch
 
 from .config import EarlyTomConfig
-
-IMAGE_SIZE = 384
-PATCH_SIZE = 14
-VIDEO_TOKEN_ID = 301
-IMAGE_TOKEN_ID = 300
-VOCAB = 320
+from .tiny_model import IMAGE_SIZE, VIDEO_TOKEN_ID, build_model
 
 
 # --------------------------------------------------------------------------------------------
 # Model and frames
 # --------------------------------------------------------------------------------------------
 def build_demo_model(vision_layers: int = 26, seed: int = 0, device="cpu", dtype=torch.float32):
-    """A small random ``LlavaOnevisionForConditionalGeneration`` (SigLIP geometry of LLaVA-OV)."""
-    from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config,
-                              SiglipVisionConfig)
-
-    vision = SiglipVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=vision_layers,
-                                num_attention_heads=4, image_size=IMAGE_SIZE, patch_size=PATCH_SIZE,
-                                vision_use_head=False)
-    text = Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=16384,
-                       pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
-    cfg = LlavaOnevisionConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN_ID,
-                               video_token_index=VIDEO_TOKEN_ID, vision_feature_layer=-1,
-                               vision_feature_select_strategy="full", tie_word_embeddings=False)
-    torch.manual_seed(seed)
-    model = LlavaOnevisionForConditionalGeneration._from_config(cfg, attn_implementation="sdpa")
-    with torch.no_grad():
-        for name, p in model.model.vision_tower.named_parameters():
-            if name.endswith("q_proj.weight") or name.endswith("k_proj.weight"):
-                p.normal_(0.0, 2.0 / math.sqrt(p.shape[1]))
-    model = model.to(device=device, dtype=dtype).eval()
-    gc = getattr(model, "generation_config", None)
-    if gc is not None:
-        gc.pad_token_id, gc.eos_token_id, gc.do_sample = 0, None, False
-    return model
+    """A small random ``LlavaOnevisionForConditionalGeneration`` (SigLIP geometry and depth of LLaVA-OV)."""
+    return build_model(seed=seed, device=device, dtype=dtype, vision_layers=vision_layers)
 
 
 def synthetic_frames(num_frames: int, seed: int = 0, size: int = IMAGE_SIZE) -> torch.Tensor:
