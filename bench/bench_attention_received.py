@@ -12,7 +12,6 @@ difference between the two results.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import Dict, List
@@ -22,7 +21,7 @@ if __package__ in (None, ""):
 
 import torch
 
-from bench.common import markdown_table, time_fn
+from bench.common import op_bench_main, time_fn
 from earlytom_ext.ops import attention_received
 
 COLUMNS = ["N", "H", "S", "d", "dtype", "layout", "op_ms", "eager_ms", "speedup", "op_tflops", "eager_tflops",
@@ -98,13 +97,7 @@ def benchmark(device: str = "cuda", quick: bool = False) -> List[Dict[str, objec
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--quick", action="store_true", help="small shapes, few iterations (smoke test)")
-    args = ap.parse_args(argv)
-    rows = benchmark(device=args.device, quick=args.quick)
-    print(f"attention_received on {rows[0]['device'] if rows else args.device}")
-    print(markdown_table(rows, COLUMNS))
+    op_bench_main("attention_received", benchmark, COLUMNS, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ Times: median of CUDA-event-timed calls after warm-up (``bench/common.py``). Ban
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import Dict, List
@@ -30,7 +29,7 @@ if __package__ in (None, ""):
 import torch
 import torch.nn.functional as F
 
-from bench.common import gbps, markdown_table, time_fn
+from bench.common import op_bench_main, gbps, time_fn
 from earlytom_ext import EarlyTomConfig, preset
 from earlytom_ext import reference as R
 from earlytom_ext.ops.merge import merge_frames, segment_frames
@@ -173,13 +172,7 @@ def benchmark(device: str = "cuda", quick: bool = False) -> List[Dict[str, objec
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--quick", action="store_true", help="small shapes, few iterations (smoke test)")
-    args = ap.parse_args(argv)
-    rows = benchmark(device=args.device, quick=args.quick)
-    print(f"merge_frames on {rows[0]['device'] if rows else args.device}")
-    print(markdown_table(rows, COLUMNS))
+    op_bench_main("merge_frames", benchmark, COLUMNS, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ index written. ``plan_ms`` is the host-only ``stage2_plan`` time.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ if __package__ in (None, ""):
 
 import torch
 
-from bench.common import gbps, markdown_table, time_fn
+from bench.common import op_bench_main, gbps, time_fn
 from earlytom_ext import reference as R
 from earlytom_ext.ops import select_tokens, stage2_plan
 
@@ -136,13 +135,7 @@ def benchmark(device: str = "cuda", quick: bool = False) -> List[Dict[str, objec
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--quick", action="store_true", help="small shapes, few iterations (smoke test)")
-    args = ap.parse_args(argv)
-    rows = benchmark(device=args.device, quick=args.quick)
-    print(f"select_tokens on {rows[0]['device'] if rows else args.device}")
-    print(markdown_table(rows, COLUMNS))
+    op_bench_main("select_tokens", benchmark, COLUMNS, __doc__, argv)
 
 
 if __name__ == "__main__":

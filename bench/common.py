@@ -52,3 +52,16 @@ def markdown_table(rows: List[Dict[str, object]], columns: List[str]) -> str:
     for r in rows:
         out.append("| " + " | ".join(fmt(r.get(c)) for c in columns) + " |")
     return "\n".join(out)
+
+
+def op_bench_main(name: str, benchmark, columns: List[str], doc: str, argv=None) -> None:
+    """Command line of an op microbenchmark: ``--device``, ``--quick``; prints a markdown table."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=(doc or name).split("\n")[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--quick", action="store_true", help="small shapes, few iterations (smoke test)")
+    args = ap.parse_args(argv)
+    rows = benchmark(device=args.device, quick=args.quick)
+    print(f"{name} on {rows[0]['device'] if rows else args.device}")
+    print(markdown_table(rows, columns))
