@@ -67,6 +67,8 @@ struct Case {
   int base_off;     // elements of offset of the feats base pointer
   int score_kind;   // 0 random, 1 constant, 2 few values, 3 zeros/infs/NaN
   bool force_scan;
+  int frame_pad = 3;   // extra elements between frames (stride_frame = stride_pos * P + frame_pad)
+  int want_width = 0;  // expected copy width in bytes (0: any)
 };
 
 static int run_case(const Case& c, std::mt19937& rng) {
@@ -97,7 +99,7 @@ static int run_case(const Case& c, std::mt19937& rng) {
     num_out += keep[f];
   }
   const int64_t stride_pos = c.C + c.pos_pad;
-  const int64_t stride_frame = stride_pos * P + 3;  // frames not packed
+  const int64_t stride_frame = stride_pos * P + c.frame_pad;  // frames not packed
   const size_t feat_bytes = static_cast<size_t>(c.base_off + stride_frame * N) * c.elem;
   std::vector<uint8_t> feats(feat_bytes);
   for (auto& b : feats) b = static_cast<uint8_t>(rng());
@@ -157,6 +159,11 @@ static int run_case(const Case& c, std::mt19937& rng) {
   gp.num_frames = N;
   gp.P = P;
   const int width = sel::gather_vector_bytes(gp);
+  int bad = 0;
+  if (c.want_width != 0 && width != c.want_width) {
+    std::printf("  [%s] copy width %d B, expected %d B\n", c.name, width, c.want_width);
+    ++bad;
+  }
   CUDA_OK(sel::launch_select_tokens(sp, gp, d_off, 132 * 16, 0, c.force_scan));
   CUDA_OK(cudaDeviceSynchronize());
 
@@ -164,7 +171,6 @@ static int run_case(const Case& c, std::mt19937& rng) {
   std::vector<uint8_t> got_tokens(num_out * row_bytes + 16);
   CUDA_OK(cudaMemcpy(got_index.data(), d_index, 2 * num_out * sizeof(int64_t), cudaMemcpyDeviceToHost));
   CUDA_OK(cudaMemcpy(got_tokens.data(), d_out, num_out * row_bytes + 16, cudaMemcpyDeviceToHost));
-  int bad = 0;
   for (int64_t r = 0; r < num_out && bad < 5; ++r) {
     if (got_index[2 * r] != exp_index[2 * r] || got_index[2 * r + 1] != exp_index[2 * r + 1]) {
       std::printf("  [%s] row %lld: index (%lld, %lld), expected (%lld, %lld)\n", c.name, (long long)r,
@@ -204,9 +210,10 @@ int main() {
   const Case cases[] = {
       {"p1", 7, 1, 8, 2, 0, 0, 0, false},
       {"p5_random", 40, 5, 3, 2, 0, 1, 0, false},
-      {"p196_bf16_aligned", 32, 196, 256, 2, 0, 0, 0, false},
-      {"p196_fp32_vec16", 32, 196, 64, 4, 4, 4, 0, false},
-      {"p196_fp32_vec8", 17, 196, 6, 4, 0, 2, 0, false},
+      {"p196_bf16_aligned", 32, 196, 256, 2, 0, 0, 0, false, 8, 16},
+      {"p196_fp32_vec16", 32, 196, 64, 4, 4, 4, 0, false, 4, 16},
+      {"p196_fp32_vec8", 17, 196, 6, 4, 0, 2, 0, false, 2, 8},
+      {"p196_fp32_vec4", 17, 196, 6, 4, 0, 2, 0, false, 3, 4},
       {"p196_odd_rows", 9, 196, 37, 2, 1, 1, 0, false},
       {"p196_constant", 12, 196, 16, 2, 0, 0, 1, false},
       {"p196_few_values", 12, 196, 16, 2, 0, 0, 2, false},
@@ -215,8 +222,11 @@ int main() {
       {"p729_few_values", 10, 729, 8, 4, 0, 0, 2, false},
       {"p729_forced_scan", 10, 729, 8, 4, 0, 0, 0, true},
       {"p4096", 3, 4096, 4, 4, 0, 0, 2, false},
+      {"p8192_max_positions", 2, 8192, 4, 4, 0, 0, 2, false},
+      {"inline_offsets_4096", 4096, 3, 2, 4, 0, 0, 0, false},
       {"many_frames_scan", 5000, 5, 4, 2, 0, 0, 0, false},
-      {"p196_qwen_width", 32, 196, 3584, 2, 0, 0, 0, false},
+      {"p196_qwen_width", 32, 196, 3584, 2, 0, 0, 0, false, 8, 16},
+      {"p196_qwen_width_unaligned", 32, 196, 3584, 2, 0, 0, 0, false, 3, 2},
   };
   int failed = 0;
   for (const auto& c : cases) failed += run_case(c, rng);

@@ -516,6 +516,23 @@ def test_cuda_large_p_and_limit():
 
 
 @needs_cuda
+def test_cuda_max_positions_and_empty():
+    # P = 8192: the largest frame the kernel takes (all keys of a frame in shared memory), with ties.
+    feats, scores, segs, counts, before = make_batch(
+        [[1, 3]], 8192, 4, torch.float32, seed=2, scores_fn=lambda N, P, g: torch.randint(0, 7, (N, P), generator=g).float())
+    for r in (0.01, 0.5):
+        plan = stage2_plan(segs, before, r, tokens_per_frame=8192)
+        ref_t, ref_i = R.select_tokens_batched(feats, scores, counts, segs, plan.ratios)
+        tok, idx = select_tokens(feats.cuda(), scores.cuda(), plan)
+        assert torch.equal(idx.cpu(), ref_i) and torch.equal(tok.cpu(), ref_t)
+    # No frames at all.
+    tok, idx = torch.ops.earlytom.select_tokens(
+        torch.zeros(0, 5, 3, device="cuda"), torch.zeros(0, 5, device="cuda"),
+        torch.zeros(0, dtype=torch.long, device="cuda"), torch.zeros(0, dtype=torch.bool, device="cuda"), 0)
+    assert tok.is_cuda and tok.shape == (0, 3) and idx.shape == (0, 2)
+
+
+@needs_cuda
 def test_cuda_no_host_sync():
     feats, scores, segs, counts, before = make_batch([[1, 2, 5], [3]], 196, 64, torch.bfloat16, seed=5)
     plan = stage2_plan(segs, before, 0.1)

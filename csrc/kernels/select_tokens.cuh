@@ -339,6 +339,7 @@ inline cudaError_t launch_select_tokens(SelectIndexParams sel, const GatherParam
                                         int64_t* offsets_scratch, int num_blocks_cap,
                                         cudaStream_t stream, bool force_scan = false) {
   if (sel.num_frames == 0 || sel.num_out == 0) return cudaSuccess;
+  if (sel.num_frames > 0x7FFFFFFF) return cudaErrorInvalidConfiguration;  // one block per frame (grid.x)
   sel.offsets = nullptr;
   if (offsets_scratch != nullptr && (force_scan || sel.num_frames > kInlineOffsetMaxFrames)) {
     exclusive_scan_kernel<<<1, kScanThreads, 0, stream>>>(sel.frame_keep, offsets_scratch, sel.num_frames);
