@@ -418,7 +418,7 @@ class EarlyTomHandle:
 
         ``pixel_values_videos``: ``[B, T, 3, H, W]`` (as the LLaVA-OneVision processor makes it).
         Returns a list of ``B`` tensors ``[n_b + 1, hidden]`` (kept tokens, then
-        ``image_newline``) in the language model's dtype. Statistics go to ``last_stats``.
+        ``image_newline``) in the projector's dtype (as Hugging Face returns them). Statistics go to ``last_stats``.
         """
         if self._removed:
             raise RuntimeError("this EarlyTom handle was removed")
