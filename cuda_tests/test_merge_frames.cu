@@ -3,6 +3,7 @@
 // counts, compaction), the apply pass (bit-exact fp32 math on the host), the direct band kernel
 // (bit-identical to the ring kernel), determinism, and the device-side error flags.
 // Returns 0 on pass, 1 on failure, 77 when no GPU is present.
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -301,16 +302,19 @@ static void run_case(const std::string& name, const Case& c, unsigned seed) {
 template <typename T>
 static void run_error_flags() {
   std::printf("case error flags [%s]\n", tname<T>());
-  for (int which = 0; which < 2; ++which) {
+  for (int which = 0; which < 3; ++which) {
     Case c{{4, 3}, 3, 8, 0.5, 6, false, 0, 0};
     const int64_t N = 7;
-    std::vector<int64_t> bad_counts = which == 0 ? std::vector<int64_t>{4, 2} : std::vector<int64_t>{8, -1};
+    const int64_t huge = int64_t(1) << 62;  // four of them wrap the int64 sum back to N
+    std::vector<int64_t> bad_counts = which == 0   ? std::vector<int64_t>{4, 2}
+                                      : which == 1 ? std::vector<int64_t>{8, -1}
+                                                   : std::vector<int64_t>{huge, huge, huge, huge, 7};
     std::vector<T> xp(N * 24, h_from<T>(1.0f));
     DevBuf<T> xd(xp.size());
     xd.put(xp);
     c.counts = bad_counts;
     const Outputs o = run_stage1<T>(c, xp, N, false, xd);
-    const uint64_t want = which == 0 ? kFlagCountSum : kFlagCountBelowOne;
+    const uint64_t want = which == 1 ? kFlagCountBelowOne : kFlagCountSum;
     EXPECT((static_cast<uint64_t>(o.status[2]) & want) != 0, "bad counts not flagged (flags %llu)",
            (unsigned long long)o.status[2]);
   }
@@ -332,6 +336,9 @@ int main() {
       {{11, 4}, 5, 36, 0.5, 6, true, 3, 1},      // strided and misaligned (scalar path)
       {{40, 3, 45}, 5, 40, 0.2, 100, true, 0, 0},  // band wider than the ring: direct kernel
       {{17}, 3, 4096, 0.4, 5, false, 0, 0},      // several slabs
+      {{1700}, 2, 8, 0.5, 8, false, 0, 0},       // band staged in the walk's shared memory (47.6 KB)
+      {{1750}, 2, 8, 0.5, 8, true, 0, 0},        // band of 49000 bytes: no room beside the static scratch
+      {{2000, 1000}, 2, 8, 0.5, 8, true, 0, 0},  // band read from global memory
   };
   unsigned seed = 1;
   for (size_t i = 0; i < cases.size(); ++i) {

@@ -444,6 +444,9 @@ def test_op_level_checks():
         op.segment_frames(x[0], torch.tensor([3]), 0.5, 6, 0.9)
     with pytest.raises(ValueError, match="plan_src must hold frame indices"):
         op.apply_merge_plan(x, torch.tensor([[0, 5]]), torch.tensor([0.5]))
+    # counts whose int64 sum wraps around to N
+    with pytest.raises(ValueError, match="sum to the number of frames N = 5"):
+        op.merge_frames(x, torch.tensor([2**62] * 4 + [5]), 0.5, 6, 0.9, False)
 
 
 @needs_cuda
@@ -462,6 +465,8 @@ def test_device_mix():
         merge_frames(x, torch.tensor([2, 3], device="cuda"), CFG)
     with pytest.raises(ValueError, match=">= 1"):
         segment_frames(x, torch.tensor([7, -1], device="cuda"), CFG)
+    with pytest.raises(ValueError, match="sum to the number of frames N = 6"):  # int64 sum wraps to N
+        merge_frames(x, torch.tensor([2**62] * 4 + [6], device="cuda"), CFG)
     y = x.clone()
     y[1, 1, 1] = float("nan")
     with pytest.raises(ValueError, match="NaN or Inf"):
@@ -542,6 +547,16 @@ def test_cuda_long_window_and_extras():
     cfg = EarlyTomConfig(tau=-1.0, max_window=60)
     x = make_batch(["identical", "static"], [70, 50], 2, 8, torch.float32, cfg, seed=12).cuda()
     assert_matches_reference(x, [70, 50], cfg)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
+@pytest.mark.parametrize("counts", [[1700], [1750], [2000, 1000]], ids=str)
+def test_many_frames_band_sizes(counts, device):
+    """N * (M - 1) band entries around the 48 KB the CUDA walk stages in shared memory (its
+    static scratch must fit beside them). D = 1: exact similarities, no margin needed."""
+    cfg = EarlyTomConfig(tau=0.5, max_window=8, keep_last_interior=len(counts) > 1)
+    x = make_batch(["cuts", "random"][: len(counts)], counts, 3, 1, torch.float32, cfg, seed=sum(counts))
+    assert_matches_reference(x.to(device), counts, cfg)
 
 
 @needs_cuda

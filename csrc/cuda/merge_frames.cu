@@ -132,6 +132,9 @@ Stage1Cuda stage1_cuda(const char* op, const at::Tensor& x, const at::Tensor& fr
   }
   if (flags & mg::kFlagCountSum) {
     const at::Tensor c = counts.to(at::kCPU);
+    const int64_t largest = c.max().item<int64_t>();
+    TORCH_CHECK_VALUE(largest <= N, op, ": frame_counts must sum to the number of frames N = ", N,
+                      ", got a count of ", largest);
     TORCH_CHECK_VALUE(false, op, ": frame_counts must sum to the number of frames N = ", N, ", got sum ",
                       c.sum().item<int64_t>());
   }

@@ -73,11 +73,13 @@ constexpr int kScanThreads = 256;      // threads of the one-block prep / walk k
 constexpr int kReduceThreads = 256;
 constexpr int kApplyThreads = 256;
 constexpr int kApplyUnroll = 4;
-constexpr int kWalkStageBytes = 48 * 1024;  // the walk stages the band in shared memory up to this
+// The walk stages the band in shared memory up to this; its static shared memory (the scan
+// scratch) must fit beside it in the 48 KB a block gets without an opt-in.
+constexpr int kWalkStageBytes = 47 * 1024;
 
 // status[2] flags (set on the device, read by the host with N' and K)
 constexpr unsigned long long kFlagCountBelowOne = 1ull;  // some frame_counts[b] < 1
-constexpr unsigned long long kFlagCountSum = 2ull;       // sum(frame_counts) != N
+constexpr unsigned long long kFlagCountSum = 2ull;       // sum(frame_counts) != N, or some count > N
 constexpr unsigned long long kFlagNonFinite = 4ull;      // x holds NaN or Inf
 constexpr unsigned long long kFlagCountsBad = kFlagCountBelowOne | kFlagCountSum;
 
@@ -382,18 +384,21 @@ struct ApplyParams {
 // ---------------------------------------------------------------------------------------------
 __global__ void __launch_bounds__(kScanThreads) prep_kernel(PrepParams p) {
   __shared__ int64_t sh[32];
-  __shared__ unsigned int below_one;
+  __shared__ unsigned int bad_count;  // bit 0: some count < 1, bit 1: some count > N
   __shared__ unsigned long long flags;
-  if (threadIdx.x == 0) below_one = 0u;
+  if (threadIdx.x == 0) bad_count = 0u;
   __syncthreads();
-  for (int64_t b = threadIdx.x; b < p.B; b += blockDim.x)
-    if (p.counts[b] < 1) atomicOr(&below_one, 1u);
+  for (int64_t b = threadIdx.x; b < p.B; b += blockDim.x) {
+    const int64_t c = p.counts[b];
+    if (c < 1) atomicOr(&bad_count, 1u);
+    if (c > p.N) atomicOr(&bad_count, 2u);  // huge counts could wrap the sum back to N
+  }
   const int64_t total = block_exclusive_scan(p.counts, p.offsets, p.B, sh);
   if (threadIdx.x == 0) {
     p.offsets[p.B] = total;
     unsigned long long f = 0;
-    if (below_one) f |= kFlagCountBelowOne;
-    if (total != p.N) f |= kFlagCountSum;
+    if (bad_count & 1u) f |= kFlagCountBelowOne;
+    if ((bad_count & 2u) || total != p.N) f |= kFlagCountSum;
     flags = f;
     p.status[0] = 0;
     p.status[1] = 0;
