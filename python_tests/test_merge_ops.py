@@ -8,6 +8,7 @@ independence; extras; bad inputs; opcheck; CUDA == CPU == reference when a GPU i
 """
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -29,6 +30,22 @@ TOL = {
     torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2),
     torch.float64: dict(rtol=1e-6, atol=1e-6),
 }
+# CPU results (op and reference both on this machine) are compared tighter: a 16-bit output is the
+# rounding of two fp32 values that differ far less than one ulp of the dtype, so it may differ by
+# at most one ulp (rtol = eps); a merge done in 16-bit math is several ulps off and fails. float64
+# tensors are merged in float64 and are compared against a float64 oracle.
+TOL_CPU = {
+    torch.float32: dict(rtol=4e-6, atol=1e-6),
+    torch.float16: dict(rtol=2.0 ** -10, atol=1e-6),
+    torch.bfloat16: dict(rtol=2.0 ** -7, atol=1e-6),
+    torch.float64: dict(rtol=1e-12, atol=1e-12),
+}
+
+
+def tol(dtype, device="cpu"):
+    return TOL_CPU[dtype] if torch.device(device).type == "cpu" else TOL[dtype]
+
+
 MARGIN = 3e-5  # decisions closer than this to their threshold are fragile (fp32 sums differ ~1e-6)
 EXACT_KINDS = ("identical", "orthogonal")  # ties there are exact in every implementation
 
@@ -128,6 +145,15 @@ def global_plan(plans, counts):
     return out
 
 
+def apply_plan64(t, plan_src, plan_weight):
+    """``w*t[src0] + (1-w)*t[src1]`` in float64 (the op's contract for float64 tensors; the
+    reference merges in float32)."""
+    src = plan_src.cpu()
+    w = plan_weight.cpu().double().view(-1, *([1] * (t.dim() - 1)))
+    t = t.cpu().double()
+    return w * t[src[:, 0]] + (1.0 - w) * t[src[:, 1]]
+
+
 def assert_matches_reference(x, counts, cfg, extras=None, fc=None):
     """Everything merge_frames returns against reference.merge_frames_batched (``fc``: the
     frame_counts argument given to the ops, default ``counts``)."""
@@ -149,10 +175,10 @@ def assert_matches_reference(x, counts, cfg, extras=None, fc=None):
     torch.testing.assert_close(res.plan_weight.cpu(), torch.tensor([w for *_, w in gp], dtype=torch.float32),
                                rtol=1e-5, atol=1e-6)
     assert res.x.dtype == x.dtype and res.x.shape == (len(gp), x.shape[1], x.shape[2])
-    torch.testing.assert_close(res.x.cpu(), xr, **TOL[x.dtype])
+    torch.testing.assert_close(res.x.cpu(), xr, **tol(x.dtype, dev))
     if ref_extras is not None:
         assert res.extras.dtype == ref_extras.dtype
-        torch.testing.assert_close(res.extras.cpu(), er, **TOL[ref_extras.dtype])
+        torch.testing.assert_close(res.extras.cpu(), er, **tol(ref_extras.dtype, dev))
     segs, seg_counts = segment_frames(x, fc, cfg)
     assert torch.equal(segs, res.segments) and torch.equal(seg_counts, res.segment_counts)
     return res
@@ -236,8 +262,8 @@ def test_keep_last_interior_changes_output():
         res = assert_matches_reference(x, [7], cfg)
         assert res.segments.tolist() == [[0, 6]]
         src = {tuple(p) for p in res.plan_src.tolist()}
-        if keep:
-            assert any(5 in p for p in src)
+        # frame 5 is the last interior frame of the segment: emitted only with keep_last_interior
+        assert any(5 in p for p in src) == keep
 
 
 def test_long_window_direct_band():
@@ -318,7 +344,11 @@ def test_extras(dtype):
     for t, m in zip((scores, pos, feats), res_t.extras):
         _, er, *_ = R.merge_frames_batched(x, counts, cfg, extras=t)
         assert m.dtype == t.dtype and m.shape == er.shape
-        torch.testing.assert_close(m, er, **TOL[t.dtype])
+        if t.dtype == torch.float64:  # float64 math (the reference merges in float32)
+            torch.testing.assert_close(er, apply_plan64(t, res_t.plan_src, res_t.plan_weight).to(er.dtype),
+                                       rtol=1e-6, atol=1e-6)
+            er = apply_plan64(t, res_t.plan_src, res_t.plan_weight)
+        torch.testing.assert_close(m, er, **tol(t.dtype))
     torch.testing.assert_close(res_l.extras[0], res.extras)
     assert merge_frames(x, counts, cfg).extras is None
 
@@ -331,13 +361,14 @@ def test_apply_merge_plan_other_tensors(dtype):
     plan = [(0, 0, 1.0), (1, 2, 0.625), (3, 4, 0.5), (5, 5, 1.0), (6, 7, 1.0), (8, 1, 0.3)]
     ps = torch.tensor([[a, b] for a, b, _ in plan])
     pw = torch.tensor([w for *_, w in plan], dtype=torch.float32)
+    expect = (lambda u: apply_plan64(u, ps, pw)) if dtype == torch.float64 else (lambda u: R.apply_plan(u, plan))
     out = apply_merge_plan(t, ps, pw)
-    torch.testing.assert_close(out, R.apply_plan(t, plan), **TOL[dtype])
+    torch.testing.assert_close(out, expect(t), **tol(dtype))
     # strided input, 1-D input, empty plan
     tt = t.transpose(1, 2)
-    torch.testing.assert_close(apply_merge_plan(tt, ps, pw), R.apply_plan(tt, plan), **TOL[dtype])
+    torch.testing.assert_close(apply_merge_plan(tt, ps, pw), expect(tt), **tol(dtype))
     v = torch.randn(N, generator=g).to(dtype)
-    torch.testing.assert_close(apply_merge_plan(v, ps, pw), R.apply_plan(v, plan), **TOL[dtype])
+    torch.testing.assert_close(apply_merge_plan(v, ps, pw), expect(v), **tol(dtype))
     empty = apply_merge_plan(t, ps[:0], pw[:0])
     assert empty.shape == (0, 5, 7) and empty.dtype == dtype
 
@@ -426,6 +457,153 @@ def test_bad_extras_and_plans():
         apply_merge_plan(x.int(), ps, pw)
 
 
+BAD_COUNTS = [  # (frame_counts for 6 frames, exception, message)
+    ([3.7, 3.2], TypeError, r"frame_counts\[0\] must be an int, got float"),  # used to truncate to [3, 3]
+    ([3.0, 3.0], TypeError, r"frame_counts\[0\] must be an int, got float"),
+    ([True, 5], TypeError, r"frame_counts\[0\] must be an int, got bool"),
+    ("33", TypeError, "frame_counts must be a 1-D int tensor or a list of ints, got str"),  # used to read [3, 3]
+    (np.array([3.0, 3.0]), TypeError, r"frame_counts\[0\] must be an int, got float64"),
+    ([torch.tensor(3.0), torch.tensor(3.0)], TypeError, r"frame_counts\[0\] must be an int, got Tensor"),
+    ([[3, 3]], TypeError, r"frame_counts\[0\] must be an int, got list"),
+    ([[3], [3]], TypeError, r"frame_counts\[0\] must be an int, got list"),
+    (6, TypeError, "frame_counts must be a 1-D int tensor or a list of ints, got int"),
+    (None, TypeError, "frame_counts must be a 1-D int tensor or a list of ints, got NoneType"),
+    (torch.tensor([3.0, 3.0]), TypeError, "frame_counts must be an int32/int64 tensor"),
+    (torch.tensor([True, True]), TypeError, "frame_counts must be an int32/int64 tensor"),
+    (torch.tensor([3, 3], dtype=torch.uint8), TypeError, "frame_counts must be an int32/int64 tensor"),
+    (torch.tensor(6), ValueError, r"frame_counts must be 1-D \[B\]"),
+    (torch.tensor([[3, 3]]), ValueError, r"frame_counts must be 1-D \[B\]"),
+    (torch.tensor([], dtype=torch.int64), ValueError, "at least one video"),
+]
+
+
+BAD_COUNTS_IDS = ["floats", "whole_floats", "bool", "str", "np_floats", "float_scalar_tensors", "nested", "nested2",
+                  "int", "None", "float_tensor", "bool_tensor", "uint8_tensor", "0d_tensor", "2d_tensor", "empty_tensor"]
+
+
+@pytest.mark.parametrize("fn", ["merge", "segment"])
+@pytest.mark.parametrize("counts,exc,match", BAD_COUNTS, ids=BAD_COUNTS_IDS)
+def test_bad_frame_counts(fn, counts, exc, match):
+    call = merge_frames if fn == "merge" else segment_frames
+    with pytest.raises(exc, match=match):
+        call(torch.randn(6, 4, 8), counts, CFG)
+
+
+@pytest.mark.parametrize("counts", [(3, 3), np.array([3, 3]), [np.int64(3), 3], [torch.tensor(3), torch.tensor(3)],
+                                    torch.tensor([3, 3], dtype=torch.int32)],
+                         ids=["tuple", "np_int", "np_int_scalar", "int_scalar_tensors", "int32_tensor"])
+def test_frame_counts_int_forms(counts):
+    x = make_batch(["cuts", "drift"], [3, 3], 4, 8, torch.float32, CFG, seed=1)
+    ref = merge_frames(x, [3, 3], CFG)
+    res = merge_frames(x, counts, CFG)
+    assert torch.equal(res.x, ref.x) and torch.equal(res.plan_src, ref.plan_src)
+    assert torch.equal(segment_frames(x, counts, CFG)[0], ref.segments)
+
+
+@pytest.mark.parametrize("fn", ["merge", "segment"])
+def test_bad_x_empty_and_dtypes(fn):
+    call = merge_frames if fn == "merge" else segment_frames
+    with pytest.raises(ValueError, match=r"x must hold at least one frame \[N >= 1, S, D\], got shape \(0, 4, 8\)"):
+        call(torch.randn(0, 4, 8), [1], CFG)
+    with pytest.raises(ValueError, match=r"D >= 1 channels, got shape \(3, 4, 0\)"):
+        call(torch.randn(3, 4, 0), [3], CFG)
+    with pytest.raises(ValueError, match=r"S >= 1 positions"):
+        call(torch.randn(3, 0, 0), [3], CFG)
+    with pytest.raises(TypeError, match=r"x must have dtype in \(float32, float16, bfloat16\), got bool"):
+        call(torch.ones(3, 4, 8, dtype=torch.bool), [3], CFG)
+    with pytest.raises(TypeError, match=r"x must have dtype in \(float32, float16, bfloat16\), got float64"):
+        call(torch.randn(3, 4, 8, dtype=torch.float64), [3], CFG)
+    with pytest.raises(ValueError, match="x must have 3 dimensions"):
+        call(torch.randn(1, 3, 4, 8), [1], CFG)
+
+
+@pytest.mark.parametrize("cfg", [None, EarlyTomConfig, {"tau": 0.5}, (0.1, 0.6, 8, 0.9, (6,), False)],
+                         ids=["None", "class", "dict", "tuple"])
+def test_bad_cfg_type(cfg):
+    x = torch.randn(6, 4, 8)
+    for call in (merge_frames, segment_frames):
+        with pytest.raises(TypeError, match="cfg must be an earlytom_ext.EarlyTomConfig"):
+            call(x, [6], cfg)
+
+
+def test_bad_extras_forms():
+    x = torch.randn(6, 4, 8)
+    with pytest.raises(ValueError, match=r"extras must have leading dim N = 6 .* got shape \(\)"):
+        merge_frames(x, [6], CFG, extras=torch.tensor(1.0))
+    with pytest.raises(ValueError, match=r"extras\[0\] must have leading dim N = 6"):
+        merge_frames(x, [6], CFG, extras=[torch.randn(7, 2)])
+    with pytest.raises(TypeError, match="extras must have dtype .* got bool"):
+        merge_frames(x, [6], CFG, extras=torch.ones(6, dtype=torch.bool))
+    with pytest.raises(TypeError, match=r"extras\[1\] must be a torch.Tensor, got int"):
+        merge_frames(x, [6], CFG, extras=(torch.randn(6), 3))
+    assert merge_frames(x, [6], CFG, extras=()).extras == ()
+
+
+def test_apply_merge_plan_rejects_non_finite_weights():
+    """NaN/Inf weights used to give NaN/Inf rows silently (checked on the CPU, where it is free)."""
+    x = torch.randn(6, 4, 8)
+    ps = torch.tensor([[0, 1], [2, 2]])
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        with pytest.raises(ValueError, match="plan_weight contains NaN or Inf"):
+            apply_merge_plan(x, ps, torch.tensor([bad, 1.0]))
+    # weights outside [0, 1] are legitimate (sigma_j / (sigma_j + sigma_j+1) with signed sigmas)
+    out = apply_merge_plan(x, ps, torch.tensor([1.5, 1.0]))
+    torch.testing.assert_close(out[0], 1.5 * x[0] - 0.5 * x[1])
+
+
+def test_apply_merge_plan_bad_forms():
+    x = torch.randn(6, 4, 8)
+    ps, pw = torch.tensor([[0, 1], [2, 2]]), torch.tensor([0.5, 1.0])
+    with pytest.raises(ValueError, match="t must have a leading frame dimension"):
+        apply_merge_plan(torch.tensor(1.0), ps, pw)
+    with pytest.raises(TypeError, match="t must have dtype .* got bool"):
+        apply_merge_plan(x > 0, ps, pw)
+    with pytest.raises(TypeError, match="plan_src must be a torch.Tensor, got list"):
+        apply_merge_plan(x, [[0, 1]], pw[:1])
+    with pytest.raises(TypeError, match="plan_weight must be a torch.Tensor, got list"):
+        apply_merge_plan(x, ps, [0.5, 1.0])
+    with pytest.raises(ValueError, match="plan_src must have 2 dimensions"):
+        apply_merge_plan(x, torch.tensor([0, 1]), pw)
+    with pytest.raises(ValueError, match=r"plan_src must hold frame indices in \[0, 0\)"):
+        apply_merge_plan(torch.randn(0, 3), ps, pw)
+    assert apply_merge_plan(torch.randn(0, 3), ps[:0], pw[:0]).shape == (0, 3)
+
+
+def test_segments_per_video_bad_inputs():
+    segs = torch.tensor([[0, 1], [2, 4], [5, 5], [6, 8]])
+    with pytest.raises(TypeError, match="segments must hold integer frame indices, got dtype torch.float32"):
+        segments_per_video(segs.float() + 0.5, [2, 1, 1], [5, 1, 3])  # used to truncate
+    with pytest.raises(ValueError, match=r"segments must be a list of \(start, end\) pairs or a \[K, 2\] tensor"):
+        segments_per_video(torch.tensor([[0, 1, 2]]), [1], [3])
+    with pytest.raises(TypeError, match=r"segments\[0\] must be a \(start, end\) pair, got \(0,\)"):
+        segments_per_video([(0,)], [1], [1])
+    with pytest.raises(TypeError, match=r"segments\[0\]\[1\] must be an int, got float"):
+        segments_per_video([(0, 1.0)], [1], [2])
+    with pytest.raises(TypeError, match="segments must be a list of .* got NoneType"):
+        segments_per_video(None, [1], [3])
+    with pytest.raises(ValueError, match=r"frame_counts must all be >= 1 \(no empty videos\), got \[2, 0\]"):
+        segments_per_video(segs[:1], [1, 0], [2, 0])  # used to return an empty second video
+    with pytest.raises(ValueError, match=r"frame_counts must all be >= 1"):
+        segments_per_video(segs[:1], [1, 0], [3, -1])
+    with pytest.raises(ValueError, match=r"segment_counts must all be >= 1 .* got \[-1, 3, 2\]"):
+        segments_per_video(segs, [-1, 3, 2], [5, 1, 3])
+    with pytest.raises(TypeError, match="segment_counts must hold integers"):
+        segments_per_video(segs, torch.tensor([2.0, 1, 1]), [5, 1, 3])
+    with pytest.raises(TypeError, match=r"frame_counts\[0\] must be an int"):
+        segments_per_video(segs, [2, 1, 1], [5.0, 1, 3])
+
+
+def test_cpu_tolerance_catches_low_precision_math():
+    """The CPU tolerances reject a merge computed in the input's 16-bit dtype instead of fp32."""
+    g = torch.Generator().manual_seed(0)
+    plan = [(2 * i, 2 * i + 1, 0.3 + 0.05 * i) for i in range(8)]
+    for dtype in (torch.float16, torch.bfloat16):
+        t = torch.randn(16, 64, generator=g).to(dtype)
+        low = torch.stack([w * t[a] + (1 - w) * t[b] for a, b, w in plan])
+        with pytest.raises(AssertionError):
+            torch.testing.assert_close(low, R.apply_plan(t, plan), **tol(dtype))
+
+
 def test_op_level_checks():
     """The C++ ops check their inputs themselves (no wrapper in between)."""
     op = torch.ops.earlytom
@@ -447,6 +625,22 @@ def test_op_level_checks():
     # counts whose int64 sum wraps around to N
     with pytest.raises(ValueError, match="sum to the number of frames N = 5"):
         op.merge_frames(x, torch.tensor([2**62] * 4 + [5]), 0.5, 6, 0.9, False)
+
+
+@needs_cuda
+def test_device_mix_more():
+    x = torch.randn(6, 4, 8, device="cuda")
+    with pytest.raises(ValueError, match=r"frame_counts must be on the device of x \(cpu\)"):
+        merge_frames(x.cpu(), torch.tensor([6], device="cuda"), CFG)
+    with pytest.raises(ValueError, match="frame_counts must be on the device of x"):
+        segment_frames(x, torch.tensor([6]), CFG)
+    with pytest.raises(ValueError, match=r"extras\[1\] must be on"):
+        merge_frames(x, [6], CFG, extras=(torch.randn(6, device="cuda"), torch.randn(6)))
+    ps, pw = torch.tensor([[0, 1]], device="cuda"), torch.tensor([0.5], device="cuda")
+    with pytest.raises(ValueError, match="plan_weight must be on"):
+        apply_merge_plan(x, ps, pw.cpu())
+    with pytest.raises(ValueError, match="plan_src must be on"):
+        apply_merge_plan(x.cpu(), ps, pw)
 
 
 @needs_cuda
@@ -569,6 +763,8 @@ def test_cuda_apply(dtype):
     pw = torch.tensor([w for *_, w in plan], dtype=torch.float32)
     out = apply_merge_plan(t.cuda(), ps.cuda(), pw.cuda())
     torch.testing.assert_close(out.cpu(), R.apply_plan(t, plan), **TOL[dtype])
+    if dtype == torch.float64:
+        torch.testing.assert_close(out.cpu(), apply_plan64(t, ps, pw), **TOL_CPU[dtype])
     torch.testing.assert_close(out.cpu(), apply_merge_plan(t, ps, pw), **TOL[dtype])
     bad = apply_merge_plan(t.cuda(), torch.tensor([[0, 9]], device="cuda"), torch.tensor([0.5], device="cuda"))
     assert torch.isnan(bad.float()).all()

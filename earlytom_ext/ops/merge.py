@@ -14,13 +14,13 @@ on a GPU (an out-of-range plan index gives a NaN row there; on the CPU it raises
 """
 from __future__ import annotations
 
-import numbers
-from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import List, NamedTuple, Tuple, Union
 
 import torch
 
 from .. import _ext
-from .._validation import FLOAT_DTYPES, check_frame_counts, check_tensor
+from .._validation import (FLOAT_DTYPES, check_finite, check_frame_counts, check_frame_counts_tensor, check_int_list,
+                           check_int_pairs, check_tensor, host_to_device)
 from ..config import EarlyTomConfig
 
 __all__ = ["MergeResult", "merge_frames", "apply_merge_plan", "segment_frames", "segments_per_video"]
@@ -113,14 +113,11 @@ def _check_x(x) -> torch.Tensor:
 def _counts(frame_counts, n_frames: int, device: torch.device) -> torch.Tensor:
     """``frame_counts`` as int64 on ``device``.
 
-    A list or a CPU tensor is checked on the host (values >= 1, sum == N); a tensor already on
-    ``device`` (a GPU) keeps its values on the device, where the op checks them.
+    A list or a CPU tensor is checked on the host (ints, values >= 1, sum == N); a tensor already
+    on ``device`` (a GPU) keeps its values on the device, where the op checks them.
     """
     if isinstance(frame_counts, torch.Tensor):
-        if frame_counts.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"frame_counts must be an int32/int64 tensor, got {frame_counts.dtype}")
-        if frame_counts.dim() != 1:
-            raise ValueError(f"frame_counts must be 1-D [B], got shape {tuple(frame_counts.shape)}")
+        check_frame_counts_tensor(frame_counts)
         if frame_counts.device != device:
             raise ValueError(
                 f"frame_counts must be on the device of x ({device}), got {frame_counts.device} "
@@ -131,11 +128,10 @@ def _counts(frame_counts, n_frames: int, device: torch.device) -> torch.Tensor:
                 raise ValueError("frame_counts must hold at least one video, got an empty tensor")
             return frame_counts.to(torch.int64)
         return check_frame_counts(frame_counts, n_frames, device)
-    host = check_frame_counts(frame_counts, n_frames, torch.device("cpu"))
-    if device.type == "cpu":
-        return host
+    # A list: every entry an int (a float, bool or nested list is rejected, never truncated).
+    host = check_frame_counts(check_int_list("frame_counts", frame_counts), n_frames, torch.device("cpu"))
     # Pinned + non_blocking: the copy does not wait for the work already queued on the stream.
-    return host.pin_memory().to(device, non_blocking=True)
+    return host_to_device(host, torch.int64, device)
 
 
 def _check_plan(plan_src, plan_weight, device: torch.device) -> None:
@@ -182,7 +178,8 @@ def merge_frames(x: torch.Tensor, frame_counts, cfg: EarlyTomConfig, extras: Ext
     Args:
         x: ``[N, S, D]`` float32/float16/bfloat16, the frames of all videos concatenated (any
             strides).
-        frame_counts: frames per video, int tensor or list ``[B]`` summing to N, every count >= 1.
+        frame_counts: frames per video, int32/int64 tensor or list of ints ``[B]`` summing to N,
+            every count >= 1 (floats and bools are rejected, never truncated).
         cfg: :class:`earlytom_ext.EarlyTomConfig` (uses ``tau``, ``max_window``, ``ema``,
             ``keep_last_interior``).
         extras: ``None``, a float tensor with leading dim N (any trailing shape), or a tuple/list
@@ -215,16 +212,19 @@ def apply_merge_plan(t: torch.Tensor, plan_src: torch.Tensor, plan_weight: torch
 
     Output row ``o`` is ``w*t[src0] + (1-w)*t[src1]`` with ``(src0, src1) = plan_src[o]`` and
     ``w = plan_weight[o]``, computed in float32 (float64 for float64 tensors), in ``t``'s dtype.
+    On the CPU, out-of-range indices and NaN/Inf weights raise ``ValueError``; on a GPU they are
+    not checked (that would cost a host sync): an out-of-range index gives a NaN row.
     """
     _ext.require()
     check_tensor("t", t, dtypes=APPLY_DTYPES)
     if t.dim() < 1:
         raise ValueError("t must have a leading frame dimension, got a 0-d tensor")
     _check_plan(plan_src, plan_weight, t.device)
-    if t.device.type == "cpu" and plan_src.numel():
+    if t.device.type == "cpu" and plan_src.numel():  # free on the CPU; a GPU would have to sync
         lo, hi = int(plan_src.min()), int(plan_src.max())
         if lo < 0 or hi >= t.shape[0]:
             raise ValueError(f"plan_src must hold frame indices in [0, {t.shape[0]}) (t's leading dim), got values in [{lo}, {hi}]")
+        check_finite("plan_weight", plan_weight)
     with torch.no_grad():
         return _apply(t, plan_src, plan_weight)
 
@@ -240,36 +240,20 @@ def segment_frames(x: torch.Tensor, frame_counts, cfg: EarlyTomConfig) -> Tuple[
         return torch.ops.earlytom.segment_frames(x, counts, float(cfg.tau), int(cfg.max_window), float(cfg.ema))
 
 
-def _host_ints(name: str, v) -> List[int]:
-    if isinstance(v, torch.Tensor):
-        if v.dtype.is_floating_point or v.dtype.is_complex or v.dtype == torch.bool:
-            raise TypeError(f"{name} must hold integers, got dtype {v.dtype}")
-        if v.dim() != 1:
-            raise ValueError(f"{name} must be 1-D [B], got shape {tuple(v.shape)}")
-        return [int(c) for c in v.tolist()]
-    if isinstance(v, (str, bytes)) or not hasattr(v, "__iter__"):
-        raise TypeError(f"{name} must be a 1-D int tensor or a list of ints, got {type(v).__name__}")
-    out = []
-    for c in v:
-        if isinstance(c, bool) or not isinstance(c, numbers.Integral):
-            raise TypeError(f"{name} must hold ints, got {c!r}")
-        out.append(int(c))
-    return out
-
-
 def segments_per_video(segments: torch.Tensor, segment_counts, frame_counts) -> List[List[Tuple[int, int]]]:
     """Split ``segments [K, 2]`` (global indices) into per-video lists of LOCAL ``(start, end)``.
 
-    ``segment_counts`` and ``frame_counts`` are ``[B]`` (tensors or lists). One host copy.
+    ``segments`` is an integer ``[K, 2]`` tensor or a list of ``(start, end)`` int pairs;
+    ``segment_counts`` and ``frame_counts`` are ``[B]`` (int tensors or lists of ints), every
+    count >= 1. One host copy.
     """
-    if isinstance(segments, torch.Tensor):
-        if segments.dim() != 2 or segments.shape[-1] != 2:
-            raise ValueError(f"segments must have shape [K, 2], got {tuple(segments.shape)}")
-        segs = segments.tolist()
-    else:
-        segs = [tuple(s) for s in segments]
-    sc = _host_ints("segment_counts", segment_counts)
-    fc = _host_ints("frame_counts", frame_counts)
+    segs = check_int_pairs("segments", segments)
+    sc = check_int_list("segment_counts", segment_counts)
+    fc = check_int_list("frame_counts", frame_counts)
+    if any(c < 1 for c in fc):
+        raise ValueError(f"frame_counts must all be >= 1 (no empty videos), got {fc}")
+    if any(c < 1 for c in sc):
+        raise ValueError(f"segment_counts must all be >= 1 (every video has a segment), got {sc}")
     if len(sc) != len(fc):
         raise ValueError(f"segment_counts and frame_counts must both have one entry per video, got {len(sc)} and {len(fc)}")
     if sum(sc) != len(segs):
@@ -279,7 +263,7 @@ def segments_per_video(segments: torch.Tensor, segment_counts, frame_counts) -> 
     for n, T in zip(sc, fc):
         video = []
         for s, e in segs[k:k + n]:
-            s, e = int(s) - offset, int(e) - offset
+            s, e = s - offset, e - offset
             if not (0 <= s <= e < T):
                 raise ValueError(f"segment ({s + offset}, {e + offset}) lies outside its video's frames [{offset}, {offset + T})")
             video.append((s, e))
