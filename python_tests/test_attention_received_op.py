@@ -1,8 +1,7 @@
 """attention_received: the fused op against explicit softmax maps (float64 oracle) and
 earlytom_ext.reference over grids of S / d / H / N / dtypes, strided and [N, S, H·d] inputs,
 large logits, bad inputs, opcheck on CPU, determinism, and CUDA == CPU == oracle with a GPU."""
-import math
-
+import numpy as np
 import pytest
 import torch
 
@@ -18,6 +17,9 @@ needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device and the CU
 # oracle is evaluated on the same values; 16-bit inputs get a little slack for the reduced
 # precision of logits formed from them on tensor cores.
 TOL = {torch.float32: (2e-4, 1e-5), torch.float16: (5e-4, 2e-5), torch.bfloat16: (5e-4, 2e-5)}
+# The CPU op computes in fp32 whatever the input dtype and stays within ~1.5e-6 of the oracle
+# (relative) on these grids; this tolerance catches a softmax scale that is off by 1e-4.
+TOL_CPU = (1e-5, 1e-6)
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -35,7 +37,9 @@ def make_qk(N, H, S, d, dtype, seed, device="cpu", std=1.0):
 
 
 def assert_matches(a, ref, dtype, S, scale_tol=1.0):
-    rtol, atol_s = TOL[dtype]
+    """``a`` (the op's output, on its device) against the float64 oracle ``ref``."""
+    rtol, atol_s = TOL_CPU if a.device.type == "cpu" else TOL[dtype]
+    a = a.cpu()
     assert a.dtype == torch.float32 and a.shape == ref.shape
     assert torch.isfinite(a).all()
     torch.testing.assert_close(a.double(), ref.double(), rtol=rtol * scale_tol, atol=atol_s * scale_tol / S)
@@ -218,9 +222,75 @@ def test_bad_inputs():
         attention_received(torch.randn(2, 0, 5, 8), torch.randn(2, 0, 5, 8))
     with pytest.raises(ValueError, match="head dim"):
         attention_received(torch.randn(2, 2, 5, 0), torch.randn(2, 2, 5, 0))
-    for bad in (float("inf"), float("nan"), True, "0.1"):
+    for bad in (float("inf"), float("nan"), -float("inf")):
         with pytest.raises(ValueError, match="scale must be a finite real number"):
             attention_received(q, k, bad)
+    for bad in (True, "0.1", torch.tensor(0.1), [0.1]):
+        with pytest.raises(TypeError, match="scale must be a finite real number"):
+            attention_received(q, k, bad)
+
+
+def test_bad_num_heads_and_dtypes():
+    q3 = torch.randn(2, 5, 16)
+    for bad in (2.0, True, "2", [2]):
+        with pytest.raises(TypeError, match="num_heads must be an int"):
+            attention_received(q3, q3.clone(), num_heads=bad)
+    for bad in (0, -2):
+        with pytest.raises(ValueError, match=f"num_heads must be a positive int, got {bad}"):
+            attention_received(q3, q3.clone(), num_heads=bad)
+    q, k = torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8)
+    with pytest.raises(TypeError, match=r"q must have dtype in \(float32, float16, bfloat16\), got bool"):
+        attention_received(q > 0, k > 0)
+    with pytest.raises(TypeError, match=r"k must have the dtype of q \(bfloat16\), got float32"):
+        attention_received(q.bfloat16(), k)
+    with pytest.raises(TypeError, match="k must be a torch.Tensor, got ndarray"):
+        attention_received(q, k.numpy())
+    with pytest.raises(ValueError, match=r"q must be \[N, H, S, d\] or \[N, S, H\*d\]"):
+        attention_received(torch.randn(1, 2, 2, 5, 8), torch.randn(1, 2, 2, 5, 8))
+    with pytest.raises(ValueError, match="head dim d must be >= 1"):
+        attention_received(torch.randn(0, 2, 5, 0), torch.randn(0, 2, 5, 0))
+    with pytest.raises(ValueError, match="head dim d must be >= 1"):
+        attention_received(torch.randn(2, 5, 0), torch.randn(2, 5, 0), num_heads=2)
+
+
+def test_numpy_scalars_accepted():
+    """NumPy scalars are real numbers / ints (they used to be rejected as 'not finite')."""
+    q, k = make_qk(2, 2, 9, 8, torch.float32, seed=1)
+    a = attention_received(q, k, np.float32(0.25))
+    assert_matches(a, oracle(q, k, float(np.float32(0.25))), torch.float32, 9)
+    q3 = q.transpose(1, 2).reshape(2, 9, 16)
+    k3 = k.transpose(1, 2).reshape(2, 9, 16)
+    assert torch.equal(attention_received(q3, k3, 0.25, num_heads=np.int64(2)), attention_received(q, k, 0.25))
+
+
+def test_empty_positions():
+    """S = 0 (no tokens): an empty [N, 0] result, as for N = 0."""
+    for q in (torch.randn(2, 3, 0, 8), torch.randn(0, 3, 0, 8)):
+        a = attention_received(q, q.clone())
+        assert a.shape == (q.shape[0], 0) and a.dtype == torch.float32
+    a = attention_received(torch.randn(2, 0, 16), torch.randn(2, 0, 16), num_heads=2)
+    assert a.shape == (2, 0)
+
+
+@pytest.mark.parametrize("case", ["large_inputs", "large_scale"])
+def test_overflowing_logits_rejected(case):
+    """Finite q, k and scale whose logits overflow float32 used to return NaN rows silently."""
+    q, k = make_qk(2, 2, 5, 8, torch.float32, seed=3)
+    if case == "large_inputs":
+        q, k, scale = q * 1e19, k * 1e19, None
+    else:
+        scale = 1e38
+    with pytest.raises(ValueError, match="overflow float32"):
+        attention_received(q, k, scale)
+    attention_received(q, k, scale, check_finite=False)  # unchecked: no error (result unspecified)
+
+
+def test_cpu_tolerance_catches_small_scale_error():
+    """The CPU tolerance is tight enough to see a softmax scale off by 1e-4 (relative)."""
+    q, k = make_qk(2, 3, 65, 64, torch.float32, seed=1)
+    a = attention_received(q, k, 0.125 * (1 + 1e-4))
+    with pytest.raises(AssertionError):
+        assert_matches(a, oracle(q, k, 0.125), torch.float32, 65)
 
 
 @pytest.mark.parametrize("which", ["q", "k"])
@@ -275,7 +345,7 @@ def test_cuda_matches_cpu_and_oracle(dtype, N, H, S, d):
     a_cuda = attention_received(q.cuda(), k.cuda(), scale)
     assert a_cuda.device.type == "cuda"
     ref = oracle(q, k, scale)
-    assert_matches(a_cuda.cpu(), ref, dtype, S)
+    assert_matches(a_cuda, ref, dtype, S)
     assert_matches(attention_received(q, k, scale), ref, dtype, S)
     # deterministic: bitwise equal on a second run
     assert torch.equal(a_cuda, attention_received(q.cuda(), k.cuda(), scale))
@@ -291,13 +361,13 @@ def test_cuda_qproj_layout_and_large_logits(dtype):
     a = attention_received(q3, k3, num_heads=H)
     q4 = q3.view(N, S, H, d).transpose(1, 2).cpu()
     k4 = k3.view(N, S, H, d).transpose(1, 2).cpu()
-    assert_matches(a.cpu(), oracle(q4, k4, d ** -0.5), dtype, S)
+    assert_matches(a, oracle(q4, k4, d ** -0.5), dtype, S)
     # contiguous copy of the same values: same result (up to accumulation order)
     a_c = attention_received(q4.contiguous().cuda(), k4.contiguous().cuda())
     torch.testing.assert_close(a, a_c, rtol=1e-5, atol=1e-8)
     qd, kd = dominant_key_inputs(2, 4, 150, 72, dtype, seed=8, strength=60.0)
     a_dom = attention_received(qd.cuda(), kd.cuda())
-    assert_matches(a_dom.cpu(), oracle(qd, kd, 72 ** -0.5), dtype, 150, scale_tol=4.0)
+    assert_matches(a_dom, oracle(qd, kd, 72 ** -0.5), dtype, 150, scale_tol=4.0)
 
 
 @needs_cuda
@@ -305,6 +375,15 @@ def test_cuda_bad_and_edge_inputs():
     q = torch.randn(2, 2, 5, 8, device="cuda")
     with pytest.raises(ValueError, match="k must be on"):
         attention_received(q, q.cpu())
+    with pytest.raises(ValueError, match=r"k must be on cpu"):
+        attention_received(q.cpu(), q)
+    q3 = torch.randn(2, 5, 16, device="cuda")
+    with pytest.raises(ValueError, match="k must be on"):
+        attention_received(q3, q3.cpu(), num_heads=2)
+    ones = torch.ones(2, 2, 5, 8, device="cuda")  # logits 8e38: beyond float32
+    with pytest.raises(ValueError, match="overflow float32"):
+        attention_received(ones, ones.clone(), 1e38)
+    assert attention_received(q[:, :, :0], q[:, :, :0].clone()).shape == (2, 0)
     q[0, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="q contains NaN"):
         attention_received(q, q.clone().nan_to_num())
@@ -320,4 +399,4 @@ def test_cuda_opcheck_and_stream():
     with torch.cuda.stream(s):
         a = attention_received(q, k, 0.2)
     s.synchronize()
-    assert_matches(a.cpu(), oracle(q.cpu(), k.cpu(), 0.2), torch.bfloat16, 17)
+    assert_matches(a, oracle(q.cpu(), k.cpu(), 0.2), torch.bfloat16, 17)

@@ -6,13 +6,12 @@ no ``S x S`` attention map is stored in global memory.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 
 from .. import _ext
-from .._validation import FLOAT_DTYPES, check_tensor
+from .._validation import FLOAT_DTYPES, check_int, check_real, check_tensor, dtype_name
 
 __all__ = ["attention_received"]
 
@@ -52,27 +51,30 @@ def attention_received(q: torch.Tensor, k: torch.Tensor, scale: Optional[float] 
         q, k: ``[N, H, S, d]`` (any strides; a non-contiguous last dim is copied) or
             ``[N, S, H·d]`` with ``num_heads`` given (viewed as heads without a copy, e.g. the
             output of ``q_proj``). float32/float16/bfloat16, same dtype, same device.
-        scale: softmax scale, default ``d ** -0.5``. Must be finite.
-        num_heads: number of heads H; required for 3-D inputs, checked for 4-D inputs.
-        check_finite: reject NaN/Inf in ``q``/``k``. This costs one reduction over each input
-            and one host sync (both flags are read together); pass ``False`` in a hot loop
-            when the inputs are known to be finite.
+        scale: softmax scale (a finite real number), default ``d ** -0.5``.
+        num_heads: number of heads H (a positive int); required for 3-D inputs, checked for
+            4-D inputs.
+        check_finite: reject NaN/Inf in ``q``/``k`` and logits ``q·k·scale`` that overflow
+            float32 (ValueError). This costs one reduction over each input and the output and
+            one host sync (the flags are read together, after the op); pass ``False`` in a hot
+            loop when the inputs are known to be finite.
 
     Returns:
         ``a [N, S]`` float32 with ``a[n, s] = mean_h mean_q softmax(q kᵀ·scale)[n, h, q, s]``
-        (each row sums to 1).
+        (each row sums to 1). ``S = 0`` or ``N = 0`` gives an empty ``[N, S]`` result.
 
     The logits ``q·k·scale`` must be finite in float32 (always the case for float16 inputs;
-    bfloat16/float32 inputs of magnitude ~1e19 can overflow).
+    bfloat16/float32 inputs of magnitude ~1e19, or a huge ``scale``, can overflow: with
+    ``check_finite`` that is a ValueError, without it the result holds NaN).
     """
     _ext.require()
     q = check_tensor("q", q, dtypes=FLOAT_DTYPES)
     k = check_tensor("k", k, dtypes=FLOAT_DTYPES, device=q.device)
     if k.dtype != q.dtype:
-        raise TypeError(f"k must have the dtype of q ({str(q.dtype).replace('torch.', '')}), "
-                        f"got {str(k.dtype).replace('torch.', '')}")
+        raise TypeError(f"k must have the dtype of q ({dtype_name(q.dtype)}), got {dtype_name(k.dtype)}")
     if num_heads is not None:
-        if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
+        num_heads = check_int("num_heads", num_heads)
+        if num_heads < 1:
             raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
     if k.dim() != q.dim():
         raise ValueError(f"k must have the rank of q ({q.dim()}), got shape {tuple(k.shape)}")
@@ -85,14 +87,19 @@ def attention_received(q: torch.Tensor, k: torch.Tensor, scale: Optional[float] 
         raise ValueError(f"q must have at least one head, got shape {tuple(q.shape)}")
     if d < 1:
         raise ValueError(f"the head dim d must be >= 1, got shape {tuple(qh.shape)}")
-    if scale is None:
-        scale = d ** -0.5
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise ValueError(f"scale must be a finite real number, got {scale!r}")
-    if check_finite and q.numel():
-        flags = torch.stack([torch.isfinite(q).all(), torch.isfinite(k).all()]).tolist()
+    scale = d ** -0.5 if scale is None else check_real("scale", scale)
+    out = torch.ops.earlytom.attention_received(qh, kh, scale)
+    if check_finite and out.numel():
+        # One sync for all three flags. The op is safe on non-finite inputs (it only computes
+        # NaN/Inf); finite inputs give a finite result unless the logits overflow float32.
+        flags = torch.stack([torch.isfinite(q).all(), torch.isfinite(k).all(), torch.isfinite(out).all()]).tolist()
         if not flags[0]:
             raise ValueError("q contains NaN or Inf values")
         if not flags[1]:
             raise ValueError("k contains NaN or Inf values")
-    return torch.ops.earlytom.attention_received(qh, kh, float(scale))
+        if not flags[2]:
+            raise ValueError(
+                f"the logits q·kᵀ·scale overflow float32 (scale = {scale!r}): q, k and scale must keep "
+                "|q·k·scale| within the float32 range (about 3.4e38)"
+            )
+    return out
