@@ -25,8 +25,6 @@ def require() -> None:
 
 def has_cuda_kernels() -> bool:
     """True when the extension was built with CUDA kernels."""
-    import torch
-
     if not available():
         return False
     try:

@@ -4,6 +4,7 @@ ties, strides, bad inputs, opcheck, and CUDA == CPU == reference when a GPU is p
 import math
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -169,6 +170,26 @@ def test_plan_uses_reference_definitions():
     ([[(0,)]], [5], 0.1, TypeError, "pair"),
     ([[(0, 4)]], [5.0], 0.1, TypeError, "frames_before"),
     ("abc", [5], 0.1, TypeError, "segments_per_video"),
+    # ratios outside (0, 1] and non-real ratios, scalar or per video
+    ([[(0, 4)]], [5], -0.1, ValueError, r"retain_ratio must be in \(0, 1\], got -0.1"),
+    ([[(0, 4)]], [5], float("inf"), ValueError, r"retain_ratio must be a float in \(0, 1\], got inf"),
+    ([[(0, 4)]], [5], 1.0 + 1e-9, ValueError, r"retain_ratio must be in \(0, 1\]"),
+    ([[(0, 4)]], [5], "0.1", TypeError, r"retain_ratio must be a float in \(0, 1\]"),
+    ([[(0, 4)]], [5], None, TypeError, r"retain_ratio must be a float in \(0, 1\]"),
+    ([[(0, 4)], [(0, 1)]], [5, 2], [0.1, 0.0], ValueError, r"retain_ratio\[1\] must be in \(0, 1\], got 0.0"),
+    ([[(0, 4)], [(0, 1)]], [5, 2], [0.1, "0.2"], TypeError, r"retain_ratio\[1\] must be a float in \(0, 1\]"),
+    ([[(0, 4)]], [5], torch.tensor([[0.1]]), ValueError, "retain_ratio must be a float or a 1-D tensor"),
+    # frames_before of the wrong form or too large for the double-precision ratio
+    ([[(0, 4)]], torch.tensor([5.0]), 0.1, TypeError, "frames_before must hold integers"),
+    ([[(0, 4)]], torch.tensor([[5]]), 0.1, ValueError, r"frames_before must be 1-D \[B\]"),
+    ([[(0, 4)]], 5, 0.1, TypeError, "frames_before must be a 1-D int tensor or a list of ints"),
+    ([[(0, 4)]], [True], 0.1, TypeError, r"frames_before\[0\] must be an int, got bool"),
+    ([[(0, 0)]], [10 ** 400], 0.1, ValueError, r"frames_before\[0\] must be < 2\*\*63"),  # was ZeroDivisionError
+    # segments of the wrong form
+    ([torch.tensor([[0.0, 4.0]])], [5], 0.1, TypeError, r"segments_per_video\[0\] must hold integer frame indices"),
+    ([torch.tensor([0, 4])], [5], 0.1, ValueError, r"segments_per_video\[0\] must be a list of \(start, end\) pairs or a \[K, 2\] tensor"),
+    (torch.tensor([[[0, 4]]]), [5], 0.1, TypeError, "segments_per_video must be a list"),
+    ([[(-1, 4)]], [6], 0.1, ValueError, "should start at frame 0"),
 ])
 def test_plan_bad_inputs(segs, before, r, exc, match):
     with pytest.raises(exc, match=match):
@@ -178,6 +199,21 @@ def test_plan_bad_inputs(segs, before, r, exc, match):
 def test_plan_bad_tokens_per_frame():
     with pytest.raises(ValueError, match="tokens_per_frame"):
         stage2_plan([[(0, 0)]], [1], 0.1, tokens_per_frame=0)
+    for bad in (196.0, True, "196"):
+        with pytest.raises(TypeError, match="tokens_per_frame must be an int"):
+            stage2_plan([[(0, 0)]], [1], 0.1, tokens_per_frame=bad)
+
+
+def test_plan_ratio_forms():
+    """A 0-d tensor / NumPy scalar ratio and a 1-D tensor of per-video ratios (a 0-d tensor used
+    to fail with 'iteration over a 0-d tensor', a 1-D one was rejected)."""
+    segs = [[(0, 3)], [(0, 0), (1, 2)]]
+    ref = stage2_plan(segs, [8, 3], 0.25)
+    assert stage2_plan(segs, [8, 3], torch.tensor(0.25)) == ref
+    assert stage2_plan(segs, [8, 3], np.float32(0.25)) == ref
+    assert stage2_plan(segs, [8, 3], torch.tensor([0.25, 0.25], dtype=torch.float64)) == ref
+    assert stage2_plan(segs, [8, 3], (0.25, 0.25)) == ref
+    assert stage2_plan(segs, torch.tensor([8, 3]), 0.25) == ref
 
 
 def test_plan_accepts_segment_tensors():
@@ -276,6 +312,16 @@ def test_parity_ties(kind, P):
     for r in (0.1, 0.25, 0.5):
         feats, scores, segs, counts, before = make_batch(lengths, P, 4, torch.float32, seed=P, scores_fn=scores_fn,
                                                          extra_frames=[0, 2, 3])
+        check_against_reference(feats, scores, segs, counts, before, r)
+
+
+@pytest.mark.parametrize("P", [4096, 8192])
+def test_parity_large_p(P):
+    """Frames as large as the CUDA kernel takes, with many ties, on the CPU against the reference
+    (the CUDA tests compare these sizes with the CPU op)."""
+    feats, scores, segs, counts, before = make_batch(
+        [[1, 3]], P, 4, torch.float32, seed=P, scores_fn=lambda N, P, g: torch.randint(0, 7, (N, P), generator=g).float())
+    for r in (0.01, 0.05, 0.5):
         check_against_reference(feats, scores, segs, counts, before, r)
 
 
@@ -379,6 +425,66 @@ def test_bad_wrapper_inputs():
         select_tokens(feats, scores, plan._replace(num_out=plan.num_out + 1))
     with pytest.raises(TypeError, match="plan"):
         select_tokens(feats, scores, (1, 2))
+
+
+def test_bad_plan_entries():
+    """frame_keep / frame_static entries of the wrong type used to be truncated/coerced silently
+    (int(2.7) == 2, bool("no") is True)."""
+    feats, scores, plan = _good()
+    keep = plan.frame_keep
+    with pytest.raises(TypeError, match=r"plan.frame_keep\[0\] must be an int, got float"):
+        select_tokens(feats, scores, plan._replace(frame_keep=[k + 0.7 for k in keep]))
+    with pytest.raises(TypeError, match=r"plan.frame_keep\[0\] must be an int, got bool"):
+        select_tokens(feats, scores, plan._replace(frame_keep=[True] * 4, num_out=4))
+    with pytest.raises(TypeError, match=r"plan.frame_keep\[0\] must be an int, got str"):
+        select_tokens(feats, scores, plan._replace(frame_keep=[str(k) for k in keep]))
+    with pytest.raises(TypeError, match="plan.frame_keep must hold integers"):
+        select_tokens(feats, scores, plan._replace(frame_keep=torch.tensor(keep, dtype=torch.float32)))
+    with pytest.raises(TypeError, match="plan.frame_keep must be a 1-D int tensor or a list of ints, got NoneType"):
+        select_tokens(feats, scores, plan._replace(frame_keep=None))
+    with pytest.raises(TypeError, match=r"plan.frame_static\[0\] must be a bool, got str"):
+        select_tokens(feats, scores, plan._replace(frame_static=["no"] * 4))
+    with pytest.raises(TypeError, match=r"plan.frame_static\[1\] must be a bool, got int"):
+        select_tokens(feats, scores, plan._replace(frame_static=[False, 2, False, False]))
+    with pytest.raises(TypeError, match="plan.frame_static must hold bools"):
+        select_tokens(feats, scores, plan._replace(frame_static=torch.tensor(plan.frame_static).long()))
+    with pytest.raises(ValueError, match=r"plan.frame_static must be 1-D"):
+        select_tokens(feats, scores, plan._replace(frame_static=torch.tensor([plan.frame_static])))
+    # tensors and NumPy arrays of the right kind are accepted
+    ref = select_tokens(feats, scores, plan)
+    for alt in (plan._replace(frame_keep=torch.tensor(keep), frame_static=torch.tensor(plan.frame_static)),
+                plan._replace(frame_keep=np.array(keep), frame_static=np.array(plan.frame_static))):
+        out = select_tokens(feats, scores, alt)
+        assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+
+
+def test_bad_dtypes_and_empty_shapes():
+    feats, scores, plan = _good()
+    with pytest.raises(TypeError, match=r"feats must have dtype in \(float32, float16, bfloat16\), got float64"):
+        select_tokens(feats.double(), scores, plan)
+    with pytest.raises(TypeError, match="feats must have dtype .* got bool"):
+        select_tokens(feats > 0, scores, plan)
+    with pytest.raises(TypeError, match="scores must have dtype .* got int64"):
+        select_tokens(feats, (scores * 10).long(), plan)
+    with pytest.raises(TypeError, match="scores must have dtype .* got bool"):
+        select_tokens(feats, scores > 0.5, plan)
+    # P = 0: no position to select from
+    with pytest.raises(ValueError, match=r"feats must have P >= 1 positions per frame \[N', P, C\], got shape \(4, 0, 4\)"):
+        select_tokens(feats[:, :0], scores[:, :0], plan)
+    with pytest.raises(ValueError, match=r"feats must have P >= 1 positions"):
+        select_tokens(feats[:0, :0], scores[:0, :0], Stage2Plan([], [], 0, [], []))
+    # N' = 0 with an empty plan: empty outputs
+    tok, idx = select_tokens(feats[:0], scores[:0], Stage2Plan([], [], 0, [], []))
+    assert tok.shape == (0, 4) and tok.dtype == feats.dtype and idx.shape == (0, 2) and idx.dtype == torch.int64
+    with pytest.raises(ValueError, match="plan must describe every merged frame"):
+        select_tokens(feats[:0], scores[:0], plan)
+
+
+def test_zero_channels():
+    """C = 0: the positions are still selected (index as the reference), the tokens are empty rows."""
+    feats, scores, segs, counts, before = make_batch([[1, 3], [2]], 5, 0, torch.float32, seed=8)
+    plan, tok, idx = check_against_reference(feats, scores, segs, counts, before, 0.4)
+    assert tok.shape == (plan.num_out, 0)
 
 
 def test_bad_raw_op_inputs():
@@ -553,6 +659,22 @@ def test_cuda_bad_device_mix():
     feats, scores, plan = _good()
     with pytest.raises(ValueError, match="device"):
         select_tokens(feats.cuda(), scores, plan)
+    with pytest.raises(ValueError, match=r"scores must be on cpu"):
+        select_tokens(feats, scores.cuda(), plan)
+
+
+@needs_cuda
+def test_cuda_zero_channels_and_plan_tensors():
+    feats, scores, segs, counts, before = make_batch([[1, 3], [2]], 5, 0, torch.bfloat16, seed=8)
+    plan = stage2_plan(segs, before, 0.4, tokens_per_frame=5)
+    _, ref_i = R.select_tokens_batched(feats, scores, counts, segs, plan.ratios)
+    tok, idx = select_tokens(feats.cuda(), scores.cuda(), plan)
+    assert tok.is_cuda and tok.shape == (plan.num_out, 0) and torch.equal(idx.cpu(), ref_i)
+    # frame_keep / frame_static given as CUDA tensors (one host copy in the wrapper)
+    plan_t = plan._replace(frame_keep=torch.tensor(plan.frame_keep, device="cuda"),
+                           frame_static=torch.tensor(plan.frame_static, device="cuda"))
+    _, idx = select_tokens(feats.cuda(), scores.cuda(), plan_t)
+    assert torch.equal(idx.cpu(), ref_i)
 
 
 @needs_cuda
@@ -566,3 +688,6 @@ def test_cuda_raw_op_inconsistent_plan_never_reads_out_of_bounds():
     tok, idx = torch.ops.earlytom.select_tokens(feats, scores, keep, static, 4)
     torch.cuda.synchronize()
     assert tok.shape == (4, 3)
+    # frame 0 is consistent (keep 2 <= P, offset 0): its rows are the reference's
+    ref_t, ref_i = R.select_tokens(feats[:1].cpu(), scores[:1].cpu(), [(0, 0)], 2 / 5)
+    assert torch.equal(idx[:2].cpu(), ref_i) and torch.equal(tok[:2].cpu(), ref_t)

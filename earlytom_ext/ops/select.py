@@ -9,7 +9,6 @@ the device.
 """
 from __future__ import annotations
 
-import math
 import numbers
 from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
@@ -17,7 +16,8 @@ import torch
 
 from .. import _ext
 from .. import reference as _ref
-from .._validation import FLOAT_DTYPES, check_tensor
+from .._validation import (FLOAT_DTYPES, check_int, check_int_list, check_int_pairs, check_ratio, check_tensor,
+                           host_to_device)
 
 __all__ = ["Stage2Plan", "stage2_plan", "select_tokens"]
 
@@ -42,29 +42,12 @@ class Stage2Plan(NamedTuple):
     tokens_per_video: List[int]
 
 
-def _as_int(name: str, v) -> int:
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(v).__name__} ({v!r})")
-    return int(v)
-
-
 def _check_segments(v: int, segs) -> List[Tuple[int, int]]:
     """Segments of video ``v``: inclusive (start, end) pairs covering 0..T'-1 contiguously, in order."""
     name = f"segments_per_video[{v}]"
-    if isinstance(segs, torch.Tensor):
-        if segs.dim() != 2 or segs.shape[-1] != 2:
-            raise ValueError(f"{name} must be a list of (start, end) pairs or a [K, 2] tensor, got shape {tuple(segs.shape)}")
-        segs = segs.tolist()
-    if isinstance(segs, (str, bytes)) or not hasattr(segs, "__iter__"):
-        raise TypeError(f"{name} must be a list of (start, end) pairs, got {type(segs).__name__}")
-    out: List[Tuple[int, int]] = []
+    out = check_int_pairs(name, segs)
     expected = 0
-    for j, seg in enumerate(segs):
-        try:
-            s, e = seg
-        except (TypeError, ValueError):
-            raise TypeError(f"{name}[{j}] must be a (start, end) pair, got {seg!r}") from None
-        s, e = _as_int(f"{name}[{j}][0]", s), _as_int(f"{name}[{j}][1]", e)
+    for j, (s, e) in enumerate(out):
         if s != expected:
             raise ValueError(
                 f"{name} must cover the merged frames 0..T'-1 contiguously and in order: segment {j} "
@@ -72,11 +55,27 @@ def _check_segments(v: int, segs) -> List[Tuple[int, int]]:
             )
         if e < s:
             raise ValueError(f"{name}[{j}] must satisfy start <= end, got ({s}, {e})")
-        out.append((s, e))
         expected = e + 1
     if not out:
         raise ValueError(f"{name} must hold at least one segment (every video has >= 1 frame), got none")
     return out
+
+
+def _check_ratios(retain_ratio, B: int) -> List[float]:
+    """``retain_ratio``: one real in (0, 1] for all videos (a 0-d tensor too) or one per video."""
+    if isinstance(retain_ratio, torch.Tensor):
+        if retain_ratio.dim() > 1:
+            raise ValueError(f"retain_ratio must be a float or a 1-D tensor (one ratio per video), "
+                             f"got shape {tuple(retain_ratio.shape)}")
+        retain_ratio = retain_ratio.tolist()
+    if isinstance(retain_ratio, numbers.Real) and not isinstance(retain_ratio, bool):
+        return [check_ratio("retain_ratio", retain_ratio)] * B
+    if isinstance(retain_ratio, (str, bytes, bool)) or not hasattr(retain_ratio, "__len__"):
+        raise TypeError(f"retain_ratio must be a float in (0, 1] or one float per video, got {retain_ratio!r}")
+    ratios = list(retain_ratio)
+    if len(ratios) != B:
+        raise ValueError(f"retain_ratio must have one value per video ({B}), got {len(ratios)}")
+    return [check_ratio(f"retain_ratio[{v}]", r) for v, r in enumerate(ratios)]
 
 
 def stage2_plan(segments_per_video: Sequence, frames_before: Sequence[int],
@@ -86,9 +85,13 @@ def stage2_plan(segments_per_video: Sequence, frames_before: Sequence[int],
     Args:
         segments_per_video: per video, the refined segments as inclusive ``(start, end)`` LOCAL
             frame indices covering its merged frames ``0..T'-1`` contiguously, in order.
-        frames_before: per video, the frame count T before Stage I.
-        retain_ratio: r in (0, 1] (one value for all videos, or one per video).
+        frames_before: per video, the frame count T before Stage I (ints, or a 1-D int tensor).
+        retain_ratio: r in (0, 1]: one value for all videos (a float or a 0-d tensor), or one per
+            video (a sequence or a 1-D tensor).
         tokens_per_frame: P (196 for LLaVA-OneVision).
+
+    Wrong types raise ``TypeError`` (floats where ints are expected are never truncated), values
+    out of range ``ValueError``, both naming the argument.
 
     Per video: ``r' = min(r / ((T·P - (T - T')·P) / (T·P)), 1)`` (double precision), a dynamic
     frame keeps ``k = ceil(P·r')`` tokens, a static frame ``n = max(1, round(P·r'))`` (half to even).
@@ -96,31 +99,16 @@ def stage2_plan(segments_per_video: Sequence, frames_before: Sequence[int],
     if isinstance(segments_per_video, (str, bytes, torch.Tensor)) or not hasattr(segments_per_video, "__len__"):
         raise TypeError(f"segments_per_video must be a list (per video) of lists of (start, end) pairs, "
                         f"got {type(segments_per_video).__name__}")
-    if isinstance(frames_before, torch.Tensor):
-        frames_before = frames_before.tolist()
-    if isinstance(frames_before, (str, bytes)) or not hasattr(frames_before, "__len__"):
-        raise TypeError(f"frames_before must be a list of ints (T per video), got {type(frames_before).__name__}")
+    frames_before = check_int_list("frames_before", frames_before)
     B = len(segments_per_video)
     if B == 0:
         raise ValueError("segments_per_video must hold at least one video, got an empty list")
     if len(frames_before) != B:
         raise ValueError(f"frames_before must have one entry per video ({B}), got {len(frames_before)}")
-    P = _as_int("tokens_per_frame", tokens_per_frame)
+    P = check_int("tokens_per_frame", tokens_per_frame)
     if P < 1:
         raise ValueError(f"tokens_per_frame must be >= 1, got {P}")
-    if isinstance(retain_ratio, numbers.Real) and not isinstance(retain_ratio, bool):
-        ratios_in = [retain_ratio] * B
-    elif isinstance(retain_ratio, (str, bytes, bool)) or not hasattr(retain_ratio, "__len__"):
-        raise TypeError(f"retain_ratio must be a float in (0, 1] or one float per video, got {retain_ratio!r}")
-    else:
-        ratios_in = list(retain_ratio)
-        if len(ratios_in) != B:
-            raise ValueError(f"retain_ratio must have one value per video ({B}), got {len(ratios_in)}")
-    for v, r in enumerate(ratios_in):
-        if isinstance(r, bool) or not isinstance(r, numbers.Real):
-            raise TypeError(f"retain_ratio must be a float in (0, 1], got {r!r} (video {v})")
-        if not (math.isfinite(float(r)) and 0.0 < float(r) <= 1.0):
-            raise ValueError(f"retain_ratio must be in (0, 1], got {r!r} (video {v})")
+    ratios_in = _check_ratios(retain_ratio, B)
 
     frame_keep: List[int] = []
     frame_static: List[bool] = []
@@ -128,12 +116,14 @@ def stage2_plan(segments_per_video: Sequence, frames_before: Sequence[int],
     tokens_per_video: List[int] = []
     for v in range(B):
         segs = _check_segments(v, segments_per_video[v])
-        T = _as_int(f"frames_before[{v}]", frames_before[v])
+        T = frames_before[v]
         T_merged = segs[-1][1] + 1
         if T < T_merged:
             raise ValueError(f"frames_before[{v}] must be >= the merged frame count T' = {T_merged} "
                              f"(segments cover 0..{T_merged - 1}), got {T}")
-        r_adj = _ref.adjusted_ratio(float(ratios_in[v]), T, T_merged, P)
+        if T >= 2 ** 63:  # beyond int64 frame counts; T'/T would underflow the double formula
+            raise ValueError(f"frames_before[{v}] must be < 2**63, got {T}")
+        r_adj = _ref.adjusted_ratio(ratios_in[v], T, T_merged, P)
         k = _ref.dynamic_keep(r_adj, P)
         n = _ref.static_windows(r_adj, P)
         if not (1 <= k <= P and 1 <= n <= P):  # guaranteed by 0 < r' <= 1; kept as a guard
@@ -155,9 +145,9 @@ def _check_plan(plan, n_frames: int, P: int) -> Tuple[List[int], List[bool], int
     for field in ("frame_keep", "frame_static", "num_out"):
         if not hasattr(plan, field):
             raise TypeError(f"plan must be a Stage2Plan (from stage2_plan), got {type(plan).__name__} without .{field}")
-    keep = [int(k) for k in plan.frame_keep]
-    static = [bool(s) for s in plan.frame_static]
-    num_out = _as_int("plan.num_out", plan.num_out)
+    keep = check_int_list("plan.frame_keep", plan.frame_keep, shape="[N']")
+    static = _check_bools("plan.frame_static", plan.frame_static)
+    num_out = check_int("plan.num_out", plan.num_out)
     if len(keep) != n_frames or len(static) != n_frames:
         raise ValueError(f"plan must describe every merged frame: feats has {n_frames} frames, plan.frame_keep "
                          f"has {len(keep)} and plan.frame_static {len(static)}")
@@ -170,13 +160,27 @@ def _check_plan(plan, n_frames: int, P: int) -> Tuple[List[int], List[bool], int
     return keep, static, num_out
 
 
-def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Host list -> device tensor without a host sync (pinned staging + non_blocking copy)."""
-    if device.type == "cpu":
-        return torch.tensor(values, dtype=dtype)
-    pin = device.type == "cuda"
-    host = torch.tensor(values, dtype=dtype, pin_memory=pin) if pin else torch.tensor(values, dtype=dtype)
-    return host.to(device, non_blocking=True)
+def _check_bools(name: str, v) -> List[bool]:
+    """A 1-D bool tensor or a sequence of bools (Python, NumPy or 0-d tensor); ints are rejected."""
+    if isinstance(v, torch.Tensor):
+        if v.dtype != torch.bool:
+            raise TypeError(f"{name} must hold bools, got dtype {v.dtype}")
+        if v.dim() != 1:
+            raise ValueError(f"{name} must be 1-D [N'], got shape {tuple(v.shape)}")
+        return v.tolist()
+    if isinstance(v, (str, bytes)) or not hasattr(v, "__iter__"):
+        raise TypeError(f"{name} must be a 1-D bool tensor or a list of bools, got {type(v).__name__}")
+    out = []
+    for i, b in enumerate(v):
+        if isinstance(b, bool):
+            out.append(b)
+        elif isinstance(b, torch.Tensor) and b.dim() == 0 and b.dtype == torch.bool:
+            out.append(bool(b))
+        elif type(b).__module__ == "numpy" and getattr(getattr(b, "dtype", None), "kind", None) == "b":
+            out.append(bool(b))
+        else:
+            raise TypeError(f"{name}[{i}] must be a bool, got {type(b).__name__} ({b!r})")
+    return out
 
 
 def select_tokens(feats: torch.Tensor, scores: torch.Tensor, plan: Stage2Plan, *,
@@ -186,7 +190,9 @@ def select_tokens(feats: torch.Tensor, scores: torch.Tensor, plan: Stage2Plan, *
     Args:
         feats: ``[N', P, C]`` pooled features (float32/float16/bfloat16, any strides).
         scores: ``[N', P]`` token scores (float32; float16/bfloat16 are upcast).
-        plan: ``stage2_plan(...)`` for these frames (``len(plan.frame_keep) == N'``).
+        plan: ``stage2_plan(...)`` for these frames (``len(plan.frame_keep) == N'``); its
+            ``frame_keep`` must hold ints in ``[1, P]`` and ``frame_static`` bools (lists, NumPy
+            arrays or 1-D tensors).
         check_nan: reject NaN scores with a ValueError. Default: on CPU tensors only, because on
             a GPU the check costs a host sync (the kernel itself ranks NaN above every number,
             as ``torch.sort`` does).
@@ -201,6 +207,8 @@ def select_tokens(feats: torch.Tensor, scores: torch.Tensor, plan: Stage2Plan, *
     check_tensor("feats", feats, ndim=3, dtypes=FLOAT_DTYPES)
     check_tensor("scores", scores, ndim=2, dtypes=FLOAT_DTYPES, device=feats.device)
     N, P, _ = feats.shape
+    if P < 1:
+        raise ValueError(f"feats must have P >= 1 positions per frame [N', P, C], got shape {tuple(feats.shape)}")
     if tuple(scores.shape) != (N, P):
         raise ValueError(f"scores must have shape [{N}, {P}] (feats' first two dims), got {tuple(scores.shape)}")
     keep, static, num_out = _check_plan(plan, N, P)
@@ -212,8 +220,8 @@ def select_tokens(feats: torch.Tensor, scores: torch.Tensor, plan: Stage2Plan, *
         check_nan = scores.device.type == "cpu"
     if check_nan and scores.numel() and bool(torch.isnan(scores).any()):
         raise ValueError("scores contains NaN values")
-    frame_keep = _to_device(keep, torch.int64, feats.device)
-    frame_static = _to_device(static, torch.bool, feats.device)
+    frame_keep = host_to_device(keep, torch.int64, feats.device)
+    frame_static = host_to_device(static, torch.bool, feats.device)
     return torch.ops.earlytom.select_tokens(feats, scores, frame_keep, frame_static, num_out)
 
 
