@@ -145,7 +145,9 @@ def apply_plan(t: torch.Tensor, plan: Sequence[PlanEntry]) -> torch.Tensor:
     w = torch.tensor([p[2] for p in plan], dtype=torch.float32, device=t.device)
     w = w.view(-1, *([1] * (t.dim() - 1)))
     tf = t.float()
-    return (w * tf[src0] + (1.0 - w) * tf[src1]).to(t.dtype)
+    merged = w * tf[src0] + (1.0 - w) * tf[src1]
+    # w == 1 is a plain copy of src0 (never reads src1), so a non-finite src1 does not leak in.
+    return torch.where(w == 1.0, tf[src0], merged).to(t.dtype)
 
 
 def merge_frames(x: torch.Tensor, cfg: EarlyTomConfig, extras: Optional[torch.Tensor] = None):

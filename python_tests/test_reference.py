@@ -411,3 +411,9 @@ def test_run_encoder_shrinks_frames_and_merges_scores():
     assert scores.shape == (out.shape[0], S_)
     assert sum(e - s + 1 for s, e in refined) == out.shape[0]
     torch.testing.assert_close(scores.sum(-1), torch.ones(out.shape[0]), rtol=1e-5, atol=1e-5)
+
+
+def test_apply_plan_weight_one_is_a_copy():
+    t = torch.tensor([[1.0], [float("inf")], [3.0]])
+    out = R.apply_plan(t, [(0, 1, 1.0), (2, 2, 1.0), (0, 2, 0.25)])
+    torch.testing.assert_close(out, torch.tensor([[1.0], [3.0], [0.25 * 1.0 + 0.75 * 3.0]]))
