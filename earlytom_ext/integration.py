@@ -71,7 +71,8 @@ class _Parts:
                 "model must be a Hugging Face LlavaOnevisionForConditionalGeneration (with a `.model` "
                 f"holding the vision tower and the language model), got {name}"
             )
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        config = getattr(model, "config", None)
+        model_type = getattr(config, "model_type", None)
         if model_type != "llava_onevision":
             raise TypeError(
                 "earlytom_ext.apply supports Hugging Face LLaVA-OneVision models (config.model_type "
@@ -84,7 +85,6 @@ class _Parts:
                 f"(model.model needs vision_tower, multi_modal_projector, image_newline; the model needs "
                 f"generate); {name} lacks {missing or ['generate']}"
             )
-        config = getattr(model, "config", None)
         vcfg = getattr(config, "vision_config", None)
         video_token_id = getattr(config, "video_token_id", None)
         if video_token_id is None:
@@ -118,6 +118,7 @@ class _Parts:
         if not isinstance(image_size, int) or not isinstance(patch_size, int):
             raise TypeError("model.config.vision_config needs integer image_size and patch_size")
         self.image_size = image_size
+        self.num_channels = getattr(vcfg, "num_channels", 3)
         self.grid = image_size // patch_size  # HF's apply_pooling: height = width = image_size // patch_size
         self.pooled = math.ceil(self.grid / 2)
         self.tokens_per_frame = self.pooled * self.pooled
@@ -156,7 +157,6 @@ class _Parts:
 class _Clock:
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
-        self.marks: Dict[str, Any] = {}
         self.spans: List[tuple] = []
 
     def now(self):
@@ -191,7 +191,7 @@ class _Run:
         self.q = None
         self.k = None
         self.scores = None
-        self.merges: List[tuple] = []  # (layer, frame_counts, plan_src, plan_weight, segments, segment_counts)
+        self.merges: List[tuple] = []  # (layer, frame_counts, plan_src, plan_weight)
         self.refined = None
         self.clock = clock
 
@@ -313,14 +313,8 @@ class EarlyTomHandle:
 
     def _attention_scores(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """Attention received per token of the score layer, ``[N, S]`` fp32."""
-        fn = ops.attention_received
-        kw = {}
-        try:
-            if "check_finite" in inspect.signature(fn).parameters:
-                kw["check_finite"] = False  # the pixels were checked; avoid a host sync here
-        except (TypeError, ValueError):
-            pass
-        return fn(q, k, scale=self._scale, num_heads=self._num_heads, **kw)
+        # The pixels were checked for NaN/Inf; skip the op's check (a host sync).
+        return ops.attention_received(q, k, scale=self._scale, num_heads=self._num_heads, check_finite=False)
 
     # ---------------------------------------------------------------- installation
     def _install(self) -> None:
@@ -435,6 +429,12 @@ class EarlyTomHandle:
             raise ValueError(f"every video must have at least 1 frame, got shape {tuple(pv.shape)} (T = {T})")
         if not pv.is_floating_point():
             raise TypeError(f"pixel_values_videos must be a floating-point tensor, got {pv.dtype}")
+        frame_shape = (p.num_channels, p.image_size, p.image_size)
+        if tuple(pv.shape[2:]) != frame_shape:
+            raise ValueError(
+                f"pixel_values_videos must be [B, T, {', '.join(map(str, frame_shape))}] (the vision tower's "
+                f"num_channels and image_size), got shape {tuple(pv.shape)}"
+            )
         check_finite("pixel_values_videos", pv)
         layer_opt, strategy = self._vision_options(vision_feature_layer, vision_feature_select_strategy)
         feat_layers = p.feature_layers(layer_opt)
@@ -691,38 +691,78 @@ class EarlyTomHandle:
         return result
 
     # ---------------------------------------------------------------- forward / generate
+    def _compress_call(self, call: dict, pixel_values_videos: torch.Tensor, input_ids) -> dict:
+        """Shared by the ``forward`` and ``generate`` wrappers: compress the videos and rewrite the
+        call's arguments in place (``inputs_embeds``, ``attention_mask``, ``labels``,
+        ``position_ids``). Returns :meth:`prepare_inputs`' result."""
+        if call.get("inputs_embeds") is not None:
+            raise ValueError("EarlyTom needs input_ids (not inputs_embeds) together with pixel_values_videos")
+        if _cache_holds_tokens(call.get("past_key_values")):
+            raise ValueError(
+                "past_key_values must be empty (or None) when pixel_values_videos is given under EarlyTom: a cache "
+                "that already holds tokens cannot line up with the compressed prompt"
+            )
+        call.pop("image_sizes_videos", None)
+        call.pop("cache_position", None)
+        prep = self.prepare_inputs(
+            input_ids, pixel_values_videos, attention_mask=call.pop("attention_mask", None),
+            labels=call.pop("labels", None), vision_feature_layer=call.get("vision_feature_layer"),
+            vision_feature_select_strategy=call.get("vision_feature_select_strategy"))
+        if call.get("position_ids") is not None:
+            call["position_ids"] = _positions_from_mask(prep["attention_mask"]).to(call["position_ids"].device)
+        call.update(inputs_embeds=prep["inputs_embeds"], attention_mask=prep["attention_mask"])
+        if "labels" in prep:
+            call["labels"] = prep["labels"]
+        return prep
+
+    def _shift_lengths(self, call: dict, prompt_len: int, compressed_len: int) -> None:
+        """Keep ``max_length`` / ``min_length`` counting the caller's prompt: an explicit value (in the
+        call, its ``generation_config`` or the model's) that is not overridden by ``max_new_tokens`` /
+        ``min_new_tokens`` is lowered by the number of tokens the compression removed."""
+        shift = prompt_len - compressed_len
+        if shift == 0:
+            return
+        from transformers import GenerationConfig
+
+        defaults = GenerationConfig()
+        configs = (call.get("generation_config"), getattr(self._model, "generation_config", None))
+
+        def explicit(name):
+            if call.get(name) is not None:
+                return call[name]
+            for gc in configs:
+                v = getattr(gc, name, None)
+                if v is not None and v != getattr(defaults, name, None):
+                    return v
+            return None
+
+        if explicit("max_new_tokens") is None:
+            max_length = explicit("max_length")
+            if max_length is not None:
+                if max_length <= prompt_len:
+                    raise ValueError(
+                        f"max_length must be larger than the prompt length input_ids.shape[1] = {prompt_len} "
+                        f"(it counts the prompt), got {max_length}; or give max_new_tokens"
+                    )
+                call["max_length"] = max_length - shift
+        if explicit("min_new_tokens") is None:
+            min_length = explicit("min_length")
+            if min_length:
+                call["min_length"] = max(0, min_length - shift)
+
     def _make_forward(self):
         orig = self._model.forward  # bound (or a previous instance wrapper)
-        sig = inspect.signature(orig)
-        varkw = next((n for n, prm in sig.parameters.items() if prm.kind is prm.VAR_KEYWORD), None)
+        bind = _binder(orig)
         handle = self
 
         @functools.wraps(orig)
         def forward(*args, **kwargs):
             if not args and kwargs.get("pixel_values_videos") is None:
                 return orig(*args, **kwargs)
-            bound = sig.bind_partial(*args, **kwargs)
-            call = dict(bound.arguments)
-            if varkw is not None and varkw in call:
-                call.update(call.pop(varkw))
+            call = bind(args, kwargs)
             pv = call.pop("pixel_values_videos", None)
-            if pv is None:
-                return orig(**call)
-            if call.get("inputs_embeds") is not None:
-                raise ValueError("EarlyTom needs input_ids (not inputs_embeds) together with pixel_values_videos")
-            if call.get("past_key_values") is not None:
-                raise ValueError("pixel_values_videos with past_key_values is not supported under EarlyTom")
-            call.pop("image_sizes_videos", None)
-            call.pop("cache_position", None)
-            prep = handle.prepare_inputs(
-                call.pop("input_ids", None), pv, attention_mask=call.pop("attention_mask", None),
-                labels=call.pop("labels", None), vision_feature_layer=call.get("vision_feature_layer"),
-                vision_feature_select_strategy=call.get("vision_feature_select_strategy"))
-            if call.get("position_ids") is not None:
-                call["position_ids"] = _positions_from_mask(prep["attention_mask"]).to(call["position_ids"].device)
-            call.update(input_ids=None, inputs_embeds=prep["inputs_embeds"], attention_mask=prep["attention_mask"])
-            if "labels" in prep:
-                call["labels"] = prep["labels"]
+            if pv is not None:
+                handle._compress_call(call, pv, call.pop("input_ids", None))
             return orig(**call)
 
         forward._earlytom_wrapper_of = self
@@ -730,41 +770,74 @@ class EarlyTomHandle:
 
     def _make_generate(self):
         orig = self._model.generate
+        bind = _binder(orig)
+        first = next(iter(inspect.signature(orig).parameters))  # "inputs"
         handle = self
 
         @functools.wraps(orig)
         def generate(*args, **kwargs):
-            pv = kwargs.pop("pixel_values_videos", None)
-            if pv is None:
+            if kwargs.get("pixel_values_videos") is None:
                 return orig(*args, **kwargs)
-            input_ids = kwargs.pop("input_ids", None)
-            inputs = kwargs.pop("inputs", None)
-            rest = list(args)
-            if rest:
-                if input_ids is not None or inputs is not None:
-                    raise ValueError("input_ids given both positionally and by keyword")
-                input_ids = rest.pop(0)
-            elif input_ids is None:
-                input_ids = inputs
-            elif inputs is not None:
-                raise ValueError("give either inputs or input_ids, not both")
-            if kwargs.get("inputs_embeds") is not None:
-                raise ValueError("EarlyTom needs input_ids (not inputs_embeds) together with pixel_values_videos")
+            call = bind(args, kwargs)
+            pv = call.pop("pixel_values_videos")
+            inputs, input_ids = call.pop(first, None), call.pop("input_ids", None)
+            if inputs is not None and input_ids is not None:
+                raise ValueError(f"give the prompt once: as input_ids or as {first} (positionally), not both")
             if input_ids is None:
-                raise ValueError("EarlyTom needs input_ids with the video placeholders together with pixel_values_videos")
-            kwargs.pop("image_sizes_videos", None)
-            prep = handle.prepare_inputs(
-                input_ids, pv, attention_mask=kwargs.pop("attention_mask", None),
-                vision_feature_layer=kwargs.get("vision_feature_layer"),
-                vision_feature_select_strategy=kwargs.get("vision_feature_select_strategy"))
-            if kwargs.get("position_ids") is not None:
-                kwargs["position_ids"] = _positions_from_mask(prep["attention_mask"]).to(kwargs["position_ids"].device)
-            out = orig(prep["input_ids"], *rest, inputs_embeds=prep["inputs_embeds"],
-                       attention_mask=prep["attention_mask"], **kwargs)
-            return _restore_prompt(out, prep["input_ids"], input_ids)
+                input_ids = inputs
+            prep = handle._compress_call(call, pv, input_ids)
+            L, L2 = input_ids.shape[1], prep["input_ids"].shape[1]
+            handle._shift_lengths(call, L, L2)
+            if call.get("streamer") is not None:
+                call["streamer"] = _PromptStreamer(call["streamer"], input_ids)
+            out = orig(prep["input_ids"], **call)
+            return _restore_prompt(out, L2, input_ids)
 
         generate._earlytom_wrapper_of = self
         return generate
+
+
+def _binder(fn):
+    """``bind(args, kwargs) -> dict`` of ``fn``'s arguments by name (``**kwargs`` flattened in)."""
+    sig = inspect.signature(fn)
+    varkw = next((n for n, prm in sig.parameters.items() if prm.kind is prm.VAR_KEYWORD), None)
+
+    def bind(args, kwargs) -> dict:
+        call = dict(sig.bind_partial(*args, **kwargs).arguments)
+        if varkw is not None:
+            call.update(call.pop(varkw, {}))
+        return call
+
+    return bind
+
+
+def _cache_holds_tokens(past_key_values) -> bool:
+    if past_key_values is None:
+        return False
+    length = getattr(past_key_values, "get_seq_length", None)
+    if callable(length):
+        return int(length()) > 0
+    return not isinstance(past_key_values, (tuple, list)) or len(past_key_values) > 0
+
+
+class _PromptStreamer:
+    """Gives a ``generate`` streamer the caller's prompt in place of the compressed one (Hugging
+    Face puts the prompt first, then each new token)."""
+
+    def __init__(self, streamer, prompt: torch.Tensor):
+        self._streamer = streamer
+        self._prompt = prompt
+
+    def put(self, value):
+        if self._prompt is not None:
+            value, self._prompt = self._prompt.to(value.device), None
+        self._streamer.put(value)
+
+    def end(self):
+        self._streamer.end()
+
+    def __getattr__(self, name):
+        return getattr(self._streamer, name)
 
 
 def _positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -772,19 +845,15 @@ def _positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
     return pos.masked_fill(mask == 0, 1)
 
 
-def _restore_prompt(out, compressed_ids: torch.Tensor, original_ids: torch.Tensor):
-    """Replace the compressed prompt at the start of generated sequences by the original one."""
+def _restore_prompt(out, compressed_len: int, original_ids: torch.Tensor):
+    """Replace the compressed prompt at the start of generated sequences by the original one
+    (repeated per beam / returned sequence, as ``generate`` expands its inputs)."""
     seqs = out if isinstance(out, torch.Tensor) else getattr(out, "sequences", None)
     if not isinstance(seqs, torch.Tensor):
         return out
-    L2 = compressed_ids.shape[1]
-    B = original_ids.shape[0]
-    rows = seqs.shape[0]
-    factor = max(1, rows // B)
-    orig = original_ids.to(seqs.device)
-    if factor > 1:
-        orig = orig.repeat_interleave(factor, dim=0)
-    full = torch.cat([orig.to(seqs.dtype), seqs[:, L2:]], dim=1)
+    orig = original_ids.to(device=seqs.device, dtype=seqs.dtype)
+    orig = orig.repeat_interleave(seqs.shape[0] // orig.shape[0], dim=0)
+    full = torch.cat([orig, seqs[:, compressed_len:]], dim=1)
     if isinstance(out, torch.Tensor):
         return full
     out.sequences = full

@@ -127,6 +127,12 @@ def test_feature_layer_not_last(videos):
         feats = h.encode_videos(videos[1][None])
     ref_tokens, _, _ = reference_video(m, videos[1], cfg, feature_layer=-2)
     _close(feats[0], ref_tokens)
+    # The feature layer is the last prune layer itself (features taken after its merge).
+    cfg = CFG.replace(prune_layers=(1, 4))
+    with earlytom_ext.apply(m, cfg) as h:
+        feats = h.encode_videos(videos[1][None])
+    ref_tokens, _, _ = reference_video(m, videos[1], cfg, feature_layer=-2)
+    _close(feats[0], ref_tokens)
     # A feature layer before the last prune layer cannot work.
     with pytest.raises(ValueError, match="prune"):
         earlytom_ext.apply(m, CFG.replace(prune_layers=(1, 5)))
@@ -453,3 +459,152 @@ def test_text_only_sample_next_to_a_video(model, videos):
     assert torch.equal(li["input_ids"][1, -7:], text[0]) and li["attention_mask"][1].sum() == 7
     _close(logits[1, -7:], alone[0], tol=2e-4)
     assert int((li["input_ids"][0] == tm.VIDEO_TOKEN_ID).sum()) == li["video_token_counts"][0]
+
+
+# --------------------------------------------------------------------------------------------
+# generate / forward arguments
+# --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def short_inputs(videos):
+    # Short clips: the prompt is still much longer than the compressed one.
+    return tm.make_inputs([v[:3] for v in videos], seed=16)
+
+
+def test_generate_max_length_counts_the_original_prompt(model, short_inputs):
+    from transformers import GenerationConfig
+
+    inputs = short_inputs
+    L = inputs["input_ids"].shape[1]
+    with earlytom_ext.apply(model, CFG) as h:
+        ref = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        assert h.last_inputs["input_ids"].shape[1] < L - 100
+        by_kwarg = model.generate(**inputs, max_length=L + 3, do_sample=False)
+        by_config = model.generate(**inputs, generation_config=GenerationConfig(
+            max_length=L + 3, do_sample=False, pad_token_id=tm.PAD_ID))
+        with pytest.raises(ValueError, match="max_length"):
+            model.generate(**inputs, max_length=L, do_sample=False)
+        # min_length also counts the original prompt: the EOS logit is masked for exactly 2 new tokens.
+        eos = 7
+        out = model.generate(**inputs, min_length=L + 2, max_new_tokens=4, eos_token_id=eos, do_sample=False,
+                             output_scores=True, return_dict_in_generate=True)
+    assert torch.equal(by_kwarg, ref) and torch.equal(by_config, ref)
+    masked = [bool(torch.isinf(s[:, eos]).all()) for s in out.scores]
+    assert masked == [True, True, False, False]
+
+
+def test_generate_streamer_sees_the_original_prompt(model, short_inputs):
+    one = {k: v[1:] for k, v in short_inputs.items()}
+
+    class Recorder:
+        def __init__(self):
+            self.puts, self.ended = [], False
+
+        def put(self, value):
+            self.puts.append(value.clone())
+
+        def end(self):
+            self.ended = True
+
+    rec = Recorder()
+    with earlytom_ext.apply(model, CFG):
+        out = model.generate(**one, max_new_tokens=3, do_sample=False, streamer=rec)
+    L = one["input_ids"].shape[1]
+    assert torch.equal(rec.puts[0].reshape(1, -1), one["input_ids"])
+    assert torch.equal(torch.cat([p.reshape(-1) for p in rec.puts[1:]]), out[0, L:])
+    assert rec.ended
+
+
+def test_generate_beams_and_return_sequences_line_up(model, short_inputs):
+    inputs = short_inputs
+    L = inputs["input_ids"].shape[1]
+    kw = dict(max_new_tokens=3, do_sample=False, num_beams=3, num_return_sequences=2, return_dict_in_generate=True)
+    with earlytom_ext.apply(model, CFG) as h:
+        out = model.generate(**inputs, **kw)
+        prep = h.prepare_inputs(inputs["input_ids"], inputs["pixel_values_videos"], inputs["attention_mask"])
+        # The same generation on the compressed inputs, by hand (no pixel_values_videos: passes through).
+        direct = model.generate(input_ids=prep["input_ids"], inputs_embeds=prep["inputs_embeds"],
+                                attention_mask=prep["attention_mask"], **kw)
+    L2 = prep["input_ids"].shape[1]
+    assert out.sequences.shape == (4, L + 3)
+    assert torch.equal(out.sequences[:, :L], inputs["input_ids"].repeat_interleave(2, dim=0))
+    assert torch.equal(out.sequences[:, L:], direct.sequences[:, L2:])
+    torch.testing.assert_close(out.sequences_scores, direct.sequences_scores)
+
+
+def test_past_key_values(model, short_inputs):
+    from transformers import DynamicCache
+
+    inputs = short_inputs
+    with earlytom_ext.apply(model, CFG) as h:
+        with torch.no_grad():
+            plain = model(**inputs).logits
+            cache = DynamicCache()
+            cached = model(**inputs, past_key_values=cache, use_cache=True).logits  # an empty cache: prefill
+        L2 = h.last_inputs["input_ids"].shape[1]
+        assert cache.get_seq_length() == L2
+        _close(cached, plain, tol=1e-5)
+        # A cache that already holds tokens cannot line up with the compressed prompt.
+        with pytest.raises(ValueError, match="past_key_values"):
+            model.generate(**inputs, past_key_values=cache, max_new_tokens=2)
+        with pytest.raises(ValueError, match="past_key_values"):
+            model(**inputs, past_key_values=cache)
+        # Decoding on from the prefill with the compressed attention mask.
+        step = torch.full((2, 1), 5)
+        am = torch.cat([h.last_inputs["attention_mask"], torch.ones_like(step)], dim=1)
+        with torch.no_grad():
+            nxt = model(input_ids=step, attention_mask=am, past_key_values=cache).logits
+            full = model(input_ids=torch.cat([inputs["input_ids"], step], 1),
+                         attention_mask=torch.cat([inputs["attention_mask"], torch.ones_like(step)], 1),
+                         pixel_values_videos=inputs["pixel_values_videos"]).logits
+    _close(nxt[:, -1], full[:, -1], tol=2e-4)
+
+
+def test_feature_layer_list(videos):
+    m = tm.build_model(seed=5, vision_feature_layer=[-2, -1])
+    inputs = tm.make_inputs([videos[1][:2]], seed=17)
+    with torch.no_grad():
+        base = m(**inputs).logits
+    # hidden_states[-2] is the output of layer 4: the last prune layer may be 4, not 5.
+    with earlytom_ext.apply(m, IDENTITY):
+        with torch.no_grad():
+            logits = m(**inputs).logits
+    _close(logits, base, tol=1e-5)
+    with pytest.raises(ValueError, match="prune"):
+        earlytom_ext.apply(m, IDENTITY.replace(prune_layers=(1, 5)))
+
+
+def test_exception_inside_the_tower_resets_state(model, videos):
+    pix = videos[1][None, :3]
+    img = tm.make_image(seed=1)[None]
+    sizes = torch.tensor([[img.shape[-2], img.shape[-1]]])
+
+    def image_features():
+        with torch.no_grad():
+            out = model.model.get_image_features(
+                pixel_values=img, image_sizes=sizes, vision_feature_layer=model.config.vision_feature_layer,
+                vision_feature_select_strategy=model.config.vision_feature_select_strategy)
+        return torch.cat(list(getattr(out, "pooler_output", out)))
+
+    base_img = image_features()
+    with earlytom_ext.apply(model, CFG) as h:
+        before = h.encode_videos(pix)
+
+        def boom(*args, **kwargs):
+            raise RuntimeError("boom")
+
+        h._stage1 = boom
+        with pytest.raises(RuntimeError, match="boom"):
+            h.encode_videos(pix)
+        del h._stage1
+        assert torch.equal(image_features(), base_img)  # no run left armed
+        after = h.encode_videos(pix)
+    assert torch.equal(before[0], after[0])
+
+
+def test_pixel_geometry_checked(model, videos):
+    with earlytom_ext.apply(model, CFG) as h:
+        good = videos[1][None, :2]
+        with pytest.raises(ValueError, match=r"pixel_values_videos.*384"):
+            h.encode_videos(good[..., :224, :224])
+        with pytest.raises(ValueError, match=r"pixel_values_videos.*3"):
+            h.encode_videos(good[:, :, :1])
