@@ -305,11 +305,11 @@ def test_non_finite_rejected(which, value):
 
 def test_raw_op_checks():
     op = torch.ops.earlytom.attention_received
-    with pytest.raises(RuntimeError, match="q must be"):
+    with pytest.raises(ValueError, match="q must be"):
         op(torch.randn(2, 5, 8), torch.randn(2, 5, 8), 1.0)
-    with pytest.raises(RuntimeError, match="same dtype"):
+    with pytest.raises(TypeError, match="same dtype"):
         op(torch.randn(1, 1, 5, 8), torch.randn(1, 1, 5, 8).half(), 1.0)
-    with pytest.raises(RuntimeError, match="scale must be finite"):
+    with pytest.raises(ValueError, match="scale must be finite"):
         op(torch.randn(1, 1, 5, 8), torch.randn(1, 1, 5, 8), float("nan"))
 
 

@@ -17,22 +17,22 @@ namespace earlytom {
 namespace {
 
 void check_inputs(const at::Tensor& q, const at::Tensor& k, double scale) {
-  TORCH_CHECK(q.dim() == 4, "attention_received: q must be [N, H, S, d], got shape ", q.sizes());
-  TORCH_CHECK(k.sizes() == q.sizes(), "attention_received: k must have the shape of q ", q.sizes(),
+  TORCH_CHECK_VALUE(q.dim() == 4, "attention_received: q must be [N, H, S, d], got shape ", q.sizes());
+  TORCH_CHECK_VALUE(k.sizes() == q.sizes(), "attention_received: k must have the shape of q ", q.sizes(),
               ", got ", k.sizes());
-  TORCH_CHECK(k.scalar_type() == q.scalar_type(), "attention_received: q and k must have the same dtype, got ",
+  TORCH_CHECK_TYPE(k.scalar_type() == q.scalar_type(), "attention_received: q and k must have the same dtype, got ",
               q.scalar_type(), " and ", k.scalar_type());
-  TORCH_CHECK(q.device() == k.device(), "attention_received: q and k must be on the same device");
-  TORCH_CHECK(q.size(1) >= 1, "attention_received: H (dim 1) must be >= 1");
-  TORCH_CHECK(q.size(3) >= 1, "attention_received: d (dim 3) must be >= 1");
-  TORCH_CHECK(q.size(2) <= INT32_MAX && q.size(3) <= INT32_MAX && q.size(1) <= INT32_MAX,
+  TORCH_CHECK_VALUE(q.device() == k.device(), "attention_received: q and k must be on the same device");
+  TORCH_CHECK_VALUE(q.size(1) >= 1, "attention_received: H (dim 1) must be >= 1");
+  TORCH_CHECK_VALUE(q.size(3) >= 1, "attention_received: d (dim 3) must be >= 1");
+  TORCH_CHECK_VALUE(q.size(2) <= INT32_MAX && q.size(3) <= INT32_MAX && q.size(1) <= INT32_MAX,
               "attention_received: H, S and d must fit in int32");
-  TORCH_CHECK(std::isfinite(scale), "attention_received: scale must be finite, got ", scale);
+  TORCH_CHECK_VALUE(std::isfinite(scale), "attention_received: scale must be finite, got ", scale);
 }
 
 at::Tensor attention_received_cpu(const at::Tensor& q_in, const at::Tensor& k_in, double scale) {
   check_inputs(q_in, k_in, scale);
-  TORCH_CHECK(q_in.device().is_cpu(), "attention_received (CPU): q must be a CPU tensor");
+  TORCH_CHECK_VALUE(q_in.device().is_cpu(), "attention_received (CPU): q must be a CPU tensor");
   const at::Tensor q = q_in.stride(3) == 1 ? q_in : q_in.contiguous();
   const at::Tensor k = k_in.stride(3) == 1 ? k_in : k_in.contiguous();
   const int64_t N = q.size(0), H = q.size(1), S = q.size(2), D = q.size(3);

@@ -18,23 +18,23 @@ namespace earlytom {
 namespace {
 
 at::Tensor attention_received_cuda(const at::Tensor& q_in, const at::Tensor& k_in, double scale) {
-  TORCH_CHECK(q_in.dim() == 4, "attention_received: q must be [N, H, S, d], got shape ", q_in.sizes());
-  TORCH_CHECK(k_in.sizes() == q_in.sizes(), "attention_received: k must have the shape of q ",
+  TORCH_CHECK_VALUE(q_in.dim() == 4, "attention_received: q must be [N, H, S, d], got shape ", q_in.sizes());
+  TORCH_CHECK_VALUE(k_in.sizes() == q_in.sizes(), "attention_received: k must have the shape of q ",
               q_in.sizes(), ", got ", k_in.sizes());
-  TORCH_CHECK(k_in.scalar_type() == q_in.scalar_type(),
+  TORCH_CHECK_TYPE(k_in.scalar_type() == q_in.scalar_type(),
               "attention_received: q and k must have the same dtype, got ", q_in.scalar_type(),
               " and ", k_in.scalar_type());
-  TORCH_CHECK(q_in.is_cuda() && k_in.is_cuda() && q_in.device() == k_in.device(),
+  TORCH_CHECK_VALUE(q_in.is_cuda() && k_in.is_cuda() && q_in.device() == k_in.device(),
               "attention_received (CUDA): q and k must be on the same CUDA device");
   const auto st = q_in.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16,
+  TORCH_CHECK_TYPE(st == at::kFloat || st == at::kHalf || st == at::kBFloat16,
               "attention_received: dtype must be float32, float16 or bfloat16, got ", st);
   // (double inputs are rejected: the kernels read 16- or 32-bit elements.)
-  TORCH_CHECK(q_in.size(1) >= 1, "attention_received: H (dim 1) must be >= 1");
-  TORCH_CHECK(q_in.size(3) >= 1, "attention_received: d (dim 3) must be >= 1");
-  TORCH_CHECK(q_in.size(1) <= INT32_MAX && q_in.size(2) <= INT32_MAX && q_in.size(3) <= INT32_MAX,
+  TORCH_CHECK_VALUE(q_in.size(1) >= 1, "attention_received: H (dim 1) must be >= 1");
+  TORCH_CHECK_VALUE(q_in.size(3) >= 1, "attention_received: d (dim 3) must be >= 1");
+  TORCH_CHECK_VALUE(q_in.size(1) <= INT32_MAX && q_in.size(2) <= INT32_MAX && q_in.size(3) <= INT32_MAX,
               "attention_received: H, S and d must fit in int32");
-  TORCH_CHECK(std::isfinite(scale), "attention_received: scale must be finite, got ", scale);
+  TORCH_CHECK_VALUE(std::isfinite(scale), "attention_received: scale must be finite, got ", scale);
 
   c10::cuda::CUDAGuard guard(q_in.device());
   const at::Tensor q = q_in.stride(3) == 1 ? q_in : q_in.contiguous();
