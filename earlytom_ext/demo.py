@@ -22,7 +22,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from .config import EarlyTomConfig
-from .tiny_model import IMAGE_SIZE, VIDEO_TOKEN_ID, build_model
+from .tiny_model import IMAGE_SIZE, TOKENS_PER_FRAME, VIDEO_TOKEN_ID, build_model
 
 
 # --------------------------------------------------------------------------------------------
@@ -245,9 +245,20 @@ def run(video: Optional[str] = None, frames: int = 32, ratio: float = 0.1, out: 
     if prune_layers is not None:
         changes["prune_layers"] = tuple(prune_layers)
     cfg = EarlyTomConfig(**changes)
+    cuda_ok = torch.cuda.is_available() and has_cuda_kernels()
     if device is None:
-        device = "cuda" if torch.cuda.is_available() and has_cuda_kernels() else "cpu"
-    dev = torch.device(device)
+        device = "cuda" if cuda_ok else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu or cuda (cuda:N), got {device!r}")
+    if dev.type == "cuda" and not cuda_ok:
+        raise ValueError("--device cuda needs a CUDA GPU and earlytom_ext built with its CUDA kernels")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out must be a folder, got the file {out}")
+    os.makedirs(out, exist_ok=True)
 
     if video is not None:
         if video == "sample":
@@ -276,7 +287,7 @@ def run(video: Optional[str] = None, frames: int = 32, ratio: float = 0.1, out: 
         vt(pixel_values=pix[0])
         sync()
         baseline_ms = (time.perf_counter() - t0) * 1000.0
-        prompt = torch.tensor([[5, 6, 7] + [VIDEO_TOKEN_ID] * (frames * 196 + 1) + [8, 9]], device=dev)
+        prompt = torch.tensor([[5, 6, 7] + [VIDEO_TOKEN_ID] * (frames * TOKENS_PER_FRAME + 1) + [8, 9]], device=dev)
         with apply(model, cfg) as handle:
             handle.encode_videos(pix)  # warm-up
             llm = None
@@ -287,7 +298,6 @@ def run(video: Optional[str] = None, frames: int = 32, ratio: float = 0.1, out: 
             handle.encode_videos(pix)  # timed run for the stats
             stats = handle.last_stats
 
-    os.makedirs(out, exist_ok=True)
     png = os.path.join(out, "earlytom_demo.png")
     v = stats["videos"][0]
     title = (f"EarlyTom on {source}: {v['frames_before']} -> {len(v['frame_sources'])} frames, "
@@ -334,7 +344,7 @@ def run_args(args, parser: argparse.ArgumentParser) -> int:
         run(video=args.video, frames=args.frames, ratio=args.ratio, out=args.out, tau=args.tau,
             max_window=args.max_window, prune_layers=layers, device=args.device, seed=args.seed,
             generate=not args.no_generate)
-    except (ValueError, TypeError, FileNotFoundError) as e:
+    except (ValueError, TypeError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -101,6 +101,16 @@ def test_demo_errors(tmp_path, capsys):
     assert "--frames" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         demo.main(["--prune-layers", "a,b"])
+    # Checked before any work, reported without a traceback.
+    assert demo.main(["--device", "tpu0", "--out", str(tmp_path)]) == 2
+    assert "--device" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert demo.main(["--device", "cuda", "--out", str(tmp_path)]) == 2
+        assert "--device" in capsys.readouterr().err
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    assert demo.main(["--out", str(a_file)]) == 2
+    assert "--out" in capsys.readouterr().err
 
 
 def test_lazy_apply_in_a_fresh_interpreter():
