@@ -42,7 +42,6 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 # Import the ops package as a submodule first (``from .ops import ...``): this binds
 # ``earlytom_ext.ops`` without going through the package's lazy ``__getattr__``.
@@ -78,11 +77,12 @@ class _Parts:
                 "earlytom_ext.apply supports Hugging Face LLaVA-OneVision models (config.model_type "
                 f"'llava_onevision'), got {name} with model_type {model_type!r}"
             )
-        missing = [a for a in ("vision_tower", "multi_modal_projector", "image_newline") if not hasattr(inner, a)]
+        missing = [a for a in ("vision_tower", "multi_modal_projector", "image_newline", "apply_pooling")
+                   if not hasattr(inner, a)]
         if missing or not callable(getattr(model, "generate", None)):
             raise TypeError(
                 "model must be a Hugging Face LlavaOnevisionForConditionalGeneration-like model "
-                f"(model.model needs vision_tower, multi_modal_projector, image_newline; the model needs "
+                f"(model.model needs vision_tower, multi_modal_projector, image_newline, apply_pooling; the model needs "
                 f"generate); {name} lacks {missing or ['generate']}"
             )
         vcfg = getattr(config, "vision_config", None)
@@ -215,7 +215,6 @@ class EarlyTomHandle:
         self._cfg = cfg
         self._parts = parts
         self._hooks: List[Any] = []
-        self._pending: Optional[_Run] = None
         self._run: Optional[_Run] = None
         self._raw_stats: Optional[dict] = None
         self._stats_cache: Optional[dict] = None
@@ -289,7 +288,7 @@ class EarlyTomHandle:
                 model.__dict__[name] = prev
         self._prev_attrs.clear()
         model.__dict__.pop(_MARKER, None)
-        self._pending = self._run = None
+        self._run = None
         self._removed = True
 
     def __enter__(self) -> "EarlyTomHandle":
@@ -321,7 +320,6 @@ class EarlyTomHandle:
         p = self._parts
         cfg = self._cfg
         last = cfg.prune_layers[-1]
-        self._hooks.append(p.tower.register_forward_pre_hook(self._on_tower_start))
         for idx in sorted(set(cfg.prune_layers) | set(range(last, p.depth))):
             self._hooks.append(p.layers[idx].register_forward_hook(functools.partial(self._on_layer, idx)))
         self._hooks.append(self._score_attn.q_proj.register_forward_hook(self._on_q))
@@ -333,10 +331,6 @@ class EarlyTomHandle:
         model.__dict__[_MARKER] = self
 
     # ---------------------------------------------------------------- hooks
-    def _on_tower_start(self, module, args):
-        # Any tower call starts from a clean state; only our video path arms a run.
-        self._run, self._pending = self._pending, None
-
     def _on_q(self, module, args, output):
         if self._run is not None:
             self._run.q = output
@@ -387,23 +381,24 @@ class EarlyTomHandle:
         return x
 
     # ---------------------------------------------------------------- the video path
-    def _vision_options(self, vision_feature_layer=None, vision_feature_select_strategy=None):
+    def _feature_plan(self, vision_feature_layer=None, vision_feature_select_strategy=None):
+        """``(encoder layers whose outputs form the features, select strategy)``: the call's values,
+        else the model config's; checked against the prune layers."""
         c = self._parts.config
         layer = vision_feature_layer if vision_feature_layer is not None else getattr(c, "vision_feature_layer", -1)
         strategy = (vision_feature_select_strategy if vision_feature_select_strategy is not None
                     else getattr(c, "vision_feature_select_strategy", "full"))
         if strategy not in ("default", "full"):
             raise ValueError(f"vision_feature_select_strategy must be 'default' or 'full', got {strategy!r}")
-        return layer, strategy
-
-    def _check_feature_layers(self, layers: Sequence[int], vision_feature_layer) -> None:
+        layers = self._parts.feature_layers(layer)
         last = self._cfg.prune_layers[-1]
         if min(layers) < last:
             raise ValueError(
-                f"vision_feature_layer {vision_feature_layer!r} selects encoder layer {min(layers)}, before the "
+                f"vision_feature_layer {layer!r} selects encoder layer {min(layers)}, before the "
                 f"last prune layer {last}: EarlyTom needs the features from the last prune layer on "
                 f"(lower EarlyTomConfig.prune_layers)"
             )
+        return layers, strategy
 
     @torch.no_grad()
     def encode_videos(self, pixel_values_videos: torch.Tensor, vision_feature_layer=None,
@@ -436,9 +431,7 @@ class EarlyTomHandle:
                 f"num_channels and image_size), got shape {tuple(pv.shape)}"
             )
         check_finite("pixel_values_videos", pv)
-        layer_opt, strategy = self._vision_options(vision_feature_layer, vision_feature_select_strategy)
-        feat_layers = p.feature_layers(layer_opt)
-        self._check_feature_layers(feat_layers, layer_opt)
+        feat_layers, strategy = self._feature_plan(vision_feature_layer, vision_feature_select_strategy)
 
         tower = p.tower
         ref_param = next(tower.parameters())
@@ -449,11 +442,10 @@ class EarlyTomHandle:
         run = _Run(frame_counts, feat_layers, clock)
 
         t_start = clock.now()
-        self._pending = run
+        self._run = run  # arms the hooks for this call only (images through the tower stay untouched)
         try:
             tower(pixel_values=pix)
         finally:
-            self._pending = None
             self._run = None
         t_tower = clock.now()
         clock.span("vision_tower", t_start, t_tower)
@@ -477,8 +469,8 @@ class EarlyTomHandle:
         proj = p.inner.multi_modal_projector(feats)
         t1 = clock.now()
         clock.span("projector", t0, t1)
-        pooled = self._pool(proj)
-        pooled_scores = self._pool(scores.unsqueeze(-1).to(torch.float32)).squeeze(-1)
+        pooled = p.inner.apply_pooling(proj)
+        pooled_scores = p.inner.apply_pooling(scores.unsqueeze(-1).to(torch.float32)).squeeze(-1)
         t2 = clock.now()
         clock.span("pooling", t1, t2)
 
@@ -498,18 +490,6 @@ class EarlyTomHandle:
         }
         self._stats_cache = None
         return per_video
-
-    def _pool(self, x: torch.Tensor) -> torch.Tensor:
-        """LLaVA-OneVision's bilinear pooling of ``[N, grid*grid, C]`` token grids (the model's
-        own ``apply_pooling`` when it has one)."""
-        inner = self._parts.inner
-        if hasattr(inner, "apply_pooling"):
-            return inner.apply_pooling(x)
-        g = self._parts.grid
-        n, _, c = x.shape
-        y = x.view(n, g, g, c).permute(0, 3, 1, 2).contiguous()
-        y = F.interpolate(y, size=[self._parts.pooled, self._parts.pooled], mode="bilinear")
-        return y.permute(0, 2, 3, 1).reshape(n, -1, c)
 
     def _materialize_stats(self, raw: dict) -> dict:
         B, T = raw["B"], raw["T"]
@@ -887,7 +867,6 @@ def apply(model: nn.Module, cfg: Optional[EarlyTomConfig] = None) -> EarlyTomHan
     parts = _Parts(model)
     cfg.validate(num_layers=parts.depth)
     handle = EarlyTomHandle(model, cfg, parts)
-    layer_opt, strategy = handle._vision_options()
-    handle._check_feature_layers(parts.feature_layers(layer_opt), layer_opt)
+    handle._feature_plan()
     handle._install()
     return handle
