@@ -400,19 +400,11 @@ class EarlyTomHandle:
             )
         return layers, strategy
 
-    @torch.no_grad()
-    def encode_videos(self, pixel_values_videos: torch.Tensor, vision_feature_layer=None,
-                      vision_feature_select_strategy=None) -> List[torch.Tensor]:
-        """Compressed LLM features of a batch of videos.
-
-        ``pixel_values_videos``: ``[B, T, 3, H, W]`` (as the LLaVA-OneVision processor makes it).
-        Returns a list of ``B`` tensors ``[n_b + 1, hidden]`` (kept tokens, then
-        ``image_newline``) in the projector's dtype (as Hugging Face returns them). Statistics go to ``last_stats``.
-        """
+    def _check_pixels(self, pv) -> tuple:
+        """``(B, T)`` of a ``pixel_values_videos`` tensor (type, shape and geometry checked)."""
         if self._removed:
             raise RuntimeError("this EarlyTom handle was removed")
         p = self._parts
-        pv = pixel_values_videos
         if not isinstance(pv, torch.Tensor):
             raise TypeError(f"pixel_values_videos must be a torch.Tensor [B, T, 3, H, W], got {type(pv).__name__}")
         if pv.dim() != 5:
@@ -430,9 +422,22 @@ class EarlyTomHandle:
                 f"pixel_values_videos must be [B, T, {', '.join(map(str, frame_shape))}] (the vision tower's "
                 f"num_channels and image_size), got shape {tuple(pv.shape)}"
             )
+        return B, T
+
+    @torch.no_grad()
+    def encode_videos(self, pixel_values_videos: torch.Tensor, vision_feature_layer=None,
+                      vision_feature_select_strategy=None) -> List[torch.Tensor]:
+        """Compressed LLM features of a batch of videos.
+
+        ``pixel_values_videos``: ``[B, T, 3, H, W]`` (as the LLaVA-OneVision processor makes it).
+        Returns a list of ``B`` tensors ``[n_b + 1, hidden]`` (kept tokens, then
+        ``image_newline``) in the projector's dtype (as Hugging Face returns them). Statistics go to ``last_stats``.
+        """
+        pv = pixel_values_videos
+        B, T = self._check_pixels(pv)
         check_finite("pixel_values_videos", pv)
         feat_layers, strategy = self._feature_plan(vision_feature_layer, vision_feature_select_strategy)
-
+        p = self._parts
         tower = p.tower
         ref_param = next(tower.parameters())
         device, vdtype = ref_param.device, ref_param.dtype
@@ -571,8 +576,7 @@ class EarlyTomHandle:
             raise ValueError(f"attention_mask must have the shape of input_ids {(Bs, L)}, got {tuple(attention_mask.shape)}")
         if labels is not None and tuple(labels.shape) != (Bs, L):
             raise ValueError(f"labels must have the shape of input_ids {(Bs, L)}, got {tuple(labels.shape)}")
-        feats = self.encode_videos(pixel_values_videos, vision_feature_layer, vision_feature_select_strategy)
-        B, T = int(pixel_values_videos.shape[0]), int(pixel_values_videos.shape[1])
+        B, T = self._check_pixels(pixel_values_videos)
         n0 = T * p.tokens_per_frame + 1
         vid = p.video_token_id
 
@@ -595,6 +599,7 @@ class EarlyTomHandle:
                     f"the {n0} video placeholders of video {v} must be one contiguous run in one sample of input_ids"
                 )
             runs.setdefault(b0, []).append((s, s + n0, v))
+        feats = self.encode_videos(pixel_values_videos, vision_feature_layer, vision_feature_select_strategy)
 
         # Padding: leading / trailing zeros of the attention mask.
         lead = [0] * Bs

@@ -365,8 +365,12 @@ def test_errors(model, videos):
         with pytest.raises(ValueError, match="5 dimensions"):
             model(input_ids=inputs["input_ids"], pixel_values_videos=good[0])
         wrong = tm.make_inputs(videos, seed=12, video_tokens=[100, 100])
+        stage1_calls = []
+        h._stage1 = lambda *args, **kwargs: stage1_calls.append(args)
         with pytest.raises(ValueError, match="placeholder"):
             model.generate(**wrong, max_new_tokens=2)
+        assert stage1_calls == []  # checked before the vision tower runs
+        del h._stage1
     with pytest.raises(TypeError):
         earlytom_ext.apply(torch.nn.Linear(2, 2), CFG)
     with pytest.raises(TypeError):
@@ -406,6 +410,11 @@ def test_unpadded_inputs_positional_generate(model, videos):
         ids = inputs.pop("input_ids")
         out = model.generate(ids, **inputs, max_new_tokens=2, do_sample=False)
         am = h.last_inputs["attention_mask"]
+        # Without an attention mask: the same (no padding in, left padding added).
+        no_mask = model.generate(ids, pixel_values_videos=inputs["pixel_values_videos"], max_new_tokens=2,
+                                 do_sample=False)
+        assert torch.equal(h.last_inputs["attention_mask"], am)
+    assert torch.equal(no_mask, out)
     assert torch.equal(out[:, : ids.shape[1]], ids)
     n = am.sum(1)
     assert n[0] != n[1]
@@ -413,13 +422,17 @@ def test_unpadded_inputs_positional_generate(model, videos):
         assert am[b, -int(n[b]):].all()
 
 
-def test_bfloat16_model_runs(videos):
-    m = tm.build_model(seed=0, dtype=torch.bfloat16)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_model_runs(videos, dtype):
+    m = tm.build_model(seed=0, dtype=dtype)
     with earlytom_ext.apply(m, CFG) as h:
-        feats = h.encode_videos(torch.stack(videos))
+        feats = h.encode_videos(torch.stack(videos))  # fp32 pixels: cast to the tower's dtype
         st = h.last_stats
+        inputs = tm.make_inputs([v[:2] for v in videos], seed=18)
+        out = m.generate(**inputs, max_new_tokens=2, do_sample=False)
+    assert out.shape == (2, inputs["input_ids"].shape[1] + 2)
     for b, f in enumerate(feats):
-        assert f.dtype == torch.bfloat16 and torch.isfinite(f.float()).all()
+        assert f.dtype == dtype and torch.isfinite(f.float()).all()
         assert f.shape[0] == expected_token_count(st["videos"][b]["segments"], T, CFG.retain_ratio) + 1
 
 
