@@ -550,7 +550,6 @@ class EarlyTomHandle:
                 return v
         return 0
 
-    @torch.no_grad()
     def prepare_inputs(self, input_ids: torch.Tensor, pixel_values_videos: torch.Tensor,
                        attention_mask: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
                        vision_feature_layer=None, vision_feature_select_strategy=None,
@@ -562,6 +561,7 @@ class EarlyTomHandle:
         run of the compressed length, the batch is re-padded on the side the inputs used
         (``padding_side`` when the inputs had no padding; default ``"left"``), and the
         compressed video features are written into ``inputs_embeds`` at the placeholders.
+        The video features carry no gradient; the input embeddings follow the caller's grad mode.
         """
         p = self._parts
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
@@ -770,7 +770,8 @@ class EarlyTomHandle:
                 raise ValueError(f"give the prompt once: as input_ids or as {first} (positionally), not both")
             if input_ids is None:
                 input_ids = inputs
-            prep = handle._compress_call(call, pv, input_ids)
+            with torch.no_grad():  # generate is inference only
+                prep = handle._compress_call(call, pv, input_ids)
             L, L2 = input_ids.shape[1], prep["input_ids"].shape[1]
             handle._shift_lengths(call, L, L2)
             if call.get("streamer") is not None:

@@ -316,6 +316,15 @@ def test_labels_follow_the_compression(model, videos):
             out = model(**inputs, labels=labels)
         li = h.last_inputs
     assert out.loss is not None and torch.isfinite(out.loss)
+    # With gradients on, the language model (its input embeddings included) gets them; the
+    # compressed video features are constants.
+    with earlytom_ext.apply(model, CFG):
+        model.zero_grad(set_to_none=True)
+        model(**inputs, labels=labels).loss.backward()
+    emb = model.get_input_embeddings().weight
+    assert emb.grad is not None and emb.grad.abs().sum() > 0
+    assert model.model.multi_modal_projector.linear_1.weight.grad is None
+    model.zero_grad(set_to_none=True)
     lab = li["labels"]
     assert lab.shape == li["input_ids"].shape
     text = (li["attention_mask"] == 1) & (li["input_ids"] != tm.VIDEO_TOKEN_ID)
