@@ -21,9 +21,16 @@
   the same batch go through the model unchanged).
 
   - ``generate`` returns sequences whose prompt part is the caller's *original*
-    ``input_ids``, so ``out[:, inputs["input_ids"].shape[1]:]`` is the generated text.
+    ``input_ids`` (repeated per beam / returned sequence), so
+    ``out[:, inputs["input_ids"].shape[1]:]`` is the generated text. An explicit
+    ``max_length`` / ``min_length`` counts that original prompt (as without EarlyTom); a
+    ``streamer`` receives the original prompt. Scores, hidden states and attentions returned by
+    ``generate`` refer to the compressed prompt, and the KV cache is always used (Hugging Face
+    forces it when generating from ``inputs_embeds``).
   - ``forward`` returns the model's output over the *compressed* sequence (``logits`` are
-    ``[B, L', V]``); the compressed inputs are on ``handle.last_inputs``.
+    ``[B, L', V]``); the compressed inputs are on ``handle.last_inputs``. An empty
+    ``past_key_values`` may be passed to prefill; decoding then continues with
+    ``handle.last_inputs["attention_mask"]``. A cache that already holds tokens is rejected.
 
 ``handle.remove()`` (or leaving a ``with`` block) restores the model exactly.
 
