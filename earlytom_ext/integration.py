@@ -352,8 +352,8 @@ class EarlyTomHandle:
             return None
         x = output[0] if isinstance(output, (tuple, list)) else output
         cfg = self._cfg
-        changed = False
-        if idx in cfg.prune_layers:
+        prune = idx in cfg.prune_layers
+        if prune:
             clock = run.clock
             extras = None
             if idx == cfg.prune_layers[-1]:
@@ -369,7 +369,6 @@ class EarlyTomHandle:
             x = res.x
             run.frame_counts = res.frame_counts
             run.merges.append((idx, res.frame_counts, res.plan_src, res.plan_weight))
-            changed = True
             if idx == cfg.prune_layers[-1]:
                 if res.extras is None:
                     raise RuntimeError("EarlyTom: Stage I at the score layer must return the merged scores")
@@ -379,7 +378,7 @@ class EarlyTomHandle:
                 clock.span("refine_segments", t0, clock.now())
         if idx in run.capture:
             run.captured[idx] = x
-        if not changed:
+        if not prune:
             return None
         if isinstance(output, tuple):
             return (x,) + tuple(output[1:])

@@ -27,6 +27,8 @@ def make_video(num_frames: int, seed: int = 0, kind: str = "scenes", scene_lengt
     per block), ``"static"`` (one image plus small noise), ``"random"`` (every frame different),
     ``"identical"`` (exactly equal frames).
     """
+    if kind not in ("scenes", "static", "random", "identical"):
+        raise ValueError(f"kind must be one of scenes, static, random, identical; got {kind!r}")
     g = torch.Generator().manual_seed(seed)
 
     def image():
@@ -45,8 +47,6 @@ def make_video(num_frames: int, seed: int = 0, kind: str = "scenes", scene_lengt
             base = image()
         elif kind == "scenes" and t % scene_length == 0 and t > 0:
             base = image()
-        elif kind not in ("scenes", "static", "random"):
-            raise ValueError(f"kind must be one of scenes, static, random, identical; got {kind!r}")
         frames.append(base + noise * (torch.rand(base.shape, generator=g) * 2 - 1))
     return torch.stack(frames).clamp(-1, 1)
 
