@@ -781,7 +781,7 @@ class EarlyTomHandle:
             L, L2 = input_ids.shape[1], prep["input_ids"].shape[1]
             handle._shift_lengths(call, L, L2)
             if call.get("streamer") is not None:
-                call["streamer"] = _PromptStreamer(call["streamer"], input_ids)
+                call["streamer"] = _PromptStreamer(call["streamer"], input_ids, L2)
             out = orig(prep["input_ids"], **call)
             return _restore_prompt(out, L2, input_ids)
 
@@ -816,13 +816,15 @@ class _PromptStreamer:
     """Gives a ``generate`` streamer the caller's prompt in place of the compressed one (Hugging
     Face puts the prompt first, then each new token)."""
 
-    def __init__(self, streamer, prompt: torch.Tensor):
+    def __init__(self, streamer, prompt: torch.Tensor, compressed_len: int):
         self._streamer = streamer
         self._prompt = prompt
+        self._compressed_len = compressed_len
 
     def put(self, value):
-        if self._prompt is not None:
-            value, self._prompt = self._prompt.to(value.device), None
+        if self._prompt is not None and value.dim() == 2 and value.shape[1] == self._compressed_len:
+            value = self._prompt.to(value.device)
+        self._prompt = None
         self._streamer.put(value)
 
     def end(self):
