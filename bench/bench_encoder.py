@@ -29,8 +29,8 @@ if __package__ in (None, ""):
 import torch
 
 from bench import models
-from bench.bench_ttft import (ModuleTimers, Stamp, apply_earlytom, frames_after, gib, is_cuda, median,
-                              op_spans, sync)
+from bench.bench_ttft import (ModuleTimers, Stamp, apply_earlytom, frames_after, is_cuda, median,
+                              op_spans, peak_memory, sync)
 
 
 def stock_video_features(model, videos):
@@ -63,15 +63,7 @@ def _measure(fn, model, device, warmup: int, iters: int, handle=None) -> dict:
                 tower.append(timers.collect()["vision_ms"])
                 if handle is not None:
                     ops.append(sum(op_spans(handle.last_stats).values()))
-            mem = {}
-            if is_cuda(device):
-                sync(device)
-                base = torch.cuda.memory_allocated(device)
-                torch.cuda.reset_peak_memory_stats(device)
-                fn()
-                sync(device)
-                peak = torch.cuda.max_memory_allocated(device)
-                mem = {"peak_mem_gib": gib(peak), "peak_over_weights_gib": gib(peak - base)}
+            mem = peak_memory(fn, device)
     finally:
         timers.remove()
     row = {"features_ms": median(total), "features_min_ms": min(total), "tower_ms": median(tower),

@@ -200,6 +200,20 @@ class _ForcedPlans:
         return hit
 
 
+
+def peak_memory(fn: Callable[[], object], device) -> Dict[str, Optional[float]]:
+    """Peak CUDA memory of one more call of ``fn``: in all and above what was allocated before
+    (the weights and inputs). Empty on CPU."""
+    if not is_cuda(device):
+        return {}
+    sync(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    sync(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    return {"peak_mem_gib": gib(peak), "peak_over_weights_gib": gib(peak - base)}
+
 def install_pattern(handle, pattern: str) -> Callable[[], None]:
     """Force a merge pattern on an EarlyTom handle; returns a function that undoes it.
 
@@ -251,8 +265,7 @@ def install_pattern(handle, pattern: str) -> Callable[[], None]:
 def apply_earlytom(model, cfg, pattern: str):
     """``earlytom_ext.apply`` plus the merge pattern; returns the handle (``handle.remove()``
     undoes both)."""
-    import earlytom_ext.ops  # noqa: F401  (import the submodules explicitly, not through the
-    from earlytom_ext.integration import apply  # package's lazy attributes)
+    from earlytom_ext.integration import apply
 
     handle = apply(model, cfg)
     try:
@@ -354,15 +367,7 @@ def measure(model, inputs: dict, device, *, handle=None, warmup: int = 2, iters:
                     ops_ms.append(sum(spans.values()))
             prefill_len = timers.prefill_len
             # Peak memory over one more call.
-            mem = {}
-            if is_cuda(device):
-                sync(device)
-                base = torch.cuda.memory_allocated(device)
-                torch.cuda.reset_peak_memory_stats(device)
-                call()
-                sync(device)
-                peak = torch.cuda.max_memory_allocated(device)
-                mem = {"peak_mem_gib": gib(peak), "peak_over_weights_gib": gib(peak - base)}
+            mem = peak_memory(call, device)
             prof = profile_op_time(call, device) if profile else {}
     finally:
         timers.remove()
