@@ -154,7 +154,9 @@ def hf_config(spec: ModelSpec):
 def _from_config(cls, cfg, dtype, attn_implementation):
     try:
         return cls._from_config(cfg, dtype=dtype, attn_implementation=attn_implementation)
-    except TypeError:  # transformers 4.x spells it torch_dtype
+    except TypeError as e:  # transformers 4.x spells it torch_dtype (5.x: dtype)
+        if "dtype" not in str(e):
+            raise
         return cls._from_config(cfg, torch_dtype=dtype, attn_implementation=attn_implementation)
 
 

@@ -107,6 +107,53 @@ def test_forced_plan_matches_reference_walk(T, keep_last):
         assert _effective(plan) == _effective(ref_plan), pattern
 
 
+class _FakeNVMLError(Exception):
+    pass
+
+
+def _fake_pynvml(fail_at=None):
+    """A stand-in for nvidia-ml-py: every call answers, except ``fail_at`` which raises."""
+    import types
+
+    def call(name, value):
+        def fn(*args):
+            if name == fail_at:
+                raise _FakeNVMLError(f"{name} refused")
+            return value
+
+        return fn
+
+    mod = types.ModuleType("pynvml")
+    mod.NVML_CLOCK_SM, mod.NVML_CLOCK_MEM, mod.NVML_TEMPERATURE_GPU = 0, 1, 0
+    mem = types.SimpleNamespace(total=80 * 2**30, used=2**30)
+    for name, value in (("nvmlInit", None), ("nvmlShutdown", None), ("nvmlDeviceGetHandleByIndex", object()),
+                        ("nvmlDeviceGetName", b"GPU"), ("nvmlSystemGetDriverVersion", "580"),
+                        ("nvmlSystemGetCudaDriverVersion", 13000), ("nvmlDeviceGetMemoryInfo", mem),
+                        ("nvmlDeviceGetClockInfo", 1980), ("nvmlDeviceGetMaxClockInfo", 1980),
+                        ("nvmlDeviceGetPowerManagementLimit", 700000), ("nvmlDeviceGetTemperature", 40),
+                        ("nvmlDeviceGetPersistenceMode", 1)):
+        setattr(mod, name, call(name, value))
+    return mod
+
+
+@pytest.mark.parametrize("fail_at", [None, "nvmlInit", "nvmlDeviceGetHandleByIndex", "nvmlDeviceGetClockInfo"])
+def test_nvml_info_never_raises(monkeypatch, fail_at):
+    """The GPU run reads NVML before any work: a refused call must not end the run."""
+    from bench import run
+
+    monkeypatch.setitem(sys.modules, "pynvml", _fake_pynvml(fail_at))
+    info = run.nvml_info(0)
+    if fail_at in ("nvmlInit", "nvmlDeviceGetHandleByIndex"):
+        assert set(info) == {"nvml"} and "refused" in info["nvml"]
+        return
+    assert info["name"] == "GPU" and info["memory_total_gib"] == pytest.approx(80.0)
+    assert info["power_limit_w"] == pytest.approx(700.0)
+    if fail_at == "nvmlDeviceGetClockInfo":
+        assert info["sm_clock_mhz"] is None and info["mem_clock_mhz"] is None
+    else:
+        assert info["sm_clock_mhz"] == 1980
+
+
 # ---------------------------------------------------------------------------------------------
 # The CPU quick run of bench/run.py
 # ---------------------------------------------------------------------------------------------
@@ -166,7 +213,8 @@ def test_quick_run_measured_sections(quick_run):
     ttft = results["ttft"]
     base = [r for r in ttft if r["config"] == "uncompressed"]
     comp = [r for r in ttft if r["config"] == "earlytom"]
-    assert len(base) == 2 and len(comp) == 2
+    assert len(base) == 2
+    assert [r["pattern"] for r in comp] == ["forced-merge", "forced-nomerge", "natural"]
     P = models.get_spec("micro").tokens_per_frame
     assert P == 16
     full_tokens = 4 * P + 1 + 32
@@ -181,13 +229,13 @@ def test_quick_run_measured_sections(quick_run):
         assert 0 <= r["ops_share_pct"] <= 100
         assert r["ops_kernel_ms"] >= 0
         assert len(r["frames_after_prune"]) == 1 and len(r["frames_after_prune"][0]) == 3
-        if r["pattern"] == "forced-merge":
-            assert r["frames_after_prune"][0] == models.forced_counts(4, cfg)
-            kept = models.forced_video_tokens(4, cfg, P=P)
+        if r["pattern"] in models.FORCED_PATTERNS:
+            assert r["frames_after_prune"][0] == models.forced_counts(4, cfg, r["pattern"])
+            kept = models.forced_video_tokens(4, cfg, r["pattern"], P=P)
             assert r["video_tokens"] == [kept + 1]
             assert r["prefill_tokens"] == kept + 1 + 32
     enc = results["encoder"]
-    assert [r["config"] for r in enc] == ["uncompressed", "earlytom", "earlytom"]
+    assert [r["config"] for r in enc] == ["uncompressed", "earlytom", "earlytom", "earlytom"]
     assert all(r["features_ms"] > 0 and r["tower_ms"] > 0 for r in enc)
     sc = results["scaling"]
     assert {(r["axis"], r["value"]) for r in sc} == {("frames", 2), ("frames", 4), ("batch", 1), ("batch", 2)}
