@@ -511,10 +511,14 @@ def scaling(model, spec, device="cuda", *, frames_list: Sequence[int] = (8, 16, 
                 f"(x{row['speedup']:.2f}), ops {comp.get('ops_ms') or 0:.2f} ms")
         except torch.cuda.OutOfMemoryError as e:  # pragma: no cover - GPU only
             row["error"] = f"OutOfMemoryError: {str(e).splitlines()[0]}"
-            torch.cuda.empty_cache()
+            log(f"  scaling B={B} T={T}: ERROR {row['error']}")
         except Exception as e:
             row["error"] = f"{type(e).__name__}: {e}"
             log(f"  scaling B={B} T={T}: ERROR {row['error']}")
+        if row.get("error") and is_cuda(device):
+            # Outside the except block: the traceback no longer holds the failed call's tensors.
+            inputs = None
+            torch.cuda.empty_cache()
         done[(B, T)] = row
         rows.append(row)
     return rows

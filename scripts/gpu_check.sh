@@ -189,7 +189,7 @@ stage_cuda() {
   cmake -S . -B "$CT_BUILD" -DCMAKE_CUDA_ARCHITECTURES="$CUDA_ARCHS" -DCMAKE_BUILD_TYPE=Release \
     -DCMAKE_CUDA_COMPILER="$CUDA_HOME/bin/nvcc" || return 1
   cmake --build "$CT_BUILD" -j "$MAX_JOBS" || return 1
-  ctest --test-dir "$CT_BUILD" --output-on-failure --timeout 300
+  ctest --test-dir "$CT_BUILD" --output-on-failure --no-tests=error --timeout 300
 }
 
 sanitizer_bin() {
