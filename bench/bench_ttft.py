@@ -368,7 +368,13 @@ def measure(model, inputs: dict, device, *, handle=None, warmup: int = 2, iters:
             prefill_len = timers.prefill_len
             # Peak memory over one more call.
             mem = peak_memory(call, device)
-            prof = profile_op_time(call, device) if profile else {}
+            prof = {}
+            if profile:
+                # The profiler (CUPTI on a GPU) is an extra: when it fails, the timings above stay.
+                try:
+                    prof = profile_op_time(call, device)
+                except Exception as e:
+                    prof = {"ops_kernel_error": f"{type(e).__name__}: {e}"}
     finally:
         timers.remove()
 
@@ -398,7 +404,7 @@ def measure(model, inputs: dict, device, *, handle=None, warmup: int = 2, iters:
     row.update(mem)
     if prof:
         row.update(prof)
-        if t_med:
+        if t_med and "ops_kernel_ms" in prof:
             row["ops_kernel_share_pct"] = 100.0 * prof["ops_kernel_ms"] / t_med
     return row
 

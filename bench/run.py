@@ -700,6 +700,9 @@ def main(argv=None) -> dict:
                         results["skipped"].append(f"{where}: {r['error']}")
                     else:
                         results["errors"].append(f"{where}: {r['error']}")
+                if r.get("ops_kernel_error"):
+                    results["errors"].append(f"{name} r={r.get('ratio')} {r.get('pattern')}: torch.profiler "
+                                             f"failed ({r['ops_kernel_error']}); the timings are kept")
         for name, res in (results.get("kernels") or {}).items():
             if res.get("error"):
                 results["errors"].append(f"kernels {name}: {res['error']}")
