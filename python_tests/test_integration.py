@@ -332,25 +332,32 @@ def test_labels_follow_the_compression(model, videos):
     assert (lab[~text] == -100).all()
 
 
-def test_stage1_seam_can_be_overridden(model, videos):
+def test_force_decisions_seam(model, videos):
+    from earlytom_ext import ops
+
     calls = []
     with earlytom_ext.apply(model, CFG) as h:
-        orig = h._stage1
+        baseline = h.encode_videos(torch.stack(videos))
 
         def spy(x, frame_counts, layer_index, extras=None):
             calls.append((layer_index, x.shape[0], extras is not None))
-            return orig(x, frame_counts, layer_index, extras)
+            return ops.merge_frames(x, frame_counts, h.config, extras=extras)
 
         refine_calls = []
-        orig_refine = h._refine
 
         def spy_refine(x, frame_counts):
             refine_calls.append(x.shape[0])
-            return orig_refine(x, frame_counts)
+            return ops.segment_frames(x, frame_counts, h.config)
 
-        h._stage1 = spy
-        h._refine = spy_refine
+        assert h.force_decisions(stage1=spy, refine=spy_refine) is h
+        forced = h.encode_videos(torch.stack(videos))
+        assert all(torch.equal(a, b) for a, b in zip(baseline, forced))
+        h.force_decisions()  # back to the default ops
+        n = len(calls)
         h.encode_videos(torch.stack(videos))
+        assert len(calls) == n
+        with pytest.raises(TypeError, match="stage1"):
+            h.force_decisions(stage1=1)
     assert [c[0] for c in calls] == list(CFG.prune_layers)
     assert calls[0][1] == 2 * T
     assert [c[2] for c in calls] == [False, False, True]
@@ -375,11 +382,11 @@ def test_errors(model, videos):
             model(input_ids=inputs["input_ids"], pixel_values_videos=good[0])
         wrong = tm.make_inputs(videos, seed=12, video_tokens=[100, 100])
         stage1_calls = []
-        h._stage1 = lambda *args, **kwargs: stage1_calls.append(args)
+        h.force_decisions(stage1=lambda *args, **kwargs: stage1_calls.append(args))
         with pytest.raises(ValueError, match="placeholder"):
             model.generate(**wrong, max_new_tokens=2)
         assert stage1_calls == []  # checked before the vision tower runs
-        del h._stage1
+        h.force_decisions()
     with pytest.raises(TypeError):
         earlytom_ext.apply(torch.nn.Linear(2, 2), CFG)
     with pytest.raises(TypeError):
@@ -614,10 +621,10 @@ def test_exception_inside_the_tower_resets_state(model, videos):
         def boom(*args, **kwargs):
             raise RuntimeError("boom")
 
-        h._stage1 = boom
+        h.force_decisions(stage1=boom)
         with pytest.raises(RuntimeError, match="boom"):
             h.encode_videos(pix)
-        del h._stage1
+        h.force_decisions()
         assert torch.equal(image_features(), base_img)  # no run left armed
         after = h.encode_videos(pix)
     assert torch.equal(before[0], after[0])

@@ -1,0 +1,75 @@
+"""EarlyTom for Hugging Face video LLMs.
+
+``apply(model, cfg)`` patches one model instance (removable): inside the vision encoder, Stage I
+merges similar frames after the prune layers (only while a video goes through it; images are
+untouched) and the last prune layer's attention gives one score per token; after the encoder,
+Stage II keeps each frame's most attended tokens; the ``forward`` / ``generate`` wrappers shorten
+each video's run of placeholders and feed the compressed features to the language model.
+
+Layout: :mod:`.core` (the handle: model-independent), :mod:`.run` (one armed pass through the
+encoder), :mod:`.prompt` (placeholder rewriting), :mod:`.wrappers` (``forward`` / ``generate``),
+:mod:`.stats`, :mod:`.pooling`, and :mod:`.adapters` (one per model family: LLaVA-OneVision).
+
+``generate`` returns sequences whose prompt part is the caller's *original* ``input_ids``;
+``max_length`` / ``min_length`` count that prompt; a ``streamer`` receives it. ``forward`` returns the
+model's output over the *compressed* sequence; the compressed inputs are on ``handle.last_inputs``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch.nn as nn
+
+from ..config import EarlyTomConfig
+from .adapters import adapter_for
+from .core import MARKER, EarlyTomHandle
+from .pooling import FastPoolingHandle, fast_pooling
+
+__all__ = ["EarlyTomHandle", "FastPoolingHandle", "apply", "fast_pooling"]
+
+
+def apply(model: nn.Module, cfg: Optional[EarlyTomConfig] = None) -> EarlyTomHandle:
+    """Patch one Hugging Face video LLM with EarlyTom.
+
+    Args:
+        model: a ``LlavaOnevisionForConditionalGeneration`` (transformers 4.57.x or 5.x).
+        cfg: the :class:`EarlyTomConfig` (default ``EarlyTomConfig()``); its prune layers must be
+            below the vision encoder's depth and not after the feature layer.
+
+    Returns:
+        an :class:`EarlyTomHandle` (``remove()``, context manager, ``last_stats``, ``summary()``,
+        ``last_inputs``, ``config``, ``encode_videos``, ``prepare_inputs``, ``force_decisions``).
+
+    Raises:
+        TypeError: the model is not a supported model (or cfg is not an ``EarlyTomConfig``).
+        ValueError: the config does not fit the model.
+        RuntimeError: EarlyTom is already applied to this model.
+    """
+    if cfg is None:
+        cfg = EarlyTomConfig()
+    if not isinstance(cfg, EarlyTomConfig):
+        raise TypeError(f"cfg must be an earlytom_ext.EarlyTomConfig, got {type(cfg).__name__}")
+    if isinstance(model, nn.Module) and isinstance(model.__dict__.get(MARKER), EarlyTomHandle):
+        raise RuntimeError("EarlyTom is already applied to this model; call handle.remove() first")
+    adapter = adapter_for(model)
+    _check_depth(cfg, adapter.depth)
+    adapter.check_config(cfg)
+    llm_merge = None
+    if getattr(cfg, "llm_merge_layer", None) is not None:
+        from .llm_merge import LLMMerge
+
+        llm_merge = LLMMerge(adapter.language_model(), cfg.llm_merge_layer, cfg.llm_merge_ratio)
+    handle = EarlyTomHandle(model, cfg, adapter, llm_merge)
+    handle.install()
+    return handle
+
+
+def _check_depth(cfg: EarlyTomConfig, depth: int) -> None:
+    # The config validated its own fields when it was built (frozen); only the model-dependent bound is new.
+    bad = [p for p in cfg.prune_layers if p >= depth]
+    if bad:
+        raise ValueError(
+            f"EarlyTomConfig.prune_layers {tuple(cfg.prune_layers)} must be below the vision encoder depth "
+            f"{depth} (layers {bad} do not exist)"
+        )

@@ -1,0 +1,150 @@
+"""The model-adapter seam: what the model-independent core asks of one model family."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+from ...config import EarlyTomConfig
+from ..run import VideoRun
+
+__all__ = ["EncodedVideos", "ModelAdapter", "VideoInputs"]
+
+
+@dataclass
+class VideoInputs:
+    """The video arguments of one call, parsed and checked by the adapter."""
+
+    pixels: torch.Tensor  # model-specific layout
+    frames: List[int]  # Stage I frames per video (LLaVA-OneVision: T; Qwen2.5-VL: temporal groups)
+    placeholders: List[int]  # video placeholder tokens per video in input_ids before compression
+    extra: Dict[str, Any] = field(default_factory=dict)  # model-specific (grid sizes, feature layer, ...)
+
+
+@dataclass
+class EncodedVideos:
+    """The encoder's output for Stage II: per merged frame, P positions on the LLM's side."""
+
+    feats: torch.Tensor  # [N', P, C] in the LLM's hidden size
+    scores: torch.Tensor  # [N', P] fp32
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+
+class ModelAdapter:
+    """One model family. Subclasses answer the model-specific questions; the core
+    (:class:`~earlytom_ext.integration.core.EarlyTomHandle`) does the rest: the armed run, Stage I /
+    score / Stage II orchestration, statistics, placeholder rewriting and the forward / generate
+    wrapping.
+
+    A subclass sets the attributes below in ``__init__`` and implements the methods that raise
+    ``NotImplementedError``.
+    """
+
+    #: ``config.model_type`` values this adapter serves.
+    model_types: ClassVar[Tuple[str, ...]] = ()
+    #: the call argument that carries the videos (its presence switches the video path on).
+    video_arg: ClassVar[str] = "pixel_values_videos"
+    #: further call arguments :meth:`video_inputs` reads, and those it removes from the call.
+    video_kwargs: ClassVar[Tuple[str, ...]] = ()
+    consumed_kwargs: ClassVar[Tuple[str, ...]] = ()
+
+    model: nn.Module
+    video_token_id: int
+    depth: int  # vision encoder layers (prune layers index them)
+    tokens_per_frame: int  # P: tokens per frame the LLM sees without compression
+    extra_tokens_per_video: int = 0  # tokens appended per video after Stage II (LLaVA: image_newline)
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    # ---------------------------------------------------------------- configuration
+    def default_prune_layers(self) -> Tuple[int, ...]:
+        """Prune layers scaled to this encoder (used by presets for this family)."""
+        raise NotImplementedError
+
+    def check_config(self, cfg: EarlyTomConfig) -> None:
+        """Raise ``ValueError`` when ``cfg`` does not fit the model (beyond the depth check)."""
+
+    # ---------------------------------------------------------------- life cycle
+    def install(self, core) -> None:
+        """Hooks on the encoder (the core arms them with a :class:`VideoRun` per call)."""
+
+    def remove(self) -> None:
+        """Undo :meth:`install` exactly (idempotent)."""
+
+    def encoder_device(self) -> torch.device:
+        """Where the vision encoder runs (frame counts and runs live there)."""
+        return next(self.model.parameters()).device
+
+    # ---------------------------------------------------------------- the video path
+    def video_inputs(self, call: Dict[str, Any]) -> VideoInputs:
+        """Parse and check this family's video arguments from ``call`` (``video_arg`` and
+        ``video_kwargs`` by name); raise ``TypeError`` / ``ValueError`` naming the argument."""
+        raise NotImplementedError
+
+    def encode(self, run: VideoRun, videos: VideoInputs) -> EncodedVideos:
+        """Run the vision encoder on ``videos`` calling ``run.score`` / ``run.stage1`` at the prune
+        layers, then whatever the model does until the LLM's side (projector, pooling)."""
+        raise NotImplementedError
+
+    def finish(self, tokens: Sequence[torch.Tensor], index: Sequence[torch.Tensor], run: VideoRun,
+               videos: VideoInputs, encoded: EncodedVideos) -> List[torch.Tensor]:
+        """Stage II's kept tokens per video (``tokens[v]: [n_v, C]``, ``index[v]: [n_v, 2]`` =
+        (merged frame, position)) -> the video features the LLM receives. Default: as they are."""
+        return list(tokens)
+
+    def build_llm_inputs(self, call: Dict[str, Any], input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                         features: Sequence[torch.Tensor], videos: VideoInputs) -> Dict[str, Any]:
+        """The rewritten prompt (``input_ids`` with the compressed placeholder runs, its
+        ``attention_mask``) and the video features -> keyword arguments for the model's forward
+        (at least ``inputs_embeds``; position ids where the model needs them)."""
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- helpers for subclasses
+    def pad_token_id(self) -> int:
+        m = self.model
+        config = getattr(m, "config", None)
+        for src in (getattr(m, "generation_config", None), config, getattr(config, "text_config", None)):
+            v = getattr(src, "pad_token_id", None)
+            if isinstance(v, int):
+                return v
+        return 0
+
+    def language_model(self) -> nn.Module:
+        """The decoder stack (for the inner-LLM merge)."""
+        lm = find_module(self.model, ("model.language_model", "language_model", "model.model"))
+        if lm is None:
+            raise TypeError(f"cannot find the language model of {type(self.model).__name__}")
+        return lm
+
+    def input_embeddings(self) -> nn.Module:
+        inner = getattr(self.model, "model", None)
+        if inner is not None and hasattr(inner, "get_input_embeddings"):
+            return inner.get_input_embeddings()
+        return self.model.get_input_embeddings()
+
+    def scatter_features(self, input_ids: torch.Tensor, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Embed ``input_ids`` and write the video features at the placeholders, in order
+        (``masked_scatter``: no host sync)."""
+        embed = self.input_embeddings()
+        ids = input_ids.to(embed.weight.device)
+        emb = embed(ids)
+        flat = torch.cat(list(features), dim=0).to(device=emb.device, dtype=emb.dtype)
+        mask = (ids == self.video_token_id).unsqueeze(-1)
+        return emb.masked_scatter(mask, flat)
+
+
+def find_module(model: nn.Module, names: Sequence[str]) -> Optional[nn.Module]:
+    """The first attribute path in ``names`` (dotted) that exists on ``model``."""
+    for path in names:
+        obj: Any = model
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                break
+        if isinstance(obj, nn.Module):
+            return obj
+    return None

@@ -1,0 +1,270 @@
+"""LLaVA-OneVision (SigLIP encoder, 2x2 bilinear pooling, one ``image_newline`` per video).
+
+Stage I runs in forward hooks on the SigLIP prune layers (a hook that returns fewer frames makes
+every later layer run on fewer frames, in transformers 4.57 and 5.x); Q and K of the last prune
+layer are captured by hooks on its ``q_proj`` / ``k_proj`` (every layer keeps the model's attention
+implementation). After the encoder: the feature layer(s), the select strategy, the model's projector,
+then pooling of features and scores (channels-last, bit-identical to the model's ``apply_pooling``).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+from ...config import EarlyTomConfig
+from ..pooling import bilinear_pool
+from ..run import VideoRun
+from .base import EncodedVideos, ModelAdapter, VideoInputs
+
+__all__ = ["LlavaOnevisionAdapter"]
+
+
+class LlavaOnevisionAdapter(ModelAdapter):
+    model_types = ("llava_onevision",)
+    video_arg = "pixel_values_videos"
+    video_kwargs = ("vision_feature_layer", "vision_feature_select_strategy", "image_sizes_videos")
+    consumed_kwargs = ("image_sizes_videos",)  # only the unpatched video path reads it
+    extra_tokens_per_video = 1  # image_newline
+
+    def __init__(self, model: nn.Module):
+        super().__init__(model)
+        name = type(model).__name__
+        inner = getattr(model, "model", None)
+        if not isinstance(model, nn.Module) or not isinstance(inner, nn.Module):
+            raise TypeError(
+                "model must be a Hugging Face LlavaOnevisionForConditionalGeneration (with a `.model` "
+                f"holding the vision tower and the language model), got {name}"
+            )
+        config = getattr(model, "config", None)
+        missing = [a for a in ("vision_tower", "multi_modal_projector", "image_newline") if not hasattr(inner, a)]
+        if missing or not callable(getattr(model, "generate", None)):
+            raise TypeError(
+                "model must be a Hugging Face LlavaOnevisionForConditionalGeneration-like model "
+                "(model.model needs vision_tower, multi_modal_projector, image_newline; the model needs "
+                f"generate); {name} lacks {missing or ['generate']}"
+            )
+        vcfg = getattr(config, "vision_config", None)
+        video_token_id = getattr(config, "video_token_id", None)
+        if video_token_id is None:
+            video_token_id = getattr(config, "video_token_index", None)
+        if vcfg is None or video_token_id is None:
+            raise TypeError(f"model.config must have vision_config and video_token_id (LLaVA-OneVision), got {name}")
+        self.inner = inner
+        self.config = config
+        self.video_token_id = int(video_token_id)
+        self.tower = inner.vision_tower
+        vm = getattr(self.tower, "vision_model", self.tower)
+        layers = getattr(getattr(vm, "encoder", None), "layers", None)
+        if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+            raise TypeError(
+                "unsupported vision tower: expected a SigLIP-like encoder with `encoder.layers` "
+                f"(nn.ModuleList), got {type(vm).__name__}"
+            )
+        for i, layer in enumerate(layers):
+            attn = getattr(layer, "self_attn", None)
+            if not all(isinstance(getattr(attn, p, None), nn.Linear) for p in ("q_proj", "k_proj")):
+                raise TypeError(
+                    "unsupported vision tower: every encoder layer needs `self_attn` with separate "
+                    f"`q_proj` and `k_proj` linears (SigLIP); layer {i} is {type(layer).__name__}"
+                )
+        self.layers = layers
+        self.depth = len(layers)
+        image_size = getattr(vcfg, "image_size", None)
+        patch_size = getattr(vcfg, "patch_size", None)
+        if not isinstance(image_size, int) or not isinstance(patch_size, int):
+            raise TypeError("model.config.vision_config needs integer image_size and patch_size")
+        self.image_size = image_size
+        self.num_channels = getattr(vcfg, "num_channels", 3)
+        self.grid = image_size // patch_size  # as HF's apply_pooling
+        self.tokens_per_frame = math.ceil(self.grid / 2) ** 2
+        self._hooks: List[Any] = []
+        self._run: Optional[VideoRun] = None
+        self._captured: Dict[int, torch.Tensor] = {}
+        self._capture: set = set()
+        self._qk: List[Optional[torch.Tensor]] = [None, None]
+        self._cfg: Optional[EarlyTomConfig] = None
+
+    # ---------------------------------------------------------------- configuration
+    def default_prune_layers(self) -> Tuple[int, ...]:
+        return (6, 21, 23) if self.depth == 26 else tuple(round(self.depth * f) for f in (0.25, 0.8, 0.88))
+
+    def check_config(self, cfg: EarlyTomConfig) -> None:
+        self._cfg = cfg
+        self.feature_plan()  # the model's default feature layer must come after the last prune layer
+        self.attention_geometry(cfg.prune_layers[-1])
+
+    def attention_geometry(self, layer_index: int) -> Tuple[nn.Module, int, float]:
+        attn = self.layers[layer_index].self_attn
+        q_out = attn.q_proj.out_features
+        num_heads = getattr(attn, "num_heads", None)
+        if num_heads is None:
+            num_heads = getattr(getattr(attn, "config", None), "num_attention_heads", None)
+        if not isinstance(num_heads, int) or num_heads < 1 or q_out % num_heads:
+            raise TypeError(f"cannot determine the number of heads of {type(attn).__name__} (layer {layer_index})")
+        scale = getattr(attn, "scale", None)
+        if not isinstance(scale, (int, float)):
+            scale = (q_out // num_heads) ** -0.5
+        return attn, num_heads, float(scale)
+
+    def feature_layers(self, vision_feature_layer) -> List[int]:
+        """Encoder layer indices whose outputs form the features (``hidden_states[j]`` is the output
+        of layer ``j - 1``; ``hidden_states[0]`` is the embedding output)."""
+        idx = [vision_feature_layer] if isinstance(vision_feature_layer, int) else list(vision_feature_layer)
+        n = self.depth + 1
+        out = []
+        for j in idx:
+            if not isinstance(j, int) or isinstance(j, bool) or not -n <= j < n:
+                raise ValueError(
+                    f"vision_feature_layer must be an int (or list of ints) in [-{n}, {n - 1}], got {vision_feature_layer!r}"
+                )
+            out.append((j % n) - 1)
+        return out
+
+    def feature_plan(self, vision_feature_layer=None, vision_feature_select_strategy=None) -> Tuple[List[int], str]:
+        """``(encoder layers whose outputs form the features, select strategy)``: the call's values,
+        else the model config's; checked against the prune layers."""
+        c = self.config
+        layer = vision_feature_layer if vision_feature_layer is not None else getattr(c, "vision_feature_layer", -1)
+        strategy = (vision_feature_select_strategy if vision_feature_select_strategy is not None
+                    else getattr(c, "vision_feature_select_strategy", "full"))
+        if strategy not in ("default", "full"):
+            raise ValueError(f"vision_feature_select_strategy must be 'default' or 'full', got {strategy!r}")
+        layers = self.feature_layers(layer)
+        last = self._cfg.prune_layers[-1]
+        if min(layers) < last:
+            raise ValueError(
+                f"vision_feature_layer {layer!r} selects encoder layer {min(layers)}, before the "
+                f"last prune layer {last}: EarlyTom needs the features from the last prune layer on "
+                f"(lower EarlyTomConfig.prune_layers)"
+            )
+        return layers, strategy
+
+    # ---------------------------------------------------------------- hooks
+    def install(self, core) -> None:
+        cfg = self._cfg
+        last = cfg.prune_layers[-1]
+        for idx in sorted(set(cfg.prune_layers) | set(range(last, self.depth))):
+            self._hooks.append(self.layers[idx].register_forward_hook(functools.partial(self._on_layer, idx)))
+        attn, self._num_heads, self._scale = self.attention_geometry(last)
+        self._hooks.append(attn.q_proj.register_forward_hook(functools.partial(self._on_proj, 0)))
+        self._hooks.append(attn.k_proj.register_forward_hook(functools.partial(self._on_proj, 1)))
+
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        self._run = None
+
+    def _on_proj(self, slot: int, module, args, output):
+        if self._run is not None:
+            self._qk[slot] = output
+
+    def _on_layer(self, idx: int, module, args, output):
+        run = self._run
+        if run is None:
+            return None
+        x = output[0] if isinstance(output, (tuple, list)) else output
+        prune = idx in run.cfg.prune_layers
+        if prune:
+            if idx == run.last_layer:
+                q, k = self._qk
+                if q is None or k is None:
+                    raise RuntimeError("EarlyTom: Q/K of the score layer were not captured")
+                self._qk = [None, None]
+                run.score(q, k, scale=self._scale, num_heads=self._num_heads)
+            x = run.stage1(x, idx)
+        if idx in self._capture:
+            self._captured[idx] = x
+        if not prune:
+            return None
+        if isinstance(output, tuple):
+            return (x,) + tuple(output[1:])
+        if isinstance(output, list):
+            return [x] + list(output[1:])
+        return x
+
+    def encoder_device(self) -> torch.device:
+        return next(self.tower.parameters()).device
+
+    # ---------------------------------------------------------------- the video path
+    def video_inputs(self, call: Dict[str, Any]) -> VideoInputs:
+        pv = call["pixel_values_videos"]
+        if not isinstance(pv, torch.Tensor):
+            raise TypeError(f"pixel_values_videos must be a torch.Tensor [B, T, 3, H, W], got {type(pv).__name__}")
+        if pv.dim() != 5:
+            raise ValueError(f"pixel_values_videos must have 5 dimensions [B, T, 3, H, W], got shape {tuple(pv.shape)}")
+        B, T = int(pv.shape[0]), int(pv.shape[1])
+        if B < 1:
+            raise ValueError(f"pixel_values_videos must hold at least one video, got shape {tuple(pv.shape)}")
+        if T < 1:
+            raise ValueError(f"every video must have at least 1 frame, got shape {tuple(pv.shape)} (T = {T})")
+        if not pv.is_floating_point():
+            raise TypeError(f"pixel_values_videos must be a floating-point tensor, got {pv.dtype}")
+        frame_shape = (self.num_channels, self.image_size, self.image_size)
+        if tuple(pv.shape[2:]) != frame_shape:
+            raise ValueError(
+                f"pixel_values_videos must be [B, T, {', '.join(map(str, frame_shape))}] (the vision tower's "
+                f"num_channels and image_size), got shape {tuple(pv.shape)}"
+            )
+        plan = self.feature_plan(call.get("vision_feature_layer"), call.get("vision_feature_select_strategy"))
+        return VideoInputs(pixels=pv, frames=[T] * B, placeholders=[T * self.tokens_per_frame + 1] * B,
+                           extra={"feature_plan": plan})
+
+    def encode(self, run: VideoRun, videos: VideoInputs) -> EncodedVideos:
+        feat_layers, strategy = videos.extra["feature_plan"]
+        pv = videos.pixels
+        B, T = pv.shape[:2]
+        ref = next(self.tower.parameters())
+        pix = pv.reshape(B * T, *pv.shape[2:]).to(device=ref.device, dtype=ref.dtype)
+        self._capture = set(feat_layers)
+        self._captured = {}
+        self._qk = [None, None]
+        clock = run.clock
+        t0 = clock.now()
+        self._run = run  # arms the hooks for this call only (images through the tower stay untouched)
+        try:
+            self.tower(pixel_values=pix)
+        finally:
+            self._run = None
+            self._qk = [None, None]
+        t1 = clock.now()
+        clock.span("vision_tower", t0, t1)
+        run.check_complete()
+        if any(li not in self._captured for li in feat_layers):
+            raise RuntimeError("EarlyTom: the vision tower did not run through the patched layers")
+        captured, self._captured = self._captured, {}
+        feats = captured[feat_layers[0]] if len(feat_layers) == 1 else torch.cat(
+            [captured[li] for li in feat_layers], dim=-1)
+        scores = run.scores
+        if strategy == "default":
+            feats = feats[:, 1:]
+            scores = scores[:, 1:]
+        S = feats.shape[1]
+        if S != self.grid * self.grid:
+            raise ValueError(
+                f"EarlyTom needs a square {self.grid}x{self.grid} token grid per frame for pooling, got {S} tokens "
+                f"(vision_feature_select_strategy={strategy!r})"
+            )
+        proj = self.inner.multi_modal_projector(feats)
+        t2 = clock.now()
+        clock.span("projector", t1, t2)
+        pooled = bilinear_pool(proj, self.grid)
+        pooled_scores = bilinear_pool(scores.unsqueeze(-1).to(torch.float32), self.grid).squeeze(-1)
+        clock.span("pooling", t2, clock.now())
+        return EncodedVideos(feats=pooled, scores=pooled_scores)
+
+    def finish(self, tokens: Sequence[torch.Tensor], index: Sequence[torch.Tensor], run: VideoRun,
+               videos: VideoInputs, encoded: EncodedVideos) -> List[torch.Tensor]:
+        if not tokens:
+            return []
+        newline = self.inner.image_newline.to(device=tokens[0].device, dtype=tokens[0].dtype)[None, :]
+        return [torch.cat([t, newline], dim=0) for t in tokens]
+
+    def build_llm_inputs(self, call: Dict[str, Any], input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                         features: Sequence[torch.Tensor], videos: VideoInputs) -> Dict[str, Any]:
+        return {"inputs_embeds": self.scatter_features(input_ids, features)}

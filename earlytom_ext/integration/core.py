@@ -1,0 +1,306 @@
+"""The model-independent core: :class:`EarlyTomHandle` (installation and removal, the armed run,
+Stage II, statistics, the compressed call) over a :class:`~.adapters.base.ModelAdapter`."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.nn as nn
+
+from .. import ops
+from .._validation import check_finite
+from ..config import EarlyTomConfig
+from ..ops import merge as _merge_ops
+from . import stats as _stats
+from .adapters.base import ModelAdapter, VideoInputs
+from .prompt import HostPrompt, rewrite_placeholders
+from .run import Clock, Decisions, RefineFn, Stage1Fn, VideoRun
+from .wrappers import cache_holds_tokens, make_forward, make_generate, positions_from_mask
+
+__all__ = ["EarlyTomHandle"]
+
+_MISSING = object()
+MARKER = "_earlytom_handle"
+
+
+class EarlyTomHandle:
+    """Returned by :func:`~earlytom_ext.apply`. ``remove()`` undoes everything; usable as a context
+    manager.
+
+    Attributes:
+        config: the :class:`EarlyTomConfig` in use.
+        last_stats: statistics of the last video batch (see :attr:`last_stats`).
+        last_inputs: the compressed language-model inputs of the last patched ``forward`` /
+            ``generate`` call (``input_ids``, ``attention_mask``, ``labels`` when given,
+            ``video_token_counts``).
+    """
+
+    def __init__(self, model: nn.Module, cfg: EarlyTomConfig, adapter: ModelAdapter, llm_merge=None):
+        self._model = model
+        self._cfg = cfg
+        self._adapter = adapter
+        self._llm_merge = llm_merge
+        self._decisions = Decisions()
+        self._raw_stats: Optional[dict] = None
+        self._stats_cache: Optional[dict] = None
+        self._prev_attrs: Dict[str, Any] = {}
+        self._removed = False
+        self.last_inputs: Optional[dict] = None
+
+    # ---------------------------------------------------------------- public
+    @property
+    def config(self) -> EarlyTomConfig:
+        return self._cfg
+
+    @property
+    def model(self) -> nn.Module:
+        return self._model
+
+    @property
+    def adapter(self) -> ModelAdapter:
+        """The model family's adapter (read-only use)."""
+        return self._adapter
+
+    @property
+    def video_arg(self) -> str:
+        return self._adapter.video_arg
+
+    @property
+    def tokens_per_frame(self) -> int:
+        """Tokens per frame the LLM sees without compression (196 for LLaVA-OneVision's SigLIP)."""
+        return self._adapter.tokens_per_frame
+
+    @property
+    def last_stats(self) -> Optional[dict]:
+        """Statistics of the last video batch, or ``None`` before the first one::
+
+            {
+              "videos": [  # one dict per video
+                {"frames_before": T,
+                 "frames_after": {prune_layer: frames after Stage I at that layer, ...},
+                 "segments": [(start, end), ...],   # refined segments, local merged-frame indices
+                 "frame_sources": [[orig frames merged into merged frame i], ...],
+                 "ratio": r',                        # adjusted retain ratio
+                 "tokens_before": T * 196 + 1,       # what the unpatched model feeds the LLM
+                 "tokens_after": kept + 1,           # kept tokens + image_newline
+                 "kept": [(merged frame, position in the 14x14 grid), ...]},
+              ],
+              "timings_ms": {"vision_tower": ..., "stage1_layer<p>": ..., "attention_score": ...,
+                             "refine_segments": ..., "projector": ..., "pooling": ...,
+                             "stage2": ..., "total": ..., "prompt_rewrite": ...},
+              "prune_layers": (...), "tokens_per_frame": 196, "device": "cpu" | "cuda:0",
+              "llm_merge": [per sample: span, kept, prefill_len_before, prefill_len_after] (when on),
+            }
+
+        Device values are copied to the host on first access (not during the forward pass).
+        """
+        if self._raw_stats is None:
+            return None
+        if self._stats_cache is None:
+            self._stats_cache = _stats.materialize(self._raw_stats, self._cfg, self._adapter)
+        if self._llm_merge is not None:
+            self._stats_cache["llm_merge"] = self._llm_merge.last_stats
+        return self._stats_cache
+
+    def summary(self) -> str:
+        """The statistics of the last video batch as a text table (per video: frames, segments,
+        tokens before/after, ratio; then the timings)."""
+        return _stats.summary(self.last_stats, self._cfg)
+
+    def force_decisions(self, stage1: Optional[Stage1Fn] = None, refine: Optional[RefineFn] = None) -> "EarlyTomHandle":
+        """Replace the merge decisions of the vision path (benchmarks, experiments, tests).
+
+        ``stage1(x, frame_counts, layer_index, extras) -> ops.MergeResult`` replaces
+        ``ops.merge_frames(x, frame_counts, handle.config, extras=extras)`` after every prune layer
+        (``extras`` are the attention scores at the last prune layer, else ``None``; they must come
+        back merged alike). ``refine(x, frame_counts) -> (segments [K, 2] int64 global frame indices,
+        segment_counts [B])`` replaces ``ops.segment_frames`` at the last prune layer. ``None``
+        restores the default. Returns the handle.
+        """
+        for name, fn in (("stage1", stage1), ("refine", refine)):
+            if fn is not None and not callable(fn):
+                raise TypeError(f"force_decisions: {name} must be callable or None, got {type(fn).__name__}")
+        self._decisions = Decisions(stage1=stage1, refine=refine)
+        return self
+
+    def remove(self) -> None:
+        """Remove every hook and instance attribute added by :func:`apply` (idempotent)."""
+        if self._removed:
+            return
+        model = self._model
+        for name in ("forward", "generate"):
+            cur = model.__dict__.get(name, _MISSING)
+            if cur is not _MISSING and getattr(cur, "_earlytom_wrapper_of", None) is not self:
+                raise RuntimeError(f"model.{name} was replaced after earlytom_ext.apply(); remove that wrapper first")
+        self._adapter.remove()
+        if self._llm_merge is not None:
+            self._llm_merge.remove()
+        for name, prev in self._prev_attrs.items():
+            if prev is _MISSING:
+                model.__dict__.pop(name, None)
+            else:
+                model.__dict__[name] = prev
+        self._prev_attrs.clear()
+        model.__dict__.pop(MARKER, None)
+        self._removed = True
+
+    def __enter__(self) -> "EarlyTomHandle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        state = "removed" if self._removed else "active"
+        return f"EarlyTomHandle({state}, {type(self._adapter).__name__}, {self._cfg!r})"
+
+    # ---------------------------------------------------------------- installation
+    def install(self) -> None:
+        model = self._model
+        self._adapter.install(self)
+        try:
+            if self._llm_merge is not None:
+                self._llm_merge.install()
+            for name, make in (("forward", make_forward), ("generate", make_generate)):
+                self._prev_attrs[name] = model.__dict__.get(name, _MISSING)
+                model.__dict__[name] = make(self, getattr(model, name))
+        except BaseException:
+            self._removed = False
+            self.remove()
+            raise
+        model.__dict__[MARKER] = self
+
+    # ---------------------------------------------------------------- the video path
+    def _video_inputs(self, pixel_values_videos, kwargs: Dict[str, Any]) -> VideoInputs:
+        if self._removed:
+            raise RuntimeError("this EarlyTom handle was removed")
+        call = dict(kwargs)
+        call[self.video_arg] = pixel_values_videos
+        videos = self._adapter.video_inputs(call)
+        pv = videos.pixels
+        if pv.device.type != "cuda":
+            check_finite(self.video_arg, pv)  # free on the CPU; on a GPU Stage I's flags catch it
+        return videos
+
+    @torch.no_grad()
+    def encode_videos(self, pixel_values_videos: torch.Tensor, *args: Any, **kwargs: Any) -> List[torch.Tensor]:
+        """Compressed LLM features of a batch of videos: a list of one ``[n_v, hidden]`` tensor per
+        video (kept tokens, then what the model appends per video, e.g. LLaVA-OneVision's
+        ``image_newline``) in the projector's dtype. Further arguments are the model's video
+        arguments (LLaVA-OneVision: ``vision_feature_layer``, ``vision_feature_select_strategy``).
+        Statistics go to :attr:`last_stats`."""
+        names = ("vision_feature_layer", "vision_feature_select_strategy")
+        if len(args) > len(names):
+            raise TypeError(f"encode_videos takes at most {len(names)} positional arguments after the videos")
+        kwargs.update({n: a for n, a in zip(names, args)})
+        return self._encode(self._video_inputs(pixel_values_videos, kwargs))
+
+    def _encode(self, videos: VideoInputs) -> List[torch.Tensor]:
+        adapter = self._adapter
+        device = adapter.encoder_device()
+        clock = Clock(device)
+        frame_counts = torch.tensor(videos.frames, dtype=torch.int64).to(device, non_blocking=True)
+        run = VideoRun(self._cfg, frame_counts, clock, self._decisions)
+        t_start = clock.now()
+        encoded = adapter.encode(run, videos)
+        t2 = clock.now()
+        segments, segment_counts = run.refined
+        segs_local = _merge_ops.segments_per_video(segments, segment_counts, run.frame_counts)  # the host read
+        P = adapter.tokens_per_frame
+        plan = ops.stage2_plan(segs_local, videos.frames, self._cfg.retain_ratio, tokens_per_frame=P)
+        tokens, index = ops.select_tokens(encoded.feats, encoded.scores, plan)
+        sizes = list(plan.tokens_per_video)
+        features = adapter.finish(list(torch.split(tokens, sizes, dim=0)), list(torch.split(index, sizes, dim=0)),
+                                  run, videos, encoded)
+        t3 = clock.now()
+        clock.span("stage2", t2, t3)
+        clock.span("total", t_start, t3)
+        self._raw_stats = {
+            "frames": list(videos.frames), "placeholders": list(videos.placeholders), "merges": run.merges,
+            "segments": segs_local, "plan": plan, "index": index, "final_counts": run.frame_counts,
+            "clock": clock, "device": str(device),
+        }
+        self._stats_cache = None
+        return features
+
+    # ---------------------------------------------------------------- LLM inputs
+    def prepare_inputs(self, input_ids: torch.Tensor, pixel_values_videos: torch.Tensor,
+                       attention_mask: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
+                       padding_side: Optional[str] = None, **video_kwargs: Any) -> dict:
+        """Compress the videos and rewrite the language-model inputs.
+
+        Returns ``{"input_ids", "attention_mask", "inputs_embeds", "labels" (when given),
+        "video_token_counts"}`` plus what the model family needs (e.g. position ids): every video's
+        run of placeholders becomes a run of its compressed length, the batch is re-padded on the
+        side the inputs used (``padding_side`` when the inputs had no padding; default ``"left"``), and
+        the compressed video features are written into ``inputs_embeds`` at the placeholders. The video
+        features carry no gradient; the input embeddings follow the caller's grad mode.
+        """
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
+            raise ValueError(
+                f"input_ids must be an integer tensor [batch, seq_len] when {self.video_arg} is given, got "
+                f"{type(input_ids).__name__}{'' if not isinstance(input_ids, torch.Tensor) else tuple(input_ids.shape)}"
+            )
+        if padding_side not in (None, "left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        Bs, L = input_ids.shape
+        if attention_mask is not None and tuple(attention_mask.shape) != (Bs, L):
+            raise ValueError(f"attention_mask must have the shape of input_ids {(Bs, L)}, got {tuple(attention_mask.shape)}")
+        if labels is not None and tuple(labels.shape) != (Bs, L):
+            raise ValueError(f"labels must have the shape of input_ids {(Bs, L)}, got {tuple(labels.shape)}")
+        videos = self._video_inputs(pixel_values_videos, video_kwargs)
+        adapter = self._adapter
+        host = HostPrompt(input_ids, attention_mask, labels)  # copies start now, read after the encoder
+        if input_ids.device.type != "cuda":
+            # Placeholder counts checked before the vision tower runs (free on the CPU).
+            rewrite_placeholders(host, adapter.video_token_id, videos.placeholders, videos.placeholders,
+                                 padding_side=padding_side, pad_token_id=0)
+        with torch.no_grad():
+            features = self._encode(videos)
+        clock = self._raw_stats["clock"]
+        t0 = clock.now()
+        counts = [int(f.shape[0]) for f in features]
+        new = rewrite_placeholders(host.wait(), adapter.video_token_id, videos.placeholders, counts,
+                                   padding_side=padding_side, pad_token_id=adapter.pad_token_id())
+        result = new.to_devices(host)
+        result.update(adapter.build_llm_inputs({}, result["input_ids"], result["attention_mask"], features, videos))
+        clock.span("prompt_rewrite", t0, clock.now())
+        result["video_token_counts"] = counts
+        result["video_spans"] = new.spans
+        self.last_inputs = {k: v for k, v in result.items() if k != "inputs_embeds"}
+        return result
+
+    def compress_call(self, call: dict, input_ids, *, generating: bool) -> torch.Tensor:
+        """Shared by the ``forward`` and ``generate`` wrappers: compress the videos and rewrite the
+        call's arguments in place. Returns the compressed ``input_ids``."""
+        if call.get("inputs_embeds") is not None:
+            raise ValueError(f"EarlyTom needs input_ids (not inputs_embeds) together with {self.video_arg}")
+        if cache_holds_tokens(call.get("past_key_values")):
+            raise ValueError(
+                f"past_key_values must be empty (or None) when {self.video_arg} is given under EarlyTom: a cache "
+                "that already holds tokens cannot line up with the compressed prompt"
+            )
+        if self._llm_merge is not None and call.get("labels") is not None:
+            raise ValueError(
+                "labels cannot be used while the inner-LLM merge is on (EarlyTomConfig.llm_merge_layer): the "
+                "merge shortens the sequence inside the language model, so the logits no longer align with labels"
+            )
+        call.pop("cache_position", None)
+        adapter = self._adapter
+        video_kwargs = {k: call[k] for k in adapter.video_kwargs if k in call}
+        for k in adapter.consumed_kwargs:
+            call.pop(k, None)
+        prep = self.prepare_inputs(input_ids, call.pop(self.video_arg), attention_mask=call.pop("attention_mask", None),
+                                   labels=call.pop("labels", None), **video_kwargs)
+        if call.get("position_ids") is not None:
+            call["position_ids"] = positions_from_mask(prep["attention_mask"]).to(call["position_ids"].device)
+        for k, v in prep.items():
+            if k not in ("input_ids", "video_token_counts", "video_spans"):
+                call[k] = v
+        if self._llm_merge is not None:
+            spans = prep["video_spans"]
+            if any(len(s) > 1 for s in spans):
+                raise ValueError("the inner-LLM merge supports one video per sample; a sample holds several")
+            self._llm_merge.arm([s[0] if s else None for s in spans])
+        return prep["input_ids"]

@@ -1,0 +1,104 @@
+"""``handle.last_stats`` (device values copied to the host on first access) and ``summary()``."""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+from ..config import EarlyTomConfig
+
+__all__ = ["materialize", "summary"]
+
+
+def materialize(raw: dict, cfg: EarlyTomConfig, adapter) -> dict:
+    frames = raw["frames"]
+    B = len(frames)
+    plan = raw["plan"]
+    offsets_in = [0]
+    for t in frames:
+        offsets_in.append(offsets_in[-1] + t)
+    # Frame provenance: which original frames each merged frame is made of.
+    sources = [[t] for t in range(offsets_in[-1])]
+    counts_per_layer = {}
+    for layer, counts, plan_src, _w in raw["merges"]:
+        sources = [sorted(set(sources[a]) | set(sources[b])) for a, b in plan_src.tolist()]
+        counts_per_layer[layer] = [int(c) for c in counts.tolist()]
+    final_counts = [int(c) for c in raw["final_counts"].tolist()]
+    offsets = [0]
+    for c in final_counts:
+        offsets.append(offsets[-1] + c)
+    kept_per_video: List[List[tuple]] = [[] for _ in range(B)]
+    v = 0
+    for f, pos in raw["index"].tolist():
+        while f >= offsets[v + 1]:
+            v += 1
+        kept_per_video[v].append((f - offsets[v], pos))
+    extra = adapter.extra_tokens_per_video
+    videos = []
+    for b in range(B):
+        videos.append({
+            "frames_before": frames[b],
+            "frames_after": {layer: counts_per_layer[layer][b] for layer in counts_per_layer},
+            "segments": [tuple(s) for s in raw["segments"][b]],
+            "frame_sources": [[s - offsets_in[b] for s in sources[i]] for i in range(offsets[b], offsets[b + 1])],
+            "ratio": float(plan.ratios[b]),
+            "tokens_before": raw["placeholders"][b],
+            "tokens_after": int(plan.tokens_per_video[b]) + extra,
+            "kept": kept_per_video[b],
+        })
+    return {
+        "videos": videos,
+        "timings_ms": raw["clock"].resolve(),
+        "prune_layers": tuple(cfg.prune_layers),
+        "tokens_per_frame": adapter.tokens_per_frame,
+        "device": raw["device"],
+    }
+
+
+def _table(rows: List[List[str]]) -> List[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    out = []
+    for j, r in enumerate(rows):
+        out.append("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip())
+        if j == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return out
+
+
+def summary(stats: Optional[dict], cfg: EarlyTomConfig) -> str:
+    """The statistics of the last video batch as a text table."""
+    if stats is None:
+        return "EarlyTom: no video has gone through the model yet"
+    layers = stats["prune_layers"]
+    lines = [f"EarlyTom  r={cfg.retain_ratio:g}  tau={cfg.tau:g}  max_window={cfg.max_window}  ema={cfg.ema:g}  "
+             f"prune_layers={tuple(layers)}  device={stats['device']}"]
+    head = ["video", "frames"] + [f"after L{p}" for p in layers] + ["segments", "r'", "tokens before", "tokens after",
+                                                                     "kept"]
+    rows = [head]
+    tb = ta = 0
+    for i, v in enumerate(stats["videos"]):
+        tb += v["tokens_before"]
+        ta += v["tokens_after"]
+        rows.append([str(i), str(v["frames_before"])] + [str(v["frames_after"].get(p, "")) for p in layers]
+                    + [str(len(v["segments"])), f"{v['ratio']:.4f}", str(v["tokens_before"]), str(v["tokens_after"]),
+                       f"{100.0 * v['tokens_after'] / max(v['tokens_before'], 1):.1f}%"])
+    if len(stats["videos"]) > 1:
+        rows.append(["all", ""] + [""] * len(layers) + ["", "", str(tb), str(ta), f"{100.0 * ta / max(tb, 1):.1f}%"])
+    lines += _table(rows)
+    merge = stats.get("llm_merge")
+    if merge:
+        lines.append("")
+        rows = [["sample", "span start", "span length", "kept", "prefill before", "prefill after"]]
+        for i, m in enumerate(merge):
+            span = m.get("span") if m else None
+            if not span:
+                continue
+            rows.append([str(i), str(span[0]), str(span[1]), str(m.get("kept", "")),
+                         str(m.get("prefill_len_before", "")), str(m.get("prefill_len_after", ""))])
+        if len(rows) > 1:
+            lines.append(f"inner-LLM merge at decoder layer {cfg.llm_merge_layer} (r_in={cfg.llm_merge_ratio:g})")
+            lines += _table(rows)
+    timings = stats["timings_ms"]
+    if timings:
+        lines.append("")
+        lines += _table([["stage", "ms"]] + [[k, f"{v:.3f}"] for k, v in timings.items()])
+    return "\n".join(lines)
