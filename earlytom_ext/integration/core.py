@@ -200,7 +200,10 @@ class EarlyTomHandle:
         adapter = self._adapter
         device = adapter.encoder_device()
         clock = Clock(device)
-        frame_counts = torch.tensor(videos.frames, dtype=torch.int64).to(device, non_blocking=True)
+        frame_counts = torch.tensor(videos.frames, dtype=torch.int64)
+        if device.type == "cuda":
+            frame_counts = frame_counts.pin_memory()  # an asynchronous copy: no host sync
+        frame_counts = frame_counts.to(device, non_blocking=True)
         run = VideoRun(self._cfg, frame_counts, clock, self._decisions)
         t_start = clock.now()
         encoded = adapter.encode(run, videos)

@@ -1,0 +1,169 @@
+"""The glue around the ops: pooling (bit-identical to the model's), ``fast_pooling``, host reads of
+device values in the video path, ``summary()``."""
+
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+import tiny_models as tm  # noqa: E402
+
+pytest.importorskip("transformers")
+
+import earlytom_ext  # noqa: E402
+from earlytom_ext import EarlyTomConfig  # noqa: E402
+from earlytom_ext._ext import has_cuda_kernels  # noqa: E402
+from earlytom_ext.integration.pooling import bilinear_pool  # noqa: E402
+
+CFG = EarlyTomConfig(retain_ratio=0.2, tau=0.5, max_window=6, ema=0.9, prune_layers=(1, 3, 4))
+T = 6
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tm.build_model(seed=0)
+
+
+@pytest.fixture(scope="module")
+def videos():
+    return [tm.make_video(T, seed=1, kind="scenes", scene_length=3), tm.make_video(T, seed=2, kind="static")]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("frames", [1, 3, 8])
+@pytest.mark.parametrize("channels", [1, 5, 64])
+def test_pooling_bit_identical_to_the_models(model, dtype, frames, channels):
+    grid = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    g = torch.Generator().manual_seed(frames * 100 + channels)
+    x = torch.randn(frames, grid * grid, channels, generator=g).to(dtype)
+    expected = model.model.apply_pooling(x)
+    got = bilinear_pool(x, grid)
+    assert got.dtype == expected.dtype and got.shape == expected.shape
+    assert torch.equal(got, expected)
+
+
+def test_pooling_of_a_transposed_view(model):
+    grid = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    x = torch.randn(3, 16, grid * grid).transpose(1, 2)  # non-contiguous
+    assert torch.equal(bilinear_pool(x, grid), model.model.apply_pooling(x.contiguous()))
+
+
+def test_pooling_rejects_a_wrong_grid():
+    with pytest.raises(ValueError, match="27x27"):
+        bilinear_pool(torch.zeros(2, 700, 4), 27)
+
+
+def test_fast_pooling_same_outputs_and_removable(model, videos):
+    inputs = tm.make_inputs(videos, seed=3)
+    with torch.no_grad():
+        base_logits = model(**inputs).logits
+        base_tokens = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    before = dict(model.model.__dict__)
+    with earlytom_ext.fast_pooling(model) as fp:
+        assert "apply_pooling" in model.model.__dict__
+        with torch.no_grad():
+            assert torch.equal(model(**inputs).logits, base_logits)
+            assert torch.equal(model.generate(**inputs, max_new_tokens=4, do_sample=False), base_tokens)
+        with pytest.raises(RuntimeError, match="already applied"):
+            earlytom_ext.fast_pooling(model)
+    assert "removed" in repr(fp)
+    assert model.model.__dict__.keys() == before.keys()
+    fp.remove()  # idempotent
+    with pytest.raises(TypeError, match="llava_onevision"):
+        earlytom_ext.fast_pooling(torch.nn.Linear(2, 2))
+
+
+def test_fast_pooling_together_with_apply(model, videos):
+    inputs = tm.make_inputs(videos, seed=3)
+    with earlytom_ext.apply(model, CFG) as h:
+        with torch.no_grad():
+            expected = h.encode_videos(torch.stack(videos))
+        with earlytom_ext.fast_pooling(model):
+            with torch.no_grad():
+                got = h.encode_videos(torch.stack(videos))
+                model.generate(**inputs, max_new_tokens=2)
+    assert all(torch.equal(a, b) for a, b in zip(expected, got))
+
+
+# Files of the video path that must never read a device tensor on the host: the designated reads
+# are the prompt rewriting (on host copies) and the one read of the refined segments (ops).
+_NO_HOST_READS = ("core.py", "run.py", "wrappers.py", "llava_onevision.py", "base.py", "pooling.py")
+
+
+def _integration_caller():
+    import inspect
+
+    frame = inspect.stack()[2]  # the direct caller of the tensor method
+    path = frame.filename.replace(os.sep, "/")
+    if "/earlytom_ext/integration/" in path and path.rsplit("/", 1)[-1] in _NO_HOST_READS:
+        return f"{path.rsplit('/', 1)[-1]}:{frame.lineno}"
+    return None
+
+
+def test_video_path_reads_no_tensor_values_outside_the_designated_places(model, videos, monkeypatch):
+    reads = []
+
+    def spy(name):
+        orig = getattr(torch.Tensor, name)
+
+        def wrapper(self, *args, **kwargs):
+            where = _integration_caller()
+            if where is not None:
+                reads.append((name, where))
+            return orig(self, *args, **kwargs)
+
+        return wrapper
+
+    for name in ("item", "tolist", "__bool__", "__int__", "__index__", "__float__", "nonzero", "cpu", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, spy(name))
+    inputs = tm.make_inputs(videos, seed=4)
+    with earlytom_ext.apply(model, CFG) as h:
+        with torch.no_grad():
+            model(**inputs)
+        model.generate(**inputs, max_new_tokens=2)
+        h.encode_videos(torch.stack(videos))
+    monkeypatch.undo()
+    assert reads == []
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and has_cuda_kernels()), reason="needs a GPU and the CUDA kernels")
+def test_cuda_host_syncs_at_most_one_per_prune_layer_plus_segments(videos):
+    import warnings
+
+    m = tm.build_model(seed=0).cuda()
+    inputs = {k: v.cuda() for k, v in tm.make_inputs(videos, seed=5).items()}
+    with earlytom_ext.apply(m, CFG) as h:
+        with torch.no_grad():
+            h.prepare_inputs(inputs["input_ids"], inputs["pixel_values_videos"],
+                             attention_mask=inputs["attention_mask"])  # warm-up (lazy inits)
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    h.prepare_inputs(inputs["input_ids"], inputs["pixel_values_videos"],
+                                     attention_mask=inputs["attention_mask"])
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    # One size read per prune layer (frames after Stage I) and one read of the refined segments.
+    assert len(syncs) <= len(CFG.prune_layers) + 1, [str(w.message) for w in syncs]
+
+
+def test_summary(model, videos):
+    with earlytom_ext.apply(model, CFG) as h:
+        assert "no video" in h.summary()
+        h.encode_videos(torch.stack(videos))
+        text = h.summary()
+        stats = h.last_stats
+    lines = text.splitlines()
+    assert lines[0].startswith("EarlyTom  r=0.2  tau=0.5  max_window=6")
+    assert "after L1" in lines[1] and "tokens before" in lines[1]
+    row0 = lines[3].split()
+    v0 = stats["videos"][0]
+    assert row0[:2] == ["0", str(T)]
+    assert row0[-3:-1] == [str(T * 196 + 1), str(v0["tokens_after"])]
+    assert any(line.startswith("all") for line in lines)
+    assert "vision_tower" in text and "stage2" in text
