@@ -285,6 +285,17 @@ def test_fine_merge_sigma_equal_to_tau_m_does_not_merge(backend):
     check_stage1(backend, x, c, [(0, 5)], [(0, 0, 1.0), (1, 1, 1.0), (2, 2, 1.0), (3, 3, 1.0), (5, 5, 1.0)])
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fine_merge_first_pair_sigma_equal_to_tau_m(backend):
+    # Endpoints identical (tau_m = 1); frames 1, 2 identical (sigma_0 = 1), frame 3 shares half its
+    # tokens with frame 2 (sigma_1 = 0.5). j = 0: sigma_0 > sigma_1 but `1 > tau_m = 1` is false:
+    # frame 1 alone; j = 1 (last pair): 0.5 > 1 is false: frame 2 alone; frame 3 dropped.
+    x = basis_frames([[0] * 4, [2] * 4, [2] * 4, [2, 2, 3, 3], [0] * 4])
+    c = cfg(tau=-1.0, max_window=8)
+    check_stage1(backend, x, c, [(0, 4)], [(0, 0, 1.0), (1, 1, 1.0), (2, 2, 1.0), (4, 4, 1.0)])
+    check_stage1(backend, x, c.replace(keep_last_interior=True), [(0, 4)], [(i, i, 1.0) for i in range(5)])
+
+
 # ------------------------------------------------------------------------------ batch
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_batch_of_hand_videos(backend):
