@@ -1,6 +1,6 @@
 import pytest
 
-from earlytom_ext import EarlyTomConfig, PAPER_PRESETS, preset
+from earlytom_ext import PAPER_PRESETS, EarlyTomConfig, preset
 
 
 def test_defaults_are_the_specs():
@@ -34,32 +34,88 @@ def test_validation_names_field_and_range(field, value, exc, needle):
     assert field in str(e.value) and needle in str(e.value)
 
 
-def test_edges_are_valid():
-    EarlyTomConfig(retain_ratio=1.0, tau=-1.0, max_window=2, ema=0.0, prune_layers=[0])
-    EarlyTomConfig(tau=1.0, ema=1.0)
+CORE = ("retain_ratio", "tau", "max_window", "ema", "prune_layers", "keep_last_interior")
+
+
+def core(c: EarlyTomConfig) -> dict:
+    """The encoder-side fields (docs/algorithm.md parameters) of a config."""
+    return {name: getattr(c, name) for name in CORE}
+
+
+def test_edges_are_valid_and_stored():
+    c = EarlyTomConfig(retain_ratio=1.0, tau=-1.0, max_window=2, ema=0.0, prune_layers=[0])
+    assert core(c) == {"retain_ratio": 1.0, "tau": -1.0, "max_window": 2, "ema": 0.0, "prune_layers": (0,),
+                       "keep_last_interior": False}
+    assert c.to_dict()["prune_layers"] == [0]  # JSON-ready list; the config itself holds a tuple
+    c = EarlyTomConfig(tau=1.0, ema=1.0, keep_last_interior=True)
+    assert core(c) == {"retain_ratio": 0.1, "tau": 1.0, "max_window": 8, "ema": 1.0, "prune_layers": (6, 21, 23),
+                       "keep_last_interior": True}
+    # ints are accepted for the real-valued fields and stored as given
+    c = EarlyTomConfig(retain_ratio=1, tau=0, ema=1)
+    assert (c.retain_ratio, c.tau, c.ema) == (1, 0, 1)
 
 
 def test_prune_layers_checked_against_depth():
     c = EarlyTomConfig(prune_layers=(6, 21, 23))
-    c.validate(num_layers=26)
+    assert c.validate(num_layers=26) is c
+    assert c.validate(num_layers=24) is c  # the last layer (23) of a 24-layer encoder
+    with pytest.raises(ValueError, match="encoder depth 23"):
+        c.validate(num_layers=23)
     with pytest.raises(ValueError, match="encoder depth 20"):
         c.validate(num_layers=20)
 
 
-def test_list_prune_layers_become_tuple_and_replace_validates():
-    c = EarlyTomConfig(prune_layers=[1, 2])
-    assert c.prune_layers == (1, 2)
-    assert c.replace(retain_ratio=0.2).retain_ratio == 0.2
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize("layers", [[1, 2], (1, 2), range(1, 3), (i for i in (1, 2))])
+def test_prune_layers_normalised_to_a_tuple(layers):
+    c = EarlyTomConfig(prune_layers=layers)
+    assert c.prune_layers == (1, 2) and type(c.prune_layers) is tuple
+    assert hash(c) == hash(EarlyTomConfig(prune_layers=(1, 2)))  # frozen and hashable
+    assert c == EarlyTomConfig(prune_layers=(1, 2))
+
+
+def test_replace_changes_one_field_and_validates():
+    c = EarlyTomConfig(tau=0.3, max_window=6, prune_layers=[1, 2])
+    r = c.replace(retain_ratio=0.2)
+    assert core(r) == {"retain_ratio": 0.2, "tau": 0.3, "max_window": 6, "ema": 0.9, "prune_layers": (1, 2),
+                       "keep_last_interior": False}
+    assert c.retain_ratio == 0.1  # the original is unchanged
+    assert c.replace(prune_layers=[4, 5]).prune_layers == (4, 5)
+    with pytest.raises(ValueError, match="retain_ratio"):
         c.replace(retain_ratio=2.0)
+    with pytest.raises(AttributeError):
+        c.tau = 0.5  # frozen
 
 
-def test_paper_presets():
-    c = preset("videomme", 0.1)
-    assert (c.tau, c.prune_layers, c.max_window, c.ema) == (0.3, (10, 21, 23), 6, 0.9)
+# The paper's table (docs/algorithm.md), LLaVA-OneVision-7B: (tau, prune layers) per retain ratio.
+PAPER_TABLE = {
+    "mvbench": {0.10: (0.65, (8, 14, 20)), 0.15: (0.8, (6, 14, 20)), 0.20: (0.8, (6, 14, 20)),
+                0.25: (0.8, (6, 14, 20))},
+    "videomme": {0.10: (0.3, (10, 21, 23)), 0.15: (0.4, (8, 21, 23)), 0.20: (0.5, (8, 21, 23)),
+                 0.25: (0.7, (10, 21, 23))},
+    "longvideobench": {0.10: (0.3, (10, 21, 23)), 0.15: (0.5, (10, 21, 23)), 0.20: (0.6, (10, 21, 23)),
+                       0.25: (0.8, (4, 14, 24))},
+    "egoschema": {0.10: (0.3, (10, 21, 23)), 0.15: (0.5, (10, 21, 23)), 0.20: (0.6, (10, 21, 23)),
+                  0.25: (0.7, (10, 21, 23))},
+}
+
+
+@pytest.mark.parametrize("benchmark,r", [(b, r) for b in PAPER_TABLE for r in (0.10, 0.15, 0.20, 0.25)])
+def test_paper_presets_equal_the_table(benchmark, r):
+    tau, layers = PAPER_TABLE[benchmark][r]
+    c = preset(benchmark, r)
+    assert core(c) == {"retain_ratio": r, "tau": tau, "max_window": 6, "ema": 0.9, "prune_layers": layers,
+                       "keep_last_interior": False}
+    assert PAPER_PRESETS[benchmark][r] == c
+
+
+def test_paper_presets_lookup():
+    assert sorted(PAPER_PRESETS) == ["egoschema", "longvideobench", "mvbench", "videomme"]
+    assert all(sorted(t) == [0.10, 0.15, 0.20, 0.25] for t in PAPER_PRESETS.values())
+    # names are case-, dash- and underscore-insensitive; ratios match within 1e-9
     assert preset("VideoMME", 0.2).prune_layers == (8, 21, 23)
-    assert preset("longvideobench", 0.25).prune_layers == (4, 14, 24)
-    assert len(PAPER_PRESETS) == 4 and all(len(t) == 4 for t in PAPER_PRESETS.values())
+    assert preset("Long-Video_Bench", 0.25).prune_layers == (4, 14, 24)
+    assert preset("egoschema", 0.1 + 1e-12).tau == 0.3
+    assert preset() == preset("videomme", 0.1)  # defaults
     with pytest.raises(ValueError, match="benchmark"):
         preset("imagenet", 0.1)
     with pytest.raises(ValueError, match="retain_ratio"):

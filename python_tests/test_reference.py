@@ -70,13 +70,17 @@ def test_two_frames(c, expected):
     assert plan == [(0, 0, 1.0), (1, 1, 1.0)]  # segments of <= 2 frames pass unchanged
 
 
-@pytest.mark.parametrize("M,T", [(8, 20), (6, 32), (2, 5), (3, 7)])
-def test_all_identical_video_is_cut_by_max_window(M, T):
+@pytest.mark.parametrize("M,T,expected", [
+    (8, 20, [(0, 6), (7, 13), (14, 19)]),
+    (6, 32, [(0, 4), (5, 9), (10, 14), (15, 19), (20, 24), (25, 29), (30, 31)]),
+    (2, 5, [(0, 0), (1, 1), (2, 2), (3, 3), (4, 4)]),
+    (3, 7, [(0, 1), (2, 3), (4, 5), (6, 6)]),
+    (8, 7, [(0, 6)]),  # i - start + 1 reaches 7 < M at most: never cut
+])
+def test_all_identical_video_is_cut_by_max_window(M, T, expected):
     x = frames_from_angles([0.3] * T)
-    segs = R.segment(x, cfg(max_window=M))
     # c = 1 always; a cut happens when i - start + 1 reaches M: segments of M - 1 frames.
-    expected = [(s, min(s + M - 2, T - 1)) for s in range(0, T, M - 1)]
-    assert segs == expected
+    assert R.segment(x, cfg(max_window=M)) == expected
 
 
 def test_all_orthogonal_video_every_frame_its_own_segment():
@@ -88,10 +92,38 @@ def test_all_orthogonal_video_every_frame_its_own_segment():
 
 
 def test_ema_walk_uses_segment_first_frame_and_resets():
-    # angles chosen so that: sim(0,1)=cos(.5)=.878 -> s=.890; sim(0,2)=cos(1.0)=.540 -> s=.575 < .6 cut
-    # new segment at 2 (ref 2, s=1): sim(2,3)=cos(.2)=.980 -> s=.982; sim(2,4)=cos(1.5)=.0707 -> s=.162 cut
-    x = frames_from_angles([0.0, 0.5, 1.0, 1.2, 2.5])
-    assert R.segment(x, cfg()) == [(0, 1), (2, 3), (4, 4)]
+    # Angles 0, .5, 1.0, 1.95, .8, 2.5 (sim = cos of the angle difference), ema .9, tau .6:
+    # i=1: c(0,1) = cos .5 = .8776 -> s = .8898
+    # i=2: c(0,2) = cos 1.0 = .5403 -> s = .5753 < .6: cut [0,1]; ref = 2, s = 1 (reset)
+    # i=3: c(2,3) = cos .95 = .5817 -> s = .5235 + .1 = .6235: stays
+    #      (without the reset: .5235 + .0575 = .5810 < .6 would cut here)
+    # i=4: c(2,4) = cos .2 = .9801 -> s = .9444: stays
+    #      (against the previous frame 3 instead: cos 1.15 = .4085 -> s = .4300 would cut here)
+    # i=5: c(2,5) = cos 1.5 = .0707 -> s = .1581: cut [2,4]
+    x = frames_from_angles([0.0, 0.5, 1.0, 1.95, 0.8, 2.5])
+    assert R.segment(x, cfg()) == [(0, 1), (2, 4), (5, 5)]
+    # Segment [2,4]: its single interior frame 3 passes; nothing is merged.
+    plan, _ = R.merge_plan(x, cfg())
+    assert plan == [(i, i, 1.0) for i in range(6)]
+
+
+def test_ema_reset_after_a_cut_with_alpha_one_half():
+    # S = 2 positions of basis vectors, ema .5, tau .6; frames [e0,e0], [e1,e1], [e1,e0], [e1,e1], [e1,e1].
+    # i=1: c = 0 -> s = .5: cut [0,0], reset s = 1. i=2: c(1,2) = .5 -> s = .75; i=3, 4: c = 1 -> .875, .9375.
+    # Without the reset: i=2 gives .5 (cut), i=3: c(2,3) = .5 -> .5 (cut), i=4: c = 1 -> .75:
+    # [(0,0), (1,1), (2,2), (3,4)].
+    x = frames_from_vectors([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [0.0, 1.0], [0.0, 1.0]], S=2)
+    x[2, 1] = torch.tensor([1.0, 0.0])
+    assert R.segment(x, cfg(ema=0.5)) == [(0, 0), (1, 4)]
+
+
+def test_similarity_exactly_tau_does_not_cut():
+    # D = 1 tokens of one sign: every cosine is exactly 1, s_hat = .9 + .1 = 1.0 exactly;
+    # tau = 1.0 and `1.0 < 1.0` is false: one segment. Orthogonal frames with ema = 1 give
+    # s_hat = 0 exactly: tau = 0 does not cut either.
+    x = torch.tensor([0.5, 2.0, 3.0, 0.25, 7.0]).view(5, 1, 1).repeat(1, 3, 1)
+    assert R.segment(x, cfg(tau=1.0)) == [(0, 4)]
+    assert R.segment(frames_from_vectors(torch.eye(5)), cfg(tau=0.0, ema=1.0)) == [(0, 4)]
 
 
 def test_ema_accumulates_over_steps():
@@ -208,7 +240,8 @@ def test_segments_of_a_video_with_cuts_and_windows():
 def test_batched_equals_per_video():
     torch.manual_seed(0)
     base = torch.randn(1, 6, 12)
-    videos = [base + 0.3 * torch.randn(7, 6, 12), torch.randn(1, 6, 12), base.repeat(9, 1, 1) + 0.05 * torch.randn(9, 6, 12)]
+    videos = [base + 0.3 * torch.randn(7, 6, 12), torch.randn(1, 6, 12),
+              base.repeat(9, 1, 1) + 0.05 * torch.randn(9, 6, 12)]
     x = torch.cat(videos)
     extras = torch.rand(x.shape[0], 6)
     c = cfg(max_window=5, tau=0.4)
@@ -389,28 +422,42 @@ def test_compress_after_encoder_counts():
     scores = torch.rand(Tm, 729)
     segs = [(0, 2), (3, 3)]  # frames 0, 2, 3 dynamic, frame 1 static
     tokens, index, r_adj = R.compress_after_encoder(feats, scores, segs, 0.1, T)
-    assert r_adj == pytest.approx(0.2)
-    k, n = math.ceil(196 * r_adj), max(1, round(196 * r_adj))
-    assert tokens.shape == (3 * k + n, 6)
+    # r' = 0.1 * 8 / 4 = 0.2; 196 r' = 39.2: k = 40 per dynamic frame, n = 39 windows: 3 * 40 + 39
+    assert r_adj == pytest.approx(0.2, abs=1e-15)
+    assert tokens.shape == (159, 6)
+    assert index[:, 0].tolist() == [0] * 40 + [1] * 39 + [2] * 40 + [3] * 40
 
 
 def test_run_encoder_shrinks_frames_and_merges_scores():
-    torch.manual_seed(0)
+    # Identity layers; 6 frames "a" (e0 at every position) then 4 frames "b" (e1); M = 5, tau = .5.
+    # Prune layer 1 on a a a a a a b b b b: window cut at i = 4 -> [0,3]; c(4,6) = 0 -> s = .1: cut
+    #   [4,5]; last [6,9]. [0,3] keeps 0, 1, 3 (interior F = 1, 2: sigma = 1 = tau_m, no merge, frame 2
+    #   dropped), [4,5] passes, [6,9] keeps 6, 7, 9: 8 frames a a a a a b b b.
+    # Prune layer 3 on those 8: [0,3] (window) keeps 0, 1, 3; [4,4] (c(4,5) = 0); [5,7] passes:
+    #   7 frames a a a a b b b; refined segments [0,3], [4,6].
+    # All tokens of a frame are equal, so every attention row is uniform: scores 1/9 everywhere.
     T, S_, Dm = 10, 9, 8
-    hidden = torch.randn(1, S_, Dm).repeat(T, 1, 1) + 0.01 * torch.randn(T, S_, Dm)
+    hidden = torch.zeros(T, S_, Dm)
+    hidden[:6, :, 0] = 1.0
+    hidden[6:, :, 1] = 1.0
     layers = [lambda h: h * 1.0 for _ in range(4)]
-    c = EarlyTomConfig(tau=0.5, max_window=4, prune_layers=(1, 3))
+    c = EarlyTomConfig(tau=0.5, max_window=5, prune_layers=(1, 3))
+    seen = []
 
     def qk(i, h):
+        seen.append((i, h.shape[0]))
         q = h.view(h.shape[0], S_, 2, 4).transpose(1, 2)
         return q, q, 0.5
 
     out, scores, refined, counts = R.run_encoder(hidden, layers, c, qk)
-    # identity layers: the first prune layer sees the input frames
-    assert counts[0] == len(R.merge_plan(hidden, c)[0])
-    assert scores.shape == (out.shape[0], S_)
-    assert sum(e - s + 1 for s, e in refined) == out.shape[0]
-    torch.testing.assert_close(scores.sum(-1), torch.ones(out.shape[0]), rtol=1e-5, atol=1e-5)
+    assert seen == [(3, 8)]  # Q, K of the last prune layer, on the frames it receives
+    assert counts == [8, 7]
+    assert refined == [(0, 3), (4, 6)]
+    expected = torch.zeros(7, S_, Dm)
+    expected[:4, :, 0] = 1.0
+    expected[4:, :, 1] = 1.0
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    torch.testing.assert_close(scores, torch.full((7, S_), 1.0 / 9.0), rtol=1e-6, atol=1e-7)
 
 
 def test_apply_plan_weight_one_is_a_copy():
