@@ -1,7 +1,7 @@
 """attention_received microbenchmark: the fused two-pass op vs eager softmax maps.
 
-    python bench/bench_attention_received.py                      # GPU: N=32, H=16, S=729, d=72
-    python bench/bench_attention_received.py --device cpu --quick # smoke test (seconds)
+    python -m bench.bench_attention_received                      # GPU: N=32, H=16, S=729, d=72
+    python -m bench.bench_attention_received --device cpu --quick # smoke test (seconds)
 
 Eager baseline: ``torch.softmax(q @ kᵀ * scale, -1).mean((1, 2))`` in the input dtype (what an
 eager encoder layer with ``output_attentions=True`` materialises: [N, H, S, S] maps).
@@ -12,16 +12,11 @@ difference between the two results.
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 from typing import Dict, List
-
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from bench.common import op_bench_main, time_fn
+from bench.common import op_bench_main, peak_bytes, time_fn
 from earlytom_ext.ops import attention_received
 
 COLUMNS = ["N", "H", "S", "d", "dtype", "layout", "op_ms", "eager_ms", "speedup", "op_tflops", "eager_tflops",
@@ -34,14 +29,8 @@ def _eager(q, k, scale):
 
 def _peak_mib(fn, device: str):
     """Peak memory allocated by one call above what was allocated before it (MiB); CUDA only."""
-    if not str(device).startswith("cuda"):
-        return None
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
+    pb = peak_bytes(fn, device)
+    return None if pb is None else (pb[0] - pb[1]) / 2**20
 
 
 def _inputs(N, H, S, d, dtype, layout, device, seed=0):
@@ -92,7 +81,6 @@ def benchmark(device: str = "cuda", quick: bool = False) -> List[Dict[str, objec
             "op_peak_mib": peak_op, "eager_peak_mib": peak_eager, "max_abs_diff": diff,
             "device": torch.cuda.get_device_name() if str(device).startswith("cuda") else "cpu",
         })
-        del q, k
     return rows
 
 

@@ -1,7 +1,7 @@
 """merge_frames (Stage I) microbenchmark: the fused op vs the reference vs a per-frame loop.
 
-    python bench/bench_merge_frames.py                       # GPU: 32 x 729 x 1152 bf16 (SigLIP)
-    python bench/bench_merge_frames.py --device cpu --quick  # smoke test (seconds)
+    python -m bench.bench_merge_frames                       # GPU: 32 x 729 x 1152 bf16 (SigLIP)
+    python -m bench.bench_merge_frames --device cpu --quick  # smoke test (seconds)
 
 Compared on the same inputs (frame counts checked equal before timing):
 - ``op``: ``earlytom_ext.ops.merge_frames`` (frame counts already on the device, as in the
@@ -19,38 +19,19 @@ Times: median of CUDA-event-timed calls after warm-up (``bench/common.py``). Ban
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 from typing import Dict, List
-
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 import torch.nn.functional as F
 
-from bench.common import op_bench_main, gbps, time_fn
+from bench.common import gbps, op_bench_main, time_fn
 from earlytom_ext import EarlyTomConfig, preset
 from earlytom_ext import reference as R
 from earlytom_ext.ops.merge import merge_frames, segment_frames
+from earlytom_ext.tiny_model import make_feature_video
 
 COLUMNS = ["videos", "T", "S", "D", "dtype", "tau", "M", "N_out", "K", "op_ms", "op_raw_ms", "apply_ms", "segment_ms",
            "reference_ms", "loop_ms", "apply_GBps", "op_GBps", "vs_reference", "vs_loop"]
-
-
-def make_video(T: int, S: int, D: int, seed: int) -> torch.Tensor:
-    """Scenes of 2-8 frames with per-frame noise of random level: a mix of segment lengths,
-    interior merges and pass-through frames (a random video would never merge anything)."""
-    g = torch.Generator().manual_seed(seed)
-    frames, left, cur = [], 0, None
-    for _ in range(T):
-        if left == 0:
-            cur = torch.randn(S, D, generator=g)
-            left = int(torch.randint(2, 9, (1,), generator=g))
-        frames.append(cur)
-        left -= 1
-    lvl = 0.1 + 0.6 * torch.rand(T, 1, 1, generator=g)
-    return torch.stack(frames) + lvl * torch.randn(T, S, D, generator=g)
 
 
 def _loop_merge(x: torch.Tensor, counts: List[int], cfg: EarlyTomConfig) -> torch.Tensor:
@@ -124,7 +105,7 @@ def benchmark(device: str = "cuda", quick: bool = False) -> List[Dict[str, objec
     slow_iters = 3 if (quick or not cuda) else 5
     rows = []
     for counts, S, D, dtype, cfg in _cases(device, quick):
-        x = torch.cat([make_video(T, S, D, seed=17 * i + T) for i, T in enumerate(counts)])
+        x = torch.cat([make_feature_video(T, S, D, seed=17 * i + T) for i, T in enumerate(counts)])
         x = x.to(device=device, dtype=dtype)
         counts_d = torch.tensor(counts, dtype=torch.int64, device=device)
         args = (float(cfg.tau), int(cfg.max_window), float(cfg.ema), bool(cfg.keep_last_interior))
@@ -167,7 +148,6 @@ def benchmark(device: str = "cuda", quick: bool = False) -> List[Dict[str, objec
             "vs_reference": t_ref / t_op, "vs_loop": t_loop / t_op,
             "device": torch.cuda.get_device_name() if cuda else "cpu",
         })
-        del x, res, ref, loop_out
     return rows
 
 

@@ -1,7 +1,7 @@
 """select_tokens (Stage II) microbenchmark: the fused op vs the reference vs a per-frame loop.
 
-    python bench/bench_select_tokens.py                      # GPU: P=196, C=3584 (Qwen2-7B), bf16
-    python bench/bench_select_tokens.py --device cpu --quick # smoke test (seconds)
+    python -m bench.bench_select_tokens                      # GPU: P=196, C=3584 (Qwen2-7B), bf16
+    python -m bench.bench_select_tokens --device cpu --quick # smoke test (seconds)
 
 Compared, on the same inputs and plan (results checked equal before timing):
 - ``op``: ``earlytom_ext.ops.select_tokens`` (host plan -> device copies -> one fused op; no sync);
@@ -15,17 +15,12 @@ index written. ``plan_ms`` is the host-only ``stage2_plan`` time.
 """
 from __future__ import annotations
 
-import sys
 import time
-from pathlib import Path
 from typing import Dict, List
-
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from bench.common import op_bench_main, gbps, time_fn
+from bench.common import gbps, op_bench_main, time_fn
 from earlytom_ext import reference as R
 from earlytom_ext.ops import select_tokens, stage2_plan
 
@@ -130,7 +125,6 @@ def benchmark(device: str = "cuda", quick: bool = False) -> List[Dict[str, objec
             "op_GBps": gbps(moved, t_raw), "vs_reference": t_ref / t_op, "vs_loop": t_loop / t_op,
             "device": torch.cuda.get_device_name() if cuda else "cpu",
         })
-        del feats, scores
     return rows
 
 

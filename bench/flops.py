@@ -11,14 +11,15 @@ the third matrix of the gated MLP, exactly as the paper does.)
 * Encoder: every frame is its own sequence of 729 tokens; layer ``i`` runs on the frames that
   are left before it (all T frames up to and including the first prune layer, then the merged
   counts).
-* LLM: one sequence per sample with its prefill tokens (text + video tokens + newline).
+* LLM: one sequence per sample with its prefill tokens (text + video tokens + newline). With the
+  inner-LLM merge, layers from the merge layer on run on the sequence without the removed tokens.
 The projector, pooling and LM head are not counted (the paper does not count them either).
 """
 from __future__ import annotations
 
 from typing import Dict, List, Optional, Sequence
 
-__all__ = ["layer_flops", "frames_per_layer", "encoder_flops", "llm_flops", "compare", "main"]
+__all__ = ["layer_flops", "frames_per_layer", "encoder_flops", "llm_flops", "compare", "section_rows", "main"]
 
 
 def layer_flops(n: int, d: int, m: int) -> int:
@@ -51,17 +52,33 @@ def encoder_flops(per_layer_frames: Sequence[int], tokens: int, d: int, m: int) 
     return sum(int(f) * per_frame for f in per_layer_frames)
 
 
-def llm_flops(seq_lens: Sequence[int], layers: int, d: int, m: int) -> int:
-    """LLM prefill FLOPs over the given sequence lengths (one per sample)."""
-    return sum(layers * layer_flops(n, d, m) for n in seq_lens)
+def llm_flops(seq_lens: Sequence[int], layers: int, d: int, m: int, merge_layer: Optional[int] = None,
+              removed: Optional[Sequence[int]] = None) -> int:
+    """LLM prefill FLOPs over the given sequence lengths (one per sample).
+
+    ``merge_layer`` / ``removed``: the inner-LLM merge; layers ``merge_layer ..`` run on
+    ``n - removed[b]`` tokens of sample ``b``.
+    """
+    if merge_layer is None:
+        return sum(layers * layer_flops(n, d, m) for n in seq_lens)
+    if removed is None or len(removed) != len(seq_lens):
+        raise ValueError(f"removed must give one count per sample ({len(seq_lens)}), got {removed!r}")
+    if not 0 <= merge_layer <= layers:
+        raise ValueError(f"merge_layer must be in [0, {layers}], got {merge_layer}")
+    return sum(merge_layer * layer_flops(n, d, m) + (layers - merge_layer) * layer_flops(n - r, d, m)
+               for n, r in zip(seq_lens, removed))
 
 
 def compare(spec, frames: Sequence[int], seq_lens_full: Sequence[int], seq_lens_comp: Sequence[int],
-            prune_layers: Sequence[int] = (), counts_after: Optional[Sequence[Sequence[int]]] = None) -> Dict[str, float]:
+            prune_layers: Sequence[int] = (), counts_after: Optional[Sequence[Sequence[int]]] = None,
+            llm_merge_layer: Optional[int] = None, llm_merge_removed: Optional[Sequence[int]] = None
+            ) -> Dict[str, float]:
     """Uncompressed vs compressed FLOPs for a batch.
 
     ``frames``: frames per video; ``counts_after[b]``: video b's frame counts after each prune
-    layer; ``seq_lens_*``: LLM prefill tokens per sample (uncompressed / compressed).
+    layer; ``seq_lens_*``: LLM prefill tokens per sample (uncompressed / compressed);
+    ``llm_merge_layer`` / ``llm_merge_removed``: the inner-LLM merge of the compressed run (see
+    :func:`llm_flops`).
     """
     d, m, L = spec.vision_hidden, spec.vision_mlp, spec.vision_layers
     S = spec.encoder_tokens
@@ -73,7 +90,8 @@ def compare(spec, frames: Sequence[int], seq_lens_full: Sequence[int], seq_lens_
         encoder_flops(frames_per_layer(T, L, prune_layers, c), S, d, m) for T, c in zip(frames, counts_after)
     )
     llm_full = llm_flops(seq_lens_full, spec.text_layers, spec.text_hidden, spec.text_mlp)
-    llm_comp = llm_flops(seq_lens_comp, spec.text_layers, spec.text_hidden, spec.text_mlp)
+    llm_comp = llm_flops(seq_lens_comp, spec.text_layers, spec.text_hidden, spec.text_mlp, llm_merge_layer,
+                         llm_merge_removed)
     full, comp = enc_full + llm_full, enc_comp + llm_comp
     return {
         "encoder_tflops_full": enc_full / 1e12,
@@ -88,13 +106,45 @@ def compare(spec, frames: Sequence[int], seq_lens_full: Sequence[int], seq_lens_
     }
 
 
+def section_rows(spec, ttft_rows: Sequence[dict], frames: int, text_tokens: int, preset_name: str,
+                 ratios: Sequence[float] = (0.10, 0.15, 0.20, 0.25)) -> List[dict]:
+    """The FLOPs section: the measured TTFT runs (actual frame and token counts) when there are
+    any, plus the forced patterns computed without a model."""
+    from bench import models, patterns
+    from earlytom_ext.config import preset
+
+    keys = ("encoder_tflops_full", "encoder_tflops", "llm_tflops_full", "llm_tflops", "total_tflops_full",
+            "total_tflops", "encoder_reduction_pct", "llm_reduction_pct", "flops_reduction_pct")
+    rows = []
+    for r in ttft_rows:
+        if r.get("config") != "earlytom" or "total_tflops" not in r:
+            continue
+        counts = r.get("frames_after_prune") or []
+        rows.append({"source": "measured run", "pattern": r["pattern"], "ratio": r["ratio"],
+                     "llm_merge": bool(r.get("llm_merge")),
+                     "frames_after_prune": "; ".join("/".join(str(x) for x in v) for v in counts),
+                     "prefill_tokens": r.get("prefill_tokens"), **{k: r[k] for k in keys}})
+    for pattern in patterns.FORCED_PATTERNS:
+        for ratio in ratios:
+            cfg = preset(preset_name, ratio)
+            counts = patterns.forced_counts(frames, cfg, pattern)
+            kept = patterns.forced_video_tokens(frames, cfg, pattern, spec.tokens_per_frame)
+            full_len = models.video_placeholders(frames, spec) + text_tokens
+            comp_len = kept + 1 + text_tokens
+            row = {"source": "analytical", "pattern": pattern, "ratio": ratio, "llm_merge": False,
+                   "frames_after_prune": "/".join(map(str, counts)), "prefill_tokens": comp_len}
+            row.update(compare(spec, [frames], [full_len], [comp_len], cfg.prune_layers, [counts]))
+            rows.append(row)
+    return rows
+
+
 def main(argv=None) -> None:
     """Print the analytical table for the forced pattern (no model, no GPU needed)."""
     import argparse
 
+    from bench import models, patterns
+    from bench.common import markdown_table
     from earlytom_ext.config import preset
-
-    from . import models
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="llava-ov-7b", choices=sorted(models.SPECS))
@@ -105,15 +155,13 @@ def main(argv=None) -> None:
     rows = []
     for r in (0.10, 0.15, 0.20, 0.25):
         cfg = preset("videomme", r)
-        counts = models.forced_counts(args.frames, cfg)
-        kept = models.forced_video_tokens(args.frames, cfg)
-        full_len = models.video_placeholders(args.frames) + args.text_tokens
+        counts = patterns.forced_counts(args.frames, cfg)
+        kept = patterns.forced_video_tokens(args.frames, cfg, P=spec.tokens_per_frame)
+        full_len = models.video_placeholders(args.frames, spec) + args.text_tokens
         comp_len = kept + 1 + args.text_tokens
         row = {"r": r, "frames_after_prune": "/".join(map(str, counts)), "prefill_tokens": comp_len}
         row.update(compare(spec, [args.frames], [full_len], [comp_len], cfg.prune_layers, [counts]))
         rows.append(row)
-    from .common import markdown_table
-
     print(markdown_table(rows, ["r", "frames_after_prune", "prefill_tokens", "encoder_tflops_full", "encoder_tflops",
                                 "llm_tflops_full", "llm_tflops", "flops_reduction_pct"]))
 

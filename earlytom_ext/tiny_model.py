@@ -31,7 +31,7 @@ VIDEO_KINDS = ("scenes", "static", "random", "identical", "crossfade")
 
 __all__ = [
     "IMAGE_SIZE", "PATCH_SIZE", "GRID", "POOLED", "TOKENS_PER_FRAME", "VOCAB", "PAD_ID", "IMAGE_TOKEN_ID",
-    "VIDEO_TOKEN_ID", "TEXT_ID_RANGE", "VIDEO_KINDS", "tiny_config", "build_model", "make_video",
+    "VIDEO_TOKEN_ID", "TEXT_ID_RANGE", "VIDEO_KINDS", "tiny_config", "from_config", "build_model", "make_video",
     "make_feature_video", "make_image", "video_token_count", "image_token_count", "make_inputs",
 ]
 
@@ -111,7 +111,10 @@ def tiny_config(
     return cfg
 
 
-def _from_config(cls, cfg, dtype, attn_implementation):
+def from_config(cls, cfg, dtype=None, attn_implementation: Optional[str] = None):
+    """``cls._from_config(cfg)`` with random weights, in ``dtype`` when given (transformers 5.x
+    spells the argument ``dtype``, 4.x ``torch_dtype``). Allocates on the current default
+    device (``with torch.device(...)``)."""
     kwargs = {}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
@@ -144,9 +147,9 @@ def build_model(seed: int = 0, attn_implementation: Optional[str] = "sdpa", dtyp
         if device.type == "cuda":
             torch.cuda.manual_seed_all(seed)
         with device:
-            model = _from_config(LlavaOnevisionForConditionalGeneration, cfg, dtype, attn_implementation)
+            model = from_config(LlavaOnevisionForConditionalGeneration, cfg, dtype, attn_implementation)
     else:
-        model = _from_config(LlavaOnevisionForConditionalGeneration, cfg, None, attn_implementation)
+        model = from_config(LlavaOnevisionForConditionalGeneration, cfg, None, attn_implementation)
     if sharpen_attention:
         # Small random weights give near-uniform attention; a larger init makes the attention
         # scores (and so Stage II) depend clearly on the content.

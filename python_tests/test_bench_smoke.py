@@ -1,11 +1,14 @@
-"""Smoke test of the benchmarks: the CPU quick path of bench/run.py in a temp dir, plus the pieces
-that need no model (the analytical FLOPs and the forced merge patterns, checked against the
-reference walk)."""
+"""Smoke test of the benchmarks: the CPU quick run of ``python -m bench.run`` in a temp dir, plus
+the pieces that need no model (the analytical FLOPs, the forced merge patterns checked against
+the reference walk, the timers, the time budget, the device names, the Qwen2.5-VL patch order)."""
 from __future__ import annotations
 
 import json
 import math
+import re
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,9 +18,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from earlytom_ext import EarlyTomConfig, preset, reference as R  # noqa: E402
-
-from bench import flops, models  # noqa: E402
+from bench import flops, models, patterns  # noqa: E402
+from earlytom_ext import EarlyTomConfig, preset  # noqa: E402
+from earlytom_ext import reference as R
 
 OPS = ("merge_frames", "apply_merge_plan", "segment_frames", "attention_received", "select_tokens")
 
@@ -53,7 +56,7 @@ def test_flops_compare_uncompressed_is_zero_reduction():
 def test_flops_compressed_paper_setting():
     spec = models.get_spec("llava-ov-7b")
     cfg = preset("videomme", 0.10)
-    counts = models.forced_counts(32, cfg)
+    counts = patterns.forced_counts(32, cfg)
     res = flops.compare(spec, [32], [32 * 196 + 1 + 32], [628 + 1 + 32], cfg.prune_layers, [counts])
     # Layers 0..10 on 32 frames, 11..21 on 20, 22..23 on 12, 24..25 on 8.
     per = flops.layer_flops(729, 1152, 4304)
@@ -64,13 +67,13 @@ def test_flops_compressed_paper_setting():
 def test_forced_counts_and_tokens():
     for r in (0.10, 0.15, 0.20, 0.25):
         cfg = preset("videomme", r)
-        assert models.forced_counts(32, cfg, "forced-merge") == [20, 12, 8]
-        assert models.forced_counts(32, cfg, "forced-nomerge") == [26, 21, 17]
-        kept = models.forced_video_tokens(32, cfg)
+        assert patterns.forced_counts(32, cfg, "forced-merge") == [20, 12, 8]
+        assert patterns.forced_counts(32, cfg, "forced-nomerge") == [26, 21, 17]
+        kept = patterns.forced_video_tokens(32, cfg)
         assert abs(kept - r * 32 * 196) <= 8  # r' keeps the budget
-    assert models.forced_video_tokens(32, preset("videomme", 0.10)) == 4 * 79 + 4 * 78
+    assert patterns.forced_video_tokens(32, preset("videomme", 0.10)) == 4 * 79 + 4 * 78
     with pytest.raises(ValueError):
-        models.forced_counts(32, preset("videomme", 0.10), "bogus")
+        patterns.forced_counts(32, preset("videomme", 0.10), "bogus")
 
 
 def _unit_frames(angles):
@@ -95,14 +98,14 @@ def test_forced_plan_matches_reference_walk(T, keep_last):
     # (sigma_0 > sigma_1 > tau_m): every merge the walk may take is taken.
     # "nomerge" windows: endpoints nearly equal, interior neighbours far apart (sigma < tau_m).
     merge_angles, keep_angles = [], []
-    for s, e in models.forced_segments(T, window):
+    for s, e in patterns.forced_segments(T, window):
         n = e - s + 1
         merge_angles += [0.0, 0.30, 0.32, 0.33, 0.34][:n] if n < 5 else [0.0, 0.30, 0.32, 0.9, 1.2]
         keep_angles += [0.0] * n if n < 3 else [0.0] + [1.0 * k for k in range(1, n - 1)] + [0.1]
     for pattern, angles in (("forced-merge", merge_angles), ("forced-nomerge", keep_angles)):
         x = _unit_frames(angles)
         ref_plan, ref_segs = R.merge_plan(x, cfg)
-        plan, segs = models.forced_plan(T, window, pattern == "forced-merge", keep_last)
+        plan, segs = patterns.forced_plan(T, window, pattern == "forced-merge", keep_last)
         assert segs == ref_segs
         assert _effective(plan) == _effective(ref_plan), pattern
 
@@ -139,10 +142,10 @@ def _fake_pynvml(fail_at=None):
 @pytest.mark.parametrize("fail_at", [None, "nvmlInit", "nvmlDeviceGetHandleByIndex", "nvmlDeviceGetClockInfo"])
 def test_nvml_info_never_raises(monkeypatch, fail_at):
     """The GPU run reads NVML before any work: a refused call must not end the run."""
-    from bench import run
+    from bench import env
 
     monkeypatch.setitem(sys.modules, "pynvml", _fake_pynvml(fail_at))
-    info = run.nvml_info(0)
+    info = env.nvml_info(0)
     if fail_at in ("nvmlInit", "nvmlDeviceGetHandleByIndex"):
         assert set(info) == {"nvml"} and "refused" in info["nvml"]
         return
@@ -154,95 +157,255 @@ def test_nvml_info_never_raises(monkeypatch, fail_at):
         assert info["sm_clock_mhz"] == 1980
 
 
+def test_llm_flops_with_inner_merge():
+    """Layers from the merge layer on count the sequence without the removed tokens."""
+    d, m = 64, 128
+    full = flops.llm_flops([100, 80], 4, d, m)
+    assert full == 4 * (flops.layer_flops(100, d, m) + flops.layer_flops(80, d, m))
+    merged = flops.llm_flops([100, 80], 4, d, m, merge_layer=1, removed=[30, 0])
+    assert merged == (flops.layer_flops(100, d, m) + 3 * flops.layer_flops(70, d, m)
+                      + 4 * flops.layer_flops(80, d, m))
+    with pytest.raises(ValueError, match="removed"):
+        flops.llm_flops([100], 4, d, m, merge_layer=1, removed=None)
+    with pytest.raises(ValueError, match="merge_layer"):
+        flops.llm_flops([100], 4, d, m, merge_layer=5, removed=[1])
+
+
+@pytest.mark.parametrize("name, slug", [("NVIDIA H100 80GB HBM3", "h100"), ("NVIDIA H200", "h200"),
+                                        ("NVIDIA A100-SXM4-80GB", "a100"), ("NVIDIA GeForce RTX 4090", "rtx-4090")])
+def test_device_slug(name, slug):
+    from bench import env
+
+    assert env.device_slug("cuda", name) == slug
+    assert env.device_slug("cpu") == "cpu-smoke"
+
+
+def test_budget_shares_and_run_points():
+    from bench.common import Budget, run_points
+
+    assert Budget().left() is None and not Budget().expired() and Budget().share(1, 3).left() is None
+    b = Budget(100.0)
+    assert 33.0 < b.share(1.0, 3.0).left() <= 100.0 / 3 + 1e-6
+    assert 99.0 < b.share(2.0, 2.0).left() <= 100.0
+    with pytest.raises(ValueError, match="time budget"):
+        Budget(0)
+
+    def measure(row):
+        if row["i"] == 1:
+            raise ZeroDivisionError("boom")
+        if row["i"] == 2:
+            row["skipped"] = "not in this version"
+            return
+        row["value"] = 10 * row["i"]
+
+    logs = []
+    rows = run_points([{"i": i} for i in range(4)], measure, budget=Budget(), device="cpu", log=logs.append)
+    assert [r.get("value") for r in rows] == [0, None, None, 30]
+    assert rows[1]["error"] == "ZeroDivisionError: boom" and rows[2]["skipped"] == "not in this version"
+    spent = Budget(1e-3)
+    time.sleep(0.01)
+    rows = run_points([{"i": 0}, {"i": 3}], measure, budget=spent, device="cpu", log=logs.append)
+    assert [r.get("skipped") for r in rows] == ["time budget", "time budget"]
+
+
+def test_hook_timers_restore_methods():
+    """The method wrapper times whatever is in place and puts back exactly what was there."""
+    from bench.common import HookTimers
+
+    class Inner(torch.nn.Module):
+        def pool(self, x):
+            return x + 1
+
+    inner = Inner()
+    lin = torch.nn.Linear(2, 2)
+    t = HookTimers("cpu", {"lin": lin}, first_only=("lin",), methods={"pool": (inner, "pool")})
+    assert "pool" in inner.__dict__
+    lin(torch.zeros(1, 3, 2))
+    lin(torch.zeros(1, 5, 2))
+    assert inner.pool(1) == 2
+    parts = t.collect()
+    assert parts["lin"] >= 0 and parts["pool"] >= 0 and t.prefill_len == 3
+    assert len(t.spans["lin"]) == 2  # both calls recorded, only the first counted (first_only)
+    t.remove()
+    assert "pool" not in inner.__dict__ and not lin._forward_hooks and not lin._forward_pre_hooks
+    # An instance attribute already in place (another patch) is timed, then restored.
+    patched = lambda x: x * 10  # noqa: E731
+    inner.pool = patched
+    t = HookTimers("cpu", {}, methods={"pool": (inner, "pool")})
+    assert inner.pool(2) == 20 and len(t.spans["pool"]) == 1
+    t.remove()
+    assert inner.__dict__["pool"] is patched
+
+
+def test_qwen_patch_order():
+    """Patches in the Qwen2-VL processor's order: 2x2 merge groups contiguous, each patch
+    flattened as (channel, time, row, column); checked against explicit loops."""
+    from bench.bench_qwen25vl import _patchify
+
+    T, C, H, W, p, tp, mg = 4, 2, 8, 8, 2, 2, 2
+    frames = torch.arange(T * C * H * W, dtype=torch.float32).view(T, C, H, W)
+    out, grid = _patchify(frames, p, tp, mg)
+    assert grid == [2, 4, 4] and out.shape == (2 * 4 * 4, C * tp * p * p)
+    expected = []
+    for t in range(2):
+        for bh in range(2):
+            for bw in range(2):
+                for ih in range(mg):
+                    for iw in range(mg):
+                        h, w = bh * mg + ih, bw * mg + iw
+                        expected.append([float(frames[t * tp + dt, c, h * p + y, w * p + x])
+                                         for c in range(C) for dt in range(tp) for y in range(p) for x in range(p)])
+    assert out.tolist() == expected
+
+
+def test_profile_op_time_counts_earlytom_ops():
+    if not _ops_ready():
+        pytest.skip("earlytom ops are not all built yet (CPU kernels missing)")
+    from bench.bench_ttft import profile_op_time
+    from earlytom_ext import ops
+
+    x = torch.randn(6, 4, 8)
+    res = profile_op_time(lambda: ops.merge_frames(x, [6], preset("videomme", 0.1)), "cpu")
+    assert res["ops_kernel_kind"] == "cpu" and res["ops_kernel_ms"] >= 0
+    assert any(k.startswith("earlytom::merge_frames") for k in res["ops_kernel_by_op"])
+
+
 # ---------------------------------------------------------------------------------------------
-# The CPU quick run of bench/run.py
+# The CPU quick run of python -m bench.run (a subprocess: what a user runs, output included)
 # ---------------------------------------------------------------------------------------------
+ERROR_LOOKING = re.compile(r"error|traceback|exception|fail|warn", re.IGNORECASE)
+
+
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     pytest.importorskip("transformers")
-    from bench import run
-
     out = tmp_path_factory.mktemp("bench")
     manifest = out / "manifest.txt"
-    results = run.main(["--device", "cpu", "--quick", "--all", "--model", "micro", "--out", str(out), "--frames", "4",
-                        "--iters", "1", "--warmup", "0", "--ratios", "0.1",
-                        "--scaling-frames", "2", "4", "--scaling-batch", "1", "2", "--manifest", str(manifest)])
-    return out, manifest, results
+    cmd = [sys.executable, "-m", "bench.run", "--device", "cpu", "--quick", "--all", "--model", "micro", "--out",
+           str(out), "--frames", "4", "--iters", "1", "--warmup", "0", "--ratios", "0.1", "--llm-merge-ratios", "0.1",
+           "--scaling-frames", "2", "4", "--scaling-batch", "1", "2", "--throughput-batch", "1", "2",
+           "--new-tokens", "3", "--manifest", str(manifest)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    js = [Path(p) for p in manifest.read_text().split() if p.endswith(".json")] if manifest.exists() else []
+    assert js, f"no results written (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    results = json.loads(js[0].read_text())
+    return out, manifest, results, proc
 
 
 def test_quick_run_writes_labelled_outputs(quick_run):
-    out, manifest, results = quick_run
+    out, manifest, results, proc = quick_run
     files = [Path(p) for p in manifest.read_text().split()]
-    names = {p.name for p in files}
     md = [p for p in files if p.suffix == ".md"]
     js = [p for p in files if p.suffix == ".json"]
     assert len(md) == 1 and len(js) == 1
     assert all(p.exists() and p.parent == out for p in files)
-    assert md[0].name.startswith("cpu-smoke-")
+    assert md[0].name.startswith("cpu-smoke-") and md[0].stem == js[0].stem
     text = md[0].read_text()
     assert "CPU SMOKE RUN" in text and "NOT performance results" in text
-    data = json.loads(js[0].read_text())
-    assert data["meta"]["label"].startswith("CPU smoke run")
-    assert data["meta"]["complete"] is True
-    assert data["meta"]["device"] == "cpu" and data["meta"]["model"] == "micro"
-    assert data["env"]["torch"] == torch.__version__
-    pytest.importorskip("matplotlib")
-    for suffix in ("-speedup.png", "-breakdown.png", "-scaling.png"):
-        png = [p for p in files if p.name.endswith(suffix)]
-        assert len(png) == 1, (suffix, names)
-        assert png[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert results["meta"]["label"].startswith("CPU smoke run")
+    assert results["meta"]["complete"] is True
+    assert results["meta"]["device"] == "cpu" and results["meta"]["model"] == "micro"
+    assert results["meta"]["profile"] is False  # torch.profiler stays off on the CPU
+    assert results["env"]["torch"] == torch.__version__
+    assert proc.returncode == (1 if results["errors"] else 0)
+
+
+def test_quick_run_output_is_quiet(quick_run):
+    """A run where nothing failed prints nothing that looks like an error."""
+    _, _, results, proc = quick_run
+    if results["errors"]:
+        pytest.skip(f"the run reported errors (checked elsewhere): {results['errors'][:2]}")
+    noisy = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ERROR_LOOKING.search(ln)]
+    assert not noisy, noisy
+
+
+def test_quick_run_plot(quick_run):
+    out, manifest, results, _ = quick_run
+    pngs = [Path(p) for p in manifest.read_text().split() if p.endswith(".png")]
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert not pngs and any(s.startswith("plot: matplotlib unavailable") for s in results["skipped"])
+        pytest.skip("matplotlib is not installed: the run skips its figure (checked above)")
+    assert len(pngs) == 1 and pngs[0].name == Path(results["meta"]["files"][0]).stem + ".png"
+    assert pngs[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_quick_run_flops_section(quick_run):
-    _, _, results = quick_run
+    _, _, results, _ = quick_run
     rows = results["flops"]
     analytical = [r for r in rows if r["source"] == "analytical"]
-    assert {r["pattern"] for r in analytical} == set(models.FORCED_PATTERNS)
+    assert {r["pattern"] for r in analytical} == set(patterns.FORCED_PATTERNS)
     for r in rows:
         assert r["total_tflops"] <= r["total_tflops_full"]
         assert math.isfinite(r["flops_reduction_pct"])
 
 
 def test_quick_run_measured_sections(quick_run):
-    """TTFT, encoder and scaling rows: complete once the ops and the integration exist."""
-    _, _, results = quick_run
+    """TTFT, throughput, encoder and scaling rows: complete once the ops and the integration exist."""
+    _, _, results, _ = quick_run
     if not _ops_ready():
         pytest.skip("earlytom ops are not all built yet (CPU kernels missing)")
-    errors = [e for e in results["errors"] if "bench_" not in e]  # op microbenchmarks are others' modules
+    errors = [e for e in results["errors"] if not e.startswith("kernels ")]  # op microbenchmarks: others' modules
     assert not errors, errors
-    ttft = results["ttft"]
-    base = [r for r in ttft if r["config"] == "uncompressed"]
-    comp = [r for r in ttft if r["config"] == "earlytom"]
-    assert len(base) == 2
-    assert [r["pattern"] for r in comp] == ["forced-merge", "forced-nomerge", "natural"]
     P = models.get_spec("micro").tokens_per_frame
     assert P == 16
-    full_tokens = 4 * P + 1 + 32
+    full_tokens = 4 * P + 1 + models.TEXT_TOKENS
+
+    ttft = results["ttft"]
+    base = [r for r in ttft if r["config"] == "uncompressed"]
+    assert [(r["baseline"], r["when"]) for r in base] == [("stock", "before"), ("fastpool", "before"),
+                                                          ("stock", "after"), ("fastpool", "after")]
     for r in base:
         assert r["prefill_tokens"] == full_tokens and r["ttft_ms"] > 0
+        assert r["vision_ms"] > 0 and r["llm_ms"] > 0 and r["pooling_ms"] > 0 and r["projector_ms"] > 0
+    comp = [r for r in ttft if r["config"] == "earlytom"]
+    assert [(r["pattern"], r["llm_merge"]) for r in comp] == [("forced-merge", False), ("forced-merge", True),
+                                                              ("forced-nomerge", False), ("natural", False)]
     cfg = preset("videomme", 0.10)
+    fast_before = base[1]["ttft_ms"]
     for r in comp:
-        assert not r.get("error"), r.get("error")
-        assert r["ttft_ms"] > 0 and r["speedup"] > 0
+        assert not r.get("error") and not r.get("skipped"), r
+        assert r["ttft_ms"] > 0
+        assert r["speedup"] == pytest.approx(base[0]["ttft_ms"] / r["ttft_ms"])
+        assert r["speedup_vs_fastpool"] == pytest.approx(fast_before / r["ttft_ms"])
         assert r["prefill_tokens"] < full_tokens
-        assert r["ops_ms"] is not None and r["ops_ms"] >= 0
-        assert 0 <= r["ops_share_pct"] <= 100
-        assert r["ops_kernel_ms"] >= 0
+        assert r["ops_ms"] is not None and r["ops_ms"] >= 0 and 0 <= r["ops_share_pct"] <= 100
+        # Every part of the split was measured, and the parts plus the overhead make up TTFT.
+        for key in ("vision_ms", "projector_ms", "pooling_ms", "stage2_ms", "prompt_rewrite_ms", "llm_ms"):
+            assert r[key] is not None and r[key] >= 0, key
         assert len(r["frames_after_prune"]) == 1 and len(r["frames_after_prune"][0]) == 3
-        if r["pattern"] in models.FORCED_PATTERNS:
-            assert r["frames_after_prune"][0] == models.forced_counts(4, cfg, r["pattern"])
-            kept = models.forced_video_tokens(4, cfg, r["pattern"], P=P)
+        if r["pattern"] in patterns.FORCED_PATTERNS:
+            assert r["frames_after_prune"][0] == patterns.forced_counts(4, cfg, r["pattern"])
+            kept = patterns.forced_video_tokens(4, cfg, r["pattern"], P=P)
             assert r["video_tokens"] == [kept + 1]
-            assert r["prefill_tokens"] == kept + 1 + 32
+            assert r["prefill_tokens"] == kept + 1 + models.TEXT_TOKENS
+    # The micro model's 2-layer LLM merges at its middle layer; the FLOPs count the shorter tail.
+    lm = next(r for r in comp if r["llm_merge"])
+    assert lm["llm_merge_layer"] == 1 and lm["llm_tflops"] < comp[0]["llm_tflops"]
+
+    tp = results["throughput"]
+    assert {(r["batch"], r["config"]) for r in tp} == {(b, c) for b in (1, 2) for c in ("stock", "earlytom",
+                                                                                           "fastpool")}
+    for r in tp:
+        assert not r.get("error") and not r.get("skipped"), r
+        assert r["tokens_per_s"] == pytest.approx(r["batch"] * 3 / r["seconds"])
+        assert r["videos_per_s"] == pytest.approx(r["batch"] / r["seconds"])
+        if r["config"] == "earlytom":
+            stock = next(s for s in tp if s["batch"] == r["batch"] and s["config"] == "stock")
+            assert r["speedup"] == pytest.approx(r["tokens_per_s"] / stock["tokens_per_s"])
+
     enc = results["encoder"]
-    assert [r["config"] for r in enc] == ["uncompressed", "earlytom", "earlytom", "earlytom"]
+    assert [r["config"] for r in enc] == ["uncompressed"] * 2 + ["earlytom"] * 3
     assert all(r["features_ms"] > 0 and r["tower_ms"] > 0 for r in enc)
     sc = results["scaling"]
     assert {(r["axis"], r["value"]) for r in sc} == {("frames", 2), ("frames", 4), ("batch", 1), ("batch", 2)}
     for r in sc:
         assert not r.get("error") and not r.get("skipped"), r
-        assert r["ttft_ms"] > 0 and r["ttft_full_ms"] > 0
+        assert r["ttft_ms"] > 0 and r["ttft_full_ms"] > 0 and r["ttft_fastpool_ms"] > 0
         assert r["prefill_tokens"] < r["prefill_tokens_full"]
+    q = results["qwen25vl"]
+    assert q.get("skipped") or all(not r.get("error") for r in q["rows"]), q
 
 
 def test_measure_keeps_timings_when_the_profiler_fails(monkeypatch):
@@ -259,7 +422,7 @@ def test_measure_keeps_timings_when_the_profiler_fails(monkeypatch):
     spec = models.get_spec("micro")
     model, _ = models.build_model("micro", device="cpu", dtype=torch.float32)
     inputs = models.make_batch(spec, 1, 3)
-    handle = bench_ttft.apply_earlytom(model, preset("videomme", 0.25), "forced-nomerge")
+    handle = patterns.apply_earlytom(model, preset("videomme", 0.25), "forced-nomerge")
     try:
         row = bench_ttft.measure(model, inputs, "cpu", handle=handle, warmup=0, iters=1, profile=True)
     finally:
@@ -267,3 +430,5 @@ def test_measure_keeps_timings_when_the_profiler_fails(monkeypatch):
     assert row["ttft_ms"] > 0 and row["ops_ms"] is not None
     assert row["ops_kernel_error"] == "RuntimeError: CUPTI unavailable"
     assert "ops_kernel_ms" not in row and "ops_kernel_share_pct" not in row
+    # The handle's forced decisions are gone with it; the model is the stock one again.
+    assert "generate" not in model.__dict__ and "apply_pooling" not in model.model.__dict__

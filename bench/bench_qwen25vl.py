@@ -1,0 +1,193 @@
+"""TTFT of the Qwen2.5-VL-7B architecture (random weights, bf16, SDPA): stock vs EarlyTom, once
+``earlytom_ext.apply`` accepts ``Qwen2_5_VLForConditionalGeneration``.
+
+The configuration is written by hand to match ``Qwen/Qwen2.5-VL-7B-Instruct`` (nothing is
+downloaded): a 32-block vision transformer (hidden 1280, 16 heads, gated MLP 3420, 14x14
+patches, 2 frames per temporal patch, 2x2 spatial merge, window attention over 112x112 pixels
+with full attention in blocks 7/15/23/31, merger to 3584) and the Qwen2.5-7B language model
+(hidden 3584, 28 layers, 28 heads / 4 KV heads, MLP 18944, vocabulary 152064, M-RoPE sections
+16/24/24). The video: 32 frames at 448x448 (the crossfade clip of ``tiny_model.make_video``),
+patchified as the Qwen2-VL processor does: 16 x 32 x 32 patches, 4096 video tokens.
+
+Before building the 7B model the section checks, on a tiny model of the same family on the
+CPU, that ``earlytom_ext.apply`` accepts it; otherwise the section is skipped with the reason.
+"""
+from __future__ import annotations
+
+import inspect
+import time
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+from bench.bench_ttft import config_label, measure
+from bench.common import Budget, free_memory, run_points
+from bench.patterns import apply_earlytom
+from earlytom_ext import tiny_model as tm
+
+__all__ = ["SIZES", "qwen_config", "build_model", "make_inputs", "availability", "benchmark"]
+
+# Qwen/Qwen2.5-VL-7B-Instruct, written out by hand.
+_VISION_7B = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, in_channels=3, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2, window_size=112, out_hidden_size=3584,
+                  fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2, hidden_act="silu")
+_TEXT_7B = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                num_attention_heads=28, num_key_value_heads=4, hidden_act="silu", max_position_embeddings=128000,
+                rms_norm_eps=1e-6, use_sliding_window=False, sliding_window=32768, max_window_layers=28,
+                bos_token_id=151643, eos_token_id=None, pad_token_id=151643)
+_IDS_7B = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652,
+               vision_end_token_id=151653)
+# The same family with tiny widths (and the full vision depth, so the paper's prune layers apply).
+_VISION_TINY = dict(_VISION_7B, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64)
+_TEXT_TINY = dict(_TEXT_7B, vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16384, bos_token_id=None,
+                  pad_token_id=0)
+_IDS_TINY = dict(image_token_id=300, video_token_id=301, vision_start_token_id=302, vision_end_token_id=303)
+
+SIZES = {
+    # name: (vision, text, ids, rope_theta, mrope_section, text id range, frames, image size)
+    "qwen2.5-vl-7b": (_VISION_7B, _TEXT_7B, _IDS_7B, 1000000.0, [16, 24, 24], (1000, 150000), 32, 448),
+    "tiny": (_VISION_TINY, _TEXT_TINY, _IDS_TINY, 1000000.0, [2, 3, 3], (3, 290), 4, 112),
+}
+
+
+def qwen_config(size: str = "qwen2.5-vl-7b"):
+    """A ``Qwen2_5_VLConfig`` (transformers 5.x ``rope_parameters``, 4.x ``rope_scaling``)."""
+    from transformers import Qwen2_5_VLConfig
+    from transformers.models.qwen2_5_vl import configuration_qwen2_5_vl as conf
+
+    if size not in SIZES:
+        raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
+    vision, text, ids, theta, section = SIZES[size][:5]
+    text = dict(text)
+    if "rope_parameters" in inspect.signature(conf.Qwen2_5_VLTextConfig.__init__).parameters:
+        text["rope_parameters"] = {"rope_type": "default", "rope_theta": theta, "mrope_section": list(section)}
+    else:
+        text.update(rope_theta=theta, rope_scaling={"type": "mrope", "mrope_section": list(section)})
+    cfg = Qwen2_5_VLConfig(text_config=text, vision_config=dict(vision), **ids)
+    cfg.pad_token_id = text["pad_token_id"]
+    return cfg
+
+
+def build_model(size: str = "qwen2.5-vl-7b", device="cuda", dtype=torch.bfloat16, seed: int = 0):
+    """Random-weight ``Qwen2_5_VLForConditionalGeneration`` built directly on ``device``;
+    ``(model, info)``."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    device = torch.device(device)
+    t0 = time.perf_counter()
+    torch.manual_seed(seed)
+    with device:
+        model = tm.from_config(Qwen2_5_VLForConditionalGeneration, qwen_config(size), dtype, "sdpa")
+    model = model.to(device=device, dtype=dtype).eval()
+    model.requires_grad_(False)
+    gc = model.generation_config
+    gc.pad_token_id, gc.eos_token_id, gc.do_sample = model.config.pad_token_id, None, False
+    for k in ("temperature", "top_p", "top_k"):
+        if hasattr(gc, k):
+            setattr(gc, k, None)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return model, {"model": size, "build_s": time.perf_counter() - t0,
+                   "params": sum(p.numel() for p in model.parameters())}
+
+
+def _patchify(frames: torch.Tensor, patch: int, temporal: int, merge: int) -> Tuple[torch.Tensor, List[int]]:
+    """``[T, C, H, W]`` -> ``([t*h*w, C*temporal*patch*patch], [t, h, w])`` in the Qwen2-VL
+    processor's patch order (2x2 merge groups contiguous)."""
+    T, C, H, W = frames.shape
+    gt, gh, gw = T // temporal, H // patch, W // patch
+    x = frames.reshape(gt, temporal, C, gh // merge, merge, patch, gw // merge, merge, patch)
+    x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
+    return x.reshape(gt * gh * gw, C * temporal * patch * patch), [gt, gh, gw]
+
+
+def make_inputs(model, frames: int, image_size: int, *, batch: int = 1, device="cuda", dtype=torch.bfloat16,
+                seed: int = 0, text_id_range=(1000, 150000)) -> dict:
+    """Generate inputs of ``batch`` synthetic videos: ``prefix, <vision_start>, video tokens,
+    <vision_end>, suffix`` per sample."""
+    vc = model.config.vision_config
+    if frames % vc.temporal_patch_size:
+        raise ValueError(f"frames must be a multiple of {vc.temporal_patch_size}, got {frames}")
+    pix, grids = [], []
+    for b in range(batch):
+        video = tm.make_video(frames, seed=seed + 17 * b, kind="crossfade", scene_length=8, noise=0.03,
+                              image_size=image_size, device=device, dtype=torch.float32)
+        p, g = _patchify(video, vc.patch_size, vc.temporal_patch_size, vc.spatial_merge_size)
+        pix.append(p)
+        grids.append(g)
+    n_video = grids[0][0] * grids[0][1] * grids[0][2] // vc.spatial_merge_size ** 2
+    g = torch.Generator().manual_seed(seed)
+    lo, hi = text_id_range
+    cfg = model.config
+    rows = []
+    for _ in range(batch):
+        rows.append(torch.randint(lo, hi, (14,), generator=g).tolist() + [cfg.vision_start_token_id]
+                    + [cfg.video_token_id] * n_video + [cfg.vision_end_token_id]
+                    + torch.randint(lo, hi, (18,), generator=g).tolist())
+    ids = torch.tensor(rows, device=device)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+            "pixel_values_videos": torch.cat(pix).to(dtype), "video_grid_thw": torch.tensor(grids, device=device)}
+
+
+def availability(benchmark_preset: str = "videomme", ratio: float = 0.10) -> Tuple[bool, str]:
+    """Whether ``earlytom_ext.apply`` accepts a Qwen2.5-VL model (checked on a tiny one, CPU)."""
+    try:
+        from transformers import Qwen2_5_VLForConditionalGeneration  # noqa: F401
+    except ImportError as e:
+        return False, f"transformers has no Qwen2_5_VLForConditionalGeneration ({e})"
+    import earlytom_ext
+    from earlytom_ext.config import preset
+
+    tiny, _ = build_model("tiny", device="cpu", dtype=torch.float32)
+    try:
+        handle = earlytom_ext.apply(tiny, preset(benchmark_preset, ratio))
+    except Exception as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        return False, f"earlytom_ext.apply does not accept Qwen2_5_VLForConditionalGeneration in this version: {first}"
+    handle.remove()
+    return True, ""
+
+
+def benchmark(device="cuda", *, size: str = "qwen2.5-vl-7b", ratios: Sequence[float] = (0.10, 0.25),
+              pattern: str = "forced-merge", benchmark_preset: str = "videomme", warmup: int = 2, iters: int = 7,
+              dtype=torch.bfloat16, seed: int = 0, budget: Optional[Budget] = None, log=print) -> dict:
+    """``{"rows": [...], "model_info": ...}`` or ``{"skipped": reason}``."""
+    from earlytom_ext.config import preset
+
+    budget = budget or Budget()
+    ok, why = availability(benchmark_preset, ratios[0])
+    if not ok:
+        log(f"  qwen2.5-vl: skipped ({why})")
+        return {"skipped": why}
+    model, info = build_model(size, device=device, dtype=dtype, seed=seed)
+    log(f"  qwen2.5-vl: {size} built in {info['build_s']:.1f} s ({info['params'] / 1e9:.2f} B parameters)")
+    frames, image_size = SIZES[size][6], SIZES[size][7]
+    try:
+        inputs = make_inputs(model, frames, image_size, device=device, dtype=dtype, seed=seed,
+                             text_id_range=SIZES[size][5])
+        points = [dict(config="uncompressed", baseline="stock", ratio=1.0)]
+        points += [dict(config="earlytom", pattern=pattern, ratio=r, llm_merge=False) for r in ratios]
+
+        def measure_point(row: dict) -> None:
+            row.update(frames=frames, image_size=image_size, batch=1)
+            if row["config"] == "uncompressed":
+                row.update(measure(model, inputs, device, warmup=warmup, iters=iters))
+            else:
+                handle = apply_earlytom(model, preset(benchmark_preset, row["ratio"]), pattern)
+                try:
+                    row.update(measure(model, inputs, device, handle=handle, warmup=warmup, iters=iters))
+                finally:
+                    handle.remove()
+            log(f"  qwen2.5-vl {config_label(row)}: TTFT {row['ttft_ms']:.2f} ms, prefill {row.get('prefill_tokens')}")
+
+        rows = run_points(points, measure_point, budget=budget, device=device, log=log,
+                          label=lambda r: f"qwen2.5-vl {config_label(r)}")
+    finally:
+        model = None  # the 8B model's memory goes back before the next section
+        free_memory(device)
+    base = rows[0].get("ttft_ms") if rows and not rows[0].get("error") else None
+    for r in rows[1:]:
+        if base and r.get("ttft_ms"):
+            r["speedup"] = base / r["ttft_ms"]
+    return {"rows": rows, "model_info": info}
