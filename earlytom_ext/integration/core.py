@@ -267,6 +267,7 @@ class EarlyTomHandle:
         new = rewrite_placeholders(host.wait(), adapter.video_token_id, videos.placeholders, counts,
                                    padding_side=padding_side, pad_token_id=adapter.pad_token_id())
         result = new.to_devices(host)
+        videos.prompt = new  # host copies for adapters that lay out positions (no device read)
         result.update(adapter.build_llm_inputs({}, result["input_ids"], result["attention_mask"], features, videos))
         clock.span("prompt_rewrite", t0, clock.now())
         result["video_token_counts"] = counts

@@ -22,6 +22,9 @@ class VideoInputs:
     frames: List[int]  # Stage I frames per video (LLaVA-OneVision: T; Qwen2.5-VL: temporal groups)
     placeholders: List[int]  # video placeholder tokens per video in input_ids before compression
     extra: Dict[str, Any] = field(default_factory=dict)  # model-specific (grid sizes, feature layer, ...)
+    #: set by the core before ``build_llm_inputs``: the rewritten prompt on the host
+    #: (:class:`~earlytom_ext.integration.prompt.RewrittenPrompt`: input_ids, attention_mask, spans)
+    prompt: Optional[Any] = None
 
 
 @dataclass
