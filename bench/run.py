@@ -39,8 +39,8 @@ from bench.report import GOALS, PAPER, goals_section, write_markdown, write_plot
 KERNEL_MODULES = ("bench_merge_frames", "bench_attention_received", "bench_select_tokens")
 #: sections in run order, with their weight in the time budget (a section gets its weight's share
 #: of the time left when it starts, so time one leaves unused flows to the next).
-SECTIONS = (("ttft", 3.0), ("flops", 0.0), ("throughput", 2.0), ("scaling", 2.0), ("encoder", 1.0),
-            ("kernels", 1.0), ("qwen", 1.5))
+SECTIONS = (("ttft", 3.0), ("flops", 0.0), ("throughput", 3.5), ("scaling", 3.0), ("encoder", 1.0),
+            ("kernels", 1.2), ("qwen", 1.0))
 
 
 def run_kernels(device: str, quick: bool, budget: Budget, log) -> Dict[str, object]:
@@ -255,7 +255,7 @@ def main(argv=None) -> dict:
                                               args.preset),
         "throughput": needs_model(lambda b: bench_throughput.benchmark(
             m(), spec, device, frames=frames, batches=tp_batch, new_tokens=new_tokens, ratio=ratios[0],
-            pattern=patterns[0], warmup=1 if not quick else 0, iters=3 if not quick else 1, budget=b, **common)),
+            pattern=patterns[0], warmup=1 if not quick else 0, iters=2 if not quick else 1, budget=b, **common)),
         "scaling": needs_model(lambda b: bench_ttft.scaling(
             m(), spec, device, frames_list=sc_frames, batch_list=sc_batch, base_frames=frames, ratio=ratios[0],
             pattern=patterns[0], warmup=1 if not quick else 0, iters=3 if not quick else 1, budget=b, **common)),

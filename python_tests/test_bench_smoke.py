@@ -20,7 +20,7 @@ if str(ROOT) not in sys.path:
 
 from bench import flops, models, patterns  # noqa: E402
 from earlytom_ext import EarlyTomConfig, preset  # noqa: E402
-from earlytom_ext import reference as R
+from earlytom_ext import reference as R  # noqa: E402
 
 OPS = ("merge_frames", "apply_merge_plan", "segment_frames", "attention_received", "select_tokens")
 

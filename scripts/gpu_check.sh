@@ -1,44 +1,71 @@
 #!/usr/bin/env bash
-# All GPU work of earlytom_ext in one script, run from the repository root on a CUDA machine.
+# All GPU work of earlytom_ext in ONE run, from the repository root on a CUDA machine.
 #
-#   bash scripts/gpu_check.sh [stage ...]
+#   bash scripts/gpu_check.sh [--budget SECONDS] [--cpu] [stage ...]
 #
 # Stages (default: all, in this order):
 #   env       GPU, driver, toolchain and Python package versions
-#   build     pip install --no-build-isolation -e . (CUDA kernels, TORCH_CUDA_ARCH_LIST=9.0)
-#   test      pytest python_tests (the CUDA == CPU == reference parity tests run here)
+#   build     python setup.py build_ext --inplace (CUDA kernels, TORCH_CUDA_ARCH_LIST=9.0)
+#   test      pytest python_tests -n 8 (pytest-xdist; the CUDA == CPU == reference parity tests)
 #   cuda      cmake + ctest of the standalone cuda_tests/test_*.cu programs
-#   sanitize  compute-sanitizer memcheck and racecheck on every cuda_tests program (each run
-#             under its own time limit; "skipped" where the GPU runtime refuses the sanitizer,
-#             as gVisor sandboxes do)
-#   bench     python bench/run.py --all (results under bench/results/ and copied to $OUT)
+#   sanitize  compute-sanitizer memcheck on every cuda_tests program, then racecheck on as many
+#             as the stage's time allows ("refused" where the GPU runtime refuses the sanitizer)
+#   bench     python -m bench.run --all (results <device>-<date>.{md,json,png})
 # "test" and "bench" build the extension first when it is not importable with CUDA kernels;
 # "sanitize" builds the cuda_tests first when they are missing.
 #
-# With at most 10 minutes per command, split the work into two calls made back to back (the
-# machine stays warm only briefly between calls; "bench" rebuilds the extension if it has to):
-#   bash scripts/gpu_check.sh env build test cuda sanitize
-#   bash scripts/gpu_check.sh bench
-# The summary and the log archive in $OUT are rewritten after every stage, so a call stopped by
-# its time limit still returns the finished stages. Each stage's limit is also cut to what is left
-# of CALL_BUDGET (585 s), so a slow stage is stopped, and reported, before the call's limit.
+# Time: the whole run fits in --budget / GPU_CHECK_BUDGET seconds (default 480 = 8 minutes).
+# Each stage has a slice: at most its MAX seconds, and no more than leaves the stages after it
+# their MIN (but at least its own MIN). A stage whose MIN no longer fits is not started: it is
+# reported as "SKIPPED (budget)" in the summary (never silently), and so is a sanitizer run or a
+# bench configuration that does not fit. A stage that overruns its slice is stopped and reported.
 #
-# Output: everything is logged under a work folder; at the end $OUT receives summary.md (stage
-# table + the tail of each failing log), logs.tar.gz (all logs and all bench outputs) and the
-# bench tables/plots (at most 8 files in all). The script keeps going after a failing stage and
-# exits non-zero when any stage failed.
+# --cpu: a dry run on a machine without a GPU (CPU-only build check, the CPU tests, the bench
+# stage as the CPU smoke run; cuda and sanitize are reported as skipped).
 #
-# Environment: OUT (default: a temp folder), PYTHON (default python3), CUDA_HOME
-# (default /usr/local/cuda or nvcc's), MAX_JOBS (16), TORCH_CUDA_ARCH_LIST (9.0),
-# CMAKE_CUDA_ARCHITECTURES (90), SANITIZE_TOOLS ("memcheck racecheck"; add initcheck, synccheck),
-# STAGE_TIMEOUT_<STAGE> seconds (per-stage limits), CALL_BUDGET (seconds for the whole call,
-# default 585: lower it when the device grants less than 600 s), PYTEST_ARGS (extra pytest arguments),
-# BENCH_TIME_BUDGET (seconds, default 480), BENCH_ARGS (extra arguments of bench/run.py).
+# Output: everything is logged under a work folder; $OUT receives summary.md (stage table, what
+# was skipped, the tail of each failing log), logs.tar.gz (all logs, junit xml, bench outputs)
+# and the bench results <device>-<date>.md/.json/.png: at most 8 files. Both are rewritten after
+# every stage, so a run stopped from outside still returns the finished stages. The script keeps
+# going after a failing stage and exits 1 when any stage failed (0 otherwise; skipped stages are
+# listed at the top of the summary).
+#
+# Environment: OUT (default: a temp folder), PYTHON (python3), CUDA_HOME (/usr/local/cuda or
+# nvcc's), MAX_JOBS (16), TORCH_CUDA_ARCH_LIST (9.0), CMAKE_CUDA_ARCHITECTURES (90),
+# GPU_CHECK_BUDGET (480), STAGE_MAX_<STAGE> / STAGE_MIN_<STAGE> (seconds; override a slice),
+# SANITIZE_TOOLS ("memcheck racecheck"), PYTEST_WORKERS (8), PYTEST_ARGS, BENCH_ARGS (extra
+# arguments of bench.run).
 set -u
 set -o pipefail
 
 cd "$(dirname "$0")/.."
 ROOT="$(pwd)"
+
+BUDGET="${GPU_CHECK_BUDGET:-480}"
+CPU_ONLY=0
+STAGES=""
+ALL_STAGES="env build test cuda sanitize bench"
+while [ "$#" -gt 0 ]; do
+  case "$1" in
+    --budget) BUDGET="${2:?--budget needs a number of seconds}"; shift 2 ;;
+    --budget=*) BUDGET="${1#--budget=}"; shift ;;
+    --cpu) CPU_ONLY=1; shift ;;
+    -h|--help) sed -n '2,40p' "$0"; exit 0 ;;
+    -*) echo "unknown option '$1'" >&2; exit 2 ;;
+    *)
+      case " $ALL_STAGES " in
+        *" $1 "*) STAGES="$STAGES $1" ;;
+        *) echo "unknown stage '$1' (stages: $ALL_STAGES)" >&2; exit 2 ;;
+      esac
+      shift ;;
+  esac
+done
+STAGES="${STAGES:-$ALL_STAGES}"
+STAGES="$(echo $STAGES)"
+case "$BUDGET" in
+  ''|*[!0-9]*) echo "--budget / GPU_CHECK_BUDGET must be a whole number of seconds, got '$BUDGET'" >&2; exit 2 ;;
+esac
+
 export PYTHONUNBUFFERED=1
 if [ -z "${CUDA_HOME:-}" ]; then
   if [ -x /usr/local/cuda/bin/nvcc ]; then CUDA_HOME=/usr/local/cuda
@@ -50,66 +77,64 @@ export CUDA_HOME
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
 export MAX_JOBS="${MAX_JOBS:-16}"
 export PATH="$PATH:$CUDA_HOME/bin"
-# The package is importable from the repository root whether pip's editable install or the
-# in-place fallback build provided it.
+# The in-place build makes the package importable from the repository root.
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 PY="${PYTHON:-python3}"
 CUDA_ARCHS="${CMAKE_CUDA_ARCHITECTURES:-90}"
 SANITIZE_TOOLS="${SANITIZE_TOOLS:-memcheck racecheck}"
-# Seconds the whole call may take (the device tool stops a command after 600 s).
-CALL_BUDGET="${CALL_BUDGET:-585}"
+PYTEST_WORKERS="${PYTEST_WORKERS:-8}"
 OUT="${OUT:-${TMPDIR:-/tmp}/earlytom_gpu_check_out}"
 WORK="${TMPDIR:-/tmp}/earlytom_gpu_check.$$"
-CT_BUILD="$ROOT/cuda_tests/build"
-mkdir -p "$OUT" "$WORK/logs"
+CT_BUILD="$WORK/cuda_tests_build"
+mkdir -p "$OUT" "$WORK/logs" "$WORK/bench"
 SUMMARY="$WORK/summary.md"
 STATUS_ROWS="$WORK/status.tsv"
+NOTES="$WORK/notes.txt"  # skipped pieces inside stages (sanitizer runs, ...)
 : >"$STATUS_ROWS"
+: >"$NOTES"
 FAILED=0
+FINAL_RESERVE=15  # seconds kept for the summary and the archive
 
-ALL_STAGES="env build test cuda sanitize bench"
-if [ "$#" -eq 0 ]; then
-  STAGES="$ALL_STAGES"
-else
-  STAGES="$*"
-  for s in $STAGES; do
-    case " $ALL_STAGES " in
-      *" $s "*) ;;
-      *) echo "unknown stage '$s' (stages: $ALL_STAGES)" >&2; exit 2 ;;
-    esac
-  done
-fi
+# Slices: "MAX MIN" seconds per stage (see the header).
+slice_max() { local v="STAGE_MAX_$(echo "$1" | tr '[:lower:]' '[:upper:]')"; local d
+  case "$1" in env) d=30 ;; build) d=150 ;; test) d=150 ;; cuda) d=90 ;; sanitize) d=90 ;; bench) d=400 ;; esac
+  echo "${!v:-$d}"; }
+slice_min() { local v="STAGE_MIN_$(echo "$1" | tr '[:lower:]' '[:upper:]')"; local d
+  case "$1" in env) d=15 ;; build) d=40 ;; test) d=45 ;; cuda) d=20 ;; sanitize) d=20 ;; bench) d=90 ;; esac
+  echo "${!v:-$d}"; }
 
-log() { echo "[gpu_check $(date -u +%H:%M:%S)] $*"; }
+log() { echo "[gpu_check $(date -u +%H:%M:%S) ${SECONDS}s] $*"; }
 
-# run_stage NAME DEFAULT_TIMEOUT_S FUNCTION: runs FUNCTION under a time limit, logs to
-# $WORK/logs/NAME.log (and to stdout), records pass/fail/skip and the time taken.
+# run_stage NAME FUNCTION REMAINING_STAGES...: runs FUNCTION under its slice, logs to
+# $WORK/logs/NAME.log (and stdout), records pass / fail / skipped and the time taken.
 run_stage() {
-  local name="$1" default_limit="$2" fn="$3"
-  local var="STAGE_TIMEOUT_$(echo "$name" | tr '[:lower:]' '[:upper:]')"
-  local limit="${!var:-$default_limit}"
-  local logf="$WORK/logs/$name.log"
-  # The whole call must end inside CALL_BUDGET: a stage gets at most what is left of it (minus the
-  # kill grace of `timeout` and the time finalize needs), and is not started with under 30 s.
-  local left=$((CALL_BUDGET - SECONDS - 25))
-  if [ "$left" -lt "$limit" ]; then limit="$left"; fi
-  if [ "$limit" -lt 30 ]; then
-    log "stage $name: NOT RUN (call budget of ${CALL_BUDGET}s used up after ${SECONDS}s)"
-    printf '%s\t%s\t%s\n' "$name" "NOT RUN (call budget ${CALL_BUDGET}s used up)" 0 >>"$STATUS_ROWS"
-    FAILED=1
+  local name="$1" fn="$2"; shift 2
+  local later_min=0 s
+  for s in "$@"; do later_min=$((later_min + $(slice_min "$s"))); done
+  local left=$((BUDGET - SECONDS - FINAL_RESERVE))
+  local need; need=$(slice_min "$name")
+  local limit; limit=$(slice_max "$name")
+  # The stages after this one keep their minimums where possible; when the budget cannot cover
+  # every minimum, the stages run in order (an earlier stage still gets its own minimum).
+  [ $((left - later_min)) -lt "$limit" ] && limit=$((left - later_min))
+  [ "$limit" -lt "$need" ] && limit="$need"
+  if [ "$left" -lt "$need" ]; then
+    log "stage $name: SKIPPED (budget: ${left}s left of ${BUDGET}s, needs ${need}s)"
+    printf '%s\t%s\t%s\n' "$name" "SKIPPED (budget: ${left}s left of ${BUDGET}s, needs ${need}s)" 0 >>"$STATUS_ROWS"
     finalize
     return
   fi
-  log "stage $name (limit ${limit}s) -> $logf"
+  local logf="$WORK/logs/$name.log"
+  log "stage $name (slice ${limit}s) -> $logf"
   local t0=$SECONDS rc
-  # Each stage runs in its own bash under `timeout` (which signals the stage's whole process
-  # group), so a hanging stage cannot eat the next stages' time.
-  STAGE_LIMIT="$limit" timeout -k 15 "$limit" bash -c "$fn" 2>&1 | tee "$logf"
+  # Each stage runs in its own bash under `timeout`, so a hanging stage cannot eat the next
+  # stages' time.
+  STAGE_LIMIT="$limit" timeout -k 10 "$limit" bash -c "$fn" 2>&1 | tee "$logf"
   rc=${PIPESTATUS[0]}
   local dt=$((SECONDS - t0)) status
   if [ "$rc" -eq 0 ]; then status=pass
-  elif [ "$rc" -eq 77 ]; then status=skipped
-  elif [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then status="FAIL (timeout ${limit}s)"; FAILED=1
+  elif [ "$rc" -eq 77 ]; then status="skipped ($(tail -n 1 "$logf" | cut -c1-120))"
+  elif [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then status="FAIL (stopped at its ${limit}s slice)"; FAILED=1
   else status="FAIL (rc $rc)"; FAILED=1
   fi
   printf '%s\t%s\t%s\n' "$name" "$status" "$dt" >>"$STATUS_ROWS"
@@ -118,36 +143,38 @@ run_stage() {
 }
 
 ext_ready() {
-  "$PY" - <<'EOF' >/dev/null 2>&1
+  "$PY" - "$CPU_ONLY" <<'EOF' >/dev/null 2>&1
 import sys, torch
 from earlytom_ext import _ext
-sys.exit(0 if (_ext.available() and _ext.has_cuda_kernels() and torch.cuda.is_available()) else 1)
+cpu_only = sys.argv[1] == "1"
+ok = _ext.available() and (cpu_only or (_ext.has_cuda_kernels() and torch.cuda.is_available()))
+sys.exit(0 if ok else 1)
 EOF
 }
 
 ensure_ext() {
   if ext_ready; then return 0; fi
-  echo "earlytom_ext with CUDA kernels is not importable yet: building it first"
+  echo "earlytom_ext is not importable with its kernels yet: building it first"
   stage_build
 }
 
 # ------------------------------------------------------------------------------------------
 stage_env() {
   echo "## date"; date -u
-  echo "## nvidia-smi"; nvidia-smi || echo "nvidia-smi failed"
-  echo "## nvidia-smi -q (clocks, memory)"; nvidia-smi -q -d CLOCK,MEMORY,PERFORMANCE 2>/dev/null | head -80
-  echo "## nvcc"; nvcc --version || echo "no nvcc"
-  echo "## compute-sanitizer"; sanitizer_bin && "$(sanitizer_bin)" --version || echo "no compute-sanitizer"
-  echo "## cmake"; cmake --version | head -1 || echo "no cmake"
+  echo "## nvidia-smi"; nvidia-smi || echo "nvidia-smi: not available"
+  nvidia-smi -q -d CLOCK,MEMORY,PERFORMANCE 2>/dev/null | head -60
+  echo "## nvcc"; nvcc --version 2>/dev/null | tail -2 || echo "nvcc: not available"
+  echo "## compute-sanitizer"; if cs="$(sanitizer_bin)"; then "$cs" --version | head -2; else echo "not found"; fi
+  echo "## cmake"; cmake --version 2>/dev/null | head -1 || echo "cmake: not available"
   echo "## python"; "$PY" - <<'EOF'
-import sys, platform
+import sys
 print("python", sys.version.split()[0], sys.executable)
-for name in ("torch", "transformers", "numpy", "pytest", "matplotlib", "pynvml", "ninja", "setuptools"):
+for name in ("torch", "transformers", "numpy", "pytest", "xdist", "matplotlib", "pynvml", "ninja", "setuptools"):
     try:
         mod = __import__(name)
         print(f"{name:14s}", getattr(mod, "__version__", "?"))
     except Exception as e:
-        print(f"{name:14s} MISSING ({e})")
+        print(f"{name:14s} missing ({type(e).__name__})")
 import torch
 print("torch.cuda", torch.version.cuda, "available", torch.cuda.is_available())
 if torch.cuda.is_available():
@@ -158,38 +185,37 @@ EOF
 }
 
 stage_build() {
-  export EARLYTOM_FORCE_CUDA=1
-  echo "TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS CUDA_HOME=$CUDA_HOME"
-  if ! "$PY" -m pip install --no-build-isolation --no-deps --no-index -e . ; then
-    echo "pip install -e . failed; falling back to an in-place build (setup.py build_ext --inplace)"
-    "$PY" setup.py build_ext --inplace || return 1
-  fi
-  "$PY" - <<'EOF'
-import torch, earlytom_ext
+  if [ "$CPU_ONLY" = 1 ]; then export EARLYTOM_SKIP_CUDA=1; else export EARLYTOM_FORCE_CUDA=1; fi
+  echo "TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS CUDA_HOME=$CUDA_HOME cpu_only=$CPU_ONLY"
+  "$PY" setup.py build_ext --inplace || return 1
+  "$PY" - "$CPU_ONLY" <<'EOF'
+import sys, torch, earlytom_ext
 from earlytom_ext import _ext
 print("earlytom_ext", earlytom_ext.__version__, earlytom_ext.__file__)
 print("compiled ops available:", _ext.available(), "CUDA kernels:", _ext.has_cuda_kernels())
 assert _ext.available(), "the compiled extension does not import"
-assert _ext.has_cuda_kernels(), "the build has no CUDA kernels"
-assert torch.cuda.is_available(), "torch sees no GPU"
+if sys.argv[1] != "1":
+    assert _ext.has_cuda_kernels(), "the build has no CUDA kernels"
+    assert torch.cuda.is_available(), "torch sees no GPU"
 EOF
 }
 
 stage_test() {
   ensure_ext || return 1
-  nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv 2>/dev/null
-  local extra=()
-  if "$PY" -c "import pytest_timeout" >/dev/null 2>&1; then extra+=(--timeout 240); fi
+  local args=(python_tests -q -rs -p no:cacheprovider --junitxml="$WORK/logs/pytest.xml" --durations=10)
+  if "$PY" -c "import xdist" >/dev/null 2>&1; then args+=(-n "$PYTEST_WORKERS"); else
+    echo "pytest-xdist is missing: the tests run in one process"; fi
+  if "$PY" -c "import pytest_timeout" >/dev/null 2>&1; then args+=(--timeout 240); fi
   # shellcheck disable=SC2086
-  "$PY" -m pytest python_tests -q -rs -p no:cacheprovider --junitxml="$WORK/logs/pytest.xml" \
-    --durations=15 "${extra[@]}" ${PYTEST_ARGS:-}
+  "$PY" -m pytest "${args[@]}" ${PYTEST_ARGS:-}
 }
 
 stage_cuda() {
+  if [ "$CPU_ONLY" = 1 ]; then echo "no GPU (--cpu): cuda_tests not built"; return 77; fi
   cmake -S . -B "$CT_BUILD" -DCMAKE_CUDA_ARCHITECTURES="$CUDA_ARCHS" -DCMAKE_BUILD_TYPE=Release \
-    -DCMAKE_CUDA_COMPILER="$CUDA_HOME/bin/nvcc" || return 1
+    -DCMAKE_CUDA_COMPILER="$CUDA_HOME/bin/nvcc" >/dev/null || return 1
   cmake --build "$CT_BUILD" -j "$MAX_JOBS" || return 1
-  ctest --test-dir "$CT_BUILD" --output-on-failure --no-tests=error --timeout 300
+  ctest --test-dir "$CT_BUILD" --output-on-failure --no-tests=error --timeout 120
 }
 
 sanitizer_bin() {
@@ -202,88 +228,109 @@ sanitizer_bin() {
 }
 
 stage_sanitize() {
-  local t_end=$((SECONDS + ${STAGE_LIMIT:-420} - 10))
+  if [ "$CPU_ONLY" = 1 ]; then echo "no GPU (--cpu): sanitizer not run"; return 77; fi
+  local t_end=$((SECONDS + ${STAGE_LIMIT:-90} - 5))
   local cs
   cs="$(sanitizer_bin)" || { echo "compute-sanitizer not found"; return 1; }
   if ! ls "$CT_BUILD"/test_* >/dev/null 2>&1; then
     echo "cuda_tests not built yet: building them first"
-    stage_cuda || true
+    stage_cuda >/dev/null || true
   fi
   local bins=() b
-  for b in "$CT_BUILD"/test_*; do
-    [ -f "$b" ] && [ -x "$b" ] && bins+=("$b")
-  done
-  if [ "${#bins[@]}" -eq 0 ]; then echo "no cuda_tests programs to check"; return 77; fi
-  local tools=($SANITIZE_TOOLS)
-  local runs_left=$(( ${#bins[@]} * ${#tools[@]} ))
-  local fails=0 unsupported=0 ran=0 tool rc limit out
+  for b in "$CT_BUILD"/test_*; do [ -f "$b" ] && [ -x "$b" ] && bins+=("$b"); done
+  if [ "${#bins[@]}" -eq 0 ]; then echo "no cuda_tests programs to check"; return 1; fi
+  local fails=0 refused=0 clean=0 notrun=0 tool rc limit out t0 name
   out="$(mktemp)"
-  # Every program under the first tool, then under the next one. A run may use the stage's time
-  # left minus 30 s for each run still to come (at least an equal share), so a slow run can finish
-  # and a hanging one cannot take the others' time.
-  for tool in "${tools[@]}"; do
+  declare -A took
+  # memcheck on every program first (it must finish: a timeout is a failure); then the other
+  # tools on as many programs as fit, each predicted to take twice its memcheck run.
+  for tool in $SANITIZE_TOOLS; do
     local extra=()
-    case "$tool" in
-      racecheck) extra=(--racecheck-report all) ;;
-    esac
+    [ "$tool" = racecheck ] && extra=(--racecheck-report all)
+    local i=0
     for b in "${bins[@]}"; do
-      local share=$(( (t_end - SECONDS) / runs_left ))
-      limit=$(( t_end - SECONDS - 30 * (runs_left - 1) ))
-      [ "$limit" -lt "$share" ] && limit="$share"
-      runs_left=$((runs_left - 1))
-      if [ "$limit" -lt 10 ]; then
-        echo "--> $tool $(basename "$b"): NOT RUN (stage time used up)"; fails=$((fails + 1)); continue
+      name="$(basename "$b")"
+      local left=$((t_end - SECONDS)) runs_after=$(( ${#bins[@]} - i - 1 ))
+      i=$((i + 1))
+      if [ "$tool" = memcheck ]; then
+        limit=$(( left / (runs_after + 1) ))
+      else
+        local want=$(( 2 * ${took[$name]:-20} + 5 ))
+        if [ "$left" -lt "$want" ]; then
+          echo "--> $tool $name: not run (needs ~${want}s, ${left}s left in the stage's slice)"
+          echo "sanitize: $tool $name not run (time)" >>"$NOTES"
+          notrun=$((notrun + 1)); continue
+        fi
+        limit=$left
       fi
-      echo "=== compute-sanitizer --tool $tool $(basename "$b") (limit ${limit}s)"
+      if [ "$limit" -lt 5 ]; then
+        echo "--> $tool $name: not run (slice used up)"; echo "sanitize: $tool $name not run (time)" >>"$NOTES"
+        notrun=$((notrun + 1)); [ "$tool" = memcheck ] && fails=$((fails + 1)); continue
+      fi
+      echo "=== compute-sanitizer --tool $tool $name (limit ${limit}s)"
+      t0=$SECONDS
       timeout -k 5 "$limit" "$cs" --tool "$tool" "${extra[@]}" --error-exitcode 99 --print-limit 50 "$b" 2>&1 \
         | tee "$out"
       rc=${PIPESTATUS[0]}
+      [ "$tool" = memcheck ] && took[$name]=$((SECONDS - t0))
       if grep -q "Device not supported" "$out"; then
-        # Some sandboxed GPU runtimes refuse the sanitizer outright; that is no finding.
-        echo "--> $tool $(basename "$b"): compute-sanitizer does not support this device/runtime"
-        unsupported=$((unsupported + 1))
-      elif [ "$rc" -eq 0 ]; then echo "--> $tool $(basename "$b"): clean"; ran=$((ran + 1))
-      elif [ "$rc" -eq 77 ]; then echo "--> $tool $(basename "$b"): skipped (no GPU)"
+        echo "--> $tool $name: refused by this GPU runtime"; refused=$((refused + 1))
+      elif [ "$rc" -eq 0 ]; then echo "--> $tool $name: clean"; clean=$((clean + 1))
       elif [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
-        echo "--> $tool $(basename "$b"): TIMEOUT after ${limit}s (not verified)"; fails=$((fails + 1))
-      else echo "--> $tool $(basename "$b"): FAILED (rc $rc)"; fails=$((fails + 1))
+        echo "--> $tool $name: TIMEOUT after ${limit}s (not verified)"; fails=$((fails + 1))
+      else echo "--> $tool $name: FAILED (rc $rc)"; fails=$((fails + 1))
       fi
     done
   done
   rm -f "$out"
-  echo "sanitizer runs: $ran clean, $fails failed or not finished, $unsupported refused by the runtime"
+  echo "sanitizer runs: $clean clean, $fails failed or unfinished, $notrun not run (time), $refused refused"
   [ "$fails" -eq 0 ] || return 1
-  # Nothing checked at all (sanitizer refused everywhere, or no GPU): report the stage as skipped.
-  [ "$ran" -gt 0 ] || return 77
+  if [ "$clean" -eq 0 ]; then echo "compute-sanitizer refused by this runtime"; return 77; fi
 }
 
 stage_bench() {
   local t0=$SECONDS
   ensure_ext || return 1
-  # The benchmark's own budget: BENCH_TIME_BUDGET, or less when a build used part of the stage's
-  # time limit (70 s kept for the last configuration, the plots and the report).
-  local budget="${BENCH_TIME_BUDGET:-480}"
-  local left=$(( ${STAGE_LIMIT:-570} - (SECONDS - t0) - 70 ))
-  [ "$left" -lt "$budget" ] && budget="$left"
-  [ "$budget" -lt 60 ] && budget=60
+  # The benchmark's own budget: what is left of the slice minus 30 s for the configuration that
+  # is running when it ends, the report and the figure.
+  local budget=$(( ${STAGE_LIMIT:-400} - (SECONDS - t0) - 30 ))
+  [ "$budget" -lt 30 ] && budget=30
+  local dev=(--device cuda)
+  [ "$CPU_ONLY" = 1 ] && dev=(--device cpu --quick --model micro --frames 4 --iters 1 --warmup 0)
   echo "bench time budget: ${budget}s"
   # shellcheck disable=SC2086
-  "$PY" bench/run.py --all --out "$ROOT/bench/results" --time-budget "$budget" \
+  "$PY" -m bench.run --all "${dev[@]}" --out "$WORK/bench" --time-budget "$budget" \
     --manifest "$WORK/bench_files.txt" ${BENCH_ARGS:-}
+  local rc=$?
+  # Pieces of the benchmark that were skipped go to the summary.
+  "$PY" - "$WORK/bench_files.txt" >>"$NOTES" 2>/dev/null <<'EOF'
+import json, sys
+files = [p for p in open(sys.argv[1]).read().split() if p.endswith(".json")]
+for s in json.load(open(files[0])).get("skipped", []):
+    print(f"bench: {s}")
+EOF
+  return $rc
 }
 
 # ------------------------------------------------------------------------------------------
-# Summary + log archive (+ bench outputs) into $OUT; called after every stage.
+# Summary + log archive + bench results into $OUT (at most 8 files); called after every stage.
 finalize() {
   {
     echo "# earlytom_ext gpu_check ($(date -u +%Y-%m-%dT%H:%M:%SZ))"
     echo
-    echo "stages asked: $STAGES"
+    local skipped
+    skipped="$(awk -F'\t' '$2 ~ /^SKIPPED/ {print $1}' "$STATUS_ROWS" | tr '\n' ' ')"
+    if [ -n "$skipped" ]; then echo "**incomplete: stages skipped for time: $skipped**"; echo; fi
+    echo "stages asked: $STAGES; budget ${BUDGET}s, ${SECONDS}s used; cpu-only: $CPU_ONLY"
     echo
     echo "| stage | status | seconds |"
     echo "|---|---|---|"
     while IFS=$'\t' read -r n st dt; do echo "| $n | $st | $dt |"; done <"$STATUS_ROWS"
     echo
+    if [ -s "$NOTES" ]; then
+      echo "## Skipped inside stages"; echo
+      sed 's/^/- /' "$NOTES"; echo
+    fi
     while IFS=$'\t' read -r n st dt; do
       case "$st" in
         FAIL*)
@@ -295,39 +342,28 @@ finalize() {
       esac
     done <"$STATUS_ROWS"
   } >"$SUMMARY"
-  # Bench outputs (the run writes the list of its files) go into the archive and, as far as the
-  # 8-file limit of $OUT allows, next to it.
-  if [ -f "$WORK/bench_files.txt" ]; then
-    mkdir -p "$WORK/bench"
-    while read -r f; do [ -f "$f" ] && cp "$f" "$WORK/bench/"; done <"$WORK/bench_files.txt"
-  fi
   cp "$SUMMARY" "$OUT/summary.md"
-  tar czf "$OUT/logs.tar.gz.tmp" -C "$WORK" . 2>/dev/null && mv "$OUT/logs.tar.gz.tmp" "$OUT/logs.tar.gz"
-  local n_out=2 f
-  if [ -d "$WORK/bench" ]; then
-    for f in "$WORK"/bench/*.md "$WORK"/bench/*.json "$WORK"/bench/*.png; do
+  tar czf "$OUT/logs.tar.gz.tmp" -C "$WORK" logs bench summary.md 2>/dev/null && mv "$OUT/logs.tar.gz.tmp" "$OUT/logs.tar.gz"
+  if [ -f "$WORK/bench_files.txt" ]; then
+    local f n=2
+    while read -r f; do
       [ -f "$f" ] || continue
-      [ "$n_out" -ge 8 ] && break
-      cp "$f" "$OUT/" && n_out=$((n_out + 1))
-    done
+      [ "$n" -ge 8 ] && break
+      cp "$f" "$OUT/" && n=$((n + 1))
+    done <"$WORK/bench_files.txt"
   fi
 }
 
 # ------------------------------------------------------------------------------------------
 # The stages run in child shells: export what they use.
-export PY ROOT WORK CT_BUILD CUDA_ARCHS SANITIZE_TOOLS
+export PY ROOT WORK CT_BUILD CUDA_ARCHS SANITIZE_TOOLS PYTEST_WORKERS CPU_ONLY NOTES
 export -f log ext_ready ensure_ext sanitizer_bin stage_env stage_build stage_test stage_cuda \
   stage_sanitize stage_bench
 
-for s in $STAGES; do
-  case "$s" in
-    env) run_stage env 120 stage_env ;;
-    build) run_stage build 420 stage_build ;;
-    test) run_stage test 420 stage_test ;;
-    cuda) run_stage cuda 300 stage_cuda ;;
-    sanitize) run_stage sanitize 420 stage_sanitize ;;
-    bench) run_stage bench 570 stage_bench ;;
-  esac
+set -- $STAGES
+while [ "$#" -gt 0 ]; do
+  s="$1"; shift
+  run_stage "$s" "stage_$s" "$@"
 done
 
 echo
