@@ -1,0 +1,504 @@
+"""earlytom_ext.apply on tiny random Hugging Face Qwen2.5-VL models (transformers 4.57.x / 5.x).
+
+The compressed tokens are checked against the reference pipeline run by hand on the same model:
+patch embedding, the model's own window order, every vision block run group by group (one group
+at a time, so no cu_seqlens tiling is shared with the adapter), Stage I / score / refined
+segmentation / Stage II from earlytom_ext.reference. Positions are checked against values written
+from the model's rope rules, and the uncompressed layout against the model's own get_rope_index.
+"""
+import inspect
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+transformers = pytest.importorskip("transformers")
+if not hasattr(transformers, "Qwen2_5_VLForConditionalGeneration"):
+    pytest.skip("this transformers has no Qwen2_5_VLForConditionalGeneration", allow_module_level=True)
+
+import earlytom_ext  # noqa: E402
+from earlytom_ext import EarlyTomConfig, reference as R  # noqa: E402
+from earlytom_ext._ext import has_cuda_kernels  # noqa: E402
+from earlytom_ext.integration.adapters.qwen2_5_vl import QWEN2_5_VL_PRUNE_LAYERS, default_prune_layers  # noqa: E402
+from earlytom_ext.tiny_model import make_video  # noqa: E402
+
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration  # noqa: E402
+
+IMG, VID, VS, VE = 120, 121, 122, 123
+PATCH, TP, MS = 2, 2, 2
+TPS = 2  # tokens_per_second
+# 6 blocks, full attention in 2 and 5; windows of 2x2 merge units (window_size 8 px / 2 / 2).
+CFG = EarlyTomConfig(retain_ratio=0.3, tau=0.5, max_window=6, ema=0.9, prune_layers=(0, 1, 2))
+IDENTITY = EarlyTomConfig(retain_ratio=1.0, tau=-1.0, max_window=2, prune_layers=(1, 2))
+FRAMES = 12  # video frames -> 6 temporal groups
+SIZE = 12  # pixels -> 6x6 patches -> 3x3 merged tokens (uneven windows: 2x2, 2x1, 1x2, 1x1)
+
+
+def build_model(seed=0, attn_implementation="sdpa", depth=6, fullatt=(2, 5), hidden=32, patch=PATCH, window=8,
+                dtype=torch.float32):
+    vision = dict(depth=depth, hidden_size=hidden, intermediate_size=2 * hidden, num_heads=2, in_channels=3,
+                  patch_size=patch, spatial_merge_size=MS, temporal_patch_size=TP, tokens_per_second=TPS,
+                  window_size=window, out_hidden_size=32, fullatt_block_indexes=list(fullatt))
+    text = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=1, max_position_embeddings=4096,
+                rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}, rope_theta=10000.0,
+                bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    cfg = Qwen2_5_VLConfig(vision_config=vision, text_config=text, image_token_id=IMG, video_token_id=VID,
+                           vision_start_token_id=VS, vision_end_token_id=VE)
+    cfg._attn_implementation = attn_implementation
+    cfg.vision_config._attn_implementation = attn_implementation
+    cfg.text_config._attn_implementation = attn_implementation
+    torch.manual_seed(seed)
+    return Qwen2_5_VLForConditionalGeneration(cfg).to(dtype).eval()
+
+
+def v5_rope(model):
+    return "mm_token_type_ids" in inspect.signature(model.model.get_rope_index).parameters
+
+
+def patchify(frames, patch=PATCH):
+    """The Qwen2-VL processor's patch layout: [t*h*w, C*2*p*p], merge-unit major."""
+    T2, C, Hp, Wp = frames.shape
+    gt, gh, gw = T2 // TP, Hp // patch, Wp // patch
+    x = frames.reshape(gt, TP, C, gh // MS, MS, patch, gw // MS, MS, patch)
+    x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
+    return x.reshape(gt * gh * gw, C * TP * patch * patch), (gt, gh, gw)
+
+
+def make_inputs(model, videos, seed=0, images=None, spgt=(1.0, 0.5), padding_side="left", patch=PATCH):
+    """Left-padded prompts ``text <vs> video <ve> text`` (an image first where ``images[b]`` is given)."""
+    g = torch.Generator().manual_seed(seed)
+    pix, grids, rows = [], [], []
+    img_pix, img_grids = [], []
+    for b, v in enumerate(videos):
+        x, grid = patchify(v, patch)
+        pix.append(x)
+        grids.append(grid)
+        row = torch.randint(3, 100, (2 + b,), generator=g).tolist()
+        if images is not None and images[b] is not None:
+            ix, ig = patchify(images[b][None].repeat(TP, 1, 1, 1), patch)
+            img_pix.append(ix)
+            img_grids.append(ig)
+            row += [VS] + [IMG] * (ig[0] * ig[1] * ig[2] // 4) + [VE, 7]
+        row += [VS] + [VID] * (grid[0] * grid[1] * grid[2] // 4) + [VE]
+        row += torch.randint(3, 100, (3,), generator=g).tolist()
+        rows.append(row)
+    L = max(map(len, rows))
+    ids = torch.zeros(len(rows), L, dtype=torch.long)
+    am = torch.zeros_like(ids)
+    for b, r in enumerate(rows):
+        sl = slice(L - len(r), L) if padding_side == "left" else slice(0, len(r))
+        ids[b, sl] = torch.tensor(r)
+        am[b, sl] = 1
+    out = dict(input_ids=ids, attention_mask=am, pixel_values_videos=torch.cat(pix),
+               video_grid_thw=torch.tensor(grids), second_per_grid_ts=torch.tensor(list(spgt[:len(videos)])))
+    if img_pix:
+        out["pixel_values"] = torch.cat(img_pix)
+        out["image_grid_thw"] = torch.tensor(img_grids)
+    if v5_rope(model):
+        out["mm_token_type_ids"] = (ids == IMG).long() + 2 * (ids == VID).long()
+    return out
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_model()
+
+
+@pytest.fixture(scope="module")
+def videos():
+    return [make_video(FRAMES, seed=1, kind="scenes", scene_length=4, image_size=SIZE),
+            make_video(FRAMES, seed=2, kind="static", image_size=SIZE)]
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover(model):
+    yield
+    h = model.__dict__.get("_earlytom_handle")
+    if h is not None:
+        h.remove()
+
+
+# --------------------------------------------------------------------------------------------
+# The reference pipeline, by hand
+# --------------------------------------------------------------------------------------------
+def _window_index(model, grid):
+    vis = model.model.visual
+    if hasattr(vis, "get_window_index"):  # 4.57
+        idx, cu = vis.get_window_index(grid)
+        return idx, torch.unique_consecutive(torch.tensor(cu, dtype=torch.int32))
+    from transformers.vision_utils import get_vision_window_index
+    return get_vision_window_index(grid, spatial_merge_size=MS, window_size=vis.window_size, patch_size=vis.patch_size)
+
+
+def _rotary(model, grid, window_index):
+    vis = model.model.visual
+    n = int(grid.prod())
+    if hasattr(vis, "rot_pos_emb"):  # 4.57
+        rot = vis.rot_pos_emb(grid).reshape(n // 4, 4, -1)[window_index].reshape(n, -1)
+        emb = torch.cat((rot, rot), dim=-1)
+        return emb.cos(), emb.sin()
+    from transformers.vision_utils import get_vision_position_ids
+    cos, sin = vis.rotary_pos_emb(torch.empty(0), get_vision_position_ids(grid, MS))
+    return tuple(t.reshape(n // 4, 4, -1)[window_index].reshape(n, -1) for t in (cos, sin))
+
+
+def _rope_fn(model):
+    import importlib
+    return importlib.import_module(type(model.model.visual.blocks[0].attn).__module__).apply_rotary_pos_emb_vision
+
+
+@torch.no_grad()
+def reference_video(model, pix, grid_row, cfg):
+    """One video through the vision blocks group by group with the reference Stage I / II."""
+    vis = model.model.visual
+    grid = torch.tensor([grid_row])
+    T, H, W = grid_row
+    S = H * W
+    window_index, cu_win = _window_index(model, grid)
+    cos, sin = _rotary(model, grid, window_index)
+    # Per-group assumption of the adapter, checked on the model's own tensors.
+    assert torch.equal(cos.view(T, S, -1), cos[:S].expand(T, S, -1))
+    wi = window_index.view(T, -1)
+    assert torch.equal(wi - torch.arange(T)[:, None] * (S // 4), wi[:1].expand(T, -1))
+    cos1, sin1 = cos[:S], sin[:S]
+    cu1 = cu_win[cu_win <= S]
+    hidden = vis.patch_embed(pix.type(vis.dtype))
+    D = hidden.shape[-1]
+    hidden = hidden.reshape(-1, 4, D)[window_index].reshape(T, S, D)
+    rope = _rope_fn(model)
+
+    def layer(i, h):
+        full = i in vis.fullatt_block_indexes
+        cu = torch.tensor([0, S], dtype=torch.int32) if full else cu1
+        kw = {} if hasattr(vis, "rot_pos_emb") else {"max_seqlen": None}
+        return torch.stack([vis.blocks[i](h[t], cu_seqlens=cu, position_embeddings=(cos1, sin1), **kw)
+                            for t in range(h.shape[0])])
+
+    def qk(i, h):
+        attn = vis.blocks[i].attn
+        x = vis.blocks[i].norm1(h.reshape(-1, D))
+        q, k, _ = attn.qkv(x).reshape(x.shape[0], 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+        q, k = rope(q, k, cos1.repeat(h.shape[0], 1), sin1.repeat(h.shape[0], 1))
+        n = h.shape[0]
+        return (q.reshape(n, S, attn.num_heads, -1).transpose(1, 2), k.reshape(n, S, attn.num_heads, -1).transpose(1, 2),
+                attn.scaling)
+
+    layers = [(lambda h, i=i: layer(i, h)) for i in range(len(vis.blocks))]
+    hidden, scores, refined, counts = R.run_encoder(hidden, layers, cfg, qk)
+    n = hidden.shape[0]
+    P = S // 4
+    inv = torch.argsort(window_index[:P])
+    feats = vis.merger(hidden.reshape(-1, D)).view(n, P, -1)[:, inv]
+    pooled = scores.float().view(n, P, 4).sum(-1)[:, inv]
+    r_adj = R.adjusted_ratio(cfg.retain_ratio, T, n, P)
+    tokens, index = R.select_tokens(feats, pooled, refined, r_adj)
+    return tokens, index, {"segments": refined, "counts": counts, "ratio": r_adj}
+
+
+def _split_pixels(inputs):
+    grids = inputs["video_grid_thw"].tolist()
+    return list(torch.split(inputs["pixel_values_videos"], [t * h * w for t, h, w in grids])), grids
+
+
+def temporal_position(model, t, spgt):
+    """The temporal rotary position of group t, by each version's documented arithmetic."""
+    if v5_rope(model):
+        return int(t * (TPS * float(spgt)))  # 5.x: (t * tokens_per_second * second_per_grid_t).long()
+    return t * int(spgt) * TPS  # 4.57 casts second_per_grid_t to an integer first
+
+
+def _close(a, b, tol=1e-4):
+    assert a.shape == b.shape, (a.shape, b.shape)
+    torch.testing.assert_close(a.float(), b.float(), atol=tol, rtol=tol)
+
+
+def _positions(model, handle, inputs):
+    """(position_ids [3, B, L], rope_deltas [B, 1]) the patched model uses for the compressed prompt."""
+    call = {k: v for k, v in inputs.items() if k not in ("input_ids", "pixel_values_videos", "attention_mask",
+                                                           "pixel_values")}
+    prep = handle.prepare_inputs(inputs["input_ids"], inputs["pixel_values_videos"],
+                                 attention_mask=inputs["attention_mask"], **call)
+    if "position_ids" in prep:  # 5.x
+        return prep, prep["position_ids"][1:], model.model.rope_deltas
+    pos, delta = model.model.get_rope_index(None, attention_mask=prep["attention_mask"])  # 4.57: armed
+    return prep, pos, delta
+
+
+# --------------------------------------------------------------------------------------------
+# Tests
+# --------------------------------------------------------------------------------------------
+def test_default_prune_layers():
+    assert QWEN2_5_VL_PRUNE_LAYERS == (7, 21, 23)
+    assert default_prune_layers(32, [7, 15, 23, 31]) == (7, 21, 23)
+    assert default_prune_layers(6, [2, 5]) == (0, 2)  # first full block is the last prune layer itself
+    assert default_prune_layers(12, [3, 7, 11]) == (3, 5, 7)
+    assert default_prune_layers(4, [3]) == (1, 3)  # only the final block is full attention
+    with pytest.raises(ValueError, match="full-attention"):
+        default_prune_layers(4, [])
+
+
+def test_identity_config_equals_unpatched(model, videos):
+    inputs = make_inputs(model, videos, seed=3)
+    with torch.no_grad():
+        base_logits = model(**inputs).logits
+    base_gen = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    with earlytom_ext.apply(model, IDENTITY) as h:
+        with torch.no_grad():
+            logits = model(**inputs).logits
+        gen = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        st = h.last_stats
+    assert all(v["tokens_after"] == v["tokens_before"] == 6 * 9 for v in st["videos"])
+    assert torch.equal(h.last_inputs["input_ids"], inputs["input_ids"])
+    assert torch.equal(logits, base_logits)
+    assert torch.equal(gen, base_gen)
+
+
+def test_remove_restores_exactly(model, videos):
+    inputs = make_inputs(model, videos[:1], seed=4)
+    with torch.no_grad():
+        before = model(**inputs).logits
+    modules = list(model.modules())
+    hooks_before = [(len(x._forward_hooks), len(x._forward_pre_hooks)) for x in modules]
+    dicts_before = [set(model.__dict__), set(model.model.__dict__)]
+    h = earlytom_ext.apply(model, CFG)
+    with torch.no_grad():
+        patched = model(**inputs).logits
+    assert patched.shape[1] < before.shape[1]
+    h.remove()
+    h.remove()
+    assert [set(model.__dict__), set(model.model.__dict__)] == dicts_before
+    assert [(len(x._forward_hooks), len(x._forward_pre_hooks)) for x in modules] == hooks_before
+    with torch.no_grad():
+        after = model(**inputs).logits
+    assert torch.equal(before, after)
+    base_gen = model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    with earlytom_ext.apply(model, IDENTITY):
+        pass
+    assert torch.equal(model.generate(**inputs, max_new_tokens=2, do_sample=False), base_gen)
+
+
+def test_kept_tokens_equal_reference(model, videos):
+    inputs = make_inputs(model, videos, seed=5)
+    with earlytom_ext.apply(model, CFG) as h:
+        feats = h.encode_videos(inputs["pixel_values_videos"], video_grid_thw=inputs["video_grid_thw"])
+        stats = h.last_stats
+    pix, grids = _split_pixels(inputs)
+    merged_somewhere = False
+    for b in range(2):
+        ref_tokens, ref_index, ref = reference_video(model, pix[b], grids[b], CFG)
+        st = stats["videos"][b]
+        assert st["segments"] == [tuple(s) for s in ref["segments"]]
+        assert [st["frames_after"][p] for p in CFG.prune_layers] == ref["counts"]
+        assert st["kept"] == [tuple(x) for x in ref_index.tolist()]
+        assert st["ratio"] == ref["ratio"]
+        assert st["tokens_before"] == 6 * 9
+        _close(feats[b], ref_tokens)
+        merged_somewhere |= ref["counts"][-1] < 6
+    assert merged_somewhere, "the test videos should exercise Stage I merging"
+    assert stats["tokens_per_frame"] == 9
+
+
+def test_eager_and_sdpa_keep_the_same_tokens(videos):
+    out = {}
+    for impl in ("sdpa", "eager"):
+        m = build_model(attn_implementation=impl)
+        inputs = make_inputs(m, videos[1:], seed=6)
+        with earlytom_ext.apply(m, CFG) as h:
+            f = h.encode_videos(inputs["pixel_values_videos"], video_grid_thw=inputs["video_grid_thw"])
+            out[impl] = (f[0], h.last_stats["videos"][0]["kept"])
+    assert out["sdpa"][1] == out["eager"][1]
+    _close(out["sdpa"][0], out["eager"][0], tol=1e-5)
+
+
+def test_forced_segments_give_the_spec_count(model, videos):
+    """No Stage I merges (max_window=2) and hand-fixed refined segments (0..2), (3..5): per video
+    4 dynamic frames with k = ceil(9 * 0.5) = 5 and 2 static frames with n = round(4.5) = 4."""
+    cfg = EarlyTomConfig(retain_ratio=0.5, tau=-1.0, max_window=2, prune_layers=(1, 2))
+    inputs = make_inputs(model, videos, seed=7)
+
+    def refine(x, frame_counts):
+        segs = torch.tensor([[0, 2], [3, 5], [6, 8], [9, 11]], device=x.device)
+        return segs, torch.tensor([2, 2], device=x.device)
+
+    with earlytom_ext.apply(model, cfg) as h:
+        h.force_decisions(refine=refine)
+        with torch.no_grad():
+            logits = model(**inputs).logits
+        counts = h.last_inputs["video_token_counts"]
+        st = h.last_stats
+    assert counts == [4 * 5 + 2 * 4] * 2 == [28, 28]
+    assert logits.shape[1] == inputs["input_ids"].shape[1] - (54 - 28)  # both rows shrink alike
+    # Static frames keep the top-1 of each window: windows of 9 positions in 4 -> sizes 3, 2, 2, 2.
+    kept = st["videos"][0]["kept"]
+    static = [p for f, p in kept if f == 1]
+    assert len(static) == 4
+    assert [0 <= static[0] < 3, 3 <= static[1] < 5, 5 <= static[2] < 7, 7 <= static[3] < 9] == [True] * 4
+
+
+def test_positions_follow_the_original_grid(model, videos):
+    inputs = make_inputs(model, videos, seed=8, spgt=(1.0, 1.5))
+    spgt = inputs["second_per_grid_ts"].tolist()
+    Hm = Wm = 3
+    v5 = v5_rope(model)
+    with earlytom_ext.apply(model, CFG) as h:
+        prep, pos, delta = _positions(model, h, inputs)
+        st = h.last_stats
+    mask = prep["attention_mask"]
+    ids = prep["input_ids"]
+    L2 = ids.shape[1]
+    for b in range(2):
+        real = mask[b].nonzero().flatten().tolist()
+        toks = ids[b, real].tolist()
+        start = toks.index(VID)
+        n = toks.count(VID)
+        expect = []
+        for i in range(start):
+            expect.append((i, i, i))
+        sources = st["videos"][b]["frame_sources"]
+        for f, p in st["videos"][b]["kept"]:
+            t = temporal_position(model, min(sources[f]), spgt[b])
+            expect.append((start + t, start + p // Wm, start + p % Wm))
+        t_last = temporal_position(model, 5, spgt[b])
+        nxt = start + max(Hm, Wm) if v5 else start + max(t_last, Hm - 1, Wm - 1) + 1
+        for i in range(len(toks) - start - n):
+            expect.append((nxt + i,) * 3)
+        got = [tuple(pos[:, b, c].tolist()) for c in real]
+        assert got == expect
+        pad = 0 if v5 else 1
+        assert all(pos[:, b, c].tolist() == [pad] * 3 for c in range(L2) if c not in real)
+        peak = max(max(e) for e in expect)
+        assert int(delta[b, 0]) == peak + 1 - (len(real) if v5 else L2)
+    # The hand rules above are the model's: the uncompressed prompt through its own get_rope_index.
+    kw = {"mm_token_type_ids": inputs["mm_token_type_ids"]} if v5 else {}
+    full_pos, _ = model.model.get_rope_index(inputs["input_ids"], video_grid_thw=inputs["video_grid_thw"],
+                                             second_per_grid_ts=inputs["second_per_grid_ts"],
+                                             attention_mask=inputs["attention_mask"], **kw)
+    for b in range(2):
+        real = inputs["attention_mask"][b].nonzero().flatten()
+        toks = inputs["input_ids"][b, real].tolist()
+        start = toks.index(VID)
+        row = full_pos[:, b, real]
+        last_t = temporal_position(model, 5, spgt[b])
+        assert row[:, start + 6 * 9 - 1].tolist() == [start + last_t, start + 2, start + 2]
+        nxt = start + 3 if v5 else start + max(last_t, 2) + 1
+        assert row[:, start + 6 * 9].tolist() == [nxt] * 3  # the <vision_end> after the video
+
+
+def test_generate_batch_with_image_and_different_lengths(model, videos):
+    img = make_video(1, seed=9, image_size=8)[0]  # one 8x8 image: 4x4 patches, 2x2 tokens
+    inputs = make_inputs(model, videos, seed=9, images=[img, None])
+    with torch.no_grad():
+        base_img = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+    base_img = getattr(base_img, "pooler_output", base_img)
+    with earlytom_ext.apply(model, CFG) as h:
+        with torch.no_grad():
+            img_feats = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+        img_feats = getattr(img_feats, "pooler_output", img_feats)
+        for a, b in zip(base_img, img_feats):
+            assert torch.equal(a, b)  # images through the same encoder are untouched
+        gen = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        counts = h.last_inputs["video_token_counts"]
+        li = h.last_inputs
+        with torch.no_grad():
+            last_batch = model(**inputs).logits[:, -1]
+        # Each sample alone gives the same next-token logits as in the batch.
+        for b in range(2):
+            one = {k: v[b:b + 1] for k, v in inputs.items() if k in ("input_ids", "attention_mask", "mm_token_type_ids")}
+            pix, grids = _split_pixels(inputs)
+            one.update(pixel_values_videos=pix[b], video_grid_thw=inputs["video_grid_thw"][b:b + 1],
+                       second_per_grid_ts=inputs["second_per_grid_ts"][b:b + 1])
+            if b == 0:
+                one.update(pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"])
+            keep = one["attention_mask"][0].bool()
+            one["input_ids"] = one["input_ids"][:, keep]
+            one["attention_mask"] = one["attention_mask"][:, keep]
+            if "mm_token_type_ids" in one:
+                one["mm_token_type_ids"] = one["mm_token_type_ids"][:, keep]
+            with torch.no_grad():
+                _close(model(**one).logits[:, -1], last_batch[b:b + 1], tol=1e-4)
+    assert counts[0] != counts[1]
+    n_img = int(inputs["image_grid_thw"][0].prod()) // 4
+    assert int((li["input_ids"][0] == IMG).sum()) == n_img
+    assert gen.shape[0] == 2 and torch.equal(gen[:, :inputs["input_ids"].shape[1]], inputs["input_ids"])
+    assert gen.shape[1] == inputs["input_ids"].shape[1] + 4
+
+
+def test_generate_beams(model, videos):
+    inputs = make_inputs(model, videos[:1], seed=10)
+    with earlytom_ext.apply(model, CFG):
+        out = model.generate(**inputs, max_new_tokens=3, do_sample=False, num_beams=2, num_return_sequences=2)
+    assert out.shape[0] == 2 and torch.equal(out[:, :inputs["input_ids"].shape[1]], inputs["input_ids"].repeat(2, 1))
+
+
+def test_errors(model, videos):
+    inputs = make_inputs(model, videos, seed=11)
+    with earlytom_ext.apply(model, CFG) as h:
+        bad = dict(inputs)
+        bad.pop("video_grid_thw")
+        with pytest.raises(ValueError, match="video_grid_thw is required"):
+            model(**bad)
+        with pytest.raises(ValueError, match=r"pixel_values_videos must have shape \[patches, 24\]"):
+            h.encode_videos(inputs["pixel_values_videos"][:, :10], video_grid_thw=inputs["video_grid_thw"])
+        with pytest.raises(ValueError, match="pixel_values_videos has"):
+            h.encode_videos(inputs["pixel_values_videos"][:-4], video_grid_thw=inputs["video_grid_thw"])
+        with pytest.raises(TypeError, match="video_grid_thw must be an integer torch.Tensor"):
+            h.encode_videos(inputs["pixel_values_videos"], video_grid_thw=[[6, 6, 6], [6, 6, 6]])
+        with pytest.raises(ValueError, match=r"video_grid_thw must have shape \[n, 3\]"):
+            h.encode_videos(inputs["pixel_values_videos"], video_grid_thw=torch.tensor([6, 6, 6]))
+        with pytest.raises(TypeError, match="pixel_values_videos must be a floating-point"):
+            h.encode_videos(inputs["pixel_values_videos"].long(), video_grid_thw=inputs["video_grid_thw"])
+        with pytest.raises(ValueError, match="one spatial grid"):
+            h.encode_videos(inputs["pixel_values_videos"], video_grid_thw=torch.tensor([[4, 6, 6], [3, 8, 6]]))
+        with pytest.raises(ValueError, match="second_per_grid_ts must have one value per video"):
+            h.encode_videos(inputs["pixel_values_videos"], video_grid_thw=inputs["video_grid_thw"],
+                            second_per_grid_ts=torch.tensor([1.0]))
+    with pytest.raises(ValueError, match="full-attention block"):
+        earlytom_ext.apply(model, EarlyTomConfig(prune_layers=(1, 3)))
+    with pytest.raises(ValueError, match="below the vision encoder depth"):
+        earlytom_ext.apply(model, EarlyTomConfig(prune_layers=(1, 7)))
+
+
+def test_published_geometry_runs_with_the_default_prune_layers():
+    """32 blocks with full attention in 7/15/23/31, 14-px patches, 112-px windows (the 7B layout,
+    narrow): 4 frames of 224x224 (2 groups of 16x16 patches)."""
+    m = build_model(depth=32, fullatt=(7, 15, 23, 31), hidden=16, patch=14, window=112)
+    cfg = EarlyTomConfig(retain_ratio=0.25, tau=0.5, max_window=6, prune_layers=QWEN2_5_VL_PRUNE_LAYERS)
+    vids = [make_video(4, seed=1, kind="static", image_size=224)]
+    inputs = make_inputs(m, vids, seed=12, patch=14)
+    with earlytom_ext.apply(m, cfg) as h:
+        assert h.adapter.default_prune_layers() == QWEN2_5_VL_PRUNE_LAYERS
+        with torch.no_grad():
+            logits = m(**inputs).logits
+        st = h.last_stats["videos"][0]
+    assert st["tokens_before"] == 2 * 64
+    assert st["tokens_after"] == h.last_inputs["video_token_counts"][0] < 2 * 64
+    assert logits.shape[1] == inputs["input_ids"].shape[1] - (st["tokens_before"] - st["tokens_after"])
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and has_cuda_kernels()), reason="needs CUDA and the CUDA kernels")
+def test_cuda_matches_cpu(model, videos):
+    inputs = make_inputs(model, videos, seed=13)
+    with earlytom_ext.apply(model, CFG) as h:
+        cpu = h.encode_videos(inputs["pixel_values_videos"], video_grid_thw=inputs["video_grid_thw"])
+        cpu_kept = [v["kept"] for v in h.last_stats["videos"]]
+        with torch.no_grad():
+            cpu_logits = model(**inputs).logits
+        cpu_gen = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    gm = build_model().cuda()
+    gi = {k: v.cuda() for k, v in inputs.items()}
+    with earlytom_ext.apply(gm, CFG) as h:
+        gpu = h.encode_videos(gi["pixel_values_videos"], video_grid_thw=gi["video_grid_thw"])
+        gpu_kept = [v["kept"] for v in h.last_stats["videos"]]
+        with torch.no_grad():
+            gpu_logits = gm(**gi).logits
+        gpu_gen = gm.generate(**gi, max_new_tokens=3, do_sample=False)
+    assert gpu_kept == cpu_kept
+    for a, b in zip(cpu, gpu):
+        _close(a, b.cpu(), tol=1e-4)
+    _close(cpu_logits, gpu_logits.cpu(), tol=1e-3)
+    assert torch.equal(cpu_gen, gpu_gen.cpu())
