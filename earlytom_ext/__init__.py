@@ -10,8 +10,10 @@ Quick use with Hugging Face LLaVA-OneVision::
 from ._version import __version__
 from .config import PAPER_PRESETS, EarlyTomConfig, preset
 from . import _ext, reference
+from ._logging import set_verbosity
 
-__all__ = ["__version__", "EarlyTomConfig", "PAPER_PRESETS", "preset", "reference", "ops", "apply"]
+__all__ = ["__version__", "EarlyTomConfig", "PAPER_PRESETS", "preset", "reference", "ops", "apply", "fast_pooling",
+           "set_verbosity"]
 
 
 def __getattr__(name):
@@ -21,6 +23,6 @@ def __getattr__(name):
 
     if name == "ops":
         return importlib.import_module(f"{__name__}.ops")
-    if name in ("apply", "EarlyTomHandle"):
+    if name in ("apply", "EarlyTomHandle", "fast_pooling"):
         return getattr(importlib.import_module(f"{__name__}.integration"), name)
     raise AttributeError(f"module 'earlytom_ext' has no attribute {name!r}")

@@ -1,21 +1,43 @@
-"""Command line: ``python -m earlytom_ext demo [--video PATH] [--frames 32] [--ratio 0.1] [--out DIR]``."""
+"""Command line: ``earlytom demo [options]`` (the same as ``python -m earlytom_ext demo``).
+
+``earlytom demo --help`` lists the options; ``earlytom --version`` prints the version.
+"""
+
 import argparse
 import sys
+from typing import List, Optional
+
+from ._version import __version__
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m earlytom_ext",
-                                     description="EarlyTom video-token compression (LLaVA-OneVision).")
-    sub = parser.add_subparsers(dest="command")
+def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
+    """The ``earlytom`` parser; ``prog`` defaults to the name the command was run by."""
     from . import demo
 
-    p = sub.add_parser("demo", help="compress a video through a small random LLaVA-OneVision model; "
-                                    "writes a PNG and prints a summary")
+    parser = argparse.ArgumentParser(
+        prog=prog or demo.prog_name(),
+        description="EarlyTom video-token compression inside the vision encoder of LLaVA-OneVision video LLMs.",
+        epilog="Run '%(prog)s demo --help' for the demo's options.",
+    )
+    parser.add_argument("--version", action="version", version=f"earlytom_ext {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    p = sub.add_parser("demo", help="compress a video through a LLaVA-OneVision model (small and random by "
+                                    "default); writes a PNG and prints a summary",
+                       description=demo.DESCRIPTION)
     demo.add_arguments(p)
+    p.set_defaults(command_parser=p)  # so that run_args reports errors with the demo's usage line
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point of the ``earlytom`` command; returns the exit status."""
+    from . import demo
+
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "demo":
-        return demo.run_args(args, p)
-    parser.print_help()
+        return demo.run_args(args, args.command_parser)
+    parser.print_help(sys.stderr)
     return 2
 
 
