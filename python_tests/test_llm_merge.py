@@ -581,3 +581,44 @@ def test_modified_cache_is_detected():
         with pytest.raises(RuntimeError, match="no longer matches"):
             lm(inputs_embeds=emb[:, :1], attention_mask=torch.ones(1, 19, dtype=torch.long), past_key_values=cache)
     merge.remove()
+
+
+# --------------------------------------------------------------------------------------------
+# End to end: earlytom_ext.apply with llm_merge_layer
+# --------------------------------------------------------------------------------------------
+def test_apply_with_llm_merge_generates_like_the_recomputation():
+    import earlytom_ext
+    from earlytom_ext.tiny_model import make_inputs, make_video
+
+    m = llava_lm()
+    k, ratio, new = 1, 0.5, 8
+    cfg = EarlyTomConfig(retain_ratio=0.25, prune_layers=(0, 1), max_window=4, llm_merge_layer=k, llm_merge_ratio=ratio)
+    inputs = make_inputs([make_video(8, seed=0), make_video(8, seed=1, kind="static")], seed=2)
+    # The compressed prompt the language model receives (the vision path is deterministic).
+    with earlytom_ext.apply(m, cfg.replace(llm_merge_layer=None)) as plain:
+        prep = plain.prepare_inputs(inputs["input_ids"], inputs["pixel_values_videos"],
+                                    attention_mask=inputs["attention_mask"])
+    with pytest.raises(ValueError, match=r"llm_merge_layer.*\[1, 2\]"):
+        earlytom_ext.apply(m, cfg.replace(llm_merge_layer=3))
+    assert "forward" not in language_model(m).__dict__
+    with earlytom_ext.apply(m, cfg) as handle:
+        with torch.no_grad():
+            out = m.generate(**inputs, max_new_tokens=new, output_logits=True, return_dict_in_generate=True)
+        merge_stats = handle.last_stats["llm_merge"]
+    assert "forward" not in language_model(m).__dict__
+    L0 = inputs["input_ids"].shape[1]
+    tokens = out.sequences[:, L0:]
+    assert tokens.shape == (2, new)
+    oracle = Oracle(m, k, ratio)
+    emb, mask = prep["inputs_embeds"], prep["attention_mask"]
+    for b in range(2):
+        (span,) = prep["video_spans"][b]
+        assert merge_stats[b]["span"] == tuple(span)
+        e, sp = unpad(emb, mask, b, tuple(span))
+        want = oracle.logits(e, sp, tokens[b])
+        got = torch.stack([step[b] for step in out.logits])
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        assert torch.equal(want.argmax(-1), tokens[b])
+        n_keep = max(1, round(span[1] * (1 - ratio)))
+        assert len(merge_stats[b]["kept"]) == n_keep
+        assert merge_stats[b]["prefill_len_after"] == merge_stats[b]["prefill_len_before"] - (span[1] - n_keep)

@@ -340,7 +340,8 @@ class LLMMerge:
         self._armed = out
 
     def disarm(self) -> None:
-        """Drop an armed plan that no forward consumed (e.g. after the call failed before the prefill)."""
+        """Drop an armed plan that no forward consumed. Callers that arm before a call should disarm
+        when the call fails before its prefill, or the plan would apply to the next prefill."""
         self._armed = None
 
     @property
@@ -506,10 +507,10 @@ class LLMMerge:
         pos = kwargs.get("position_ids")
         if pos is None:
             pos = torch.arange(N, device=dev)[None]
-        pos = pos.expand(B, -1)
+        pos = pos.to(dev).expand(B, -1)
         mask_dtype = mask.dtype if mask is not None else torch.long
         out = hidden.new_zeros(B, short_len, D)
-        pos_short = torch.zeros(B, short_len, dtype=pos.dtype, device=pos.device)
+        pos_short = torch.zeros(B, short_len, dtype=pos.dtype, device=dev)
         mask_short = torch.zeros(B, short_len, dtype=mask_dtype, device=dev)
         full_mask = mask.to(dev) if mask is not None else torch.ones(B, N, dtype=mask_dtype, device=dev)
         for b, plan in enumerate(plans):
@@ -524,7 +525,7 @@ class LLMMerge:
             ctx.kept.append(kept)
             pad = short_len - idx.shape[0]
             out[b, pad:] = rows
-            pos_short[b, pad:] = pos[b, idx.to(pos.device)]
+            pos_short[b, pad:] = pos[b, idx]
             mask_short[b, pad:] = full_mask[b, idx]
         cache = kwargs.get("past_key_values")
         ctx.cache = cache
