@@ -69,24 +69,22 @@ def _version() -> str:
 
 def _extension():
     rel = lambda pattern: sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, pattern)))
-    sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
+    sources = rel("csrc/*.cpp") + rel("csrc/ops/*.cpp") + rel("csrc/cpu/*.cpp")
     cxx = ["-O3", "-fopenmp"]
     extra = {"cxx": cxx}
-    define_macros = []
     include_dirs = [os.path.join(HERE, "csrc")]
     if _want_cuda():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         sources += rel("csrc/cuda/*.cu")
         include_dirs += _cuda_library_headers()
         extra["nvcc"] = ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
-        define_macros.append(("EARLYTOM_WITH_CUDA", "1"))
         return CUDAExtension(
             "earlytom_ext._C", sources, include_dirs=include_dirs, extra_compile_args=extra,
-            define_macros=define_macros, extra_link_args=["-fopenmp"],
+            extra_link_args=["-fopenmp"],
         )
     return CppExtension(
         "earlytom_ext._C", sources, include_dirs=include_dirs, extra_compile_args=extra,
-        define_macros=define_macros, extra_link_args=["-fopenmp"],
+        extra_link_args=["-fopenmp"],
     )
 
 

@@ -1,6 +1,7 @@
 // Operator schemas of the earlytom library. Each schema is declared exactly once, here;
-// implementations are registered per dispatch key in csrc/cpu/*.cpp and csrc/cuda/*.cu.
-// The semantics of every op are documented in docs/design.md.
+// implementations are registered per dispatch key in csrc/cpu/*.cpp and csrc/cuda/*.cu, and both
+// start with the op's input checks from csrc/ops/<op>.h. The semantics of every op are documented
+// in docs/design.md.
 #include <Python.h>
 #include <torch/library.h>
 

@@ -1,4 +1,4 @@
-// Standalone test of csrc/kernels/attention_received.cuh (no torch):
+// Standalone test of csrc/kernels/attention_received.h (no torch):
 // kernels vs a host double-precision oracle (explicit softmax maps), over odd S, several head
 // dims, strided (q_proj-style [N, S, H, d]) and contiguous layouts, fp32/fp16/bf16, the SIMT and
 // tensor-core paths, a large-logit case and bitwise determinism.
@@ -12,9 +12,10 @@
 #include <string>
 #include <vector>
 
-#include "kernels/attention_received.cuh"
+#include "kernels/attention_received.h"
 
 using namespace earlytom::attn_recv;
+using earlytom::DType;
 
 #define CHECK_CUDA(x)                                                                        \
   do {                                                                                       \

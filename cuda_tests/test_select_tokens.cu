@@ -1,4 +1,4 @@
-// Standalone test of csrc/kernels/select_tokens.cuh against a plain host implementation.
+// Standalone test of csrc/kernels/select_tokens.h against a plain host implementation.
 // Returns 0 on pass, 1 on failure, 77 when no CUDA device is present.
 #include <cuda_runtime.h>
 
@@ -12,7 +12,7 @@
 #include <random>
 #include <vector>
 
-#include "kernels/select_tokens.cuh"
+#include "kernels/select_tokens.h"
 
 namespace sel = earlytom::select;
 

@@ -1,4 +1,11 @@
-"""Input checks shared by the op wrappers: clear Python errors instead of kernel failures."""
+"""Argument checks and coercions shared by the op wrappers.
+
+The compiled ops check the shapes, dtypes and devices of the tensors they receive themselves
+(``csrc/ops/<op>.cpp``, ValueError/TypeError naming the argument). The wrappers add only what the
+ops cannot say: that an argument is not a tensor at all, lists/configs turned into tensors (ints
+never truncated), and names the op does not know (``t``, ``extras[i]``, ``plan.frame_keep``).
+On a GPU none of these read device values on the host, except where a docstring says so.
+"""
 from __future__ import annotations
 
 import math
@@ -10,13 +17,12 @@ import torch
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def check_tensor(name: str, t, *, ndim: Optional[int] = None, dtypes: Optional[Iterable[torch.dtype]] = None,
+def check_tensor(name: str, t, *, dtypes: Optional[Iterable[torch.dtype]] = None,
                  device: Optional[torch.device] = None) -> torch.Tensor:
-    """Type, rank, dtype and device of one tensor argument."""
+    """That ``t`` is a tensor (the op's dispatcher would only say it is not), and optionally its
+    dtype and device, for arguments the op does not see under this name."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if ndim is not None and t.dim() != ndim:
-        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
     if dtypes is not None:
         dtypes = tuple(dtypes)
         if t.dtype not in dtypes:
@@ -27,57 +33,30 @@ def check_tensor(name: str, t, *, ndim: Optional[int] = None, dtypes: Optional[I
     return t
 
 
+def check_same_device(op: str, ref_name: str, ref: torch.Tensor, **others: torch.Tensor) -> None:
+    """The compiled ops' device check, for the fake (meta) kernels: a device mix that involves a
+    meta tensor is dispatched to the fake kernel, which must reject it as the op would."""
+    for name, t in others.items():
+        if t.device != ref.device:
+            raise ValueError(f"{op}: {name} must be on the device of {ref_name} ({ref.device}), got {t.device}")
+
+
 def check_finite(name: str, t: torch.Tensor) -> None:
     """Reject NaN/Inf (one reduction; a host sync on CUDA)."""
     if t.numel() and not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name} contains NaN or Inf values")
 
 
-def check_frame_counts(frame_counts, n_frames: int, device: torch.device) -> torch.Tensor:
-    """``frame_counts``: int tensor/list [B], every count >= 1, summing to ``n_frames``.
-
-    Returns an int64 tensor on ``device``. Host-side values are checked before any copy.
-    """
-    if isinstance(frame_counts, torch.Tensor):
-        check_frame_counts_tensor(frame_counts)
-        host = frame_counts.tolist()
-    else:
-        try:
-            host = [int(c) for c in frame_counts]
-        except TypeError:
-            raise TypeError(f"frame_counts must be a 1-D int tensor or a list of ints, got {type(frame_counts).__name__}")
-    if len(host) == 0:
-        raise ValueError("frame_counts must hold at least one video, got an empty list")
-    if any(c < 1 for c in host):
-        raise ValueError(f"frame_counts must all be >= 1 (no empty videos), got {host}")
-    if sum(host) != n_frames:
-        raise ValueError(f"frame_counts must sum to the number of frames {n_frames}, got sum {sum(host)} ({host})")
-    return torch.tensor(host, dtype=torch.int64, device=device)
-
-
 # ------------------------------------------------------------------------------------------
 # Scalars, host lists and host-to-device copies
 # ------------------------------------------------------------------------------------------
-def dtype_name(dtype: torch.dtype) -> str:
-    """``float32`` for ``torch.float32`` (the form used in error messages)."""
-    return str(dtype).replace("torch.", "")
-
-
 def _is_int_dtype(dtype: torch.dtype) -> bool:
     return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
 
 
-def check_frame_counts_tensor(frame_counts: torch.Tensor) -> torch.Tensor:
-    """dtype (int32/int64) and rank (1-D) of a ``frame_counts`` tensor; its values are not read."""
-    if frame_counts.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"frame_counts must be an int32/int64 tensor, got {frame_counts.dtype}")
-    if frame_counts.dim() != 1:
-        raise ValueError(f"frame_counts must be 1-D [B], got shape {tuple(frame_counts.shape)}")
-    return frame_counts
-
-
 def check_int(name: str, v) -> int:
-    """A Python/NumPy integer or a 0-d integer tensor (never a bool, a float or a string)."""
+    """A Python/NumPy integer or a 0-d integer tensor (never a bool, a float or a string); a 0-d
+    tensor on a GPU is read on the host (one sync)."""
     if isinstance(v, torch.Tensor) and v.dim() == 0 and _is_int_dtype(v.dtype):
         return int(v)
     if isinstance(v, bool) or not isinstance(v, numbers.Integral):
@@ -85,18 +64,30 @@ def check_int(name: str, v) -> int:
     return int(v)
 
 
-def check_int_list(name: str, v, shape: str = "[B]") -> List[int]:
-    """A 1-D integer tensor (any integer dtype and device: one host copy) or a flat sequence of
-    ints, as a list of Python ints. Floats, bools, strings and nested lists are rejected."""
+def check_int_tensor(name: str, v: torch.Tensor) -> torch.Tensor:
+    """An integer tensor (any integer dtype; its values are not read)."""
+    if not _is_int_dtype(v.dtype):
+        raise TypeError(f"{name} must hold integers, got dtype {v.dtype}")
+    return v
+
+
+def check_int_list(name: str, v, shape: str = "[B]", int64: bool = False) -> List[int]:
+    """A 1-D integer tensor (any integer dtype; on a GPU this is a host copy) or a flat sequence of
+    ints, as a list of Python ints. Floats, bools, strings and nested lists are rejected; with
+    ``int64`` every value must fit in int64 (it is headed for an int64 tensor)."""
     if isinstance(v, torch.Tensor):
-        if not _is_int_dtype(v.dtype):
-            raise TypeError(f"{name} must hold integers, got dtype {v.dtype}")
+        check_int_tensor(name, v)
         if v.dim() != 1:
             raise ValueError(f"{name} must be 1-D {shape}, got shape {tuple(v.shape)}")
         return [int(c) for c in v.tolist()]
     if isinstance(v, (str, bytes)) or not hasattr(v, "__iter__"):
         raise TypeError(f"{name} must be a 1-D int tensor or a list of ints, got {type(v).__name__}")
-    return [check_int(f"{name}[{i}]", c) for i, c in enumerate(v)]
+    out = [check_int(f"{name}[{i}]", c) for i, c in enumerate(v)]
+    if int64:
+        for i, c in enumerate(out):
+            if not -2 ** 63 <= c < 2 ** 63:
+                raise ValueError(f"{name}[{i}] must fit in int64, got {c}")
+    return out
 
 
 def check_int_pairs(name: str, v) -> List[Tuple[int, int]]:
@@ -139,6 +130,27 @@ def check_ratio(name: str, v) -> float:
     if not 0.0 < r <= 1.0:
         raise ValueError(f"{name} must be in (0, 1], got {v!r}")
     return r
+
+
+def to_host(*values):
+    """``values`` with their integer tensors that live on a GPU copied to the host, all in one
+    copy (one sync) when they share a device; other values are returned as they are."""
+    on_gpu = [i for i, v in enumerate(values)
+              if isinstance(v, torch.Tensor) and v.device.type != "cpu" and _is_int_dtype(v.dtype)]
+    if not on_gpu:
+        return values
+    out = list(values)
+    if len({values[i].device for i in on_gpu}) > 1:  # no single copy across devices
+        for i in on_gpu:
+            out[i] = values[i].cpu()
+        return tuple(out)
+    flat = torch.cat([values[i].reshape(-1).to(torch.int64) for i in on_gpu]).cpu()
+    offset = 0
+    for i in on_gpu:
+        n = values[i].numel()
+        out[i] = flat[offset:offset + n].view(values[i].shape)
+        offset += n
+    return tuple(out)
 
 
 def host_to_device(values: Union[Sequence, torch.Tensor], dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -1,4 +1,4 @@
-// CPU implementation of earlytom::attention_received (see csrc/kernels/attention_received.cuh).
+// CPU implementation of earlytom::attention_received (see csrc/kernels/attention_received.h).
 //
 // Parallel over (n, h): each task converts the head's q to fp32 [S][D] and k to fp32 [D][Sp]
 // (transposed, zero-padded), then runs the blocked core, which holds kCpuRowBlock query rows x S
@@ -11,28 +11,14 @@
 
 #include <vector>
 
-#include "kernels/attention_received.cuh"
+#include "kernels/attention_received.h"
+#include "ops/attention_received.h"
 
 namespace earlytom {
 namespace {
 
-void check_inputs(const at::Tensor& q, const at::Tensor& k, double scale) {
-  TORCH_CHECK_VALUE(q.dim() == 4, "attention_received: q must be [N, H, S, d], got shape ", q.sizes());
-  TORCH_CHECK_VALUE(k.sizes() == q.sizes(), "attention_received: k must have the shape of q ", q.sizes(),
-              ", got ", k.sizes());
-  TORCH_CHECK_TYPE(k.scalar_type() == q.scalar_type(), "attention_received: q and k must have the same dtype, got ",
-              q.scalar_type(), " and ", k.scalar_type());
-  TORCH_CHECK_VALUE(q.device() == k.device(), "attention_received: q and k must be on the same device");
-  TORCH_CHECK_VALUE(q.size(1) >= 1, "attention_received: H (dim 1) must be >= 1");
-  TORCH_CHECK_VALUE(q.size(3) >= 1, "attention_received: d (dim 3) must be >= 1");
-  TORCH_CHECK_VALUE(q.size(2) <= INT32_MAX && q.size(3) <= INT32_MAX && q.size(1) <= INT32_MAX,
-              "attention_received: H, S and d must fit in int32");
-  TORCH_CHECK_VALUE(std::isfinite(scale), "attention_received: scale must be finite, got ", scale);
-}
-
 at::Tensor attention_received_cpu(const at::Tensor& q_in, const at::Tensor& k_in, double scale) {
-  check_inputs(q_in, k_in, scale);
-  TORCH_CHECK_VALUE(q_in.device().is_cpu(), "attention_received (CPU): q must be a CPU tensor");
+  ops::check_attention_received_inputs(q_in, k_in, scale);
   const at::Tensor q = q_in.stride(3) == 1 ? q_in : q_in.contiguous();
   const at::Tensor k = k_in.stride(3) == 1 ? k_in : k_in.contiguous();
   const int64_t N = q.size(0), H = q.size(1), S = q.size(2), D = q.size(3);

@@ -1,5 +1,5 @@
 // merge_frames / apply_merge_plan / segment_frames, CPU (docs/design.md "merge_frames").
-// The same three passes as the CUDA path (see csrc/kernels/merge_frames.cuh):
+// The same three passes as the CUDA path (see csrc/kernels/merge_frames.h):
 //   1a. band similarities sim(i-k, i), 1 <= k <= kb, inside each video (at::parallel_for over
 //       frame tiles; per tile a ring of the last kb+1 token rows of one position in fp32);
 //   1b. the walk of every video (the shared walk_video), then compaction;
@@ -19,59 +19,10 @@
 #include <tuple>
 #include <vector>
 
-#include "kernels/merge_frames.cuh"
+#include "kernels/merge_frames.h"
+#include "ops/merge_frames.h"
 
 namespace earlytom {
-namespace detail {
-
-namespace {
-bool is_stage1_dtype(at::ScalarType t) { return t == at::kFloat || t == at::kHalf || t == at::kBFloat16; }
-bool is_apply_dtype(at::ScalarType t) { return is_stage1_dtype(t) || t == at::kDouble; }
-}  // namespace
-
-// Checks of merge_frames / segment_frames shared with the CUDA implementation (everything that
-// needs no look at the data; the CPU path checks the counts' values and NaN/Inf itself, the CUDA
-// path on the device).
-void check_stage1_inputs(const char* op, const at::Tensor& x, const at::Tensor& frame_counts, double tau,
-                         int64_t max_window, double ema) {
-  TORCH_CHECK_VALUE(x.dim() == 3, op, ": x must be 3-D [N, S, D] (frames, positions, channels), got shape ",
-                    x.sizes());
-  TORCH_CHECK_TYPE(is_stage1_dtype(x.scalar_type()), op, ": x must be float32, float16 or bfloat16, got ",
-                   x.scalar_type());
-  TORCH_CHECK_VALUE(x.size(0) >= 1, op, ": x must hold at least one frame, got shape ", x.sizes());
-  TORCH_CHECK_VALUE(x.size(1) >= 1 && x.size(2) >= 1, op,
-                    ": x must have at least one position and one channel (S >= 1, D >= 1), got shape ", x.sizes());
-  TORCH_CHECK_TYPE(frame_counts.scalar_type() == at::kLong, op, ": frame_counts must be int64, got ",
-                   frame_counts.scalar_type());
-  TORCH_CHECK_VALUE(frame_counts.dim() == 1 && frame_counts.size(0) >= 1, op,
-                    ": frame_counts must be 1-D [B] with B >= 1, got shape ", frame_counts.sizes());
-  TORCH_CHECK_VALUE(frame_counts.device() == x.device(), op, ": frame_counts must be on the device of x (",
-                    x.device(), "), got ", frame_counts.device());
-  TORCH_CHECK_VALUE(max_window >= 2, op, ": max_window must be >= 2, got ", max_window);
-  TORCH_CHECK_VALUE(std::isfinite(tau), op, ": tau must be finite, got ", tau);
-  TORCH_CHECK_VALUE(std::isfinite(ema) && ema >= 0.0 && ema <= 1.0, op, ": ema must be in [0, 1], got ", ema);
-}
-
-void check_apply_inputs(const at::Tensor& x, const at::Tensor& plan_src, const at::Tensor& plan_weight) {
-  TORCH_CHECK_VALUE(x.dim() >= 1, "apply_merge_plan: x must have a leading frame dimension, got a 0-d tensor");
-  TORCH_CHECK_TYPE(is_apply_dtype(x.scalar_type()),
-                   "apply_merge_plan: x must be float32, float16, bfloat16 or float64, got ", x.scalar_type());
-  TORCH_CHECK_TYPE(plan_src.scalar_type() == at::kLong, "apply_merge_plan: plan_src must be int64, got ",
-                   plan_src.scalar_type());
-  TORCH_CHECK_VALUE(plan_src.dim() == 2 && plan_src.size(1) == 2,
-                    "apply_merge_plan: plan_src must have shape [N', 2], got ", plan_src.sizes());
-  TORCH_CHECK_TYPE(plan_weight.scalar_type() == at::kFloat, "apply_merge_plan: plan_weight must be float32, got ",
-                   plan_weight.scalar_type());
-  TORCH_CHECK_VALUE(plan_weight.dim() == 1 && plan_weight.size(0) == plan_src.size(0),
-                    "apply_merge_plan: plan_weight must have shape [", plan_src.size(0), "] (one weight per row of plan_src), got ",
-                    plan_weight.sizes());
-  TORCH_CHECK_VALUE(plan_src.device() == x.device() && plan_weight.device() == x.device(),
-                    "apply_merge_plan: plan_src and plan_weight must be on the device of x (", x.device(),
-                    "), got ", plan_src.device(), " and ", plan_weight.device());
-}
-
-}  // namespace detail
-
 namespace {
 
 namespace mg = earlytom::merge;
@@ -178,8 +129,7 @@ struct Stage1Cpu {
 
 Stage1Cpu stage1_cpu(const char* op, const at::Tensor& x, const at::Tensor& frame_counts, double tau,
                      int64_t max_window, double ema, bool keep_last_interior, bool with_plan) {
-  detail::check_stage1_inputs(op, x, frame_counts, tau, max_window, ema);
-  TORCH_CHECK_VALUE(x.device().is_cpu(), op, ": expected CPU tensors, got x on ", x.device());
+  ops::check_merge_frames_inputs(op, x, frame_counts, tau, max_window, ema);
   const int64_t N = x.size(0), S = x.size(1), D = x.size(2);
   const at::Tensor fc = frame_counts.contiguous();
   const int64_t* cnt = fc.data_ptr<int64_t>();
@@ -296,8 +246,7 @@ std::tuple<at::Tensor, at::Tensor> segment_frames_cpu(const at::Tensor& x, const
 }
 
 at::Tensor apply_merge_plan_cpu(const at::Tensor& x, const at::Tensor& plan_src, const at::Tensor& plan_weight) {
-  detail::check_apply_inputs(x, plan_src, plan_weight);
-  TORCH_CHECK_VALUE(x.device().is_cpu(), "apply_merge_plan: expected CPU tensors, got x on ", x.device());
+  ops::check_apply_merge_plan_inputs(x, plan_src, plan_weight);
   const int64_t n_in = x.size(0), n_out = plan_src.size(0);
   const at::Tensor ps = plan_src.contiguous();
   const int64_t* src = ps.const_data_ptr<int64_t>();

@@ -5,48 +5,14 @@
 
 #include <algorithm>
 #include <cstring>
-#include <limits>
 #include <numeric>
 #include <tuple>
 #include <vector>
 
-#include "kernels/select_tokens.cuh"
+#include "kernels/select_tokens.h"
+#include "ops/select_tokens.h"
 
 namespace earlytom {
-namespace detail {
-
-// Shape/dtype/device checks of select_tokens, shared with the CUDA implementation.
-void check_select_tokens_inputs(const at::Tensor& feats, const at::Tensor& scores, const at::Tensor& frame_keep,
-                         const at::Tensor& frame_static, int64_t num_out) {
-  TORCH_CHECK_VALUE(feats.dim() == 3, "select_tokens: feats must be 3-D [N, P, C], got shape ", feats.sizes());
-  const auto ft = feats.scalar_type();
-  TORCH_CHECK_TYPE(ft == at::kFloat || ft == at::kHalf || ft == at::kBFloat16,
-                   "select_tokens: feats must be float32, float16 or bfloat16, got ", ft);
-  const int64_t N = feats.size(0), P = feats.size(1);
-  TORCH_CHECK_TYPE(scores.scalar_type() == at::kFloat, "select_tokens: scores must be float32, got ",
-                   scores.scalar_type());
-  TORCH_CHECK_VALUE(scores.dim() == 2 && scores.size(0) == N && scores.size(1) == P,
-                    "select_tokens: scores must have shape [", N, ", ", P, "] (feats' first two dims), got ",
-                    scores.sizes());
-  TORCH_CHECK_TYPE(frame_keep.scalar_type() == at::kLong, "select_tokens: frame_keep must be int64, got ",
-                   frame_keep.scalar_type());
-  TORCH_CHECK_VALUE(frame_keep.dim() == 1 && frame_keep.size(0) == N,
-                    "select_tokens: frame_keep must have shape [", N, "], got ", frame_keep.sizes());
-  TORCH_CHECK_TYPE(frame_static.scalar_type() == at::kBool, "select_tokens: frame_static must be bool, got ",
-                   frame_static.scalar_type());
-  TORCH_CHECK_VALUE(frame_static.dim() == 1 && frame_static.size(0) == N,
-                    "select_tokens: frame_static must have shape [", N, "], got ", frame_static.sizes());
-  TORCH_CHECK_VALUE(scores.device() == feats.device() && frame_keep.device() == feats.device() &&
-                        frame_static.device() == feats.device(),
-                    "select_tokens: all tensors must be on the device of feats (", feats.device(), "), got scores on ",
-                    scores.device(), ", frame_keep on ", frame_keep.device(), ", frame_static on ",
-                    frame_static.device());
-  TORCH_CHECK_VALUE(num_out >= 0, "select_tokens: num_out must be >= 0, got ", num_out);
-  TORCH_CHECK_VALUE(P <= std::numeric_limits<int>::max(), "select_tokens: too many positions per frame: ", P);
-}
-
-}  // namespace detail
-
 namespace {
 
 namespace sel = earlytom::select;
@@ -79,7 +45,7 @@ void select_frame(const float* srow, int P, int keep, bool is_static, std::vecto
 std::tuple<at::Tensor, at::Tensor> select_tokens_cpu(const at::Tensor& feats, const at::Tensor& scores,
                                                      const at::Tensor& frame_keep, const at::Tensor& frame_static,
                                                      int64_t num_out) {
-  detail::check_select_tokens_inputs(feats, scores, frame_keep, frame_static, num_out);
+  ops::check_select_tokens_inputs(feats, scores, frame_keep, frame_static, num_out);
   const int64_t N = feats.size(0);
   const int P = static_cast<int>(feats.size(1));
   const int64_t C = feats.size(2);

@@ -1,46 +1,28 @@
 // merge_frames / apply_merge_plan / segment_frames, CUDA (docs/design.md "merge_frames").
-// Kernels and the pass structure: csrc/kernels/merge_frames.cuh.
+// Kernels and the pass structure: csrc/kernels/merge_frames.h; input checks: csrc/ops/merge_frames.h.
 //
 // Host syncs: merge_frames and segment_frames read a 4-entry status (N', K, error flags) once,
 // after the walk, to size their outputs and to report bad frame_counts or NaN/Inf in x (both
 // detected on the device). apply_merge_plan never syncs; a plan index outside [0, N) produces a
 // NaN row instead of a fault (the CPU implementation raises).
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <climits>
 #include <tuple>
 #include <vector>
 
-#include "kernels/merge_frames.cuh"
+#include "cuda/dtype.h"
+#include "kernels/merge_frames.h"
+#include "ops/merge_frames.h"
 
 namespace earlytom {
-namespace detail {
-void check_stage1_inputs(const char* op, const at::Tensor& x, const at::Tensor& frame_counts, double tau,
-                         int64_t max_window, double ema);
-void check_apply_inputs(const at::Tensor& x, const at::Tensor& plan_src, const at::Tensor& plan_weight);
-}  // namespace detail
-
 namespace {
 
 namespace mg = earlytom::merge;
-
-template <typename T>
-struct CudaType {
-  using type = T;
-};
-template <>
-struct CudaType<at::Half> {
-  using type = __half;
-};
-template <>
-struct CudaType<at::BFloat16> {
-  using type = __nv_bfloat16;
-};
 
 struct Stage1Cuda {
   at::Tensor segments, segment_counts, plan_src, plan_weight, out_counts;
@@ -81,8 +63,8 @@ Stage1Cuda stage1_cuda(const char* op, const at::Tensor& x, const at::Tensor& fr
   a.with_plan = with_plan;
   a.force_direct = false;
 
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  auto run = [&](auto tag) {
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  auto run = [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
     const mg::Stage1Layout L = mg::stage1_layout_for<T>(a, false);
     // int64 scratch: offsets [B+1], seg_off [B], out_off [B], seg [2N], plan [2N], vstart [N]
@@ -115,12 +97,9 @@ Stage1Cuda stage1_cuda(const char* op, const at::Tensor& x, const at::Tensor& fr
     a.plan_out = with_plan ? plan_out.data_ptr<int64_t>() : nullptr;
     a.w_out = with_plan ? w_out.data_ptr<float>() : nullptr;
     a.status = reinterpret_cast<unsigned long long*>(status.data_ptr<int64_t>());
-    C10_CUDA_CHECK(mg::launch_stage1<T>(a, stream));
+    return mg::launch_stage1<T>(a, stream);
   };
-  AT_DISPATCH_SWITCH(x.scalar_type(), "merge_frames_stage1_cuda",
-                     AT_DISPATCH_CASE(at::kFloat, [&] { run(float()); })
-                     AT_DISPATCH_CASE(at::kHalf, [&] { run(__half()); })
-                     AT_DISPATCH_CASE(at::kBFloat16, [&] { run(__nv_bfloat16()); }));
+  C10_CUDA_CHECK(dispatch_dtype(kernel_dtype(x.scalar_type()), run));
 
   // The one host sync: N', K and the error flags.
   const at::Tensor st = status.to(at::kCPU);
@@ -168,18 +147,15 @@ void apply_rows_cuda(const at::Tensor& x, int64_t rows, int64_t cols, int64_t sn
   p.plan_w = pw.const_data_ptr<float>();
   p.n_out = n_out;
   p.out = out.data_ptr();
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "apply_merge_plan_cuda", [&] {
-    using T = typename CudaType<scalar_t>::type;
-    C10_CUDA_CHECK(mg::launch_apply<T>(p, INT_MAX, stream));
-  });
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  C10_CUDA_CHECK(dispatch_dtype</*kWithDouble=*/true>(
+      kernel_dtype(x.scalar_type()), [&](auto t) { return mg::launch_apply<decltype(t)>(p, INT_MAX, stream); }));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> merge_frames_cuda(
     const at::Tensor& x_in, const at::Tensor& frame_counts, double tau, int64_t max_window, double ema,
     bool keep_last_interior) {
-  detail::check_stage1_inputs("merge_frames", x_in, frame_counts, tau, max_window, ema);
-  TORCH_CHECK_VALUE(x_in.is_cuda(), "merge_frames: expected CUDA tensors, got x on ", x_in.device());
+  ops::check_merge_frames_inputs("merge_frames", x_in, frame_counts, tau, max_window, ema);
   c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = (x_in.stride(2) == 1 || x_in.size(2) == 1) ? x_in : x_in.contiguous();
   Stage1Cuda r = stage1_cuda("merge_frames", x, frame_counts, tau, max_window, ema, keep_last_interior, true);
@@ -194,8 +170,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
 std::tuple<at::Tensor, at::Tensor> segment_frames_cuda(const at::Tensor& x_in, const at::Tensor& frame_counts,
                                                        double tau, int64_t max_window, double ema) {
-  detail::check_stage1_inputs("segment_frames", x_in, frame_counts, tau, max_window, ema);
-  TORCH_CHECK_VALUE(x_in.is_cuda(), "segment_frames: expected CUDA tensors, got x on ", x_in.device());
+  ops::check_merge_frames_inputs("segment_frames", x_in, frame_counts, tau, max_window, ema);
   c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = (x_in.stride(2) == 1 || x_in.size(2) == 1) ? x_in : x_in.contiguous();
   Stage1Cuda r = stage1_cuda("segment_frames", x, frame_counts, tau, max_window, ema, false, false);
@@ -203,8 +178,7 @@ std::tuple<at::Tensor, at::Tensor> segment_frames_cuda(const at::Tensor& x_in, c
 }
 
 at::Tensor apply_merge_plan_cuda(const at::Tensor& x_in, const at::Tensor& plan_src, const at::Tensor& plan_weight) {
-  detail::check_apply_inputs(x_in, plan_src, plan_weight);
-  TORCH_CHECK_VALUE(x_in.is_cuda(), "apply_merge_plan: expected CUDA tensors, got x on ", x_in.device());
+  ops::check_apply_merge_plan_inputs(x_in, plan_src, plan_weight);
   c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
   const int64_t n_out = plan_src.size(0);

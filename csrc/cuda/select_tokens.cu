@@ -12,13 +12,10 @@
 #include <limits>
 #include <tuple>
 
-#include "kernels/select_tokens.cuh"
+#include "kernels/select_tokens.h"
+#include "ops/select_tokens.h"
 
 namespace earlytom {
-namespace detail {
-void check_select_tokens_inputs(const at::Tensor& feats, const at::Tensor& scores, const at::Tensor& frame_keep,
-                                const at::Tensor& frame_static, int64_t num_out);
-}  // namespace detail
 
 namespace {
 
@@ -42,8 +39,7 @@ int sm_count(int device) {
 std::tuple<at::Tensor, at::Tensor> select_tokens_cuda(const at::Tensor& feats_in, const at::Tensor& scores,
                                                       const at::Tensor& frame_keep, const at::Tensor& frame_static,
                                                       int64_t num_out) {
-  detail::check_select_tokens_inputs(feats_in, scores, frame_keep, frame_static, num_out);
-  TORCH_CHECK_VALUE(feats_in.is_cuda(), "select_tokens: expected CUDA tensors, got feats on ", feats_in.device());
+  ops::check_select_tokens_inputs(feats_in, scores, frame_keep, frame_static, num_out);
   const int64_t N = feats_in.size(0);
   const int64_t P = feats_in.size(1);
   const int64_t C = feats_in.size(2);
@@ -58,7 +54,6 @@ std::tuple<at::Tensor, at::Tensor> select_tokens_cuda(const at::Tensor& feats_in
   at::Tensor tokens = at::empty({num_out, C}, feats_in.options());
   at::Tensor index = at::empty({num_out, 2}, feats_in.options().dtype(at::kLong));
   if (num_out == 0 || N == 0) return {tokens, index};
-  TORCH_CHECK_VALUE(P >= 1, "select_tokens: feats has no positions (P = 0) but num_out = ", num_out);
 
   // Channels must be contiguous for the row copy; frame/position strides are arbitrary.
   const at::Tensor feats = (feats_in.stride(2) == 1 || C <= 1) ? feats_in : feats_in.contiguous();

@@ -2,7 +2,9 @@
 
 Wrapper of ``torch.ops.earlytom.attention_received`` (schema in ``csrc/earlytom.cpp``, contract
 in ``docs/design.md``). The op computes a row log-sum-exp pass and a column-sum pass over tiles;
-no ``S x S`` attention map is stored in global memory.
+no ``S x S`` attention map is stored in global memory. The op checks the shapes, dtypes and
+devices of q and k itself (``csrc/ops/attention_received.cpp``); the wrapper handles the
+``[N, S, H·d]`` layout, ``num_heads`` and ``scale``.
 """
 from __future__ import annotations
 
@@ -11,12 +13,13 @@ from typing import Optional
 import torch
 
 from .. import _ext
-from .._validation import FLOAT_DTYPES, check_int, check_real, check_tensor, dtype_name
+from .._validation import check_int, check_real, check_same_device, check_tensor
 
 __all__ = ["attention_received"]
 
 
 def _attention_received_fake(q, k, scale):
+    check_same_device("attention_received", "q", q, k=k)
     torch._check(q.dim() == 4, lambda: f"q must be [N, H, S, d], got {tuple(q.shape)}")
     torch._check(k.shape == q.shape, lambda: f"k must have the shape of q {tuple(q.shape)}, got {tuple(k.shape)}")
     return q.new_empty((q.shape[0], q.shape[2]), dtype=torch.float32)
@@ -68,10 +71,8 @@ def attention_received(q: torch.Tensor, k: torch.Tensor, scale: Optional[float] 
     ``check_finite`` that is a ValueError, without it the result holds NaN).
     """
     _ext.require()
-    q = check_tensor("q", q, dtypes=FLOAT_DTYPES)
-    k = check_tensor("k", k, dtypes=FLOAT_DTYPES, device=q.device)
-    if k.dtype != q.dtype:
-        raise TypeError(f"k must have the dtype of q ({dtype_name(q.dtype)}), got {dtype_name(k.dtype)}")
+    check_tensor("q", q)
+    check_tensor("k", k)
     if num_heads is not None:
         num_heads = check_int("num_heads", num_heads)
         if num_heads < 1:
@@ -80,14 +81,11 @@ def attention_received(q: torch.Tensor, k: torch.Tensor, scale: Optional[float] 
         raise ValueError(f"k must have the rank of q ({q.dim()}), got shape {tuple(k.shape)}")
     qh = _as_heads("q", q, num_heads)
     kh = _as_heads("k", k, num_heads)
-    if kh.shape != qh.shape:
-        raise ValueError(f"k must have the shape of q {tuple(q.shape)}, got {tuple(k.shape)}")
-    n, h, s, d = qh.shape
-    if h < 1:
-        raise ValueError(f"q must have at least one head, got shape {tuple(q.shape)}")
-    if d < 1:
-        raise ValueError(f"the head dim d must be >= 1, got shape {tuple(qh.shape)}")
-    scale = d ** -0.5 if scale is None else check_real("scale", scale)
+    d = qh.shape[3]
+    if scale is None:
+        scale = d ** -0.5 if d > 0 else 1.0  # d = 0 is rejected by the op
+    else:
+        scale = check_real("scale", scale)
     out = torch.ops.earlytom.attention_received(qh, kh, scale)
     if check_finite and out.numel():
         # One sync for all three flags. The op is safe on non-finite inputs (it only computes

@@ -6,11 +6,14 @@ contract: docs/design.md "merge_frames". The frames of all videos are concatenat
 (``x [N, S, D]``) and ``frame_counts`` gives the frames per video.
 
 Host syncs: ``merge_frames`` and ``segment_frames`` wait on the device once (to learn the number
-of merged frames / segments). ``frame_counts`` given as a list or a CPU tensor is checked on the
-host; given as a tensor on the GPU it is checked on the device within that same sync (so passing
-the previous call's ``MergeResult.frame_counts`` costs nothing extra). NaN/Inf in ``x`` are
-detected inside the similarity pass, also without an extra sync. ``apply_merge_plan`` never syncs
-on a GPU (an out-of-range plan index gives a NaN row there; on the CPU it raises).
+of merged frames / segments). The op checks ``frame_counts`` itself: on the host on a CPU, on the
+device within that same sync on a GPU (so passing the previous call's
+``MergeResult.frame_counts`` costs nothing extra). NaN/Inf in ``x`` are detected inside the
+similarity pass, also without an extra sync. ``apply_merge_plan`` never syncs on a GPU (an
+out-of-range plan index gives a NaN row there; on the CPU it raises).
+
+Shapes, dtypes and devices are checked by the compiled ops (``csrc/ops/merge_frames.cpp``); the
+wrappers check what the ops cannot name (``t``, ``extras``) and coerce ``frame_counts``.
 """
 from __future__ import annotations
 
@@ -19,8 +22,16 @@ from typing import List, NamedTuple, Tuple, Union
 import torch
 
 from .. import _ext
-from .._validation import (FLOAT_DTYPES, check_finite, check_frame_counts, check_frame_counts_tensor, check_int_list,
-                           check_int_pairs, check_tensor, host_to_device)
+from .._validation import (
+    FLOAT_DTYPES,
+    check_finite,
+    check_int_list,
+    check_int_pairs,
+    check_same_device,
+    check_tensor,
+    host_to_device,
+    to_host,
+)
 from ..config import EarlyTomConfig
 
 __all__ = ["MergeResult", "merge_frames", "apply_merge_plan", "segment_frames", "segments_per_video"]
@@ -60,6 +71,7 @@ class MergeResult(NamedTuple):
 # Fake (meta) implementations: the output sizes N' and K are data dependent.
 # ------------------------------------------------------------------------------------------
 def _merge_frames_fake(x, frame_counts, tau, max_window, ema, keep_last_interior):
+    check_same_device("merge_frames", "x", x, frame_counts=frame_counts)
     ctx = torch.library.get_ctx()
     n_out = ctx.new_dynamic_size()
     k = ctx.new_dynamic_size()
@@ -74,6 +86,7 @@ def _merge_frames_fake(x, frame_counts, tau, max_window, ema, keep_last_interior
 
 
 def _segment_frames_fake(x, frame_counts, tau, max_window, ema):
+    check_same_device("segment_frames", "x", x, frame_counts=frame_counts)
     ctx = torch.library.get_ctx()
     k = ctx.new_dynamic_size()
     B = frame_counts.shape[0]
@@ -81,6 +94,7 @@ def _segment_frames_fake(x, frame_counts, tau, max_window, ema):
 
 
 def _apply_merge_plan_fake(x, plan_src, plan_weight):
+    check_same_device("apply_merge_plan", "x", x, plan_src=plan_src, plan_weight=plan_weight)
     return x.new_empty((plan_src.shape[0], *x.shape[1:]))
 
 
@@ -91,7 +105,7 @@ if _ext.available():  # the schemas live in the compiled library
 
 
 # ------------------------------------------------------------------------------------------
-# Validation helpers
+# Argument coercion
 # ------------------------------------------------------------------------------------------
 def _check_cfg(cfg) -> EarlyTomConfig:
     if not isinstance(cfg, EarlyTomConfig):
@@ -100,69 +114,43 @@ def _check_cfg(cfg) -> EarlyTomConfig:
     return cfg
 
 
-def _check_x(x) -> torch.Tensor:
-    check_tensor("x", x, ndim=3, dtypes=FLOAT_DTYPES)
-    N, S, D = x.shape
-    if N < 1:
-        raise ValueError(f"x must hold at least one frame [N >= 1, S, D], got shape {tuple(x.shape)}")
-    if S < 1 or D < 1:
-        raise ValueError(f"x must have S >= 1 positions and D >= 1 channels, got shape {tuple(x.shape)}")
-    return x
+def _counts(frame_counts, device: torch.device) -> torch.Tensor:
+    """``frame_counts`` as the op's int64 tensor; its values are checked by the op.
 
-
-def _counts(frame_counts, n_frames: int, device: torch.device) -> torch.Tensor:
-    """``frame_counts`` as int64 on ``device``.
-
-    A list or a CPU tensor is checked on the host (ints, values >= 1, sum == N); a tensor already
-    on ``device`` (a GPU) keeps its values on the device, where the op checks them.
+    A list of ints is copied to ``device`` (without waiting on the stream); a tensor is passed as
+    it is (int32 widened on its device), so a GPU tensor is never read on the host here.
     """
     if isinstance(frame_counts, torch.Tensor):
-        check_frame_counts_tensor(frame_counts)
-        if frame_counts.device != device:
-            raise ValueError(
-                f"frame_counts must be on the device of x ({device}), got {frame_counts.device} "
-                "(pass a list of ints to give host-side counts)"
-            )
-        if device.type != "cpu":
-            if frame_counts.numel() == 0:
-                raise ValueError("frame_counts must hold at least one video, got an empty tensor")
-            return frame_counts.to(torch.int64)
-        return check_frame_counts(frame_counts, n_frames, device)
+        if frame_counts.dtype == torch.int32:
+            return frame_counts.long()
+        if frame_counts.dtype != torch.int64:
+            raise TypeError(f"frame_counts must be an int32/int64 tensor, got {frame_counts.dtype}")
+        return frame_counts
     # A list: every entry an int (a float, bool or nested list is rejected, never truncated).
-    host = check_frame_counts(check_int_list("frame_counts", frame_counts), n_frames, torch.device("cpu"))
-    # Pinned + non_blocking: the copy does not wait for the work already queued on the stream.
-    return host_to_device(host, torch.int64, device)
+    return host_to_device(check_int_list("frame_counts", frame_counts, int64=True), torch.int64, device)
 
 
-def _check_plan(plan_src, plan_weight, device: torch.device) -> None:
-    check_tensor("plan_src", plan_src, ndim=2, dtypes=(torch.int64,), device=device)
-    if plan_src.shape[1] != 2:
-        raise ValueError(f"plan_src must have shape [N', 2], got {tuple(plan_src.shape)}")
-    check_tensor("plan_weight", plan_weight, ndim=1, dtypes=(torch.float32,), device=device)
-    if plan_weight.shape[0] != plan_src.shape[0]:
-        raise ValueError(
-            f"plan_weight must have shape [{plan_src.shape[0]}] (one weight per row of plan_src), "
-            f"got {tuple(plan_weight.shape)}"
-        )
-
-
-def _check_extra(name: str, t, n_frames: int, device: torch.device) -> torch.Tensor:
+def _check_frames_tensor(name: str, t, n_frames: int, device: torch.device) -> torch.Tensor:
+    """A tensor merged with the plan of ``n_frames`` frames: named here, since the op calls it x."""
     check_tensor(name, t, dtypes=APPLY_DTYPES, device=device)
     if t.dim() < 1 or t.shape[0] != n_frames:
-        raise ValueError(f"{name} must have leading dim N = {n_frames} (one entry per frame of x), got shape {tuple(t.shape)}")
+        raise ValueError(
+            f"{name} must have leading dim N = {n_frames} (one entry per frame of x), got shape {tuple(t.shape)}"
+        )
     return t
 
 
-def _normalize_extras(extras, n_frames: int, device: torch.device):
+def _merge_extras(extras, n_frames: int, device: torch.device, plan_src: torch.Tensor, plan_weight: torch.Tensor):
+    """``extras`` (None, a tensor or a tuple/list of tensors) merged with the plan, same structure."""
     if extras is None:
         return None
     if isinstance(extras, torch.Tensor):
-        return _check_extra("extras", extras, n_frames, device)
-    if isinstance(extras, (tuple, list)):
-        for i, t in enumerate(extras):
-            _check_extra(f"extras[{i}]", t, n_frames, device)
-        return extras
-    raise TypeError(f"extras must be None, a tensor or a tuple/list of tensors, got {type(extras).__name__}")
+        return _apply(_check_frames_tensor("extras", extras, n_frames, device), plan_src, plan_weight)
+    if not isinstance(extras, (tuple, list)):
+        raise TypeError(f"extras must be None, a tensor or a tuple/list of tensors, got {type(extras).__name__}")
+    for i, t in enumerate(extras):
+        _check_frames_tensor(f"extras[{i}]", t, n_frames, device)
+    return type(extras)(_apply(t, plan_src, plan_weight) for t in extras)
 
 
 def _apply(t: torch.Tensor, plan_src: torch.Tensor, plan_weight: torch.Tensor) -> torch.Tensor:
@@ -191,19 +179,14 @@ def merge_frames(x: torch.Tensor, frame_counts, cfg: EarlyTomConfig, extras: Ext
     """
     _ext.require()
     cfg = _check_cfg(cfg)
-    x = _check_x(x)
-    counts = _counts(frame_counts, x.shape[0], x.device)
-    extras = _normalize_extras(extras, x.shape[0], x.device)
+    check_tensor("x", x)
+    counts = _counts(frame_counts, x.device)
     with torch.no_grad():
         out, out_counts, plan_src, plan_weight, segments, segment_counts = torch.ops.earlytom.merge_frames(
             x, counts, float(cfg.tau), int(cfg.max_window), float(cfg.ema), bool(cfg.keep_last_interior)
         )
-        if extras is None:
-            merged = None
-        elif isinstance(extras, torch.Tensor):
-            merged = _apply(extras, plan_src, plan_weight)
-        else:
-            merged = type(extras)(_apply(t, plan_src, plan_weight) for t in extras)
+        # extras are checked once x is known good (their leading dim must be x's N).
+        merged = _merge_extras(extras, x.shape[0], x.device, plan_src, plan_weight)
     return MergeResult(out, merged, out_counts, segments, segment_counts, plan_src, plan_weight)
 
 
@@ -216,17 +199,16 @@ def apply_merge_plan(t: torch.Tensor, plan_src: torch.Tensor, plan_weight: torch
     not checked (that would cost a host sync): an out-of-range index gives a NaN row.
     """
     _ext.require()
-    check_tensor("t", t, dtypes=APPLY_DTYPES)
+    check_tensor("t", t, dtypes=APPLY_DTYPES)  # the op would call it x
     if t.dim() < 1:
         raise ValueError("t must have a leading frame dimension, got a 0-d tensor")
-    _check_plan(plan_src, plan_weight, t.device)
-    if t.device.type == "cpu" and plan_src.numel():  # free on the CPU; a GPU would have to sync
-        lo, hi = int(plan_src.min()), int(plan_src.max())
-        if lo < 0 or hi >= t.shape[0]:
-            raise ValueError(f"plan_src must hold frame indices in [0, {t.shape[0]}) (t's leading dim), got values in [{lo}, {hi}]")
-        check_finite("plan_weight", plan_weight)
+    check_tensor("plan_src", plan_src)
+    check_tensor("plan_weight", plan_weight)
     with torch.no_grad():
-        return _apply(t, plan_src, plan_weight)
+        out = _apply(t, plan_src, plan_weight)  # checks the plan (and its indices on the CPU)
+    if t.device.type == "cpu":  # free on the CPU; a GPU would have to sync
+        check_finite("plan_weight", plan_weight)
+    return out
 
 
 def segment_frames(x: torch.Tensor, frame_counts, cfg: EarlyTomConfig) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -234,8 +216,8 @@ def segment_frames(x: torch.Tensor, frame_counts, cfg: EarlyTomConfig) -> Tuple[
     int64 on ``x.device``, inclusive global frame indices."""
     _ext.require()
     cfg = _check_cfg(cfg)
-    x = _check_x(x)
-    counts = _counts(frame_counts, x.shape[0], x.device)
+    check_tensor("x", x)
+    counts = _counts(frame_counts, x.device)
     with torch.no_grad():
         return torch.ops.earlytom.segment_frames(x, counts, float(cfg.tau), int(cfg.max_window), float(cfg.ema))
 
@@ -245,8 +227,9 @@ def segments_per_video(segments: torch.Tensor, segment_counts, frame_counts) -> 
 
     ``segments`` is an integer ``[K, 2]`` tensor or a list of ``(start, end)`` int pairs;
     ``segment_counts`` and ``frame_counts`` are ``[B]`` (int tensors or lists of ints), every
-    count >= 1. One host copy.
+    count >= 1. One host copy (of the GPU tensors among the three, together).
     """
+    segments, segment_counts, frame_counts = to_host(segments, segment_counts, frame_counts)
     segs = check_int_pairs("segments", segments)
     sc = check_int_list("segment_counts", segment_counts)
     fc = check_int_list("frame_counts", frame_counts)

@@ -6,6 +6,11 @@ selection (``select_tokens``, ``torch.ops.earlytom.select_tokens``).
 ``adjusted_ratio`` / ``dynamic_keep`` / ``static_windows``). ``select_tokens`` then runs one fused
 op over all frames of all videos; the output size is known on the host, so the op never waits on
 the device.
+
+Shapes, dtypes and devices are checked by the compiled op (``csrc/ops/select_tokens.cpp``); the
+wrapper turns the plan into the op's tensors. The values of ``frame_keep`` are checked by the CPU
+op; on a GPU the op trusts them (checking there would cost a host sync), so the wrapper checks
+host-side values itself (a list, or a CPU tensor) and leaves GPU tensors unread.
 """
 from __future__ import annotations
 
@@ -16,8 +21,17 @@ import torch
 
 from .. import _ext
 from .. import reference as _ref
-from .._validation import (FLOAT_DTYPES, check_int, check_int_list, check_int_pairs, check_ratio, check_tensor,
-                           host_to_device)
+from .._validation import (
+    FLOAT_DTYPES,
+    check_int,
+    check_int_list,
+    check_int_pairs,
+    check_int_tensor,
+    check_ratio,
+    check_same_device,
+    check_tensor,
+    host_to_device,
+)
 
 __all__ = ["Stage2Plan", "stage2_plan", "select_tokens"]
 
@@ -141,23 +155,37 @@ def stage2_plan(segments_per_video: Sequence, frames_before: Sequence[int],
     return Stage2Plan(frame_keep, frame_static, sum(tokens_per_video), ratios, tokens_per_video)
 
 
-def _check_plan(plan, n_frames: int, P: int) -> Tuple[List[int], List[bool], int]:
+def _plan_tensors(plan, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor, int, Optional[List[int]]]:
+    """``(frame_keep int64, frame_static bool, num_out, host frame_keep or None)`` for the op.
+
+    Lists and CPU tensors are read on the host and copied to ``device`` without waiting on the
+    stream; tensors on a GPU are passed on (dtype converted on their device), never read here.
+    """
     for field in ("frame_keep", "frame_static", "num_out"):
         if not hasattr(plan, field):
             raise TypeError(f"plan must be a Stage2Plan (from stage2_plan), got {type(plan).__name__} without .{field}")
-    keep = check_int_list("plan.frame_keep", plan.frame_keep, shape="[N']")
-    static = _check_bools("plan.frame_static", plan.frame_static)
-    num_out = check_int("plan.num_out", plan.num_out)
-    if len(keep) != n_frames or len(static) != n_frames:
-        raise ValueError(f"plan must describe every merged frame: feats has {n_frames} frames, plan.frame_keep "
-                         f"has {len(keep)} and plan.frame_static {len(static)}")
-    bad = [(f, k) for f, k in enumerate(keep) if not 1 <= k <= P]
-    if bad:
-        f, k = bad[0]
-        raise ValueError(f"plan.frame_keep[{f}] must be in [1, P = {P}], got {k}")
+    keep, static = plan.frame_keep, plan.frame_static
+    host_keep = None
+    if isinstance(keep, torch.Tensor) and keep.device.type != "cpu":
+        keep = check_int_tensor("plan.frame_keep", keep).to(torch.int64)
+    else:
+        host_keep = check_int_list("plan.frame_keep", keep, shape="[N']", int64=True)
+        keep = host_to_device(host_keep, torch.int64, device)
+    if isinstance(static, torch.Tensor) and static.device.type != "cpu":
+        if static.dtype != torch.bool:
+            raise TypeError(f"plan.frame_static must hold bools, got dtype {static.dtype}")
+    else:
+        static = host_to_device(_check_bools("plan.frame_static", static), torch.bool, device)
+    return keep, static, check_int("plan.num_out", plan.num_out), host_keep
+
+
+def _check_keep_values(keep: List[int], P: int, num_out: int) -> None:
+    """The CPU op's checks of frame_keep's values, for the GPU op, which cannot read them for free."""
+    for f, k in enumerate(keep):
+        if not 1 <= k <= P:
+            raise ValueError(f"select_tokens: frame_keep[{f}] must be in [1, {P}] (P positions per frame), got {k}")
     if num_out != sum(keep):
-        raise ValueError(f"plan.num_out must equal sum(plan.frame_keep) = {sum(keep)}, got {num_out}")
-    return keep, static, num_out
+        raise ValueError(f"select_tokens: num_out must equal sum(frame_keep) = {sum(keep)}, got {num_out}")
 
 
 def _check_bools(name: str, v) -> List[bool]:
@@ -191,8 +219,10 @@ def select_tokens(feats: torch.Tensor, scores: torch.Tensor, plan: Stage2Plan, *
         feats: ``[N', P, C]`` pooled features (float32/float16/bfloat16, any strides).
         scores: ``[N', P]`` token scores (float32; float16/bfloat16 are upcast).
         plan: ``stage2_plan(...)`` for these frames (``len(plan.frame_keep) == N'``); its
-            ``frame_keep`` must hold ints in ``[1, P]`` and ``frame_static`` bools (lists, NumPy
-            arrays or 1-D tensors).
+            ``frame_keep`` must hold ints in ``[1, P]`` summing to ``num_out`` and
+            ``frame_static`` bools (lists, NumPy arrays or 1-D tensors). Host values are checked;
+            a ``frame_keep`` tensor already on the GPU is not (that would cost a host sync): the
+            kernels stay in bounds whatever it holds, but the result is then unspecified.
         check_nan: reject NaN scores with a ValueError. Default: on CPU tensors only, because on
             a GPU the check costs a host sync (the kernel itself ranks NaN above every number,
             as ``torch.sort`` does).
@@ -204,31 +234,29 @@ def select_tokens(feats: torch.Tensor, scores: torch.Tensor, plan: Stage2Plan, *
         top-1 of each of the n windows).
     """
     _ext.require()
-    check_tensor("feats", feats, ndim=3, dtypes=FLOAT_DTYPES)
-    check_tensor("scores", scores, ndim=2, dtypes=FLOAT_DTYPES, device=feats.device)
-    N, P, _ = feats.shape
-    if P < 1:
-        raise ValueError(f"feats must have P >= 1 positions per frame [N', P, C], got shape {tuple(feats.shape)}")
-    if tuple(scores.shape) != (N, P):
-        raise ValueError(f"scores must have shape [{N}, {P}] (feats' first two dims), got {tuple(scores.shape)}")
-    keep, static, num_out = _check_plan(plan, N, P)
-    if feats.device.type == "cuda" and P > 8192:
-        raise ValueError(f"select_tokens on CUDA supports at most 8192 positions per frame, got P = {P}")
+    check_tensor("feats", feats)
+    check_tensor("scores", scores, dtypes=FLOAT_DTYPES)  # the op takes float32 only: 16-bit upcast here
     if scores.dtype != torch.float32:
         scores = scores.float()
+    frame_keep, frame_static, num_out, host_keep = _plan_tensors(plan, feats.device)
     if check_nan is None:
         check_nan = scores.device.type == "cpu"
     if check_nan and scores.numel() and bool(torch.isnan(scores).any()):
         raise ValueError("scores contains NaN values")
-    frame_keep = host_to_device(keep, torch.int64, feats.device)
-    frame_static = host_to_device(static, torch.bool, feats.device)
-    return torch.ops.earlytom.select_tokens(feats, scores, frame_keep, frame_static, num_out)
+    out = torch.ops.earlytom.select_tokens(feats, scores, frame_keep, frame_static, num_out)
+    if host_keep is not None and feats.device.type != "cpu":
+        # After the op's own checks (so they come first, as on the CPU); the kernels stay in
+        # bounds whatever frame_keep holds, and nothing is returned when this raises.
+        _check_keep_values(host_keep, feats.shape[1], num_out)
+    return out
 
 
 if _ext.available():
 
     @torch.library.register_fake("earlytom::select_tokens")
     def _select_tokens_fake(feats, scores, frame_keep, frame_static, num_out):
+        check_same_device("select_tokens", "feats", feats, scores=scores, frame_keep=frame_keep,
+                          frame_static=frame_static)
         torch._check(feats.dim() == 3, lambda: f"feats must be [N, P, C], got {tuple(feats.shape)}")
         torch._check(scores.dim() == 2, lambda: f"scores must be [N, P], got {tuple(scores.shape)}")
         torch._check(num_out >= 0, lambda: f"num_out must be >= 0, got {num_out}")

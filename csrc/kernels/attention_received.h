@@ -30,7 +30,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
+
+#include "common.h"
 
 namespace earlytom {
 namespace attn_recv {
@@ -93,7 +94,6 @@ inline void cpu_head_colsum(const float* q, const float* kT, int64_t S, int64_t 
 // CUDA problem description and launcher (declared for every compiler, defined under nvcc)
 // ---------------------------------------------------------------------------------------------
 
-enum class DType { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 enum class Path { kAuto = 0, kSimt = 1 };
 
 // q, k: element (n, h, s, c) at ptr[n * sn + h * sh + s * ss + c] (element strides; the last
@@ -123,9 +123,6 @@ inline int64_t workspace_floats(int64_t N, int64_t H, int64_t S) {
 }  // namespace earlytom
 
 #if defined(__CUDACC__)
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
 
 namespace earlytom {
 namespace attn_recv {
@@ -135,10 +132,6 @@ constexpr float kLog2e = 1.4426950408889634f;
 // ---------------------------------------------------------------------------------------------
 // Small device helpers
 // ---------------------------------------------------------------------------------------------
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
 
 __device__ __forceinline__ float quad_max(float v) {
   v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
@@ -425,7 +418,7 @@ __device__ __forceinline__ void simt_load_chunk(float (*dst)[ROWS + 1], const T*
   for (int i = threadIdx.x; i < ROWS * kSimtDC; i += kSimtThreads) {
     const int r = i / kSimtDC, c = i - (i / kSimtDC) * kSimtDC;
     const int row = row0 + r, col = c0 + c;
-    dst[c][r] = (row < S && col < D) ? to_float(base[int64_t(row) * ss + col]) : 0.f;
+    dst[c][r] = (row < S && col < D) ? to_acc(base[int64_t(row) * ss + col]) : 0.f;
   }
 }
 
@@ -558,15 +551,13 @@ inline cudaError_t launch_mma(const KernelArgs& pass1, const KernelArgs& pass2, 
   const size_t smem = Cfg::smem_bytes;
   auto k1 = mma_pass_kernel<KS, BF16, kModeLse>;
   auto k2 = mma_pass_kernel<KS, BF16, kModeColsum>;
-  if (smem > 48 * 1024) {
-    cudaError_t e = cudaFuncSetAttribute(k1, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-    if (e != cudaSuccess) return e;
-    e = cudaFuncSetAttribute(k2, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-    if (e != cudaSuccess) return e;
-  }
+  cudaError_t e = set_max_dynamic_smem(reinterpret_cast<const void*>(k1), smem);
+  if (e != cudaSuccess) return e;
+  e = set_max_dynamic_smem(reinterpret_cast<const void*>(k2), smem);
+  if (e != cudaSuccess) return e;
   const int64_t blocks = NH * ((pass1.S + Cfg::BM - 1) / Cfg::BM);
   k1<<<dim3(static_cast<unsigned>(blocks)), kMmaThreads, smem, stream>>>(pass1);
-  cudaError_t e = cudaGetLastError();
+  e = cudaGetLastError();
   if (e != cudaSuccess) return e;
   k2<<<dim3(static_cast<unsigned>(blocks)), kMmaThreads, smem, stream>>>(pass2);
   return cudaGetLastError();
@@ -646,7 +637,7 @@ inline bool uses_tensor_cores(const Problem& p, Path path = Path::kAuto) {
 // fp32. Returns the first CUDA error (launch errors only: kernels run asynchronously).
 inline cudaError_t launch(const Problem& p, float* workspace, float* out, cudaStream_t stream,
                           Path path = Path::kAuto) {
-  if (p.N < 0 || p.H <= 0 || p.S < 0 || p.D <= 0) return cudaErrorInvalidValue;
+  if (p.N < 0 || p.H <= 0 || p.S < 0 || p.D <= 0 || p.dtype == DType::kFloat64) return cudaErrorInvalidValue;
   if (p.N == 0 || p.S == 0) return cudaSuccess;
   const int64_t NH = p.N * p.H;
   const int64_t ls = lse_row_stride(p.S);
@@ -672,11 +663,7 @@ inline cudaError_t launch(const Problem& p, float* workspace, float* out, cudaSt
     e = p.dtype == DType::kBFloat16 ? launch_mma_dispatch<true>(ks, p1, p2, NH, stream)
                                     : launch_mma_dispatch<false>(ks, p1, p2, NH, stream);
   } else {
-    switch (p.dtype) {
-      case DType::kFloat32: e = launch_simt<float>(p1, p2, NH, stream); break;
-      case DType::kFloat16: e = launch_simt<__half>(p1, p2, NH, stream); break;
-      case DType::kBFloat16: e = launch_simt<__nv_bfloat16>(p1, p2, NH, stream); break;
-    }
+    e = dispatch_dtype(p.dtype, [&](auto t) { return launch_simt<decltype(t)>(p1, p2, NH, stream); });
   }
   if (e != cudaSuccess) return e;
   const int threads = 256;

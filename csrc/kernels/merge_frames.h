@@ -47,14 +47,7 @@
 #include <cstddef>
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-#define ET_MRG_HD __host__ __device__ __forceinline__
-#else
-#define ET_MRG_HD inline
-#endif
+#include "common.h"
 
 namespace earlytom {
 namespace merge {
@@ -94,7 +87,7 @@ struct WalkConfig {
 };
 
 // Exactly rounded double ops: the EMA must round like Python's floats (no FMA contraction).
-ET_MRG_HD double dmul_rn(double a, double b) {
+EARLYTOM_HD double dmul_rn(double a, double b) {
 #if defined(__CUDA_ARCH__)
   return __dmul_rn(a, b);
 #else
@@ -103,7 +96,7 @@ ET_MRG_HD double dmul_rn(double a, double b) {
 #endif
 }
 
-ET_MRG_HD double dadd_rn(double a, double b) {
+EARLYTOM_HD double dadd_rn(double a, double b) {
 #if defined(__CUDA_ARCH__)
   return __dadd_rn(a, b);
 #else
@@ -113,11 +106,11 @@ ET_MRG_HD double dadd_rn(double a, double b) {
 }
 
 // sim(a, b) of local frames a < b (b - a <= kb) of the video starting at global frame t0.
-ET_MRG_HD float band_sim(const float* band, int64_t kb, int64_t t0, int64_t a, int64_t b) {
+EARLYTOM_HD float band_sim(const float* band, int64_t kb, int64_t t0, int64_t a, int64_t b) {
   return band[(t0 + b) * kb + (b - a - 1)];
 }
 
-ET_MRG_HD void put_plan(int64_t* src, float* w, int64_t& n, int64_t g0, int64_t g1, float wt) {
+EARLYTOM_HD void put_plan(int64_t* src, float* w, int64_t& n, int64_t g0, int64_t g1, float wt) {
   src[2 * n] = g0;
   src[2 * n + 1] = g1;
   w[n] = wt;
@@ -127,7 +120,7 @@ ET_MRG_HD void put_plan(int64_t* src, float* w, int64_t& n, int64_t g0, int64_t 
 // Plan entries of segment [s, e] (local indices) appended at src/w[n...] with global indices.
 // Mirrors reference.merge_plan / _interior_plan: comparisons on the fp32 similarities, the
 // weight sigma_j / (sigma_j + sigma_{j+1}) in double (0.5 when the sum is 0), stored as fp32.
-ET_MRG_HD void plan_segment(const float* band, int64_t kb, int64_t t0, int64_t s, int64_t e,
+EARLYTOM_HD void plan_segment(const float* band, int64_t kb, int64_t t0, int64_t s, int64_t e,
                             bool keep_last_interior, int64_t* src, float* w, int64_t& n) {
   if (e - s + 1 <= 2) {
     for (int64_t i = s; i <= e; ++i) put_plan(src, w, n, t0 + i, t0 + i, 1.0f);
@@ -175,7 +168,7 @@ ET_MRG_HD void plan_segment(const float* band, int64_t kb, int64_t t0, int64_t s
 // Walks one video of T frames starting at global frame t0. Writes its segments (global,
 // inclusive) to seg[0..2*n_seg) and, when plan_src is not null, its plan to plan_src[0..2*n_out)
 // / plan_w[0..n_out). Both counts are <= T.
-ET_MRG_HD void walk_video(const float* band, int64_t kb, int64_t t0, int64_t T, const WalkConfig& cfg,
+EARLYTOM_HD void walk_video(const float* band, int64_t kb, int64_t t0, int64_t T, const WalkConfig& cfg,
                           int64_t* seg, int64_t* plan_src, float* plan_w, int64_t* n_seg, int64_t* n_out) {
   int64_t ns = 0, no = 0, start = 0;
   const double keep = 1.0 - cfg.ema;
@@ -201,7 +194,7 @@ ET_MRG_HD void walk_video(const float* band, int64_t kb, int64_t t0, int64_t T, 
 }
 
 // Band width for N frames in all and a window of M frames.
-ET_MRG_HD int64_t band_width(int64_t N, int64_t max_window) {
+EARLYTOM_HD int64_t band_width(int64_t N, int64_t max_window) {
   const int64_t a = max_window - 1, b = N - 1;
   return a < b ? a : b;
 }
@@ -209,52 +202,8 @@ ET_MRG_HD int64_t band_width(int64_t N, int64_t max_window) {
 #if defined(__CUDACC__)
 
 // ---------------------------------------------------------------------------------------------
-// Device helpers
+// Device helpers (packs, conversions, NaN tests and the block scan: common.h)
 // ---------------------------------------------------------------------------------------------
-template <typename T, int VEC>
-struct alignas(sizeof(T) * VEC) Pack {
-  T v[VEC];
-};
-
-template <typename T>
-struct AccOf {
-  using type = float;
-};
-template <>
-struct AccOf<double> {
-  using type = double;
-};
-
-__device__ __forceinline__ float to_acc(float v) { return v; }
-__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ double to_acc(double v) { return v; }
-
-template <typename T>
-__device__ __forceinline__ T from_acc(typename AccOf<T>::type v);
-template <>
-__device__ __forceinline__ float from_acc<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_acc<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-template <>
-__device__ __forceinline__ double from_acc<double>(double v) { return v; }
-
-// NaN/Inf tests on the bit patterns (fast-math cannot fold them away).
-__device__ __forceinline__ bool nonfinite(float v) { return (__float_as_uint(v) & 0x7f800000u) == 0x7f800000u; }
-__device__ __forceinline__ bool nonfinite(__half v) { return (__half_as_ushort(v) & 0x7c00u) == 0x7c00u; }
-__device__ __forceinline__ bool nonfinite(__nv_bfloat16 v) {
-  return (__bfloat16_as_ushort(v) & 0x7f80u) == 0x7f80u;
-}
-
-template <typename T, int VEC>
-__device__ __forceinline__ Pack<T, VEC> zero_pack() {
-  Pack<T, VEC> p;
-#pragma unroll
-  for (int i = 0; i < VEC; ++i) p.v[i] = from_acc<T>(0.0f);
-  return p;
-}
 
 // Merge arithmetic without FMA contraction: w*a + (1-w)*b rounds like the reference's
 // separate torch multiplications and addition.
@@ -280,42 +229,6 @@ __device__ __forceinline__ float cosine(float dot, float sumsq_a, float sumsq_b)
   const float na = fmaxf(__fsqrt_rn(sumsq_a), kNormEps);
   const float nb = fmaxf(__fsqrt_rn(sumsq_b), kNormEps);
   return __fdiv_rn(dot, __fmul_rn(na, nb));
-}
-
-// Exclusive scan of in[0..n) into out[0..n) by the whole block (blockDim.x == kScanThreads);
-// returns the total (to every thread). `sh` is shared scratch of >= 32 int64.
-__device__ inline int64_t block_exclusive_scan(const int64_t* in, int64_t* out, int64_t n, int64_t* sh) {
-  const int lane = threadIdx.x & 31;
-  const int warp = threadIdx.x >> 5;
-  constexpr int nwarps = kScanThreads / 32;
-  int64_t carry = 0;
-  for (int64_t base = 0; base < n; base += kScanThreads) {
-    const int64_t i = base + threadIdx.x;
-    const int64_t v = i < n ? in[i] : 0;
-    int64_t x = v;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-      const int64_t y = __shfl_up_sync(0xffffffffu, x, o);
-      if (lane >= o) x += y;
-    }
-    if (lane == 31) sh[warp] = x;
-    __syncthreads();
-    if (warp == 0) {
-      int64_t ws = lane < nwarps ? sh[lane] : 0;
-#pragma unroll
-      for (int o = 1; o < 32; o <<= 1) {
-        const int64_t y = __shfl_up_sync(0xffffffffu, ws, o);
-        if (lane >= o) ws += y;
-      }
-      if (lane < nwarps) sh[lane] = ws;
-    }
-    __syncthreads();
-    const int64_t before = warp > 0 ? sh[warp - 1] : 0;
-    if (i < n) out[i] = carry + before + x - v;
-    carry += sh[nwarps - 1];
-    __syncthreads();  // sh is rewritten by the next chunk
-  }
-  return carry;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -393,7 +306,7 @@ __global__ void __launch_bounds__(kScanThreads) prep_kernel(PrepParams p) {
     if (c < 1) atomicOr(&bad_count, 1u);
     if (c > p.N) atomicOr(&bad_count, 2u);  // huge counts could wrap the sum back to N
   }
-  const int64_t total = block_exclusive_scan(p.counts, p.offsets, p.B, sh);
+  const int64_t total = block_exclusive_scan<kScanThreads>(p.counts, p.offsets, p.B, sh);
   if (threadIdx.x == 0) {
     p.offsets[p.B] = total;
     unsigned long long f = 0;
@@ -692,8 +605,8 @@ __global__ void __launch_bounds__(kScanThreads) walk_kernel(WalkParams p) {
     if (p.with_plan) p.out_counts[b] = no;
   }
   __syncthreads();
-  const int64_t K = block_exclusive_scan(p.seg_counts, p.seg_off, p.B, sh);
-  const int64_t NO = p.with_plan ? block_exclusive_scan(p.out_counts, p.out_off, p.B, sh) : 0;
+  const int64_t K = block_exclusive_scan<kScanThreads>(p.seg_counts, p.seg_off, p.B, sh);
+  const int64_t NO = p.with_plan ? block_exclusive_scan<kScanThreads>(p.out_counts, p.out_off, p.B, sh) : 0;
   for (int64_t b = threadIdx.x; b < p.B; b += blockDim.x) {
     const int64_t t0 = p.offsets[b];
     const int64_t so = p.seg_off[b], ns = p.seg_counts[b];
@@ -852,11 +765,6 @@ struct Stage1Args {
   unsigned long long* status;   // [4] out: N', K, flags
 };
 
-inline cudaError_t set_smem(const void* fn, size_t bytes) {
-  if (bytes <= 48 * 1024) return cudaSuccess;
-  return cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
-}
-
 // Layout for Stage1Args `a` (the caller allocates from it).
 template <typename T>
 inline Stage1Layout stage1_layout_for(const Stage1Args& a, bool force_direct = false) {
@@ -893,7 +801,7 @@ inline cudaError_t launch_band(const Stage1Args& a, const Stage1Layout& L, cudaS
   // The ring kernel always runs: with kr == 0 it only checks the values (NaN/Inf).
   {
     auto fn = band_ring_kernel<T, VEC>;
-    err = set_smem(reinterpret_cast<const void*>(fn), L.ring_smem);
+    err = set_max_dynamic_smem(reinterpret_cast<const void*>(fn), L.ring_smem);
     if (err != cudaSuccess) return err;
     const unsigned gy = static_cast<unsigned>(L.ntiles < 65535 ? L.ntiles : 65535);
     fn<<<dim3(static_cast<unsigned>(L.npb), gy), kBandWarps * 32, L.ring_smem, stream>>>(bp);

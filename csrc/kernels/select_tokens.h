@@ -23,13 +23,8 @@
 #pragma once
 
 #include <cstdint>
-#include <cstring>
 
-#if defined(__CUDACC__)
-#define ET_SEL_HD __host__ __device__ __forceinline__
-#else
-#define ET_SEL_HD inline
-#endif
+#include "common.h"
 
 namespace earlytom {
 namespace select {
@@ -45,14 +40,8 @@ constexpr int kScanThreads = 1024;
 
 // Order-preserving key of a score: a > b (as floats) <=> key(a) > key(b); -0.0 == +0.0; every NaN
 // gets the largest key (above +inf).
-ET_SEL_HD uint32_t score_key(float x) {
-  uint32_t u;
-#if defined(__CUDA_ARCH__)
-  u = __float_as_uint(x);
-#else
-  std::memcpy(&u, &x, sizeof(u));
-#endif
-  // Integer tests only, so fast-math flags cannot fold them away.
+EARLYTOM_HD uint32_t score_key(float x) {
+  uint32_t u = float_bits(x);  // integer tests only: fast-math cannot fold them away
   const uint32_t mag = u & 0x7FFFFFFFu;
   if (mag > 0x7F800000u) return 0xFFFFFFFFu;  // NaN
   if (mag == 0u) u = 0u;             // -0.0 -> +0.0
@@ -62,12 +51,12 @@ ET_SEL_HD uint32_t score_key(float x) {
 }
 
 // True when position j outranks position i: (key desc, index asc).
-ET_SEL_HD bool outranks(uint32_t kj, int j, uint32_t ki, int i) {
+EARLYTOM_HD bool outranks(uint32_t kj, int j, uint32_t ki, int i) {
   return kj > ki || (kj == ki && j < i);
 }
 
 // Window w of P positions split into n contiguous windows, the first P mod n one longer.
-ET_SEL_HD void window_bounds(int P, int n, int w, int* start, int* stop) {
+EARLYTOM_HD void window_bounds(int P, int n, int w, int* start, int* stop) {
   const int base = P / n;
   const int rem = P % n;
   const int s = w * base + (w < rem ? w : rem);
@@ -76,7 +65,7 @@ ET_SEL_HD void window_bounds(int P, int n, int w, int* start, int* stop) {
 }
 
 // Argmax of keys[start..stop) (lowest index on ties).
-ET_SEL_HD int window_argmax(const uint32_t* keys, int start, int stop) {
+EARLYTOM_HD int window_argmax(const uint32_t* keys, int start, int stop) {
   int best = start;
   uint32_t bk = keys[start];
   for (int i = start + 1; i < stop; ++i) {
@@ -127,39 +116,10 @@ inline int gather_vector_bytes(const GatherParams& g) {
 #if defined(__CUDACC__)
 
 // Exclusive prefix sum of frame_keep into offsets, one block (used only for very many frames).
-static __global__ void exclusive_scan_kernel(const int64_t* __restrict__ in, int64_t* __restrict__ out, int64_t n) {
-  __shared__ int64_t warp_sums[kScanThreads / 32];
-  __shared__ int64_t carry_s;
-  const int tid = threadIdx.x;
-  const int lane = tid & 31;
-  const int warp = tid >> 5;
-  const int nwarps = blockDim.x >> 5;
-  if (tid == 0) carry_s = 0;
-  __syncthreads();
-  for (int64_t base = 0; base < n; base += blockDim.x) {
-    const int64_t i = base + tid;
-    const int64_t v = i < n ? in[i] : 0;
-    // Inclusive warp scan.
-    int64_t x = v;
-#pragma unroll
-    for (int d = 1; d < 32; d <<= 1) {
-      const int64_t y = __shfl_up_sync(0xffffffffu, x, d);
-      if (lane >= d) x += y;
-    }
-    if (lane == 31) warp_sums[warp] = x;
-    __syncthreads();
-    int64_t before = carry_s;
-    int64_t total = carry_s;
-    for (int w = 0; w < nwarps; ++w) {
-      const int64_t s = warp_sums[w];
-      if (w < warp) before += s;
-      total += s;
-    }
-    if (i < n) out[i] = before + x - v;
-    __syncthreads();  // everyone has read warp_sums and carry_s
-    if (tid == 0) carry_s = total;
-    __syncthreads();
-  }
+static __global__ void __launch_bounds__(kScanThreads)
+    exclusive_scan_kernel(const int64_t* __restrict__ in, int64_t* __restrict__ out, int64_t n) {
+  __shared__ int64_t sh[kScanThreads / 32];
+  block_exclusive_scan<kScanThreads>(in, out, n, sh);
 }
 
 // One block per frame: writes index rows (frame, position) of the frame's kept tokens.
@@ -167,7 +127,7 @@ static __global__ void exclusive_scan_kernel(const int64_t* __restrict__ in, int
 static __global__ void select_index_kernel(SelectIndexParams p) {
   extern __shared__ uint32_t keys[];
   __shared__ int64_t red_s[kSelectThreads / 32];
-  __shared__ int warp_cnt[kSelectThreads / 32];
+  __shared__ int64_t scan_s[kSelectThreads / 32];
 
   const int64_t f = blockIdx.x;
   const int tid = threadIdx.x;
@@ -231,8 +191,8 @@ static __global__ void select_index_kernel(SelectIndexParams p) {
   }
 
   // Dynamic frame: rank by counting, then a block scan of the kept flags (raster order).
-  int carry = 0;
-  for (int base = 0; base < P; base += blockDim.x) {
+  int64_t carry = 0;
+  for (int base = 0; base < P; base += kSelectThreads) {
     const int i = base + tid;
     bool kept = false;
     if (i < P) {
@@ -244,26 +204,16 @@ static __global__ void select_index_kernel(SelectIndexParams p) {
       }
       kept = cnt < keep;
     }
-    const unsigned ballot = __ballot_sync(0xffffffffu, kept);
-    const int lane_prefix = __popc(ballot & ((1u << lane) - 1u));
-    if (lane == 0) warp_cnt[warp] = __popc(ballot);
-    __syncthreads();
-    int before = carry;
-    int total = carry;
-    for (int w = 0; w < nwarps; ++w) {
-      const int c = warp_cnt[w];
-      if (w < warp) before += c;
-      total += c;
-    }
+    int64_t chunk_kept;
+    const int64_t before = block_exclusive_scan<kSelectThreads>(kept ? 1 : 0, &chunk_kept, scan_s);
     if (kept) {
-      const int64_t row = off + before + lane_prefix;
+      const int64_t row = off + carry + before;
       if (row >= 0 && row < num_out) {
         index[2 * row] = f;
         index[2 * row + 1] = i;
       }
     }
-    carry = total;
-    __syncthreads();  // warp_cnt is rewritten by the next chunk
+    carry += chunk_kept;
   }
 }
 
