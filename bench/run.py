@@ -279,7 +279,7 @@ def main(argv=None) -> dict:
             free_memory(device)
         share = budget.share(weight, sum(w for _, w in selected[i:]))
         left = share.left()
-        log(f"section {name}" + (f" ({left:.0f} s)" if left is not None else ""))
+        log(f"section {name}" + (f" ({left:.0f} s)" if left is not None and weight > 0 else ""))
         try:
             results[result_key.get(name, name)] = section_fns[name](share)
         except Exception as e:

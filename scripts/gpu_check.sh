@@ -203,11 +203,19 @@ EOF
 stage_test() {
   ensure_ext || return 1
   local args=(python_tests -q -rs -p no:cacheprovider --junitxml="$WORK/logs/pytest.xml" --durations=10)
-  if "$PY" -c "import xdist" >/dev/null 2>&1; then args+=(-n "$PYTEST_WORKERS"); else
+  # (pytest-benchmark, when installed, warns once per xdist worker that it is disabled: off.)
+  if "$PY" -c "import xdist" >/dev/null 2>&1; then args+=(-n "$PYTEST_WORKERS" -p no:benchmark); else
     echo "pytest-xdist is missing: the tests run in one process"; fi
   if "$PY" -c "import pytest_timeout" >/dev/null 2>&1; then args+=(--timeout 240); fi
+  local rc
   # shellcheck disable=SC2086
   "$PY" -m pytest "${args[@]}" ${PYTEST_ARGS:-}
+  rc=$?
+  if [ "$rc" -eq 3 ]; then
+    echo "pytest stopped with an internal error (with -n: usually a worker that crashed, e.g. a segfault;"
+    echo "the 'Fatal Python error' traceback above names the test); the tests after it did not run"
+  fi
+  return "$rc"
 }
 
 stage_cuda() {
@@ -243,10 +251,14 @@ stage_sanitize() {
   out="$(mktemp)"
   declare -A took
   # memcheck on every program first (it must finish: a timeout is a failure); then the other
-  # tools on as many programs as fit, each predicted to take twice its memcheck run.
+  # tools on as many programs as fit, quickest memcheck first, each predicted to take twice its
+  # memcheck run (one that runs out of the slice is reported as unfinished, not as a finding).
   for tool in $SANITIZE_TOOLS; do
     local extra=()
     [ "$tool" = racecheck ] && extra=(--racecheck-report all)
+    if [ "$tool" != memcheck ] && [ "${#took[@]}" -gt 0 ]; then
+      mapfile -t bins < <(for b in "${bins[@]}"; do echo "${took[$(basename "$b")]:-999} $b"; done | sort -n | cut -d' ' -f2-)
+    fi
     local i=0
     for b in "${bins[@]}"; do
       name="$(basename "$b")"
@@ -276,6 +288,9 @@ stage_sanitize() {
       if grep -q "Device not supported" "$out"; then
         echo "--> $tool $name: refused by this GPU runtime"; refused=$((refused + 1))
       elif [ "$rc" -eq 0 ]; then echo "--> $tool $name: clean"; clean=$((clean + 1))
+      elif { [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; } && [ "$tool" != memcheck ]; then
+        echo "--> $tool $name: unfinished after ${limit}s (the stage's slice ran out; not verified)"
+        echo "sanitize: $tool $name unfinished (time, ${limit}s)" >>"$NOTES"; notrun=$((notrun + 1))
       elif [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
         echo "--> $tool $name: TIMEOUT after ${limit}s (not verified)"; fails=$((fails + 1))
       else echo "--> $tool $name: FAILED (rc $rc)"; fails=$((fails + 1))
@@ -283,7 +298,7 @@ stage_sanitize() {
     done
   done
   rm -f "$out"
-  echo "sanitizer runs: $clean clean, $fails failed or unfinished, $notrun not run (time), $refused refused"
+  echo "sanitizer runs: $clean clean, $fails failed, $notrun not run or unfinished (time), $refused refused"
   [ "$fails" -eq 0 ] || return 1
   if [ "$clean" -eq 0 ]; then echo "compute-sanitizer refused by this runtime"; return 77; fi
 }
