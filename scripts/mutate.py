@@ -160,6 +160,31 @@ def copy_repo(root: Path, dest: Path, files: list[str]) -> None:
         shutil.copymode(src, dst)
 
 
+MARKER = ".earlytom-mutate-scratch"
+
+
+def prepare_scratch(scratch: Path, files: list[str]) -> None:
+    """Make ``scratch`` usable: a new or empty directory, or one this script made before. In a
+    reused one, source files that are no longer in the repository (moved or deleted) are removed,
+    so that the build does not compile stale copies; build outputs are kept."""
+    scratch.mkdir(parents=True, exist_ok=True)
+    marker = scratch / MARKER
+    if not marker.exists():
+        if any(scratch.iterdir()):
+            raise SetupError(f"--scratch {scratch} is not empty and was not made by this script")
+        marker.write_text("scratch copy of scripts/mutate.py; safe to delete\n")
+        return
+    keep = set(files) | {MARKER}
+    for p in sorted(scratch.rglob("*"), reverse=True):
+        rel = p.relative_to(scratch).as_posix()
+        if rel.split("/")[0] == "build" or "__pycache__" in rel or ".egg-info" in rel or p.suffix in (".so", ".pyd"):
+            continue
+        if p.is_file() and rel not in keep:
+            p.unlink()
+        elif p.is_dir() and not any(p.iterdir()):
+            p.rmdir()
+
+
 def locate(m: Mutation, files: list[str], scratch: Path) -> str:
     """The one file among ``m.globs`` that holds ``m.find`` exactly once (else SetupError)."""
     candidates = [f for f in files if any(fnmatch.fnmatch(f, g) for g in m.globs)]
@@ -255,8 +280,8 @@ def main(argv: list[str] | None = None) -> int:
 
     keep = args.scratch is not None
     scratch = args.scratch.resolve() if keep else Path(tempfile.mkdtemp(prefix="earlytom-mutate-"))
-    scratch.mkdir(parents=True, exist_ok=True)
     try:
+        prepare_scratch(scratch, files)
         log(f"copying {len(files)} files to {scratch}")
         copy_repo(ROOT, scratch, files)
         # Locate every mutation before the (slow) build: a stale string fails at once.
