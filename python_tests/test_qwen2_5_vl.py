@@ -7,7 +7,6 @@ segmentation / Stage II from earlytom_ext.reference. Positions are checked again
 from the model's rope rules, and the uncompressed layout against the model's own get_rope_index.
 """
 import inspect
-import math
 import os
 import sys
 
@@ -20,13 +19,14 @@ transformers = pytest.importorskip("transformers")
 if not hasattr(transformers, "Qwen2_5_VLForConditionalGeneration"):
     pytest.skip("this transformers has no Qwen2_5_VLForConditionalGeneration", allow_module_level=True)
 
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration  # noqa: E402
+
 import earlytom_ext  # noqa: E402
-from earlytom_ext import EarlyTomConfig, reference as R  # noqa: E402
+from earlytom_ext import EarlyTomConfig  # noqa: E402
+from earlytom_ext import reference as R  # noqa: E402
 from earlytom_ext._ext import has_cuda_kernels  # noqa: E402
 from earlytom_ext.integration.adapters.qwen2_5_vl import QWEN2_5_VL_PRUNE_LAYERS, default_prune_layers  # noqa: E402
 from earlytom_ext.tiny_model import make_video  # noqa: E402
-
-from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration  # noqa: E402
 
 IMG, VID, VS, VE = 120, 121, 122, 123
 PATCH, TP, MS = 2, 2, 2
@@ -185,8 +185,8 @@ def reference_video(model, pix, grid_row, cfg):
         q, k, _ = attn.qkv(x).reshape(x.shape[0], 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
         q, k = rope(q, k, cos1.repeat(h.shape[0], 1), sin1.repeat(h.shape[0], 1))
         n = h.shape[0]
-        return (q.reshape(n, S, attn.num_heads, -1).transpose(1, 2), k.reshape(n, S, attn.num_heads, -1).transpose(1, 2),
-                attn.scaling)
+        heads = attn.num_heads
+        return (q.reshape(n, S, heads, -1).transpose(1, 2), k.reshape(n, S, heads, -1).transpose(1, 2), attn.scaling)
 
     layers = [(lambda h, i=i: layer(i, h)) for i in range(len(vis.blocks))]
     hidden, scores, refined, counts = R.run_encoder(hidden, layers, cfg, qk)
@@ -203,13 +203,6 @@ def reference_video(model, pix, grid_row, cfg):
 def _split_pixels(inputs):
     grids = inputs["video_grid_thw"].tolist()
     return list(torch.split(inputs["pixel_values_videos"], [t * h * w for t, h, w in grids])), grids
-
-
-def temporal_position(model, t, spgt):
-    """The temporal rotary position of group t, by each version's documented arithmetic."""
-    if v5_rope(model):
-        return int(t * (TPS * float(spgt)))  # 5.x: (t * tokens_per_second * second_per_grid_t).long()
-    return t * int(spgt) * TPS  # 4.57 casts second_per_grid_t to an integer first
 
 
 def _close(a, b, tol=1e-4):
@@ -341,52 +334,39 @@ def test_forced_segments_give_the_spec_count(model, videos):
 
 
 def test_positions_follow_the_original_grid(model, videos):
+    """Every kept token has the position the unpatched model gives its (first source group,
+    position) in the uncompressed prompt; text keeps its positions; padding and rope_deltas follow
+    the model's own rules (all read from the model's get_rope_index on the uncompressed prompt)."""
     inputs = make_inputs(model, videos, seed=8, spgt=(1.0, 1.5))
-    spgt = inputs["second_per_grid_ts"].tolist()
-    Hm = Wm = 3
     v5 = v5_rope(model)
+    kw = {"mm_token_type_ids": inputs["mm_token_type_ids"]} if v5 else {}
+    full_pos, full_delta = model.model.get_rope_index(
+        inputs["input_ids"], video_grid_thw=inputs["video_grid_thw"], second_per_grid_ts=inputs["second_per_grid_ts"],
+        attention_mask=inputs["attention_mask"], **kw)
     with earlytom_ext.apply(model, CFG) as h:
         prep, pos, delta = _positions(model, h, inputs)
         st = h.last_stats
-    mask = prep["attention_mask"]
-    ids = prep["input_ids"]
-    L2 = ids.shape[1]
+    mask, ids = prep["attention_mask"], prep["input_ids"]
+    L, L2 = inputs["input_ids"].shape[1], ids.shape[1]
+    P = 9
     for b in range(2):
-        real = mask[b].nonzero().flatten().tolist()
-        toks = ids[b, real].tolist()
-        start = toks.index(VID)
-        n = toks.count(VID)
-        expect = []
-        for i in range(start):
-            expect.append((i, i, i))
+        real_full = inputs["attention_mask"][b].nonzero().flatten().tolist()
+        full = [tuple(full_pos[:, b, c].tolist()) for c in real_full]
+        start = inputs["input_ids"][b, real_full].tolist().index(VID)
         sources = st["videos"][b]["frame_sources"]
-        for f, p in st["videos"][b]["kept"]:
-            t = temporal_position(model, min(sources[f]), spgt[b])
-            expect.append((start + t, start + p // Wm, start + p % Wm))
-        t_last = temporal_position(model, 5, spgt[b])
-        nxt = start + max(Hm, Wm) if v5 else start + max(t_last, Hm - 1, Wm - 1) + 1
-        for i in range(len(toks) - start - n):
-            expect.append((nxt + i,) * 3)
-        got = [tuple(pos[:, b, c].tolist()) for c in real]
-        assert got == expect
-        pad = 0 if v5 else 1
-        assert all(pos[:, b, c].tolist() == [pad] * 3 for c in range(L2) if c not in real)
-        peak = max(max(e) for e in expect)
-        assert int(delta[b, 0]) == peak + 1 - (len(real) if v5 else L2)
-    # The hand rules above are the model's: the uncompressed prompt through its own get_rope_index.
-    kw = {"mm_token_type_ids": inputs["mm_token_type_ids"]} if v5 else {}
-    full_pos, _ = model.model.get_rope_index(inputs["input_ids"], video_grid_thw=inputs["video_grid_thw"],
-                                             second_per_grid_ts=inputs["second_per_grid_ts"],
-                                             attention_mask=inputs["attention_mask"], **kw)
-    for b in range(2):
-        real = inputs["attention_mask"][b].nonzero().flatten()
-        toks = inputs["input_ids"][b, real].tolist()
-        start = toks.index(VID)
-        row = full_pos[:, b, real]
-        last_t = temporal_position(model, 5, spgt[b])
-        assert row[:, start + 6 * 9 - 1].tolist() == [start + last_t, start + 2, start + 2]
-        nxt = start + 3 if v5 else start + max(last_t, 2) + 1
-        assert row[:, start + 6 * 9].tolist() == [nxt] * 3  # the <vision_end> after the video
+        expect = full[:start]
+        expect += [full[start + min(sources[f]) * P + p] for f, p in st["videos"][b]["kept"]]
+        expect += full[start + 6 * P:]
+        real = mask[b].nonzero().flatten().tolist()
+        assert [tuple(pos[:, b, c].tolist()) for c in real] == expect
+        pad = [tuple(full_pos[:, b, c].tolist()) for c in range(L) if c not in real_full]
+        assert all(tuple(pos[:, b, c].tolist()) == pad[0] for c in range(L2) if c not in real)
+        # rope_deltas: the largest position + 1 - the length the model counts (padded or not).
+        padded = int(full_delta[b, 0]) == max(map(max, full)) + 1 - L
+        assert padded or int(full_delta[b, 0]) == max(map(max, full)) + 1 - len(real_full)
+        assert int(delta[b, 0]) == max(map(max, expect)) + 1 - (L2 if padded else len(real))
+    merged = [f for v in st["videos"] for f in v["frame_sources"] if len(f) > 1]
+    assert merged, "the test should exercise the position of a merged group"
 
 
 def test_generate_batch_with_image_and_different_lengths(model, videos):
@@ -408,7 +388,8 @@ def test_generate_batch_with_image_and_different_lengths(model, videos):
             last_batch = model(**inputs).logits[:, -1]
         # Each sample alone gives the same next-token logits as in the batch.
         for b in range(2):
-            one = {k: v[b:b + 1] for k, v in inputs.items() if k in ("input_ids", "attention_mask", "mm_token_type_ids")}
+            names = ("input_ids", "attention_mask", "mm_token_type_ids")
+            one = {k: v[b:b + 1] for k, v in inputs.items() if k in names}
             pix, grids = _split_pixels(inputs)
             one.update(pixel_values_videos=pix[b], video_grid_thw=inputs["video_grid_thw"][b:b + 1],
                        second_per_grid_ts=inputs["second_per_grid_ts"][b:b + 1])

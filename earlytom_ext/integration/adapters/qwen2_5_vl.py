@@ -40,7 +40,8 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -58,10 +59,10 @@ __all__ = ["QWEN2_5_VL_PRUNE_LAYERS", "Qwen2_5_VLAdapter", "default_prune_layers
 #: run on fewer groups). The first merge follows the first full-attention block (7, 25% of the
 #: depth as the paper's 6/26), where every patch has seen its whole group; the second keeps the
 #: paper's two-block gap before the last (21).
-QWEN2_5_VL_PRUNE_LAYERS: Tuple[int, ...] = (7, 21, 23)
+QWEN2_5_VL_PRUNE_LAYERS: tuple[int, ...] = (7, 21, 23)
 
 
-def default_prune_layers(depth: int, fullatt_block_indexes: Sequence[int]) -> Tuple[int, ...]:
+def default_prune_layers(depth: int, fullatt_block_indexes: Sequence[int]) -> tuple[int, ...]:
     """Prune layers for a Qwen2.5-VL encoder of ``depth`` blocks (:data:`QWEN2_5_VL_PRUNE_LAYERS`
     for the published 32-block encoders). The rule: the last prune layer is the last full-attention
     block before the final block (the final one when there is no other); the first is the first
@@ -69,7 +70,9 @@ def default_prune_layers(depth: int, fullatt_block_indexes: Sequence[int]) -> Tu
     two blocks before the last. Layers that would not be below the last one are left out."""
     full = sorted(int(i) for i in fullatt_block_indexes if 0 <= int(i) < depth)
     if not full:
-        raise ValueError(f"the vision encoder has no full-attention block (fullatt_block_indexes = {list(fullatt_block_indexes)})")
+        raise ValueError(
+            f"the vision encoder has no full-attention block (fullatt_block_indexes = {list(fullatt_block_indexes)})"
+        )
     before_end = [i for i in full if i < depth - 1]
     last = before_end[-1] if before_end else full[-1]
     first = full[0] if full[0] < last else round(depth * 0.25)
@@ -77,7 +80,7 @@ def default_prune_layers(depth: int, fullatt_block_indexes: Sequence[int]) -> Tu
     return tuple(picks) + (last,)
 
 
-def _as_int_rows(name: str, value, width: int) -> List[List[int]]:
+def _as_int_rows(name: str, value, width: int) -> list[list[int]]:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be an integer torch.Tensor [n, {width}], got {type(value).__name__}")
     if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
@@ -172,13 +175,15 @@ class Qwen2_5_VLAdapter(ModelAdapter):
         # mm_token_type_ids, get_rope_index per modality group; 4.57: rot_pos_emb / get_window_index.
         self._legacy_vision = hasattr(visual, "rot_pos_emb") and hasattr(visual, "get_window_index")
         self._v5_rope = "mm_token_type_ids" in inspect.signature(inner.get_rope_index).parameters
-        self._geometry_cache: Dict[tuple, _Geometry] = {}
-        self._armed: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+        self._geometry_cache: dict[tuple, _Geometry] = {}
+        self._layout_cache: dict[tuple, _Layout] = {}
+        self._armed: tuple[torch.Tensor, torch.Tensor] | None = None
         self._installed_rope = False
-        self._cfg: Optional[EarlyTomConfig] = None
+        self._orig_get_rope_index = None
+        self._cfg: EarlyTomConfig | None = None
 
     # ---------------------------------------------------------------- configuration
-    def default_prune_layers(self) -> Tuple[int, ...]:
+    def default_prune_layers(self) -> tuple[int, ...]:
         return default_prune_layers(self.depth, self.fullatt)
 
     def check_config(self, cfg: EarlyTomConfig) -> None:
@@ -197,6 +202,7 @@ class Qwen2_5_VLAdapter(ModelAdapter):
         if not self._v5_rope:
             # 4.57's generate cannot carry 3-D position ids: hand them to the prefill's own call.
             orig = self.inner.get_rope_index
+            self._orig_get_rope_index = orig
 
             @functools.wraps(orig)
             def get_rope_index(*args, **kwargs):
@@ -210,6 +216,7 @@ class Qwen2_5_VLAdapter(ModelAdapter):
         if self._installed_rope:
             self.inner.__dict__.pop("get_rope_index", None)
             self._installed_rope = False
+            self._orig_get_rope_index = None
         self._armed = None
 
     def _take_armed(self, args, kwargs):
@@ -233,7 +240,7 @@ class Qwen2_5_VLAdapter(ModelAdapter):
         return next(self.visual.parameters()).device
 
     # ---------------------------------------------------------------- the video path
-    def video_inputs(self, call: Dict[str, Any]) -> VideoInputs:
+    def video_inputs(self, call: dict[str, Any]) -> VideoInputs:
         pv = call["pixel_values_videos"]
         patch_dim = self.in_channels * self.temporal_patch_size * self.patch_size ** 2
         if not isinstance(pv, torch.Tensor):
@@ -246,7 +253,8 @@ class Qwen2_5_VLAdapter(ModelAdapter):
         if pv.dim() != 2 or pv.shape[1] != patch_dim:
             raise ValueError(
                 f"pixel_values_videos must have shape [patches, {patch_dim}] (channels x temporal_patch_size x "
-                f"patch_size^2 = {self.in_channels} x {self.temporal_patch_size} x {self.patch_size}^2), got {tuple(pv.shape)}"
+                f"patch_size^2 = {self.in_channels} x {self.temporal_patch_size} x {self.patch_size}^2), "
+                f"got {tuple(pv.shape)}"
             )
         grid_t = call.get("video_grid_thw")
         if grid_t is None:
@@ -278,12 +286,14 @@ class Qwen2_5_VLAdapter(ModelAdapter):
             if isinstance(spg, torch.Tensor):
                 spg = spg.detach().cpu().reshape(-1) if spg.dim() <= 1 else spg
                 if spg.dim() != 1:
-                    raise ValueError(f"second_per_grid_ts must be 1-D (one value per video), got shape {tuple(spg.shape)}")
+                    raise ValueError(
+                        f"second_per_grid_ts must be 1-D (one value per video), got shape {tuple(spg.shape)}")
                 spg = list(spg)  # 0-d tensors: the model's arithmetic uses them as they are
             elif isinstance(spg, (list, tuple)):
                 spg = list(spg)
             else:
-                raise TypeError(f"second_per_grid_ts must be a tensor or a list (one value per video), got {type(spg).__name__}")
+                raise TypeError(
+                    f"second_per_grid_ts must be a tensor or a list (one value per video), got {type(spg).__name__}")
             if len(spg) != len(grid):
                 raise ValueError(f"second_per_grid_ts must have one value per video ({len(grid)}), got {len(spg)}")
         images = call.get("image_grid_thw")
@@ -357,7 +367,7 @@ class Qwen2_5_VLAdapter(ModelAdapter):
         x = x.view(n, S // unit, unit, D)[:, geo.perm].reshape(n * S, D)  # window order, per group
         cos, sin, cu_full, cu_win = geo.tiles(n, device)
         flash = self._flash()
-        captured: List[Optional[torch.Tensor]] = [None]
+        captured: list[torch.Tensor | None] = [None]
 
         def grab(module, args, output):
             captured[0] = output
@@ -366,7 +376,7 @@ class Qwen2_5_VLAdapter(ModelAdapter):
         try:
             for i, blk in enumerate(self.blocks):
                 full = i in self.fullatt
-                kw: Dict[str, Any] = {"cu_seqlens": cu_full if full else cu_win, "position_embeddings": (cos, sin)}
+                kw: dict[str, Any] = {"cu_seqlens": cu_full if full else cu_win, "position_embeddings": (cos, sin)}
                 if not self._legacy_vision:  # 5.x blocks take the max length (used by flash attention only)
                     kw["max_seqlen"] = (S if full else geo.window_max) if flash else None
                 x = blk(x, **kw)
@@ -391,7 +401,7 @@ class Qwen2_5_VLAdapter(ModelAdapter):
         clock.span("projector", t1, clock.now())
         return EncodedVideos(feats=feats, scores=scores)
 
-    def _rotated_qk(self, qkv: Optional[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor):
+    def _rotated_qk(self, qkv: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor):
         if qkv is None:
             raise RuntimeError("EarlyTom: Q/K of the score block were not captured")
         seq = qkv.shape[0]
@@ -403,10 +413,14 @@ class Qwen2_5_VLAdapter(ModelAdapter):
 
     # ---------------------------------------------------------------- after Stage II
     def finish(self, tokens: Sequence[torch.Tensor], index: Sequence[torch.Tensor], run: VideoRun,
-               videos: VideoInputs, encoded: EncodedVideos) -> List[torch.Tensor]:
+               videos: VideoInputs, encoded: EncodedVideos) -> list[torch.Tensor]:
         """Features as selected; the (t, h, w) rotary offsets of every kept token are kept for
-        :meth:`build_llm_inputs` (t of a merged group: its first source group)."""
+        :meth:`build_llm_inputs` (those of its place in the uncompressed video; a merged group
+        takes those of its first source group)."""
         frames = videos.frames
+        grids = videos.extra["grid"]
+        layouts = [self._layout("video", tuple(grids[v]), self._spg(videos, v)) for v in range(len(frames))]
+        videos.extra["layouts"] = layouts
         if not tokens:
             videos.extra["kept_thw"] = []
             return []
@@ -415,52 +429,85 @@ class Qwen2_5_VLAdapter(ModelAdapter):
         first = torch.arange(sum(frames), device=device)
         for _layer, _counts, plan_src, _w in run.merges:
             first = torch.minimum(first[plan_src[:, 0]], first[plan_src[:, 1]])
-        H, W = videos.extra["hw"]
-        Wm = W // self.merge
         kept = []
         offset = 0
         for v, idx in enumerate(index):
-            table = host_to_device(self._temporal_positions(v, videos), torch.int64, device)
-            t_local = first.to(device)[idx[:, 0]] - offset
-            pos = idx[:, 1]
-            kept.append(torch.stack([table[t_local], pos // Wm, pos % Wm]))
+            table = host_to_device(layouts[v].rel, torch.int64, device)  # [3, T, P]
+            kept.append(table[:, first[idx[:, 0]] - offset, idx[:, 1]])
             offset += frames[v]
         videos.extra["kept_thw"] = kept
         return list(tokens)
 
-    def _temporal_positions(self, v: int, videos: VideoInputs) -> List[int]:
-        """Temporal rotary position of every group of video ``v`` (relative to the video's start),
-        by the installed transformers' own arithmetic."""
-        T = videos.frames[v]
-        spg = videos.extra["second_per_grid_ts"]
-        tps = self.tokens_per_second
+    @staticmethod
+    def _spg(videos: VideoInputs, v: int):
+        spg = videos.extra.get("second_per_grid_ts")
+        return None if spg is None else spg[v]
+
+    def _layout(self, kind: str, grid: tuple[int, int, int], spg) -> _Layout:
+        """The model's own 3-D positions of one uncompressed image / video (relative to its start),
+        the position advance of the block, the padding value and the ``rope_deltas`` length rule:
+        read from the model's ``get_rope_index`` on a one-block prompt ``[pad, <vision_start>,
+        placeholders, <vision_end>]`` (cached per grid and time step), so that every
+        transformers version's own arithmetic is followed."""
+        key = (kind, grid, None if spg is None else float(spg))
+        hit = self._layout_cache.get(key)
+        if hit is not None:
+            return hit
+        t, h, w = grid
+        n = t * (h // self.merge) * (w // self.merge)
+        cfg = self.config
+        token = self.video_token_id if kind == "video" else self.image_token_id
+        start_id = getattr(cfg, "vision_start_token_id", None)
+        end_id = getattr(cfg, "vision_end_token_id", None)
+        if start_id is None or end_id is None:
+            raise TypeError("model.config needs vision_start_token_id and vision_end_token_id (Qwen2.5-VL)")
+        ids = torch.tensor([[self.pad_token_id(), start_id] + [token] * n + [end_id]])
+        mask = torch.ones_like(ids)
+        mask[0, 0] = 0
+        kw: dict[str, Any] = {"attention_mask": mask}
+        grid_t = torch.tensor([list(grid)])
+        if kind == "video":
+            kw["video_grid_thw"] = grid_t
+            kw["second_per_grid_ts"] = [spg] if spg is not None else None
+        else:
+            kw["image_grid_thw"] = grid_t
         if self._v5_rope:
-            interval = tps * (spg[v] if spg is not None else 1)
-            return (torch.arange(T) * interval).long().tolist()
-        s = torch.as_tensor(spg[v] if spg is not None else 1.0, dtype=torch.int64)  # 4.57 truncates it
-        return (torch.arange(T) * s * tps).long().tolist()
+            mm = torch.zeros_like(ids)
+            mm[0, 2:2 + n] = 2 if kind == "video" else 1
+            kw["mm_token_type_ids"] = mm
+        rope_index = self._orig_get_rope_index or self.inner.get_rope_index
+        pos, delta = rope_index(ids, **kw)
+        row = pos[:, 0].to("cpu", torch.int64)
+        begin = int(row[0, 1]) + 1  # the block starts right after <vision_start>
+        rel = (row[:, 2:2 + n] - begin).reshape(3, t, n // t)
+        peak = int(row[:, 1:].max())
+        d = int(delta.reshape(-1)[0])
+        if d not in (peak + 1 - ids.shape[1], peak + 1 - (ids.shape[1] - 1)):
+            raise RuntimeError(f"unexpected rope_deltas {d} from {type(self.inner).__name__}.get_rope_index")
+        out = _Layout(rel=rel, advance=int(row[0, 2 + n]) - begin, pad=int(row[0, 0]),
+                      padded_delta=d == peak + 1 - ids.shape[1])
+        self._layout_cache[key] = out
+        return out
 
     # ---------------------------------------------------------------- LLM inputs
-    def build_llm_inputs(self, call: Dict[str, Any], input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                         features: Sequence[torch.Tensor], videos: VideoInputs) -> Dict[str, Any]:
+    def build_llm_inputs(self, call: dict[str, Any], input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                         features: Sequence[torch.Tensor], videos: VideoInputs) -> dict[str, Any]:
         embeds = self.scatter_features(input_ids, features)
-        prompt = getattr(videos, "prompt", None)
+        prompt = videos.prompt
         if prompt is not None:
             ids_h, mask_h = prompt.input_ids, prompt.attention_mask
         else:
             ids_h, mask_h = input_ids.cpu(), attention_mask.cpu()
-        positions, runs = self._host_positions(ids_h, mask_h, videos)
+        positions, runs, rules = self._host_positions(ids_h, mask_h, videos)
         device = input_ids.device
         pos = host_to_device(positions, torch.int64, device)
         for b, col, length, start, v in runs:
             pos[:, b, col:col + length] = videos.extra["kept_thw"][v].to(device) + start
         mask = attention_mask.to(device) != 0
         peak = pos.amax(dim=0).masked_fill(~mask, -1).amax(dim=-1, keepdim=True)
-        if self._v5_rope:
-            delta = peak + 1 - mask.sum(dim=-1, keepdim=True)
-        else:
-            delta = peak + 1 - pos.shape[-1]
-        out: Dict[str, Any] = {"inputs_embeds": embeds}
+        length = pos.shape[-1] if rules.padded_delta else mask.sum(dim=-1, keepdim=True)
+        delta = peak + 1 - length
+        out: dict[str, Any] = {"inputs_embeds": embeds}
         mm = videos.extra.get("mm_token_type_ids")
         if mm is not None:
             types = torch.zeros_like(ids_h, dtype=mm.dtype)
@@ -478,12 +525,13 @@ class Qwen2_5_VLAdapter(ModelAdapter):
         return out
 
     def _host_positions(self, ids: torch.Tensor, mask: torch.Tensor, videos: VideoInputs):
-        """3-D positions of the text and image tokens (``[3, B, L]``, host) and the video runs
-        ``(sample, column, length, start position, video)`` whose positions come from the kept tokens."""
+        """3-D positions of the text and image tokens (``[3, B, L]``, host), the video runs
+        ``(sample, column, length, start position, video)`` whose positions come from the kept
+        tokens, and the padding / ``rope_deltas`` rules."""
         B, L = ids.shape
-        v5 = self._v5_rope
-        positions = torch.full((3, B, L), 0 if v5 else 1, dtype=torch.int64)
-        grid = videos.extra["grid"]
+        layouts = videos.extra["layouts"]
+        rules = layouts[0]
+        positions = torch.full((3, B, L), rules.pad, dtype=torch.int64)
         image_grid = videos.extra["image_grid"]
         counts = [int(k.shape[1]) for k in videos.extra["kept_thw"]]
         m = self.merge
@@ -502,38 +550,42 @@ class Qwen2_5_VLAdapter(ModelAdapter):
                         e += 1
                     n = e - j
                     if tok == self.video_token_id:
-                        if v >= len(grid) or n != counts[v]:
+                        if v >= len(counts) or n != counts[v]:
                             raise ValueError(
-                                f"the compressed prompt's video runs do not match the videos: sample {b} holds a run of "
+                                f"the compressed prompt's video runs do not match the videos: sample {b} holds a run "
+                                f"of "
                                 f"{n} video tokens where video {v} has {counts[v] if v < len(counts) else 'none'}"
                             )
-                        t, h, w = grid[v]
-                        t_last = self._temporal_positions(v, videos)[-1]
                         runs.append((b, cols[j], n, cur, v))
+                        cur += layouts[v].advance
                         v += 1
                     else:
                         if image_grid is None or img >= len(image_grid):
                             raise ValueError("image_grid_thw is required for the image placeholders in input_ids "
                                              "(one (t, h, w) row per image)")
                         t, h, w = image_grid[img]
-                        img += 1
                         if n != t * (h // m) * (w // m):
-                            raise ValueError(f"image {img - 1}: {n} placeholders in input_ids, image_grid_thw needs "
-                                             f"{t * (h // m) * (w // m)}")
-                        tt = torch.arange(t) if v5 else torch.zeros(t, dtype=torch.int64)
-                        hh, ww = torch.arange(h // m), torch.arange(w // m)
-                        grid_pos = torch.stack(torch.meshgrid(tt, hh, ww, indexing="ij")).reshape(3, -1)
-                        c = torch.tensor(cols[j:e])
-                        positions[:, b, c] = grid_pos + cur
-                        t_last = int(tt[-1])
-                    hm, wm = h // m, w // m
-                    # The next position after a vision block, by each version's rule.
-                    cur = cur + max(hm, wm) if v5 else cur + max(t_last, hm - 1, wm - 1) + 1
+                            raise ValueError(f"image {img}: {n} placeholders in input_ids, image_grid_thw[{img}] = "
+                                             f"{(t, h, w)} needs {t * (h // m) * (w // m)}")
+                        lay = self._layout("image", (t, h, w), None)
+                        positions[:, b, torch.tensor(cols[j:e])] = lay.rel.reshape(3, -1) + cur
+                        cur += lay.advance
+                        img += 1
                     j = e
                 else:
                     positions[:, b, cols[j]] = cur
                     cur += 1
                     j += 1
-        if v != len(grid):
-            raise ValueError(f"input_ids hold {v} video placeholder runs, video_grid_thw describes {len(grid)} videos")
-        return positions, runs
+        if v != len(counts):
+            raise ValueError(
+                f"input_ids hold {v} video placeholder runs, video_grid_thw describes {len(counts)} videos")
+        return positions, runs, rules
+
+
+class _Layout:
+    """One uncompressed vision block as the model lays it out: ``rel [3, T, P]`` positions relative
+    to the block's start, ``advance`` (the first position after the block, relative), ``pad`` (the
+    padding positions' value), ``padded_delta`` (``rope_deltas`` counts the padded length)."""
+
+    def __init__(self, rel: torch.Tensor, advance: int, pad: int, padded_delta: bool):
+        self.rel, self.advance, self.pad, self.padded_delta = rel, advance, pad, padded_delta
