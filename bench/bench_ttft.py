@@ -31,6 +31,7 @@ Merge patterns: see ``bench/patterns.py``.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -170,9 +171,12 @@ def profile_op_time(fn: Callable[[], object], device) -> Dict[str, object]:
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if is_cuda(device) else [])
-    with profile(activities=acts) as prof:
-        fn()
-        sync(device)
+    with warnings.catch_warnings():
+        # torch 2.11 warns on every profile that events are cleared per cycle (one cycle here).
+        warnings.filterwarnings("ignore", message=".*Profiler clears events.*")
+        with profile(activities=acts) as prof:
+            fn()
+            sync(device)
     per_op: Dict[str, float] = {}
     total = 0.0
     for ev in prof.events():
