@@ -21,11 +21,10 @@ How EarlyTom maps onto this encoder (docs/qwen2_5_vl.md):
 * The LLM: every kept token keeps the 3-D rotary position (t, h, w) it has in the uncompressed
   video; a merged group takes the temporal position of its *first* source group. Text and images
   keep the positions the model gives them (the text after a video starts where it starts without
-  compression). The positions follow the installed transformers' own rules (4.57: the text after
-  a vision block starts at its largest position + 1, padding positions 1, ``rope_deltas`` against
-  the padded length; 5.x: it starts at ``max(h, w)`` after the block's start, padding positions 0,
-  ``rope_deltas`` against the unpadded length), so an uncompressing configuration reproduces the
-  unpatched model exactly.
+  compression). The layout of an uncompressed block (relative positions, where the text after it
+  starts, the padding value, the length ``rope_deltas`` counts) is read from the model's own
+  ``get_rope_index`` on a one-block prompt, so every transformers version's arithmetic is followed
+  and an uncompressing configuration reproduces the unpatched model exactly.
   5.x: ``position_ids`` ``[4, B, L]`` (text row + t/h/w rows) go into ``forward`` / ``generate``
   and ``model.model.rope_deltas`` is set for later decoding steps. 4.57 (whose ``generate`` cannot
   take 3-D ``position_ids``): the positions are handed to the model's own ``get_rope_index`` call of
