@@ -128,28 +128,46 @@ def test_video_path_reads_no_tensor_values_outside_the_designated_places(model, 
     assert reads == []
 
 
-@pytest.mark.skipif(not (torch.cuda.is_available() and has_cuda_kernels()), reason="needs a GPU and the CUDA kernels")
-def test_cuda_host_syncs_at_most_one_per_prune_layer_plus_segments(videos):
-    import warnings
+_SYNC_SCRIPT = r"""
+import os, sys, warnings
+import torch
+sys.path.insert(0, sys.argv[1])
+import tiny_models as tm
+import earlytom_ext
+from earlytom_ext import EarlyTomConfig
 
-    m = tm.build_model(seed=0).cuda()
-    inputs = {k: v.cuda() for k, v in tm.make_inputs(videos, seed=5).items()}
-    with earlytom_ext.apply(m, CFG) as h:
-        with torch.no_grad():
-            h.prepare_inputs(inputs["input_ids"], inputs["pixel_values_videos"],
-                             attention_mask=inputs["attention_mask"])  # warm-up (lazy inits)
-            torch.cuda.synchronize()
+cfg = EarlyTomConfig(retain_ratio=0.2, tau=0.5, max_window=6, ema=0.9, prune_layers=(1, 3, 4))
+videos = [tm.make_video(6, seed=1, kind="scenes", scene_length=3), tm.make_video(6, seed=2, kind="static")]
+m = tm.build_model(seed=0).cuda()
+inputs = {k: v.cuda() for k, v in tm.make_inputs(videos, seed=5).items()}
+h = earlytom_ext.apply(m, cfg)
+with torch.no_grad():
+    for i in range(2):  # the first call initialises lazily (cuBLAS, pinned allocator)
+        torch.cuda.synchronize()
+        if i:
+            print("=== measured", file=sys.stderr, flush=True)
             torch.cuda.set_sync_debug_mode("warn")
-            try:
-                with warnings.catch_warnings(record=True) as caught:
-                    warnings.simplefilter("always")
-                    h.prepare_inputs(inputs["input_ids"], inputs["pixel_values_videos"],
-                                     attention_mask=inputs["attention_mask"])
-            finally:
-                torch.cuda.set_sync_debug_mode(0)
-    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+        h.prepare_inputs(inputs["input_ids"], inputs["pixel_values_videos"], attention_mask=inputs["attention_mask"])
+        torch.cuda.set_sync_debug_mode(0)
+print("=== done", file=sys.stderr, flush=True)
+"""
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and has_cuda_kernels()), reason="needs a GPU and the CUDA kernels")
+def test_cuda_host_syncs_at_most_one_per_prune_layer_plus_segments(tmp_path):
+    import subprocess
+
+    # A subprocess: syncs inside custom ops are reported by c10 on stderr, not as Python warnings.
+    script = tmp_path / "syncs.py"
+    script.write_text(_SYNC_SCRIPT)
+    env = dict(os.environ, PYTHONWARNINGS="always")
+    proc = subprocess.run([sys.executable, str(script), os.path.dirname(__file__)], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    measured = proc.stderr.split("=== measured", 1)[1].split("=== done", 1)[0]
+    syncs = [line for line in measured.splitlines() if "synchronizing CUDA operation" in line]
     # One size read per prune layer (frames after Stage I) and one read of the refined segments.
-    assert len(syncs) <= len(CFG.prune_layers) + 1, [str(w.message) for w in syncs]
+    assert 1 <= len(syncs) <= len(CFG.prune_layers) + 1, measured[-3000:]
 
 
 def test_summary(model, videos):

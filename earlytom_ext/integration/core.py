@@ -308,3 +308,9 @@ class EarlyTomHandle:
                 raise ValueError("the inner-LLM merge supports one video per sample; a sample holds several")
             self._llm_merge.arm([s[0] if s else None for s in spans])
         return prep["input_ids"]
+
+    def end_call(self) -> None:
+        """After the wrapped call: an armed inner-LLM merge that no prefill consumed (the call failed
+        first) must not apply to the next, unrelated prefill."""
+        if self._llm_merge is not None:
+            self._llm_merge.disarm()

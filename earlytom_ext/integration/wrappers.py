@@ -127,7 +127,10 @@ def make_forward(core, orig: Callable) -> Callable:
         if call.get(video_arg) is None:
             return orig(**call)
         core.compress_call(call, call.pop("input_ids", None), generating=False)
-        return orig(**call)
+        try:
+            return orig(**call)
+        finally:
+            core.end_call()
 
     forward._earlytom_wrapper_of = core
     return forward
@@ -153,10 +156,17 @@ def make_generate(core, orig: Callable) -> Callable:
         with torch.no_grad():  # generate is inference only
             ids = core.compress_call(call, input_ids, generating=True)
         L, L2 = input_ids.shape[1], ids.shape[1]
-        shift_lengths(core.model, call, L, L2)
+        try:
+            shift_lengths(core.model, call, L, L2)
+        except BaseException:
+            core.end_call()
+            raise
         if call.get("streamer") is not None:
             call["streamer"] = PromptStreamer(call["streamer"], input_ids, L2)
-        out = orig(ids, **call)
+        try:
+            out = orig(ids, **call)
+        finally:
+            core.end_call()
         return restore_prompt(out, L2, input_ids)
 
     generate._earlytom_wrapper_of = core
