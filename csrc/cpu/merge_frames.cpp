@@ -134,20 +134,13 @@ Stage1Cpu stage1_cpu(const char* op, const at::Tensor& x, const at::Tensor& fram
   const at::Tensor fc = frame_counts.contiguous();
   const int64_t* cnt = fc.data_ptr<int64_t>();
   const int64_t B = fc.size(0);
+  ops::check_frame_counts_values(op, cnt, B, N);
   std::vector<int64_t> offsets(static_cast<size_t>(B + 1), 0);
   int64_t max_t = 0;
-  for (int64_t b = 0; b < B; ++b)
-    TORCH_CHECK_VALUE(cnt[b] >= 1, op, ": frame_counts must all be >= 1 (no empty videos), got ", cnt[b],
-                      " for video ", b);
   for (int64_t b = 0; b < B; ++b) {
-    // offsets[b] <= N here, so the running sum cannot overflow.
-    TORCH_CHECK_VALUE(cnt[b] <= N - offsets[b], op, ": frame_counts must sum to the number of frames N = ", N,
-                      ", got a larger sum (", offsets[b], " + ", cnt[b], " at video ", b, ")");
     offsets[b + 1] = offsets[b] + cnt[b];
     max_t = std::max(max_t, cnt[b]);
   }
-  TORCH_CHECK_VALUE(offsets[B] == N, op, ": frame_counts must sum to the number of frames N = ", N, ", got sum ",
-                    offsets[B]);
 
   const at::Tensor xc = (x.stride(2) == 1 || D == 1) ? x : x.contiguous();
   const int64_t kb = std::max<int64_t>(0, std::min(max_window - 1, max_t - 1));

@@ -4,6 +4,8 @@
 
 #include <limits>
 
+#include "kernels/select_tokens.h"
+
 namespace earlytom {
 namespace ops {
 
@@ -45,6 +47,14 @@ void check_select_tokens_inputs(const at::Tensor& feats, const at::Tensor& score
   check_on_device_of_feats("frame_keep", frame_keep, feats);
   check_on_device_of_feats("frame_static", frame_static, feats);
   TORCH_CHECK_VALUE(num_out >= 0, "select_tokens: num_out must be >= 0, got ", num_out);
+  TORCH_CHECK_VALUE(N > 0 || num_out == 0, "select_tokens: num_out must be 0 when there are no frames, got ",
+                    num_out);
+  if (feats.is_cuda()) {
+    TORCH_CHECK_VALUE(P <= select::kMaxPositionsCuda, "select_tokens: the CUDA kernel supports at most ",
+                      select::kMaxPositionsCuda, " positions per frame, got P = ", P);
+    TORCH_CHECK_VALUE(N <= std::numeric_limits<int>::max(), "select_tokens: the CUDA kernel supports at most ",
+                      std::numeric_limits<int>::max(), " frames (one block per frame), got ", N);
+  }
 }
 
 }  // namespace ops
