@@ -110,8 +110,7 @@ if _ext.available():  # the schemas live in the compiled library
 def _check_cfg(cfg) -> EarlyTomConfig:
     if not isinstance(cfg, EarlyTomConfig):
         raise TypeError(f"cfg must be an earlytom_ext.EarlyTomConfig, got {type(cfg).__name__}")
-    cfg.validate()
-    return cfg
+    return cfg  # validated when it was built (frozen)
 
 
 def _counts(frame_counts, device: torch.device) -> torch.Tensor:
