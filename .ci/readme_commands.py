@@ -16,10 +16,9 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-from typing import List
 
 
-def section_blocks(text: str, section: str, lang: str) -> List[str]:
+def section_blocks(text: str, section: str, lang: str) -> list[str]:
     """The ``lang`` code blocks of the ``## section`` of a markdown text."""
     m = re.search(rf"^## {re.escape(section)}[ \t]*\n(.*?)(?=^## |\Z)", text, flags=re.S | re.M)
     if m is None:
@@ -28,7 +27,7 @@ def section_blocks(text: str, section: str, lang: str) -> List[str]:
     return [b for b in re.findall(rf"^```{re.escape(lang)}[ \t]*\n(.*?)^```[ \t]*$", m.group(1), flags=re.S | re.M)]
 
 
-def main(argv: List[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Print the shell commands of one README section.")
     p.add_argument("readme", nargs="?", default="README.md", help="markdown file (default README.md)")
     p.add_argument("--section", default="Set up", help="the '## ' heading's text (default 'Set up')")

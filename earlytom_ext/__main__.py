@@ -5,7 +5,7 @@
 
 import argparse
 import sys
-from typing import List, Optional
+from typing import Optional
 
 from ._version import __version__
 
@@ -21,15 +21,18 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"earlytom_ext {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    p = sub.add_parser("demo", help="compress a video through a LLaVA-OneVision model (small and random by "
-                                    "default); writes a PNG and prints a summary",
-                       description=demo.DESCRIPTION)
+    p = sub.add_parser(
+        "demo",
+        help="compress a video through a LLaVA-OneVision model (small and random by "
+        "default); writes a PNG and prints a summary",
+        description=demo.DESCRIPTION,
+    )
     demo.add_arguments(p)
     p.set_defaults(command_parser=p)  # so that run_args reports errors with the demo's usage line
     return parser
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: Optional[list[str]] = None) -> int:
     """Entry point of the ``earlytom`` command; returns the exit status."""
     from . import demo
 

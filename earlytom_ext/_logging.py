@@ -10,15 +10,19 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Union
 
 __all__ = ["logger", "set_verbosity"]
 
 logger = logging.getLogger("earlytom_ext")
 logger.addHandler(logging.NullHandler())
 
-_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR,
-           "critical": logging.CRITICAL}
+_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+    "critical": logging.CRITICAL,
+}
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -37,10 +41,10 @@ class _StderrHandler(logging.StreamHandler):
 
 
 # The handler set_verbosity adds (at most one, so repeated calls do not duplicate output).
-_handler: Union[logging.Handler, None] = None
+_handler: logging.Handler | None = None
 
 
-def set_verbosity(level: Union[int, str]) -> None:
+def set_verbosity(level: int | str) -> None:
     """Show earlytom_ext's log records of at least ``level`` on stderr.
 
     Args:

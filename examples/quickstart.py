@@ -13,8 +13,12 @@ import earlytom_ext
 from earlytom_ext.demo import load_video, synthetic_frames
 
 
-def main(model_id: str = "llava-hf/llava-onevision-qwen2-0.5b-ov-hf", video: Optional[str] = None,
-         num_frames: int = 32, max_new_tokens: int = 64) -> str:
+def main(
+    model_id: str = "llava-hf/llava-onevision-qwen2-0.5b-ov-hf",
+    video: Optional[str] = None,
+    num_frames: int = 32,
+    max_new_tokens: int = 64,
+) -> str:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     # `dtype=` works with transformers 4.57.x and 5.x (older releases called it `torch_dtype`).
@@ -31,7 +35,7 @@ def main(model_id: str = "llava-hf/llava-onevision-qwen2-0.5b-ov-hf", video: Opt
     # The paper's VideoMME settings at 10% of the video tokens; EarlyTomConfig(retain_ratio=0.1) also works.
     handle = earlytom_ext.apply(model, earlytom_ext.preset("videomme", 0.1))
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    answer = processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    answer = processor.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     print(answer)
     print(handle.summary())  # frames after each prune layer, tokens before/after, time per stage
     handle.remove()  # the model is exactly as before

@@ -72,8 +72,9 @@ def test_version(capsys):
         cli.main(["--version"])
     assert e.value.code == 0
     assert capsys.readouterr().out.strip() == f"earlytom_ext {__version__}"
-    proc = subprocess.run([sys.executable, "-m", "earlytom_ext", "--version"], capture_output=True, text=True,
-                          env=_env(), timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "earlytom_ext", "--version"], capture_output=True, text=True, env=_env(), timeout=120
+    )
     assert proc.returncode == 0 and proc.stdout.strip() == f"earlytom_ext {__version__}", proc.stderr
 
 
@@ -91,11 +92,14 @@ def test_every_option_has_help_and_the_parsers_a_description():
         assert flag in sub.format_help()
 
 
-@pytest.mark.parametrize("argv0, prog", [
-    ("/opt/venv/bin/earlytom", "earlytom"),
-    ("/src/earlytom_ext/__main__.py", "python -m earlytom_ext"),  # python -m earlytom_ext
-    ("/usr/bin/pytest", "python -m earlytom_ext"),
-])
+@pytest.mark.parametrize(
+    "argv0, prog",
+    [
+        ("/opt/venv/bin/earlytom", "earlytom"),
+        ("/src/earlytom_ext/__main__.py", "python -m earlytom_ext"),  # python -m earlytom_ext
+        ("/usr/bin/pytest", "python -m earlytom_ext"),
+    ],
+)
 def test_usage_line_names_the_command_it_was_run_by(monkeypatch, argv0, prog):
     monkeypatch.setattr(sys, "argv", [argv0])
     assert demo.prog_name() == prog
@@ -194,8 +198,22 @@ def test_more_frames_than_the_clip_warns(tmp_path, caplog, capsys):
     assert len(msgs) == 1 and "--frames 20 exceeds the 12 frames" in msgs[0], msgs
     # The command line shows it on stderr (the library logger is quiet until set_verbosity).
     caplog.clear()
-    rc = demo.main(["--video", path, "--frames", "13", "--no-png", "--no-generate", "--repeats", "1",
-                    "--prune-layers", "2,5", "--device", "cpu"])
+    rc = demo.main(
+        [
+            "--video",
+            path,
+            "--frames",
+            "13",
+            "--no-png",
+            "--no-generate",
+            "--repeats",
+            "1",
+            "--prune-layers",
+            "2,5",
+            "--device",
+            "cpu",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 0, err
     assert "--frames 13 exceeds the 12 frames" in err
@@ -206,25 +224,49 @@ def test_more_frames_than_the_clip_warns(tmp_path, caplog, capsys):
 # ------------------------------------------------------------------------------------------------
 def _stats(T=4, segments=((0, 1), (2, 3)), sources=None, kept=((0, 5), (1, 7), (3, 0))):
     sources = sources or [[t] for t in range(T)]
-    return {"videos": [{"frames_before": T, "frames_after": {6: len(sources), 21: len(sources), 23: len(sources)},
-                        "segments": list(segments), "frame_sources": sources, "ratio": 0.1,
-                        "tokens_before": T * 196 + 1, "tokens_after": len(kept) + 1, "kept": list(kept)}],
-            "timings_ms": {"vision_tower": 9.0, "total": 10.0}, "prune_layers": (6, 21, 23),
-            "tokens_per_frame": 196, "device": "cpu"}
+    return {
+        "videos": [
+            {
+                "frames_before": T,
+                "frames_after": {6: len(sources), 21: len(sources), 23: len(sources)},
+                "segments": list(segments),
+                "frame_sources": sources,
+                "ratio": 0.1,
+                "tokens_before": T * 196 + 1,
+                "tokens_after": len(kept) + 1,
+                "kept": list(kept),
+            }
+        ],
+        "timings_ms": {"vision_tower": 9.0, "total": 10.0},
+        "prune_layers": (6, 21, 23),
+        "tokens_per_frame": 196,
+        "device": "cpu",
+    }
 
 
 def test_summary_shows_medians_and_the_random_weights_note():
     cfg = EarlyTomConfig(retain_ratio=0.1)
-    text = demo.summary(_stats(), cfg, "synthetic clip", baseline_ms=[40.0, 50.0, 45.0],
-                        timings={"vision_tower": [30.0, 10.0, 20.0], "total": [31.0, 11.0, 21.0]})
+    text = demo.summary(
+        _stats(),
+        cfg,
+        "synthetic clip",
+        baseline_ms=[40.0, 50.0, 45.0],
+        timings={"vision_tower": [30.0, 10.0, 20.0], "total": [31.0, 11.0, 21.0]},
+    )
     assert "| vision_tower | 20.00 | 10.00-30.00 |" in text
     assert "| total | 21.00 | 11.00-31.00 |" in text
     assert "| vision tower, unpatched (for comparison) | 45.00 | 40.00-50.00 |" in text
     assert "median of 3 runs after a warm-up" in text
     assert "unpatched / EarlyTom = 2.25x" in text  # 45 / 20
     assert demo.RANDOM_WEIGHTS_NOTE in text
-    real = demo.summary(_stats(), cfg, "clip.mp4", random_weights=False, model_name="llava-ov-0.5b",
-                        llm={"prompt_before": 790, "prompt_after": 40, "answer": "a red square"})
+    real = demo.summary(
+        _stats(),
+        cfg,
+        "clip.mp4",
+        random_weights=False,
+        model_name="llava-ov-0.5b",
+        llm={"prompt_before": 790, "prompt_after": 40, "answer": "a red square"},
+    )
     assert "random weights" not in real
     assert "model: llava-ov-0.5b" in real and "answer: a red square" in real
     assert "stage (one run)" in real
@@ -241,8 +283,17 @@ def test_demo_times_several_runs_after_a_warm_up(tmp_path, monkeypatch):
 
     monkeypatch.setattr(demo, "build_demo_model", counting_build)
     out = tmp_path / "out"
-    res = demo.run(frames=2, ratio=0.3, out=str(out), prune_layers=(2, 5), device="cpu", generate=False,
-                   quiet=True, repeats=2, png=False)
+    res = demo.run(
+        frames=2,
+        ratio=0.3,
+        out=str(out),
+        prune_layers=(2, 5),
+        device="cpu",
+        generate=False,
+        quiet=True,
+        repeats=2,
+        png=False,
+    )
     # One warm-up and two timed runs, each of the unpatched and the patched tower.
     assert calls["n"] == 2 * (1 + 2)
     assert len(res["baseline_ms"]) == 2 and len(res["timings"]["vision_tower"]) == 2
@@ -265,11 +316,11 @@ def test_time_ms_reads_the_clock_around_the_call():
 # ------------------------------------------------------------------------------------------------
 def test_timeline_label_step():
     # Labels at least 22 px apart, steps 1, 2, 5, 10, 20, 50, ...
-    assert demo.timeline_label_step(32, 1400) == 1     # 43.75 px per frame
-    assert demo.timeline_label_step(64, 1000) == 2     # 15.6 px: 2 frames = 31 px
-    assert demo.timeline_label_step(256, 1267) == 5    # 4.95 px: 5 frames = 24.7 px
-    assert demo.timeline_label_step(256, 576) == 10    # 2.25 px: 10 frames = 22.5 px
-    assert demo.timeline_label_step(1000, 500) == 50   # 0.5 px: 50 frames = 25 px
+    assert demo.timeline_label_step(32, 1400) == 1  # 43.75 px per frame
+    assert demo.timeline_label_step(64, 1000) == 2  # 15.6 px: 2 frames = 31 px
+    assert demo.timeline_label_step(256, 1267) == 5  # 4.95 px: 5 frames = 24.7 px
+    assert demo.timeline_label_step(256, 576) == 10  # 2.25 px: 10 frames = 22.5 px
+    assert demo.timeline_label_step(1000, 500) == 50  # 0.5 px: 50 frames = 25 px
 
 
 @pytest.mark.parametrize("n", [1, 2, 9, 10, 37, 128, 256])
@@ -333,9 +384,27 @@ def test_timeline_labels_do_not_overlap(T):
 def test_demo_command_line(tmp_path):
     out = tmp_path / "demo"
     proc = subprocess.run(
-        [sys.executable, "-m", "earlytom_ext", "demo", "--frames", "4", "--ratio", "0.2", "--out", str(out),
-         "--device", "cpu", "--repeats", "2"],
-        cwd=str(tmp_path), env=_env(), capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "earlytom_ext",
+            "demo",
+            "--frames",
+            "4",
+            "--ratio",
+            "0.2",
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            "--repeats",
+            "2",
+        ],
+        cwd=str(tmp_path),
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     png = out / "earlytom_demo.png"
@@ -343,9 +412,17 @@ def test_demo_command_line(tmp_path):
     text = proc.stdout
     for layer in (6, 21, 23):
         assert f"after Stage I at layer {layer}" in text
-    for needle in ("| input | 4 |", "refined segments", "unpatched (T x 196 + newline) | 785",
-                   "EarlyTom (kept + newline)", "stage2", "vision_tower", "LLM prompt",
-                   "median of 2 runs after a warm-up", demo.RANDOM_WEIGHTS_NOTE):
+    for needle in (
+        "| input | 4 |",
+        "refined segments",
+        "unpatched (T x 196 + newline) | 785",
+        "EarlyTom (kept + newline)",
+        "stage2",
+        "vision_tower",
+        "LLM prompt",
+        "median of 2 runs after a warm-up",
+        demo.RANDOM_WEIGHTS_NOTE,
+    ):
         assert needle in text, needle
 
 
@@ -360,8 +437,18 @@ def test_demo_in_process_stats(tmp_path, monkeypatch):
 
     monkeypatch.setattr(demo, "plot", spy)
     out = tmp_path / "new" / "folder"
-    res = demo.run(frames=5, ratio=0.3, out=str(out), tau=0.9, max_window=4, prune_layers=(2, 5),
-                   device="cpu", generate=False, quiet=True, repeats=1)
+    res = demo.run(
+        frames=5,
+        ratio=0.3,
+        out=str(out),
+        tau=0.9,
+        max_window=4,
+        prune_layers=(2, 5),
+        device="cpu",
+        generate=False,
+        quiet=True,
+        repeats=1,
+    )
     assert _is_png(res["png"]) and os.path.dirname(res["png"]) == str(out)
     assert notes == [demo.RANDOM_WEIGHTS_NOTE]
     v = res["stats"]["videos"][0]
@@ -383,8 +470,21 @@ def test_demo_real_video(tmp_path):
     frames = demo.load_video(demo.sample_video_path(), 4)
     assert frames.shape == (4, 3, 384, 384) and frames.dtype == torch.uint8
     assert frames.float().std() > 5  # real picture content
-    rc = demo.main(["--video", "sample", "--frames", "4", "--out", str(tmp_path), "--no-generate", "--device", "cpu",
-                    "--repeats", "1"])
+    rc = demo.main(
+        [
+            "--video",
+            "sample",
+            "--frames",
+            "4",
+            "--out",
+            str(tmp_path),
+            "--no-generate",
+            "--device",
+            "cpu",
+            "--repeats",
+            "1",
+        ]
+    )
     assert rc == 0
     assert _is_png(os.path.join(str(tmp_path), "earlytom_demo.png"))
 
@@ -394,8 +494,20 @@ def test_demo_with_a_checkpoint(tmp_path, capsys):
 
     ckpt = save_tiny_checkpoint(str(tmp_path / "ckpt"))
     out = tmp_path / "out"
-    argv = ["--model", ckpt, "--frames", "4", "--repeats", "1", "--max-new-tokens", "3", "--device", "cpu",
-            "--out", str(out)]
+    argv = [
+        "--model",
+        ckpt,
+        "--frames",
+        "4",
+        "--repeats",
+        "1",
+        "--max-new-tokens",
+        "3",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+    ]
     rc = demo.main(argv + ([] if HAS_MPL else ["--no-png"]))
     text = capsys.readouterr().out
     assert rc == 0, text
@@ -412,10 +524,12 @@ def test_demo_with_a_checkpoint(tmp_path, capsys):
 # ------------------------------------------------------------------------------------------------
 def test_lazy_exports_in_a_fresh_interpreter():
     # `earlytom_ext.apply` / `fast_pooling` resolve lazily (no transformers import until used).
-    code = ("import sys, earlytom_ext; assert 'transformers' not in sys.modules; "
-            "assert callable(earlytom_ext.set_verbosity); "
-            "h = earlytom_ext.EarlyTomHandle; f = earlytom_ext.apply; p = earlytom_ext.fast_pooling; "
-            "print(f.__module__, p.__module__)")
+    code = (
+        "import sys, earlytom_ext; assert 'transformers' not in sys.modules; "
+        "assert callable(earlytom_ext.set_verbosity); "
+        "h = earlytom_ext.EarlyTomHandle; f = earlytom_ext.apply; p = earlytom_ext.fast_pooling; "
+        "print(f.__module__, p.__module__)"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split()[0].startswith("earlytom_ext.integration")

@@ -8,7 +8,6 @@ import re
 import sys
 
 import pytest
-import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICKSTART = os.path.join(ROOT, "examples", "quickstart.py")
@@ -43,31 +42,50 @@ def save_tiny_checkpoint(path: str, vision_layers: int = 26, seed: int = 0) -> s
     if importlib.util.find_spec("torchvision") is None:
         pytest.skip("the LLaVA-OneVision video processor needs torchvision")
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import (LlavaOnevisionImageProcessor, LlavaOnevisionProcessor, LlavaOnevisionVideoProcessor,
-                              PreTrainedTokenizerFast)
+    from transformers import (
+        LlavaOnevisionImageProcessor,
+        LlavaOnevisionProcessor,
+        LlavaOnevisionVideoProcessor,
+        PreTrainedTokenizerFast,
+    )
 
     from earlytom_ext import tiny_model as tm
 
-    special = {"<pad>": tm.PAD_ID, "<s>": 1, "</s>": 2, "<unk>": 3, "<image>": tm.IMAGE_TOKEN_ID,
-               "<video>": tm.VIDEO_TOKEN_ID}
+    special = {
+        "<pad>": tm.PAD_ID,
+        "<s>": 1,
+        "</s>": 2,
+        "<unk>": 3,
+        "<image>": tm.IMAGE_TOKEN_ID,
+        "<video>": tm.VIDEO_TOKEN_ID,
+    }
     taken = set(special.values())
     vocab = {f"w{i}": i for i in range(tm.VOCAB) if i not in taken}
     vocab.update(special)
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
         additional_special_tokens=["<image>", "<video>"],
         model_input_names=["input_ids", "attention_mask"],  # like Qwen2's tokenizer: no token_type_ids
     )
-    template = ("{% for m in messages %}{{ m['role'] }}: {% for c in m['content'] %}"
-                "{% if c['type'] == 'video' %}<video> {% elif c['type'] == 'image' %}<image> "
-                "{% elif c['type'] == 'text' %}{{ c['text'] }} {% endif %}{% endfor %}{% endfor %}"
-                "{% if add_generation_prompt %}assistant: {% endif %}")
+    template = (
+        "{% for m in messages %}{{ m['role'] }}: {% for c in m['content'] %}"
+        "{% if c['type'] == 'video' %}<video> {% elif c['type'] == 'image' %}<image> "
+        "{% elif c['type'] == 'text' %}{{ c['text'] }} {% endif %}{% endfor %}{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}"
+    )
     processor = LlavaOnevisionProcessor(
-        image_processor=LlavaOnevisionImageProcessor(), tokenizer=tokenizer,
-        video_processor=LlavaOnevisionVideoProcessor(), num_image_tokens=tm.GRID * tm.GRID,
-        vision_feature_select_strategy="full", chat_template=template,
+        image_processor=LlavaOnevisionImageProcessor(),
+        tokenizer=tokenizer,
+        video_processor=LlavaOnevisionVideoProcessor(),
+        num_image_tokens=tm.GRID * tm.GRID,
+        vision_feature_select_strategy="full",
+        chat_template=template,
     )
     tm.build_model(vision_layers=vision_layers, seed=seed).save_pretrained(path)
     processor.save_pretrained(path)
@@ -105,7 +123,8 @@ def test_quickstart_default_model_id():
 
     quickstart = _load_quickstart()
     assert inspect.signature(quickstart.main).parameters["model_id"].default == (
-        "llava-hf/llava-onevision-qwen2-0.5b-ov-hf")
+        "llava-hf/llava-onevision-qwen2-0.5b-ov-hf"
+    )
 
 
 if __name__ == "__main__":  # pragma: no cover
