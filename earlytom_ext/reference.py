@@ -4,6 +4,7 @@ Readable, float32 math, no kernels. Every fused op and the model integration are
 these functions. Functions work on ONE video (frames ``[T, S, D]``, local frame indices) unless
 their name ends in ``_batched``; batched entry points take the frames of several videos
 concatenated along dim 0 plus per-video frame counts and compress each video independently.
+:func:`llm_merge` (the inner-LLM token merge) is defined in ``earlytom_ext/_reference_llm.py``.
 
 Conventions shared with the ops (docs/design.md):
 
@@ -17,11 +18,12 @@ Conventions shared with the ops (docs/design.md):
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
+from ._reference_llm import llm_merge
 from .config import EarlyTomConfig
 
 __all__ = [
@@ -34,8 +36,8 @@ __all__ = [
 #: Tokens per frame after LLaVA-OneVision's 27x27 -> 14x14 pooling (the paper's P).
 TOKENS_PER_FRAME = 196
 
-Segment = Tuple[int, int]
-PlanEntry = Tuple[int, int, float]
+Segment = tuple[int, int]
+PlanEntry = tuple[int, int, float]
 
 
 # --------------------------------------------------------------------------------------------
@@ -62,9 +64,9 @@ def _check_video(x: torch.Tensor) -> None:
         raise ValueError("x must hold at least one frame (T >= 1)")
 
 
-def _segment_normalized(xn: torch.Tensor, cfg: EarlyTomConfig) -> List[Segment]:
+def _segment_normalized(xn: torch.Tensor, cfg: EarlyTomConfig) -> list[Segment]:
     T = xn.shape[0]
-    segments: List[Segment] = []
+    segments: list[Segment] = []
     start, s_hat = 0, 1.0
     for i in range(1, T):
         c = _sim(xn, start, i)  # the reference frame is the first frame of the segment
@@ -76,13 +78,13 @@ def _segment_normalized(xn: torch.Tensor, cfg: EarlyTomConfig) -> List[Segment]:
     return segments
 
 
-def segment(x: torch.Tensor, cfg: EarlyTomConfig) -> List[Segment]:
+def segment(x: torch.Tensor, cfg: EarlyTomConfig) -> list[Segment]:
     """EMA segmentation of one video ``[T, S, D]`` (Stage I step 1): inclusive (start, end)."""
     _check_video(x)
     return _segment_normalized(_normalized(x), cfg)
 
 
-def _interior_plan(xn: torch.Tensor, s: int, e: int, keep_last_interior: bool) -> List[PlanEntry]:
+def _interior_plan(xn: torch.Tensor, s: int, e: int, keep_last_interior: bool) -> list[PlanEntry]:
     """Fine-merge of the interior frames s+1..e-1 of a segment [s, e] (length >= 3)."""
     first = s + 1
     L = e - s - 1
@@ -90,7 +92,7 @@ def _interior_plan(xn: torch.Tensor, s: int, e: int, keep_last_interior: bool) -
         return [(first, first, 1.0)]
     tau_m = _sim(xn, s, e)
     sigma = [_sim(xn, first + j, first + j + 1) for j in range(L - 1)]
-    plan: List[PlanEntry] = []
+    plan: list[PlanEntry] = []
     j = 0
     while j < L - 1:
         a, b = first + j, first + j + 1
@@ -118,7 +120,7 @@ def _interior_plan(xn: torch.Tensor, s: int, e: int, keep_last_interior: bool) -
     return plan
 
 
-def merge_plan(x: torch.Tensor, cfg: EarlyTomConfig) -> Tuple[List[PlanEntry], List[Segment]]:
+def merge_plan(x: torch.Tensor, cfg: EarlyTomConfig) -> tuple[list[PlanEntry], list[Segment]]:
     """Stage I plan of one video: ``(plan, segments)`` (local frame indices).
 
     Segments of one or two frames pass unchanged; longer segments keep both endpoints and
@@ -127,7 +129,7 @@ def merge_plan(x: torch.Tensor, cfg: EarlyTomConfig) -> Tuple[List[PlanEntry], L
     _check_video(x)
     xn = _normalized(x)
     segments = _segment_normalized(xn, cfg)
-    plan: List[PlanEntry] = []
+    plan: list[PlanEntry] = []
     for s, e in segments:
         if e - s + 1 <= 2:
             plan.extend((i, i, 1.0) for i in range(s, e + 1))
@@ -150,7 +152,7 @@ def apply_plan(t: torch.Tensor, plan: Sequence[PlanEntry]) -> torch.Tensor:
     return torch.where(w == 1.0, tf[src0], merged).to(t.dtype)
 
 
-def merge_frames(x: torch.Tensor, cfg: EarlyTomConfig, extras: Optional[torch.Tensor] = None):
+def merge_frames(x: torch.Tensor, cfg: EarlyTomConfig, extras: torch.Tensor | None = None):
     """One prune layer's Stage I on one video: ``(x_merged, extras_merged, segments)``.
 
     ``extras`` is any tensor with leading dim T (e.g. per-frame token scores), merged with the
@@ -163,14 +165,14 @@ def merge_frames(x: torch.Tensor, cfg: EarlyTomConfig, extras: Optional[torch.Te
     return apply_plan(x, plan), merged_extras, segments
 
 
-def _split(x: torch.Tensor, frame_counts) -> List[torch.Tensor]:
+def _split(x: torch.Tensor, frame_counts) -> list[torch.Tensor]:
     counts = [int(c) for c in (frame_counts.tolist() if isinstance(frame_counts, torch.Tensor) else frame_counts)]
     if any(c < 1 for c in counts) or sum(counts) != x.shape[0]:
         raise ValueError(f"frame_counts must be >= 1 and sum to {x.shape[0]}, got {counts}")
     return list(torch.split(x, counts, dim=0))
 
 
-def merge_frames_batched(x: torch.Tensor, frame_counts, cfg: EarlyTomConfig, extras: Optional[torch.Tensor] = None):
+def merge_frames_batched(x: torch.Tensor, frame_counts, cfg: EarlyTomConfig, extras: torch.Tensor | None = None):
     """Stage I on several videos (frames concatenated, ``frame_counts`` per video).
 
     Returns ``(x_merged, extras_merged, counts, segments, plans)``; ``segments`` and ``plans``
@@ -191,7 +193,7 @@ def merge_frames_batched(x: torch.Tensor, frame_counts, cfg: EarlyTomConfig, ext
     return torch.cat(out), merged_extras, counts, segs, plans
 
 
-def segment_batched(x: torch.Tensor, frame_counts, cfg: EarlyTomConfig) -> List[List[Segment]]:
+def segment_batched(x: torch.Tensor, frame_counts, cfg: EarlyTomConfig) -> list[list[Segment]]:
     """EMA segmentation of each video of a batch (local indices per video)."""
     return [segment(xv, cfg) for xv in _split(x, frame_counts)]
 
@@ -216,12 +218,12 @@ def attention_received(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.
 # --------------------------------------------------------------------------------------------
 # After the encoder
 # --------------------------------------------------------------------------------------------
-def pooled_hw(h: int, w: int) -> Tuple[int, int]:
+def pooled_hw(h: int, w: int) -> tuple[int, int]:
     """LLaVA-OneVision's pooled grid: ``(ceil(h / 2), ceil(w / 2))`` (27x27 -> 14x14)."""
     return math.ceil(h / 2), math.ceil(w / 2)
 
 
-def pool_grid(x: torch.Tensor, out_hw: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+def pool_grid(x: torch.Tensor, out_hw: tuple[int, int] | None = None) -> torch.Tensor:
     """Bilinear resize (align_corners=False) of per-frame token grids.
 
     ``x``: ``[T, h*w, C]`` (square grid) or ``[T, h*w]`` (scores). ``out_hw`` defaults to the
@@ -256,7 +258,7 @@ def static_windows(r_adj: float, P: int = TOKENS_PER_FRAME) -> int:
     return max(1, round(P * r_adj))
 
 
-def window_bounds(P: int, n: int) -> List[Tuple[int, int]]:
+def window_bounds(P: int, n: int) -> list[tuple[int, int]]:
     """``n`` contiguous windows over ``P`` positions, the first ``P mod n`` one longer."""
     if not 1 <= n <= P:
         raise ValueError(f"the number of windows must be in [1, {P}], got {n}")
@@ -269,9 +271,9 @@ def window_bounds(P: int, n: int) -> List[Tuple[int, int]]:
     return bounds
 
 
-def frame_kinds(segments: Sequence[Segment]) -> List[bool]:
+def frame_kinds(segments: Sequence[Segment]) -> list[bool]:
     """Per frame: True for a static frame (interior of a segment of length >= 3)."""
-    kinds: List[bool] = []
+    kinds: list[bool] = []
     for s, e in segments:
         kinds.extend((e - s + 1 >= 3) and s < f < e for f in range(s, e + 1))
     return kinds
@@ -360,70 +362,3 @@ def run_encoder(hidden: torch.Tensor, layers, cfg: EarlyTomConfig, qk_fn):
                 refined = segment(hidden, cfg)
             counts.append(hidden.shape[0])
     return hidden, scores, refined, counts
-
-
-# --------------------------------------------------------------------------------------------
-# Inner-LLM token merge (the published INNER_k / INNER_r option)
-# --------------------------------------------------------------------------------------------
-def llm_merge(hidden: torch.Tensor, span: tuple[int, int], scores: torch.Tensor,
-              keep_ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The inner-LLM merge of ONE sample, before decoder layer k: ``(new_hidden, kept)``.
-
-    ``hidden [N, D]``: the hidden states entering layer k (the output of layer k - 1).
-    ``span = (s, L)``: the video span (Stage II tokens and the newline), positions s .. s+L-1.
-    ``scores [L]``: the attention the last prompt token pays to each span position (layer k - 1,
-    mean over heads). ``keep_ratio``: the fraction of the span kept, ``1 - r_in``, in (0, 1].
-
-    1. Keep set: the ``n_keep = max(1, round(L * keep_ratio))`` span positions with the highest
-       score (Python ``round``, half to even; ties: the lower position). At least one token is
-       kept so that the removed ones have a target (published: ``round`` alone).
-    2. Every removed position i gets the target ``j* = argmax_j cos(h_i, h_j)`` over the kept j,
-       cosines computed once before any update (``F.normalize``, eps 1e-12); ties go to the kept
-       position with the higher score, then to the lower position.
-    3. For the removed positions in ascending order: ``h[j*] = (h[j*] + h[i]) / 2`` (fp32, one
-       rounding to the input dtype at the end), so a kept token that absorbs several weights
-       them 1/2, 1/4, ... from the last one back.
-    4. Drop: tokens before the span, the kept span tokens in ascending order, tokens after.
-
-    Returns ``new_hidden [N - L + n_keep, D]`` (input dtype) and ``kept`` (int64 ``[n_keep]``,
-    the kept tokens' original positions in the sequence, ascending).
-    """
-    if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2:
-        raise ValueError(f"hidden must be a [N, D] tensor, got {getattr(hidden, 'shape', type(hidden))}")
-    N = hidden.shape[0]
-    if (not isinstance(span, (tuple, list)) or len(span) != 2
-            or not all(isinstance(v, int) and not isinstance(v, bool) for v in span)):
-        raise TypeError(f"span must be a (start, length) pair of ints, got {span!r}")
-    s, L = span
-    if s < 0 or L < 0 or s + L > N:
-        raise ValueError(f"span (start, length) must lie inside the {N} positions of hidden, got {span}")
-    if not isinstance(keep_ratio, (int, float)) or isinstance(keep_ratio, bool):
-        raise TypeError(f"keep_ratio must be a float in (0, 1], got {keep_ratio!r}")
-    if not (math.isfinite(keep_ratio) and 0.0 < keep_ratio <= 1.0):
-        raise ValueError(f"keep_ratio must be in (0, 1] (the fraction of the span kept, 1 - r_in), got {keep_ratio!r}")
-    if not isinstance(scores, torch.Tensor) or scores.dim() != 1 or scores.shape[0] != L:
-        raise ValueError(f"scores must be a 1-D tensor of the span length {L}, got {getattr(scores, 'shape', scores)}")
-    if L == 0:
-        return hidden.clone(), torch.empty(0, dtype=torch.long, device=hidden.device)
-    a = [float(v) for v in scores.float().tolist()]
-    if not all(math.isfinite(v) for v in a):
-        raise ValueError("scores must be finite")
-
-    n_keep = max(1, round(L * keep_ratio))
-    by_score = sorted(range(L), key=lambda p: (-a[p], p))  # highest score first, ties: lower position
-    keep = sorted(by_score[:n_keep])
-    removed = sorted(by_score[n_keep:])
-
-    x = hidden[s:s + L].float()
-    xn = F.normalize(x, dim=-1, eps=1e-12)
-    merged = x.clone()
-    if removed:
-        cos = (xn[removed] @ xn[keep].T).tolist()  # [removed, kept], before any update
-        targets = [max(range(n_keep), key=lambda c: (row[c], a[keep[c]], -keep[c])) for row in cos]
-        for i, c in zip(removed, targets):  # ascending i: sequential halving
-            j = keep[c]
-            merged[j] = (merged[j] + x[i]) / 2
-    kept_rows = merged[keep].to(hidden.dtype)
-    new_hidden = torch.cat([hidden[:s], kept_rows, hidden[s + L:]], dim=0)
-    kept = torch.tensor(keep, dtype=torch.long, device=hidden.device) + s
-    return new_hidden, kept
