@@ -501,8 +501,6 @@ def run(
         repeats = 10 if dev.type == "cuda" else 3
     if png:
         _check_out(out)
-        if importlib.util.find_spec("matplotlib") is None:
-            raise ValueError("the demo's PNG needs matplotlib: pip install matplotlib (or run with --no-png)")
 
     if video is not None:
         if video == "sample":
@@ -516,6 +514,11 @@ def run(
     else:
         frames_u8 = synthetic_frames(frames, seed=seed)
         source = "synthetic clip"
+    if png:  # checked after the arguments and the video, before the long part
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError as e:
+            raise ValueError("the demo's PNG needs matplotlib: pip install matplotlib (or run with --no-png)") from e
 
     random_weights = model is None
     if random_weights:

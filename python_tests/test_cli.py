@@ -20,8 +20,18 @@ from earlytom_ext import __main__ as cli  # noqa: E402
 from earlytom_ext._logging import logger, set_verbosity  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HAS_MPL = importlib.util.find_spec("matplotlib") is not None
-HAS_AV = importlib.util.find_spec("av") is not None
+
+
+def _importable(name):
+    try:
+        importlib.import_module(name)
+    except ImportError:
+        return False
+    return True
+
+
+HAS_MPL = _importable("matplotlib")
+HAS_AV = _importable("av")
 needs_mpl = pytest.mark.skipif(not HAS_MPL, reason="the demo's PNG needs matplotlib")
 needs_av = pytest.mark.skipif(not HAS_AV, reason="decoding a video file needs PyAV")
 
@@ -145,7 +155,7 @@ def test_errors_leave_no_output_folder(tmp_path, capsys):
     _fails(capsys, ["--repeats", "0"] + o, "--repeats")
     _fails(capsys, ["--max-new-tokens", "0"] + o, "--max-new-tokens")
     _fails(capsys, ["--device", "tpu0"] + o, "--device")
-    _fails(capsys, ["--model", str(tmp_path / "no" / "such" / "checkpoint")] + o, "--model:")
+    _fails(capsys, ["--model", str(tmp_path / "no" / "such" / "checkpoint"), "--no-png"] + o, "--model:")
     if not torch.cuda.is_available():
         _fails(capsys, ["--device", "cuda"] + o, "--device")
     with pytest.raises(SystemExit):
