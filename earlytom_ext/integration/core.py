@@ -208,8 +208,7 @@ class EarlyTomHandle:
         t_start = clock.now()
         encoded = adapter.encode(run, videos)
         t2 = clock.now()
-        segments, segment_counts = run.refined
-        segs_local = _merge_ops.segments_per_video(segments, segment_counts, run.frame_counts)  # the host read
+        segs_local = _merge_ops.segments_per_video(*run.refined_host.wait())  # copied while the encoder ran
         P = adapter.tokens_per_frame
         plan = ops.stage2_plan(segs_local, videos.frames, self._cfg.retain_ratio, tokens_per_frame=P)
         tokens, index = ops.select_tokens(encoded.feats, encoded.scores, plan)

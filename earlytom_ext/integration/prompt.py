@@ -13,13 +13,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from .run import AsyncHostCopy
+
 __all__ = ["HostPrompt", "RewrittenPrompt", "rewrite_placeholders"]
-
-
-def _pinned_copy(t: torch.Tensor) -> torch.Tensor:
-    buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    buf.copy_(t, non_blocking=True)
-    return buf
 
 
 class HostPrompt:
@@ -27,26 +23,16 @@ class HostPrompt:
 
     def __init__(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
                  labels: Optional[torch.Tensor]):
-        self.devices = {name: t.device for name, t in (("input_ids", input_ids), ("attention_mask", attention_mask),
-                                                       ("labels", labels)) if t is not None}
-        self.dtypes = {name: t.dtype for name, t in (("input_ids", input_ids), ("attention_mask", attention_mask),
-                                                     ("labels", labels)) if t is not None}
-        self._event = None
-        copies = []
-        for t in (input_ids, attention_mask, labels):
-            if t is not None and t.device.type == "cuda":
-                copies.append(_pinned_copy(t))
-                self._event = torch.cuda.Event()
-            else:
-                copies.append(t)
-        if self._event is not None:
-            self._event.record()
-        self.input_ids, self.attention_mask, self.labels = copies
+        named = [(n, t) for n, t in (("input_ids", input_ids), ("attention_mask", attention_mask), ("labels", labels))
+                 if t is not None]
+        self.devices = {n: t.device for n, t in named}
+        self.dtypes = {n: t.dtype for n, t in named}
+        self._copy = AsyncHostCopy(input_ids, attention_mask, labels)
+        self.input_ids, self.attention_mask, self.labels = input_ids, attention_mask, labels
 
     def wait(self) -> "HostPrompt":
-        if self._event is not None:
-            self._event.synchronize()  # already complete after the encoder's own size syncs
-            self._event = None
+        # Complete long before: the copies were queued ahead of the vision encoder.
+        self.input_ids, self.attention_mask, self.labels = self._copy.wait()
         return self
 
 

@@ -12,10 +12,40 @@ import torch
 from .. import ops
 from ..config import EarlyTomConfig
 
-__all__ = ["Clock", "Decisions", "VideoRun"]
+__all__ = ["AsyncHostCopy", "Clock", "Decisions", "VideoRun"]
 
 Stage1Fn = Callable[[torch.Tensor, torch.Tensor, int, Optional[torch.Tensor]], "ops.MergeResult"]
 RefineFn = Callable[[torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]
+
+
+class AsyncHostCopy:
+    """Host copies of tensors started now (pinned, non-blocking) and read after :meth:`wait`.
+
+    Started right after the op that produced them, the copy is complete long before the host needs
+    it (the encoder's later layers are queued behind it), so reading it stalls nothing; CPU tensors
+    are used as they are.
+    """
+
+    def __init__(self, *tensors: Optional[torch.Tensor]):
+        self._event = None
+        out = []
+        for t in tensors:
+            if t is not None and t.device.type == "cuda":
+                buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                buf.copy_(t, non_blocking=True)
+                t = buf
+                if self._event is None:
+                    self._event = torch.cuda.Event()
+            out.append(t)
+        if self._event is not None:
+            self._event.record()
+        self._tensors = tuple(out)
+
+    def wait(self) -> Tuple[Optional[torch.Tensor], ...]:
+        if self._event is not None:
+            self._event.synchronize()
+            self._event = None
+        return self._tensors
 
 
 class Clock:
@@ -77,6 +107,7 @@ class VideoRun:
     merges: List[tuple] = field(default_factory=list)  # (layer, frame_counts, plan_src, plan_weight)
     scores: Optional[torch.Tensor] = None  # [N', S] fp32 after the last prune layer's merge
     refined: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+    refined_host: Optional[AsyncHostCopy] = None  # (segments, segment_counts, frame_counts) on the host
     _pending_scores: Optional[torch.Tensor] = None
 
     @property
@@ -121,6 +152,7 @@ class VideoRun:
                 self.refined = self.decisions.refine(res.x, self.frame_counts)
             else:
                 self.refined = ops.segment_frames(res.x, self.frame_counts, self.cfg)
+            self.refined_host = AsyncHostCopy(*self.refined, self.frame_counts)  # read for Stage II's plan
             clock.span("refine_segments", t0, clock.now())
         return res.x
 
