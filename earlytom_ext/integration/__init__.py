@@ -21,6 +21,7 @@ from typing import Optional
 
 import torch.nn as nn
 
+from .._logging import logger
 from ..config import EarlyTomConfig
 from .adapters import adapter_for
 from .core import MARKER, EarlyTomHandle
@@ -62,6 +63,8 @@ def apply(model: nn.Module, cfg: Optional[EarlyTomConfig] = None) -> EarlyTomHan
         llm_merge = LLMMerge(adapter.language_model(), cfg.llm_merge_layer, cfg.llm_merge_ratio)
     handle = EarlyTomHandle(model, cfg, adapter, llm_merge)
     handle.install()
+    logger.info("EarlyTom applied to %s (%s, encoder depth %d): %r", type(model).__name__,
+                type(adapter).__name__, adapter.depth, cfg)
     return handle
 
 

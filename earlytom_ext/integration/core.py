@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from .. import ops
+from .._logging import logger
 from .._validation import check_finite
 from ..config import EarlyTomConfig
 from ..ops import merge as _merge_ops
@@ -144,6 +145,7 @@ class EarlyTomHandle:
         self._prev_attrs.clear()
         model.__dict__.pop(MARKER, None)
         self._removed = True
+        logger.info("EarlyTom removed from %s", type(model).__name__)
 
     def __enter__(self) -> "EarlyTomHandle":
         return self
@@ -224,6 +226,8 @@ class EarlyTomHandle:
             "clock": clock, "device": str(device),
         }
         self._stats_cache = None
+        logger.debug("EarlyTom: %d video(s), %s frames, video tokens %s -> %s", len(videos.frames), videos.frames,
+                     videos.placeholders, [int(f.shape[0]) for f in features])
         return features
 
     # ---------------------------------------------------------------- LLM inputs
