@@ -11,8 +11,9 @@ Environment overrides:
 """
 import glob
 import os
+import sys
 
-from setuptools import find_packages, setup
+from setuptools import setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -44,10 +45,11 @@ def _cuda_library_headers():
 
     spec = importlib.util.find_spec("nvidia")
     roots = list(spec.submodule_search_locations) if spec and spec.submodule_search_locations else []
+
     def cuda_version(include_dir):
         try:
             with open(os.path.join(include_dir, "cuda.h")) as f:
-                return next((l.split()[2] for l in f if l.startswith("#define CUDA_VERSION")), None)
+                return next((line.split()[2] for line in f if line.startswith("#define CUDA_VERSION")), None)
         except OSError:
             return None
 
@@ -60,15 +62,10 @@ def _cuda_library_headers():
     return []
 
 
-def _version() -> str:
-    about = {}
-    with open(os.path.join(HERE, "earlytom_ext", "_version.py")) as f:
-        exec(f.read(), about)
-    return about["__version__"]
-
-
 def _extension():
-    rel = lambda pattern: sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, pattern)))
+    def rel(pattern):
+        return sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, pattern)))
+
     sources = rel("csrc/*.cpp") + rel("csrc/ops/*.cpp") + rel("csrc/cpu/*.cpp")
     cxx = ["-O3", "-fopenmp"]
     extra = {"cxx": cxx}
@@ -88,15 +85,25 @@ def _extension():
     )
 
 
+class _BuildExt(BuildExtension):
+    """BuildExtension that says what it compiles and about how long it takes (pip shows it with -v)."""
+
+    def build_extensions(self):
+        sources = [s for ext in self.extensions for s in ext.sources]
+        cuda = [s for s in sources if s.endswith(".cu")]
+        jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)
+        if cuda:
+            what = (f"{len(sources)} sources, {len(cuda)} of them CUDA for TORCH_CUDA_ARCH_LIST="
+                    f"{os.environ.get('TORCH_CUDA_ARCH_LIST', '')} (about 4 min on 2 cores)")
+        else:
+            what = f"{len(sources)} C++ sources, CUDA kernels skipped (about a minute on 2 cores)"
+        print(f"earlytom_ext: compiling {what} with {jobs} jobs; ninja prints [n/N] per file",
+              file=sys.stderr, flush=True)
+        super().build_extensions()
+
+
+# Metadata (name, version, dependencies, extras, the earlytom script, packages) is in pyproject.toml.
 setup(
-    name="earlytom_ext",
-    version=_version(),
-    description="EarlyTom video-token compression inside the vision encoder (CUDA/C++ ops + HF integration)",
-    packages=find_packages(include=["earlytom_ext", "earlytom_ext.*"]),
     ext_modules=[_extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-    python_requires=">=3.9",
-    install_requires=["torch>=2.4", "numpy"],
-    extras_require={"hf": ["transformers>=4.57"], "demo": ["matplotlib", "av"], "test": ["pytest"]},
-    entry_points={"console_scripts": ["earlytom=earlytom_ext.__main__:main"]},
+    cmdclass={"build_ext": _BuildExt.with_options(use_ninja=True)},
 )
