@@ -560,28 +560,53 @@ def test_generate_beams_and_return_sequences_line_up(model, short_inputs):
     torch.testing.assert_close(out.sequences_scores, direct.sequences_scores)
 
 
-def test_past_key_values(model, short_inputs):
+def _cache_names() -> tuple:
+    """The names the installed transformers takes the KV cache under, the current one first:
+    5.24 renamed past_key_values to cache (the old name still works there, with a FutureWarning)."""
+    import inspect
+
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    if "cache" in inspect.signature(LlavaOnevisionForConditionalGeneration.forward).parameters:
+        return ("cache", "past_key_values")
+    return ("past_key_values",)
+
+
+CACHE_NAMES = _cache_names()
+
+
+@pytest.mark.parametrize("name", CACHE_NAMES)
+def test_cache_argument(model, short_inputs, name):
+    import contextlib
+
     from transformers import DynamicCache
 
     inputs = short_inputs
+    legacy = name != CACHE_NAMES[0]
+
+    def renamed():  # transformers' own warning for the old name (the caller's choice here)
+        return pytest.warns(FutureWarning, match="past_key_values") if legacy else contextlib.nullcontext()
+
     with earlytom_ext.apply(model, CFG) as h:
         with torch.no_grad():
             plain = model(**inputs).logits
             cache = DynamicCache()
-            cached = model(**inputs, past_key_values=cache, use_cache=True).logits  # an empty cache: prefill
+            with renamed():
+                cached = model(**inputs, use_cache=True, **{name: cache}).logits  # an empty cache: prefill
         L2 = h.last_inputs["input_ids"].shape[1]
         assert cache.get_seq_length() == L2
         _close(cached, plain, tol=1e-5)
-        # A cache that already holds tokens cannot line up with the compressed prompt.
-        with pytest.raises(ValueError, match="past_key_values"):
-            model.generate(**inputs, past_key_values=cache, max_new_tokens=2)
-        with pytest.raises(ValueError, match="past_key_values"):
-            model(**inputs, past_key_values=cache)
+        # A cache that already holds tokens cannot line up with the compressed prompt, under either name.
+        with pytest.raises(ValueError, match=f"^{name} must be empty"):
+            model.generate(**inputs, max_new_tokens=2, **{name: cache})
+        with pytest.raises(ValueError, match=f"^{name} must be empty"):
+            model(**inputs, **{name: cache})
         # Decoding on from the prefill with the compressed attention mask.
         step = torch.full((2, 1), 5)
         am = torch.cat([h.last_inputs["attention_mask"], torch.ones_like(step)], dim=1)
         with torch.no_grad():
-            nxt = model(input_ids=step, attention_mask=am, past_key_values=cache).logits
+            with renamed():
+                nxt = model(input_ids=step, attention_mask=am, **{name: cache}).logits
             full = model(input_ids=torch.cat([inputs["input_ids"], step], 1),
                          attention_mask=torch.cat([inputs["attention_mask"], torch.ones_like(step)], 1),
                          pixel_values_videos=inputs["pixel_values_videos"]).logits

@@ -7,7 +7,9 @@ original position ids. Run under transformers 5.x (.venv) and 4.57.x (PYTHONPATH
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import inspect
 import json
 import math
 
@@ -20,6 +22,15 @@ from earlytom_ext.config import PAPER_LLM_MERGE, PAPER_PRESETS
 transformers = pytest.importorskip("transformers")
 
 from earlytom_ext.integration.llm_merge import LLMMerge, merge_span  # noqa: E402
+
+# transformers 5.24 renamed the KV cache argument (and output field) past_key_values to cache and
+# still accepts the old name with a FutureWarning; the tests pass the name the installed version has.
+CACHE_KW = "cache" if "cache" in inspect.signature(transformers.Qwen2Model.forward).parameters else "past_key_values"
+CACHE_NAMES = ("cache", "past_key_values") if CACHE_KW == "cache" else ("past_key_values",)
+
+
+def out_cache(out):
+    return getattr(out, CACHE_KW)
 
 # --------------------------------------------------------------------------------------------
 # Config
@@ -323,6 +334,10 @@ def test_constructor_errors():
         LLMMerge(torch.nn.Linear(2, 2), 1, 0.5)
     with pytest.raises(TypeError, match="Qwen2"):
         LLMMerge(m, 1, 0.5)  # the causal-LM wrapper, not the decoder stack
+    nocache = qwen2_lm().model
+    nocache.forward = lambda inputs_embeds=None, attention_mask=None, position_ids=None: None
+    with pytest.raises(TypeError, match="cache or past_key_values"):
+        LLMMerge(nocache, 1, 0.5)
 
 
 def test_sliding_window_decoders_are_rejected():
@@ -381,12 +396,12 @@ def test_armed_prefill_on_a_filled_cache_is_rejected():
     lm = m.model
     emb, mask = batch_inputs(1, 10, 64, [0])
     with torch.no_grad():
-        cache = lm(inputs_embeds=emb, attention_mask=mask, use_cache=True).past_key_values
+        cache = out_cache(lm(inputs_embeds=emb, attention_mask=mask, use_cache=True))
     merge = LLMMerge(lm, 2, 0.5)
     merge.install()
     merge.arm([(1, 4)])
     with pytest.raises(ValueError, match="empty cache"):
-        lm(inputs_embeds=emb[:, :3], attention_mask=torch.ones(1, 13, dtype=torch.long), past_key_values=cache)
+        lm(inputs_embeds=emb[:, :3], attention_mask=torch.ones(1, 13, dtype=torch.long), **{CACHE_KW: cache})
     merge.remove()
 
 
@@ -404,7 +419,7 @@ def test_unarmed_is_bit_identical(kind):
     def run():
         out = lm(inputs_embeds=emb, attention_mask=mask, use_cache=True, output_hidden_states=True)
         step = lm(inputs_embeds=emb[:, :1], attention_mask=torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1),
-                  past_key_values=out.past_key_values, use_cache=True)
+                  use_cache=True, **{CACHE_KW: out_cache(out)})
         gen = m.generate(inputs_embeds=emb, attention_mask=mask, max_new_tokens=4, do_sample=False)
         return [out.last_hidden_state, *out.hidden_states, step.last_hidden_state, gen]
 
@@ -458,7 +473,7 @@ def test_prefill_matches_layer_by_layer_recomputation(attn, k, ratio):
     assert hidden.shape[1] == short and out.logits.shape[1] == short
     # hidden_states[i] is the input of layer i: full length up to layer k, shortened after.
     assert [h.shape[1] for h in out.hidden_states] == [40] * (k + 1) + [short] * (4 - k)
-    assert [out.past_key_values.get_seq_length(i) for i in range(4)] == [40] * k + [short] * (4 - k)
+    assert [out_cache(out).get_seq_length(i) for i in range(4)] == [40] * k + [short] * (4 - k)
     for b, span in enumerate(spans):
         e, sp = unpad(emb, mask, b, span)
         want, kept = oracle.hidden(e, sp)
@@ -562,8 +577,6 @@ def test_unarmed_prefill_after_a_merged_generate_is_plain():
 
 
 def test_modified_cache_is_detected():
-    import inspect
-
     m = qwen2_lm()
     lm = m.model
     emb, mask = batch_inputs(1, 20, 64, [0], seed=6)
@@ -571,16 +584,41 @@ def test_modified_cache_is_detected():
     merge.install()
     merge.arm([(2, 12)])
     with torch.no_grad():
-        cache = lm(inputs_embeds=emb, attention_mask=mask, use_cache=True).past_key_values
+        cache = out_cache(lm(inputs_embeds=emb, attention_mask=mask, use_cache=True))
         with pytest.raises(RuntimeError, match="batch of 2"):
             lm(inputs_embeds=emb[:, :1].expand(2, -1, -1), attention_mask=torch.ones(2, 21, dtype=torch.long),
-               past_key_values=cache)
+               **{CACHE_KW: cache})
         # Cropping removes the same count from every layer: layers >= k no longer line up.
-        first = next(iter(inspect.signature(cache.crop).parameters))
-        cache.crop(2 if first == "tokens_to_remove" else -2)  # 5.x: count; 4.57: negative = from the end
+        cache.crop(-2)  # negative: tokens removed from the end (4.57 and 5.x; a positive value raises from 5.19)
         with pytest.raises(RuntimeError, match="no longer matches"):
-            lm(inputs_embeds=emb[:, :1], attention_mask=torch.ones(1, 19, dtype=torch.long), past_key_values=cache)
+            lm(inputs_embeds=emb[:, :1], attention_mask=torch.ones(1, 19, dtype=torch.long), **{CACHE_KW: cache})
     merge.remove()
+
+
+@pytest.mark.parametrize("name", CACHE_NAMES)
+def test_decoding_reads_the_cache_under_each_accepted_name(name):
+    # A caller may still pass the cache as past_key_values where cache is the new name: the decoding
+    # step must find it and build the shortened mask of layers >= k (left padding makes it matter).
+    m = qwen2_lm()
+    lm = m.model
+    oracle = Oracle(m, 2, 0.5)
+    spans = [(3, 12), (6, 10)]
+    emb, mask = batch_inputs(2, 21, 64, [0, 4], seed=7)
+    prompt, step = emb[:, :20], emb[:, 20:]
+    merge = LLMMerge(lm, 2, 0.5)
+    merge.install()
+    merge.arm(spans)
+    legacy = name != CACHE_KW
+    with torch.no_grad():
+        cache = out_cache(lm(inputs_embeds=prompt, attention_mask=mask[:, :20], use_cache=True))
+        with pytest.warns(FutureWarning, match="past_key_values") if legacy else contextlib.nullcontext():
+            got = lm(inputs_embeds=step, attention_mask=mask, use_cache=True, **{name: cache}).last_hidden_state
+    merge.remove()
+    assert cache.get_seq_length(0) == 21 and cache.get_seq_length(2) == 21 - 5  # sample 1 removes 5 of 10
+    for b, span in enumerate(spans):
+        e, sp = unpad(prompt, mask[:, :20], b, span)
+        want, _ = oracle.hidden(e, sp, gen=step[b])
+        torch.testing.assert_close(got[b, -1], want[-1], rtol=1e-5, atol=1e-5)
 
 
 # --------------------------------------------------------------------------------------------

@@ -283,11 +283,13 @@ class EarlyTomHandle:
         call's arguments in place. Returns the compressed ``input_ids``."""
         if call.get("inputs_embeds") is not None:
             raise ValueError(f"EarlyTom needs input_ids (not inputs_embeds) together with {self.video_arg}")
-        if cache_holds_tokens(call.get("past_key_values")):
-            raise ValueError(
-                f"past_key_values must be empty (or None) when {self.video_arg} is given under EarlyTom: a cache "
-                "that already holds tokens cannot line up with the compressed prompt"
-            )
+        # transformers 5.24 renamed past_key_values to cache and still accepts both: check each.
+        for name in ("cache", "past_key_values"):
+            if cache_holds_tokens(call.get(name)):
+                raise ValueError(
+                    f"{name} must be empty (or None) when {self.video_arg} is given under EarlyTom: a cache "
+                    "that already holds tokens cannot line up with the compressed prompt"
+                )
         if self._llm_merge is not None and call.get("labels") is not None:
             raise ValueError(
                 "labels cannot be used while the inner-LLM merge is on (EarlyTomConfig.llm_merge_layer): the "

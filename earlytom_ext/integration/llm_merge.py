@@ -34,7 +34,7 @@ import torch.nn as nn
 
 from ..config import check_llm_merge
 from .llm_merge_paths import _MergePaths
-from .llm_merge_support import _seq_len, _State, _supported_decoder, merge_span
+from .llm_merge_support import _seq_len, _State, _supported_decoder, cache_arg, call_cache, merge_span
 
 __all__ = ["LLMMerge", "merge_span"]
 
@@ -92,6 +92,7 @@ class LLMMerge(_MergePaths):
         self._create_mask = masking_utils.create_causal_mask
         params = inspect.signature(self._create_mask).parameters
         self._embeds_kw = "inputs_embeds" if "inputs_embeds" in params else "input_embeds"
+        self._mask_cache_kw = cache_arg(self._create_mask)
         self._mask_wants_cache_position = "cache_position" in params
         self._wrapper = None
         self._prev_forward: Any = _MISSING
@@ -207,7 +208,7 @@ class LLMMerge(_MergePaths):
         if shape is None:
             return orig(*args, **kwargs)  # let the model report the bad call
         batch, q_len = shape
-        cache = call.get("past_key_values")
+        cache = call_cache(call)
         cached = int(cache.get_seq_length()) if hasattr(cache, "get_seq_length") else 0
         state = self._state
         if state is not None and cache is not None and cache is state.cache_ref():
@@ -218,7 +219,7 @@ class LLMMerge(_MergePaths):
             spans, self._armed = self._armed, None
             if cached > 0 or (cache is not None and not hasattr(cache, "get_seq_length")):
                 raise ValueError(
-                    "the inner-LLM merge runs on a prefill from an empty cache; past_key_values already holds "
+                    "the inner-LLM merge runs on a prefill from an empty cache; the cache already holds "
                     f"{cached} tokens"
                 )
             return self._prefill(orig, call, spans, batch, q_len)

@@ -5,7 +5,7 @@ import weakref
 
 import torch
 
-from .llm_merge_support import _Call, _mask_2d, _Plan, _ShortCacheView, _State, merge_span
+from .llm_merge_support import _Call, _mask_2d, _Plan, _ShortCacheView, _State, call_cache, merge_span
 
 
 class _MergePaths:
@@ -52,7 +52,7 @@ class _MergePaths:
 
     def _prefill(self, orig, call: dict, spans: list, batch: int, n: int):
         mask = _mask_2d(call, "the armed prefill")
-        cache = call.get("past_key_values")
+        cache = call_cache(call)
         if cache is not None:
             from transformers.cache_utils import DynamicCache
 
@@ -151,7 +151,7 @@ class _MergePaths:
             out[b, pad:] = rows
             pos_short[b, pad:] = pos[b, idx]
             mask_short[b, pad:] = full_mask[b, idx]
-        cache = kwargs.get("past_key_values")
+        cache = call_cache(kwargs)  # what the model passes its decoder layers
         ctx.cache = cache
         ctx.short_mask = mask_short
         ctx.layer_kwargs = {
@@ -169,7 +169,7 @@ class _MergePaths:
         view = _ShortCacheView(cache, self._k) if cache is not None else None
         q = hidden.shape[1]
         kw = {"config": self._lm.config, self._embeds_kw: hidden, "attention_mask": mask_2d,
-              "past_key_values": view, "position_ids": None}
+              self._mask_cache_kw: view, "position_ids": None}
         if self._mask_wants_cache_position:
             offset = view.get_query_offset() if view is not None else 0
             kw["cache_position"] = torch.arange(offset, offset + q, device=hidden.device)
@@ -177,7 +177,7 @@ class _MergePaths:
 
     # ---------------------------------------------------------------- decoding
     def _decode(self, orig, call: dict, state: _State, batch: int, q_len: int):
-        cache = call["past_key_values"]
+        cache = call_cache(call)
         if batch != state.batch:
             raise RuntimeError(
                 f"LLMMerge: decoding a batch of {batch} on a cache merged for a batch of {state.batch}"

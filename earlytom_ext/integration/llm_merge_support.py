@@ -54,6 +54,22 @@ def merge_span(x: torch.Tensor, scores: torch.Tensor, n_keep: int) -> tuple[torc
 # --------------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------------
+# The KV cache argument: transformers 5.24 renamed ``past_key_values`` to ``cache`` (the old name is
+# still accepted there, with a FutureWarning); 4.57 - 5.23 know only ``past_key_values``.
+CACHE_ARGS = ("cache", "past_key_values")
+
+
+def cache_arg(fn: Callable) -> str:
+    """The name under which ``fn`` (a forward or the mask builder) takes the KV cache."""
+    return "cache" if "cache" in inspect.signature(fn).parameters else "past_key_values"
+
+
+def call_cache(call: dict) -> Any:
+    """The KV cache a call carries under either name (``cache`` first), else ``None``."""
+    cache = call.get("cache")
+    return call.get("past_key_values") if cache is None else cache
+
+
 def _supported_decoder(lm: nn.Module) -> tuple[Callable, int, int, int]:
     """``(apply_rotary_pos_emb, heads, kv_heads, head_dim)`` of a Qwen2-style decoder, else TypeError."""
     name = type(lm).__name__
@@ -66,7 +82,9 @@ def _supported_decoder(lm: nn.Module) -> tuple[Callable, int, int, int]:
             f"and `config`, e.g. LLaVA-OneVision's model.model.language_model), got {name}"
         )
     sig = inspect.signature(lm.forward).parameters
-    missing = [p for p in ("inputs_embeds", "attention_mask", "position_ids", "past_key_values") if p not in sig]
+    missing = [p for p in ("inputs_embeds", "attention_mask", "position_ids") if p not in sig]
+    if not any(p in sig for p in CACHE_ARGS):
+        missing.append(" or ".join(CACHE_ARGS))
     if missing:
         raise TypeError(f"LLMMerge: {name}.forward lacks the arguments {missing}")
     heads = getattr(config, "num_attention_heads", None)
