@@ -12,8 +12,6 @@ difference between the two results.
 """
 from __future__ import annotations
 
-from typing import Dict, List
-
 import torch
 
 from bench.common import op_bench_main, peak_bytes, time_fn
@@ -44,7 +42,7 @@ def _inputs(N, H, S, d, dtype, layout, device, seed=0):
     return q, k
 
 
-def benchmark(device: str = "cuda", quick: bool = False) -> List[Dict[str, object]]:
+def benchmark(device: str = "cuda", quick: bool = False) -> list[dict[str, object]]:
     if quick:
         shapes = [(2, 4, 65, 72, torch.float32, "nhsd"), (2, 4, 65, 72, torch.bfloat16, "qproj")]
         warmup, iters = 1, 3

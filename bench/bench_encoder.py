@@ -19,7 +19,7 @@ frames left after each prune layer.
 from __future__ import annotations
 
 import inspect
-from typing import List, Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -77,7 +77,7 @@ def _measure(fn, model, device, warmup: int, iters: int, handle=None) -> dict:
 def benchmark(model, spec, device="cuda", *, frames: int = 32, batch: int = 1,
               ratios: Sequence[float] = (0.10, 0.15, 0.20, 0.25), patterns: Sequence[str] = PATTERNS,
               benchmark_preset: str = "videomme", warmup: int = 2, iters: int = 7, dtype=torch.bfloat16,
-              seed: int = 0, budget: Optional[Budget] = None, log=print) -> List[dict]:
+              seed: int = 0, budget: Budget | None = None, log=print) -> list[dict]:
     """Both baselines vs EarlyTom's video features at each ratio and merge pattern
     (configurations past the budget are skipped and reported)."""
     from earlytom_ext.config import preset

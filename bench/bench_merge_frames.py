@@ -19,8 +19,6 @@ Times: median of CUDA-event-timed calls after warm-up (``bench/common.py``). Ban
 """
 from __future__ import annotations
 
-from typing import Dict, List
-
 import torch
 import torch.nn.functional as F
 
@@ -34,7 +32,7 @@ COLUMNS = ["videos", "T", "S", "D", "dtype", "tau", "M", "N_out", "K", "op_ms", 
            "reference_ms", "loop_ms", "apply_GBps", "op_GBps", "vs_reference", "vs_loop"]
 
 
-def _loop_merge(x: torch.Tensor, counts: List[int], cfg: EarlyTomConfig) -> torch.Tensor:
+def _loop_merge(x: torch.Tensor, counts: list[int], cfg: EarlyTomConfig) -> torch.Tensor:
     """Published-code style: one video at a time, a cosine + ``.item()`` per frame pair."""
     outs, off = [], 0
     for T in counts:
@@ -99,7 +97,7 @@ def _cases(device: str, quick: bool):
     ]
 
 
-def benchmark(device: str = "cuda", quick: bool = False) -> List[Dict[str, object]]:
+def benchmark(device: str = "cuda", quick: bool = False) -> list[dict[str, object]]:
     cuda = str(device).startswith("cuda")
     warmup, iters = (1, 3) if quick else ((5, 30) if cuda else (1, 3))
     slow_iters = 3 if (quick or not cuda) else 5

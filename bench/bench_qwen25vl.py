@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import inspect
 import time
-from typing import List, Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import torch
 
@@ -92,7 +92,7 @@ def build_model(size: str = "qwen2.5-vl-7b", device="cuda", dtype=torch.bfloat16
                    "params": sum(p.numel() for p in model.parameters())}
 
 
-def _patchify(frames: torch.Tensor, patch: int, temporal: int, merge: int) -> Tuple[torch.Tensor, List[int]]:
+def _patchify(frames: torch.Tensor, patch: int, temporal: int, merge: int) -> tuple[torch.Tensor, list[int]]:
     """``[T, C, H, W]`` -> ``([t*h*w, C*temporal*patch*patch], [t, h, w])`` in the Qwen2-VL
     processor's patch order (2x2 merge groups contiguous)."""
     T, C, H, W = frames.shape
@@ -130,7 +130,7 @@ def make_inputs(model, frames: int, image_size: int, *, batch: int = 1, device="
             "pixel_values_videos": torch.cat(pix).to(dtype), "video_grid_thw": torch.tensor(grids, device=device)}
 
 
-def availability(benchmark_preset: str = "videomme", ratio: float = 0.10) -> Tuple[bool, str]:
+def availability(benchmark_preset: str = "videomme", ratio: float = 0.10) -> tuple[bool, str]:
     """Whether ``earlytom_ext.apply`` accepts a Qwen2.5-VL model (checked on a tiny one, CPU)."""
     try:
         from transformers import Qwen2_5_VLForConditionalGeneration  # noqa: F401
@@ -151,7 +151,7 @@ def availability(benchmark_preset: str = "videomme", ratio: float = 0.10) -> Tup
 
 def benchmark(device="cuda", *, size: str = "qwen2.5-vl-7b", ratios: Sequence[float] = (0.10, 0.25),
               pattern: str = "forced-merge", benchmark_preset: str = "videomme", warmup: int = 2, iters: int = 7,
-              dtype=torch.bfloat16, seed: int = 0, budget: Optional[Budget] = None, log=print) -> dict:
+              dtype=torch.bfloat16, seed: int = 0, budget: Budget | None = None, log=print) -> dict:
     """``{"rows": [...], "model_info": ...}`` or ``{"skipped": reason}``."""
     from earlytom_ext.config import preset
 

@@ -16,7 +16,6 @@ index written. ``plan_ms`` is the host-only ``stage2_plan`` time.
 from __future__ import annotations
 
 import time
-from typing import Dict, List
 
 import torch
 
@@ -77,7 +76,7 @@ def _cases(device: str, quick: bool):
     return cases
 
 
-def benchmark(device: str = "cuda", quick: bool = False) -> List[Dict[str, object]]:
+def benchmark(device: str = "cuda", quick: bool = False) -> list[dict[str, object]]:
     cuda = str(device).startswith("cuda")
     warmup, iters = (1, 3) if quick else ((5, 50) if cuda else (1, 5))
     rows = []

@@ -9,7 +9,7 @@ tokens per second (B * N / time), and EarlyTom's throughput over each baseline's
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -36,7 +36,7 @@ def _new_tokens(out, inputs: dict, handle, expected: int) -> int:
 def benchmark(model, spec, device="cuda", *, frames: int = 32, batches: Sequence[int] = (1, 4, 8),
               new_tokens: int = 64, ratio: float = 0.10, pattern: str = "forced-merge",
               benchmark_preset: str = "videomme", warmup: int = 1, iters: int = 3, dtype=torch.bfloat16,
-              seed: int = 0, budget: Optional[Budget] = None, log=print) -> List[dict]:
+              seed: int = 0, budget: Budget | None = None, log=print) -> list[dict]:
     """Rows ``(batch, config)``: stock and EarlyTom for every batch size first, then stock + fast
     pooling (the first to be dropped when the budget runs out)."""
     from earlytom_ext.config import preset
@@ -64,7 +64,7 @@ def benchmark(model, spec, device="cuda", *, frames: int = 32, batches: Sequence
         inputs = inputs_cache[B]
         handle = (apply_earlytom(model, cfg, pattern) if row["config"] == "earlytom"
                   else install_baseline(model, row["config"]))
-        produced: List[int] = []
+        produced: list[int] = []
         try:
             with torch.no_grad():
                 times = timed_calls(

@@ -32,7 +32,8 @@ Merge patterns: see ``bench/patterns.py``.
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
+from typing import Callable
 
 import torch
 
@@ -73,7 +74,7 @@ def _fast_pooling():
     return fn if callable(fn) else None
 
 
-def baseline_available(name: str) -> Tuple[bool, str]:
+def baseline_available(name: str) -> tuple[bool, str]:
     """Whether a baseline can run here, and why not."""
     if name == "stock":
         return True, ""
@@ -94,7 +95,7 @@ def install_baseline(model, name: str):
     return _fast_pooling()(model)
 
 
-def llm_merge_config(benchmark_preset: str, ratio: float, text_layers: Optional[int] = None):
+def llm_merge_config(benchmark_preset: str, ratio: float, text_layers: int | None = None):
     """``(config, None)`` of EarlyTom with the inner-LLM merge at ``ratio``, or ``(None, reason)``
     when this version has no such option. A language model with no more layers than the merge
     layer (the tiny smoke-run models) merges at its middle layer instead."""
@@ -133,19 +134,19 @@ def timers_for(model, device) -> HookTimers:
 # ---------------------------------------------------------------------------------------------
 # Statistics of the handle (read defensively: a missing key is a blank)
 # ---------------------------------------------------------------------------------------------
-def handle_timings(handle) -> Dict[str, float]:
+def handle_timings(handle) -> dict[str, float]:
     """``handle.last_stats["timings_ms"]`` (numbers only; empty when absent)."""
     stats = getattr(handle, "last_stats", None) if handle is not None else None
     t = (stats or {}).get("timings_ms") or {}
     return {k: float(v) for k, v in t.items() if isinstance(v, (int, float))}
 
 
-def op_spans(timings: Optional[dict]) -> Dict[str, float]:
+def op_spans(timings: dict | None) -> dict[str, float]:
     """EarlyTom's own step spans (ms) from ``last_stats["timings_ms"]``."""
     return {k: float(v) for k, v in (timings or {}).items() if k.startswith(OP_SPAN_PREFIXES)}
 
 
-def frames_after(stats: Optional[dict]) -> List[List[int]]:
+def frames_after(stats: dict | None) -> list[list[int]]:
     """Per video, the frame counts after each prune layer (in layer order)."""
     out = []
     for v in (stats or {}).get("videos", []) or []:
@@ -154,7 +155,7 @@ def frames_after(stats: Optional[dict]) -> List[List[int]]:
     return out
 
 
-def _video_stat(stats: Optional[dict], key: str, cast) -> Optional[list]:
+def _video_stat(stats: dict | None, key: str, cast) -> list | None:
     videos = (stats or {}).get("videos") or []
     try:
         vals = [cast(v[key]) for v in videos]
@@ -166,7 +167,7 @@ def _video_stat(stats: Optional[dict], key: str, cast) -> Optional[list]:
 # ---------------------------------------------------------------------------------------------
 # Profiler: kernel time inside earlytom:: operators
 # ---------------------------------------------------------------------------------------------
-def profile_op_time(fn: Callable[[], object], device) -> Dict[str, object]:
+def profile_op_time(fn: Callable[[], object], device) -> dict[str, object]:
     """One profiled call of ``fn``: device (CUDA) or CPU time of top-level ``earlytom::`` ops."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -177,7 +178,7 @@ def profile_op_time(fn: Callable[[], object], device) -> Dict[str, object]:
         with profile(activities=acts) as prof:
             fn()
             sync(device)
-    per_op: Dict[str, float] = {}
+    per_op: dict[str, float] = {}
     total = 0.0
     for ev in prof.events():
         name = getattr(ev, "name", "") or getattr(ev, "key", "")
@@ -206,7 +207,7 @@ def profile_op_time(fn: Callable[[], object], device) -> Dict[str, object]:
 # ---------------------------------------------------------------------------------------------
 # One configuration
 # ---------------------------------------------------------------------------------------------
-def _split(parts: Dict[str, Optional[float]], timings: Dict[str, float]) -> Dict[str, Optional[float]]:
+def _split(parts: dict[str, float | None], timings: dict[str, float]) -> dict[str, float | None]:
     """One call's disjoint parts (ms): the handle's spans where it reports them, else the hooks
     (the vision tower: the hook, else the handle's ``vision_tower`` span for adapters that run
     the tower's layers themselves)."""
@@ -226,8 +227,8 @@ def measure(model, inputs: dict, device, *, handle=None, warmup: int = 2, iters:
     """TTFT and its split for one configuration (the model as it is: patched or not)."""
     timers = timers_for(model, device)
     gen_kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False)
-    calls: List[dict] = []
-    last_out: List[object] = [None]
+    calls: list[dict] = []
+    last_out: list[object] = [None]
 
     def call():
         return model.generate(**inputs, **gen_kwargs)
@@ -293,13 +294,13 @@ def measure(model, inputs: dict, device, *, handle=None, warmup: int = 2, iters:
     return row
 
 
-def _prefill_per_sample(handle) -> Optional[List[int]]:
+def _prefill_per_sample(handle) -> list[int] | None:
     li = getattr(handle, "last_inputs", None)
     mask = li.get("attention_mask") if isinstance(li, dict) else None
     return [int(x) for x in mask.sum(1).tolist()] if isinstance(mask, torch.Tensor) else None
 
 
-def _llm_merge_removed(cfg, video_tokens: Optional[List[int]]) -> Tuple[Optional[int], Optional[List[int]]]:
+def _llm_merge_removed(cfg, video_tokens: list[int] | None) -> tuple[int | None, list[int] | None]:
     """``(layer, tokens removed per sample)`` of the inner-LLM merge (the span is the video's
     tokens plus its newline; ``round(L * (1 - r))`` of them are kept, Python's rounding)."""
     layer = getattr(cfg, "llm_merge_layer", None)
@@ -321,7 +322,7 @@ def config_label(row: dict) -> str:
     return f"{name} r={row.get('ratio')} {row.get('pattern')}"
 
 
-def _add_speedups(rows: List[dict], key: str = "ttft_ms") -> None:
+def _add_speedups(rows: list[dict], key: str = "ttft_ms") -> None:
     """``speedup`` (vs stock HF) and ``speedup_vs_fastpool`` of every row, from the baselines
     measured before the EarlyTom runs."""
     base = {r["baseline"]: r.get(key) for r in rows
@@ -342,7 +343,7 @@ def benchmark(model, spec, device="cuda", *, frames: int = 32, batch: int = 1,
               ratios: Sequence[float] = (0.10, 0.15, 0.20, 0.25), patterns: Sequence[str] = PATTERNS,
               benchmark_preset: str = "videomme", llm_merge_ratios: Sequence[float] = (0.10, 0.20),
               warmup: int = 2, iters: int = 7, profile: bool = True, dtype=torch.bfloat16, seed: int = 0,
-              budget: Optional[Budget] = None, log=print) -> List[dict]:
+              budget: Budget | None = None, log=print) -> list[dict]:
     """Both baselines (measured before and after the compressed runs) and EarlyTom at each ratio
     (the paper's ``preset(benchmark_preset, r)``) and merge pattern, plus EarlyTom with the
     inner-LLM merge at ``llm_merge_ratios`` (headline pattern) when the option exists. One row
@@ -353,7 +354,7 @@ def benchmark(model, spec, device="cuda", *, frames: int = 32, batch: int = 1,
     inputs = models.make_batch(spec, batch, frames, device=device, dtype=dtype, seed=seed)
     full_lens = [int(x) for x in inputs["attention_mask"].sum(1).tolist()]
     common = {"frames": frames, "batch": batch}
-    points: List[dict] = [dict(config="uncompressed", baseline=b, when="before", ratio=1.0, **common)
+    points: list[dict] = [dict(config="uncompressed", baseline=b, when="before", ratio=1.0, **common)
                           for b in BASELINES]
     for i, pattern in enumerate(patterns):
         points += [dict(config="earlytom", pattern=pattern, ratio=r, llm_merge=False, **common) for r in ratios]
@@ -430,7 +431,7 @@ def benchmark(model, spec, device="cuda", *, frames: int = 32, batch: int = 1,
 def scaling(model, spec, device="cuda", *, frames_list: Sequence[int] = (8, 16, 32, 64, 128),
             batch_list: Sequence[int] = (1, 2, 4), base_frames: int = 32, ratio: float = 0.10,
             pattern: str = "forced-merge", benchmark_preset: str = "videomme", warmup: int = 1, iters: int = 3,
-            dtype=torch.bfloat16, seed: int = 0, budget: Optional[Budget] = None, log=print) -> List[dict]:
+            dtype=torch.bfloat16, seed: int = 0, budget: Budget | None = None, log=print) -> list[dict]:
     """TTFT of both baselines and EarlyTom (``ratio``, ``pattern``) and EarlyTom's op time vs
     frames (batch 1) and vs batch (``base_frames`` frames). Points past the budget are skipped."""
     from earlytom_ext.config import preset
@@ -440,7 +441,7 @@ def scaling(model, spec, device="cuda", *, frames_list: Sequence[int] = (8, 16, 
     fast_ok, _ = baseline_available("fastpool")
     points = ([dict(axis="frames", value=f, batch=1, frames=f) for f in frames_list]
               + [dict(axis="batch", value=b, batch=b, frames=base_frames) for b in batch_list])
-    done: Dict[tuple, dict] = {}
+    done: dict[tuple, dict] = {}
 
     def measure_point(row: dict) -> None:
         key = (row["batch"], row["frames"])

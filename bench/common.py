@@ -5,7 +5,8 @@ from __future__ import annotations
 import gc
 import statistics
 import time
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from collections.abc import Iterable, Sequence
+from typing import Callable
 
 import torch
 
@@ -58,19 +59,19 @@ class Stamp:
         return (other.t - self.t) * 1e3
 
 
-def median(xs: Iterable[Optional[float]]) -> Optional[float]:
+def median(xs: Iterable[float | None]) -> float | None:
     """Median of the values that are not ``None`` (``None`` when there are none)."""
     xs = [x for x in xs if x is not None]
     return float(statistics.median(xs)) if xs else None
 
 
-def gib(n_bytes: Optional[float]) -> Optional[float]:
+def gib(n_bytes: float | None) -> float | None:
     return None if n_bytes is None else n_bytes / 2**30
 
 
 def timed_calls(fn: Callable[[], object], device, *, warmup: int, iters: int,
-                before: Optional[Callable[[], None]] = None,
-                after: Optional[Callable[[object], None]] = None) -> List[float]:
+                before: Callable[[], None] | None = None,
+                after: Callable[[object], None] | None = None) -> list[float]:
     """Milliseconds of ``iters`` calls of ``fn()`` after ``warmup`` untimed ones.
 
     CUDA: CUDA events on the current stream around each call (the stream time of the call,
@@ -81,7 +82,7 @@ def timed_calls(fn: Callable[[], object], device, *, warmup: int, iters: int,
     for _ in range(warmup):
         fn()
     sync(device)
-    times: List[float] = []
+    times: list[float] = []
     for _ in range(iters):
         if before is not None:
             before()
@@ -94,13 +95,13 @@ def timed_calls(fn: Callable[[], object], device, *, warmup: int, iters: int,
     return times
 
 
-def time_fn(fn: Callable[[], object], *, device: str = "cuda", warmup: int = 2, iters: int = 7) -> Dict[str, float]:
+def time_fn(fn: Callable[[], object], *, device: str = "cuda", warmup: int = 2, iters: int = 7) -> dict[str, float]:
     """Median and min time of ``fn()`` in milliseconds (see :func:`timed_calls`)."""
     times = timed_calls(fn, device, warmup=warmup, iters=iters)
     return {"median_ms": statistics.median(times), "min_ms": min(times), "iters": iters}
 
 
-def peak_bytes(fn: Callable[[], object], device) -> Optional[Tuple[int, int]]:
+def peak_bytes(fn: Callable[[], object], device) -> tuple[int, int] | None:
     """``(peak, base)``: ``torch.cuda.max_memory_allocated`` over one more call of ``fn`` and the
     memory allocated before it (weights, inputs). ``None`` off CUDA."""
     if not is_cuda(device):
@@ -113,7 +114,7 @@ def peak_bytes(fn: Callable[[], object], device) -> Optional[Tuple[int, int]]:
     return torch.cuda.max_memory_allocated(device), base
 
 
-def peak_memory(fn: Callable[[], object], device) -> Dict[str, Optional[float]]:
+def peak_memory(fn: Callable[[], object], device) -> dict[str, float | None]:
     """``peak_mem_gib`` (all allocated memory at the peak of one call) and ``peak_over_weights_gib``
     (the same minus what was allocated before the call). Empty off CUDA."""
     pb = peak_bytes(fn, device)
@@ -134,13 +135,13 @@ class HookTimers:
     The first call of ``first_only[0]`` also records its sequence length (``prefill_len``).
     """
 
-    def __init__(self, device, modules: Dict[str, torch.nn.Module], *, first_only: Sequence[str] = (),
-                 methods: Optional[Dict[str, Tuple[object, str]]] = None):
+    def __init__(self, device, modules: dict[str, torch.nn.Module], *, first_only: Sequence[str] = (),
+                 methods: dict[str, tuple[object, str]] | None = None):
         self.cuda = is_cuda(device)
         self.first_only = tuple(first_only)
         self.names = list(modules) + list(methods or {})
-        self._handles: List = []
-        self._restore: List[Callable[[], None]] = []
+        self._handles: list = []
+        self._restore: list[Callable[[], None]] = []
         self.reset()
         for name, mod in modules.items():
             self._handles.append(mod.register_forward_pre_hook(self._pre(name), with_kwargs=True))
@@ -149,9 +150,9 @@ class HookTimers:
             self._wrap(name, owner, attr)
 
     def reset(self) -> None:
-        self._open: Dict[str, Stamp] = {}
-        self.spans: Dict[str, List[tuple]] = {n: [] for n in self.names}
-        self.prefill_len: Optional[int] = None
+        self._open: dict[str, Stamp] = {}
+        self.spans: dict[str, list[tuple]] = {n: [] for n in self.names}
+        self.prefill_len: int | None = None
 
     def _pre(self, name):
         def hook(module, args, kwargs):
@@ -198,9 +199,9 @@ class HookTimers:
 
         self._restore.append(restore)
 
-    def collect(self) -> Dict[str, Optional[float]]:
+    def collect(self) -> dict[str, float | None]:
         """Milliseconds per name (``None`` when it did not run)."""
-        out: Dict[str, Optional[float]] = {}
+        out: dict[str, float | None] = {}
         for name, spans in self.spans.items():
             if not spans:
                 out[name] = None
@@ -228,7 +229,7 @@ class Budget:
     time left now, so time a section leaves unused flows to the sections after it.
     """
 
-    def __init__(self, seconds: Optional[float] = None, *, _deadline: Optional[float] = None):
+    def __init__(self, seconds: float | None = None, *, _deadline: float | None = None):
         if seconds is not None and _deadline is None:
             if seconds <= 0:
                 raise ValueError(f"time budget must be > 0 seconds, got {seconds}")
@@ -239,7 +240,7 @@ class Budget:
     def limited(self) -> bool:
         return self.deadline is not None
 
-    def left(self) -> Optional[float]:
+    def left(self) -> float | None:
         return None if self.deadline is None else self.deadline - time.monotonic()
 
     def expired(self) -> bool:
@@ -254,14 +255,14 @@ class Budget:
 
 
 def run_points(points: Sequence[dict], measure: Callable[[dict], None], *, budget: Budget, device,
-               log: Callable[[str], None] = print, label: Callable[[dict], str] = str) -> List[dict]:
+               log: Callable[[str], None] = print, label: Callable[[dict], str] = str) -> list[dict]:
     """One row per point: ``measure(row)`` fills a copy of the point.
 
     Points past the budget get ``row["skipped"] = "time budget"``; a point whose measurement
     raises gets ``row["error"]`` (the others still run) and the GPU memory it held is released.
     ``measure`` may set ``row["skipped"]`` itself (e.g. a feature that does not exist).
     """
-    rows: List[dict] = []
+    rows: list[dict] = []
     for point in points:
         row = dict(point)
         if budget.expired():
@@ -293,7 +294,7 @@ def gbps(n_bytes: float, ms: float) -> float:
     return n_bytes / (ms * 1e-3) / 1e9
 
 
-def markdown_table(rows: List[Dict[str, object]], columns: List[str], headers: Optional[List[str]] = None) -> str:
+def markdown_table(rows: list[dict[str, object]], columns: list[str], headers: list[str] | None = None) -> str:
     """Rows (dicts) as a GitHub markdown table over ``columns`` (shown as ``headers`` when given);
     floats get 4 significant digits, ``None`` is blank."""
 
@@ -308,7 +309,7 @@ def markdown_table(rows: List[Dict[str, object]], columns: List[str], headers: O
     return "\n".join(out)
 
 
-def op_bench_main(name: str, benchmark, columns: List[str], doc: str, argv=None) -> None:
+def op_bench_main(name: str, benchmark, columns: list[str], doc: str, argv=None) -> None:
     """Command line of an op microbenchmark: ``--device``, ``--quick``; prints a markdown table."""
     import argparse
 

@@ -8,7 +8,6 @@ import platform
 import re
 import subprocess
 from pathlib import Path
-from typing import Dict, Optional
 
 import torch
 
@@ -26,7 +25,7 @@ def utc_now() -> _dt.datetime:
     return _dt.datetime.now(_dt.timezone.utc)
 
 
-def git_commit() -> Optional[str]:
+def git_commit() -> str | None:
     """Short commit of the checkout (``None`` outside git, e.g. a copied tree)."""
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
@@ -36,14 +35,14 @@ def git_commit() -> Optional[str]:
         return None
 
 
-def nvml_info(index: int = 0) -> Dict[str, object]:
+def nvml_info(index: int = 0) -> dict[str, object]:
     """GPU name, clocks, memory, driver, power limit, temperature via nvidia-ml-py (read only).
     Never raises: a refused call leaves its key ``None``, a refused init/handle one note."""
     try:
         import pynvml
     except Exception as e:
         return {"nvml": f"unavailable ({type(e).__name__}: {e})"}
-    info: Dict[str, object] = {}
+    info: dict[str, object] = {}
     try:
         pynvml.nvmlInit()
     except Exception as e:
@@ -81,9 +80,9 @@ def nvml_info(index: int = 0) -> Dict[str, object]:
     return info
 
 
-def environment(device: str) -> Dict[str, object]:
+def environment(device: str) -> dict[str, object]:
     """Versions, the checkout's commit and, on CUDA, the GPU and its NVML readings."""
-    env: Dict[str, object] = {
+    env: dict[str, object] = {
         "date_utc": utc_now().strftime("%Y-%m-%dT%H:%M:%SZ"),
         "python": platform.python_version(),
         "platform": platform.platform(),
@@ -117,7 +116,7 @@ def environment(device: str) -> Dict[str, object]:
     return env
 
 
-def device_slug(device: str, name: Optional[str] = None) -> str:
+def device_slug(device: str, name: str | None = None) -> str:
     """Short name of the device for file names: ``h100`` for "NVIDIA H100 80GB HBM3", ``h200``,
     ``a100`` for "NVIDIA A100-SXM4-80GB", ``rtx-4090``; ``cpu-smoke`` off CUDA."""
     if not is_cuda(device):

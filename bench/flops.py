@@ -17,7 +17,7 @@ The projector, pooling and LM head are not counted (the paper does not count the
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+from collections.abc import Sequence
 
 __all__ = ["layer_flops", "frames_per_layer", "encoder_flops", "llm_flops", "compare", "section_rows", "main"]
 
@@ -29,7 +29,7 @@ def layer_flops(n: int, d: int, m: int) -> int:
 
 
 def frames_per_layer(frames: int, num_layers: int, prune_layers: Sequence[int] = (),
-                     counts_after: Sequence[int] = ()) -> List[int]:
+                     counts_after: Sequence[int] = ()) -> list[int]:
     """Frames each encoder layer runs on.
 
     ``counts_after[j]`` is the frame count after Stage I at ``prune_layers[j]``; layers up to and
@@ -52,8 +52,8 @@ def encoder_flops(per_layer_frames: Sequence[int], tokens: int, d: int, m: int) 
     return sum(int(f) * per_frame for f in per_layer_frames)
 
 
-def llm_flops(seq_lens: Sequence[int], layers: int, d: int, m: int, merge_layer: Optional[int] = None,
-              removed: Optional[Sequence[int]] = None) -> int:
+def llm_flops(seq_lens: Sequence[int], layers: int, d: int, m: int, merge_layer: int | None = None,
+              removed: Sequence[int] | None = None) -> int:
     """LLM prefill FLOPs over the given sequence lengths (one per sample).
 
     ``merge_layer`` / ``removed``: the inner-LLM merge; layers ``merge_layer ..`` run on
@@ -70,9 +70,9 @@ def llm_flops(seq_lens: Sequence[int], layers: int, d: int, m: int, merge_layer:
 
 
 def compare(spec, frames: Sequence[int], seq_lens_full: Sequence[int], seq_lens_comp: Sequence[int],
-            prune_layers: Sequence[int] = (), counts_after: Optional[Sequence[Sequence[int]]] = None,
-            llm_merge_layer: Optional[int] = None, llm_merge_removed: Optional[Sequence[int]] = None
-            ) -> Dict[str, float]:
+            prune_layers: Sequence[int] = (), counts_after: Sequence[Sequence[int]] | None = None,
+            llm_merge_layer: int | None = None, llm_merge_removed: Sequence[int] | None = None
+            ) -> dict[str, float]:
     """Uncompressed vs compressed FLOPs for a batch.
 
     ``frames``: frames per video; ``counts_after[b]``: video b's frame counts after each prune
@@ -107,7 +107,7 @@ def compare(spec, frames: Sequence[int], seq_lens_full: Sequence[int], seq_lens_
 
 
 def section_rows(spec, ttft_rows: Sequence[dict], frames: int, text_tokens: int, preset_name: str,
-                 ratios: Sequence[float] = (0.10, 0.15, 0.20, 0.25)) -> List[dict]:
+                 ratios: Sequence[float] = (0.10, 0.15, 0.20, 0.25)) -> list[dict]:
     """The FLOPs section: the measured TTFT runs (actual frame and token counts) when there are
     any, plus the forced patterns computed without a model."""
     from bench import models, patterns

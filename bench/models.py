@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Dict, Optional, Sequence
 
 import torch
 
@@ -80,7 +80,7 @@ class ModelSpec:
         return d
 
 
-SPECS: Dict[str, ModelSpec] = {
+SPECS: dict[str, ModelSpec] = {
     "llava-ov-7b": ModelSpec(
         name="llava-ov-7b", vision_hidden=1152, vision_mlp=4304, vision_layers=26, vision_heads=16,
         text_hidden=3584, text_mlp=18944, text_layers=28, text_heads=28, text_kv_heads=4,
@@ -169,12 +169,12 @@ def make_video(num_frames: int, *, device="cpu", dtype=torch.float32, seed: int 
                          device=device, dtype=dtype)
 
 
-def video_placeholders(num_frames: int, spec: Optional[ModelSpec] = None) -> int:
+def video_placeholders(num_frames: int, spec: ModelSpec | None = None) -> int:
     """Video placeholders of the uncompressed model for one video: ``T * 196 + 1``."""
     return tm.video_token_count(num_frames, spec.tokens_per_frame if spec is not None else TOKENS_PER_FRAME)
 
 
-def make_inputs(spec: ModelSpec, videos: torch.Tensor, *, video_tokens: Optional[Sequence[int]] = None,
+def make_inputs(spec: ModelSpec, videos: torch.Tensor, *, video_tokens: Sequence[int] | None = None,
                 seed: int = 0) -> dict:
     """Generation inputs for a batch of videos ``[B, T, 3, H, W]`` (one video per sample).
 

@@ -17,7 +17,8 @@ The refined segmentation at the last prune layer uses the same windows on the me
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Sequence, Tuple
+from collections.abc import Sequence
+from typing import Callable
 
 import torch
 
@@ -33,13 +34,13 @@ __all__ = ["FORCED_PATTERNS", "PATTERNS", "forced_segments", "forced_plan", "for
 # ---------------------------------------------------------------------------------------------
 # The patterns (host side, no model)
 # ---------------------------------------------------------------------------------------------
-def forced_segments(num_frames: int, window: int) -> List[Tuple[int, int]]:
+def forced_segments(num_frames: int, window: int) -> list[tuple[int, int]]:
     """Consecutive inclusive windows of ``window`` frames over ``num_frames`` (the last shorter)."""
     window = max(1, int(window))
     return [(s, min(s + window, num_frames) - 1) for s in range(0, num_frames, window)]
 
 
-def _forced_interior(first: int, L: int, merge: bool, keep_last_interior: bool) -> List[tuple]:
+def _forced_interior(first: int, L: int, merge: bool, keep_last_interior: bool) -> list[tuple]:
     """The published fine-merge walk over ``L`` interior frames with every decision forced."""
     if L == 1:
         return [(first, first, 1.0)]
@@ -63,7 +64,7 @@ def _forced_interior(first: int, L: int, merge: bool, keep_last_interior: bool) 
 def forced_plan(num_frames: int, window: int, merge: bool = True, keep_last_interior: bool = False):
     """``(plan, segments)`` of one video (local indices; plan entries ``(src0, src1, w)``)."""
     segments = forced_segments(num_frames, window)
-    plan: List[tuple] = []
+    plan: list[tuple] = []
     for s, e in segments:
         if e - s + 1 <= 2:
             plan.extend((i, i, 1.0) for i in range(s, e + 1))
@@ -74,7 +75,7 @@ def forced_plan(num_frames: int, window: int, merge: bool = True, keep_last_inte
     return plan, segments
 
 
-def forced_counts(num_frames: int, cfg, pattern: str = "forced-merge") -> List[int]:
+def forced_counts(num_frames: int, cfg, pattern: str = "forced-merge") -> list[int]:
     """Frames left after each prune layer under a forced pattern."""
     if pattern not in FORCED_PATTERNS:
         raise ValueError(f"pattern must be one of {FORCED_PATTERNS}, got {pattern!r}")
@@ -120,9 +121,9 @@ class ForcedPlans:
         self.window = cfg.max_window - 1
         self.merge = pattern == "forced-merge"
         self.keep_last = cfg.keep_last_interior
-        self.cache: Dict[tuple, dict] = {}
+        self.cache: dict[tuple, dict] = {}
 
-    def get(self, counts: Tuple[int, ...], device) -> dict:
+    def get(self, counts: tuple[int, ...], device) -> dict:
         key = (counts, str(device))
         hit = self.cache.get(key)
         if hit is not None:
@@ -154,7 +155,7 @@ class ForcedPlans:
         return hit
 
 
-def _counts_of(frame_counts) -> Tuple[int, ...]:
+def _counts_of(frame_counts) -> tuple[int, ...]:
     if isinstance(frame_counts, torch.Tensor):
         return tuple(int(c) for c in frame_counts.tolist())
     return tuple(int(c) for c in frame_counts)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List, Optional
 
 from bench.bench_ttft import config_label
 from bench.common import is_cuda, markdown_table
@@ -33,7 +32,7 @@ def _near(a, b) -> bool:
     return a is not None and abs(float(a) - b) < 1e-9
 
 
-def breakdown(r: dict) -> Dict[str, Optional[float]]:
+def breakdown(r: dict) -> dict[str, float | None]:
     """The disjoint parts of one TTFT row (ms): EarlyTom's in-tower steps moved out of the vision
     encoder; a part that was not measured is ``None``."""
     in_tower = r.get("in_tower_ops_ms")
@@ -56,7 +55,7 @@ def _outcome(r: dict) -> str:
 # ---------------------------------------------------------------------------------------------
 # Goals
 # ---------------------------------------------------------------------------------------------
-def goals_section(results: dict) -> List[str]:
+def goals_section(results: dict) -> list[str]:
     meta = results["meta"]
     hp = meta["headline_pattern"]
     ttft = results.get("ttft") or []
@@ -119,7 +118,7 @@ _TTFT_HEAD = ["configuration", "frames after prune", "prefill tokens", "TTFT ms"
               "FLOPs -%", ""]
 
 
-def _view(rows: List[dict]) -> List[dict]:
+def _view(rows: list[dict]) -> list[dict]:
     out = []
     for r in rows:
         v = dict(r)
@@ -130,7 +129,7 @@ def _view(rows: List[dict]) -> List[dict]:
     return out
 
 
-def _ttft_section(results: dict) -> List[str]:
+def _ttft_section(results: dict) -> list[str]:
     meta = results["meta"]
     hp = meta["headline_pattern"]
     ttft = results.get("ttft") or []
@@ -186,7 +185,7 @@ def _ttft_section(results: dict) -> List[str]:
     return L
 
 
-def _throughput_section(results: dict) -> List[str]:
+def _throughput_section(results: dict) -> list[str]:
     tp = results.get("throughput") or []
     if not tp:
         return []
@@ -209,7 +208,7 @@ def _throughput_section(results: dict) -> List[str]:
                             "x vs stock+fast pooling", ""]), ""]
 
 
-def _encoder_section(results: dict) -> List[str]:
+def _encoder_section(results: dict) -> list[str]:
     enc = results.get("encoder") or []
     if not enc:
         return []
@@ -233,7 +232,7 @@ def _encoder_section(results: dict) -> List[str]:
                             "peak above weights GiB", ""]), ""]
 
 
-def _flops_section(results: dict) -> List[str]:
+def _flops_section(results: dict) -> list[str]:
     fl = results.get("flops") or []
     if not fl:
         return []
@@ -247,7 +246,7 @@ def _flops_section(results: dict) -> List[str]:
                                 "total_tflops_full", "total_tflops", "flops_reduction_pct"]), ""]
 
 
-def _scaling_section(results: dict) -> List[str]:
+def _scaling_section(results: dict) -> list[str]:
     sc = results.get("scaling") or []
     if not sc:
         return []
@@ -266,7 +265,7 @@ def _scaling_section(results: dict) -> List[str]:
     return L
 
 
-def _qwen_section(results: dict) -> List[str]:
+def _qwen_section(results: dict) -> list[str]:
     q = results.get("qwen25vl")
     if not q:
         return []
@@ -280,7 +279,7 @@ def _qwen_section(results: dict) -> List[str]:
                                 "generate overhead ms", "ops ms", "peak GiB", ""]), ""]
 
 
-def _kernels_section(results: dict) -> List[str]:
+def _kernels_section(results: dict) -> list[str]:
     kr = results.get("kernels") or {}
     if not kr:
         return []
@@ -288,7 +287,7 @@ def _kernels_section(results: dict) -> List[str]:
     for name, res in kr.items():
         L += [f"### {name}", ""]
         if res.get("rows"):
-            cols: List[str] = []
+            cols: list[str] = []
             for row in res["rows"]:
                 cols += [k for k in row if k not in cols]
             L.append(markdown_table(res["rows"], cols))
@@ -302,7 +301,7 @@ def write_markdown(path: Path, results: dict) -> None:
     meta, env = results["meta"], results["env"]
     cpu = not is_cuda(meta["device"])
     info = meta.get("model_info", {})
-    L: List[str] = [f"# EarlyTom benchmark: {env.get('gpu', {}).get('name', 'CPU')}, {env['date_utc']}", ""]
+    L: list[str] = [f"# EarlyTom benchmark: {env.get('gpu', {}).get('name', 'CPU')}, {env['date_utc']}", ""]
     if cpu:
         L += ["> **CPU SMOKE RUN: tiny random model, few frames. Checks that the benchmark code runs;",
               "> the numbers are NOT performance results.**", ""]
@@ -343,7 +342,7 @@ def _legend(ax) -> None:
         ax.legend(fontsize=6)
 
 
-def write_plot(path: Path, results: dict) -> Optional[Path]:
+def write_plot(path: Path, results: dict) -> Path | None:
     """One PNG with four panels: speed-up vs ratio (against both baselines), where TTFT goes,
     scaling with frames, generation throughput vs batch. ``None`` without matplotlib (the reason
     goes to ``results["skipped"]``)."""

@@ -26,7 +26,7 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable
 
 import torch
 
@@ -43,9 +43,9 @@ SECTIONS = (("ttft", 3.0), ("flops", 0.0), ("throughput", 3.5), ("scaling", 3.0)
             ("kernels", 1.2), ("qwen", 1.0))
 
 
-def run_kernels(device: str, quick: bool, budget: Budget, log) -> Dict[str, object]:
+def run_kernels(device: str, quick: bool, budget: Budget, log) -> dict[str, object]:
     """The op microbenchmarks (``bench/bench_<op>.py``: ``benchmark(device, quick)``), each optional."""
-    out: Dict[str, object] = {}
+    out: dict[str, object] = {}
     for name in KERNEL_MODULES:
         if budget.expired():
             out[name] = {"skipped": "time budget"}
@@ -216,7 +216,7 @@ def main(argv=None) -> dict:
             log(f"model build FAILED: {type(e).__name__}: {e}")
             traceback.print_exc()
 
-    files: List[Path] = []
+    files: list[Path] = []
 
     def write_outputs(final: bool) -> None:
         """md + json (+ the figure when final) and the manifest; called after every section so a
@@ -247,7 +247,7 @@ def main(argv=None) -> dict:
 
     m = lambda: state["model"]  # noqa: E731
     common = dict(benchmark_preset=args.preset, dtype=dtype, log=log)
-    section_fns: Dict[str, Callable[[Budget], object]] = {
+    section_fns: dict[str, Callable[[Budget], object]] = {
         "ttft": needs_model(lambda b: bench_ttft.benchmark(
             m(), spec, device, frames=frames, batch=args.batch, ratios=ratios, patterns=patterns,
             llm_merge_ratios=llm_merge_ratios, warmup=warmup, iters=iters, profile=profile, budget=b, **common)),

@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Iterable, List, Optional, Sequence, Tuple, Union
+from collections.abc import Iterable, Sequence
 
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def check_tensor(name: str, t, *, dtypes: Optional[Iterable[torch.dtype]] = None,
-                 device: Optional[torch.device] = None) -> torch.Tensor:
+def check_tensor(name: str, t, *, dtypes: Iterable[torch.dtype] | None = None,
+                 device: torch.device | None = None) -> torch.Tensor:
     """That ``t`` is a tensor (the op's dispatcher would only say it is not), and optionally its
     dtype and device, for arguments the op does not see under this name."""
     if not isinstance(t, torch.Tensor):
@@ -71,7 +71,7 @@ def check_int_tensor(name: str, v: torch.Tensor) -> torch.Tensor:
     return v
 
 
-def check_int_list(name: str, v, shape: str = "[B]", int64: bool = False) -> List[int]:
+def check_int_list(name: str, v, shape: str = "[B]", int64: bool = False) -> list[int]:
     """A 1-D integer tensor (any integer dtype; on a GPU this is a host copy) or a flat sequence of
     ints, as a list of Python ints. Floats, bools, strings and nested lists are rejected; with
     ``int64`` every value must fit in int64 (it is headed for an int64 tensor)."""
@@ -90,17 +90,19 @@ def check_int_list(name: str, v, shape: str = "[B]", int64: bool = False) -> Lis
     return out
 
 
-def check_int_pairs(name: str, v) -> List[Tuple[int, int]]:
+def check_int_pairs(name: str, v) -> list[tuple[int, int]]:
     """An integer ``[K, 2]`` tensor or a sequence of ``(a, b)`` int pairs, as a list of tuples."""
     if isinstance(v, torch.Tensor):
         if v.dim() != 2 or v.shape[-1] != 2:
-            raise ValueError(f"{name} must be a list of (start, end) pairs or a [K, 2] tensor, got shape {tuple(v.shape)}")
+            raise ValueError(
+                f"{name} must be a list of (start, end) pairs or a [K, 2] tensor, got shape {tuple(v.shape)}"
+            )
         if not _is_int_dtype(v.dtype):
             raise TypeError(f"{name} must hold integer frame indices, got dtype {v.dtype}")
         return [(int(a), int(b)) for a, b in v.tolist()]
     if isinstance(v, (str, bytes)) or not hasattr(v, "__iter__"):
         raise TypeError(f"{name} must be a list of (start, end) pairs, got {type(v).__name__}")
-    out: List[Tuple[int, int]] = []
+    out: list[tuple[int, int]] = []
     for j, pair in enumerate(v):
         try:
             a, b = pair
@@ -153,7 +155,7 @@ def to_host(*values):
     return tuple(out)
 
 
-def host_to_device(values: Union[Sequence, torch.Tensor], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def host_to_device(values: Sequence | torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Host values (a list or a CPU tensor) as a ``dtype`` tensor on ``device`` without a host
     sync: on CUDA through pinned staging memory and a ``non_blocking`` copy."""
     device = torch.device(device)

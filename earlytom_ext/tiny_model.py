@@ -10,7 +10,7 @@ architecture through it). Weights are random (seeded). Works with transformers 4
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import torch
 
@@ -52,16 +52,16 @@ def tiny_config(
     patch_size: int = PATCH_SIZE,
     max_position_embeddings: int = 16384,
     *,
-    vision_mlp: Optional[int] = None,
-    text_mlp: Optional[int] = None,
-    text_kv_heads: Optional[int] = None,
+    vision_mlp: int | None = None,
+    text_mlp: int | None = None,
+    text_kv_heads: int | None = None,
     vocab: int = VOCAB,
     pad_token_id: int = PAD_ID,
-    bos_token_id: Optional[int] = 1,
-    eos_token_id: Optional[int] = 2,
+    bos_token_id: int | None = 1,
+    eos_token_id: int | None = 2,
     image_token_id: int = IMAGE_TOKEN_ID,
     video_token_id: int = VIDEO_TOKEN_ID,
-    rope_theta: Optional[float] = None,
+    rope_theta: float | None = None,
 ):
     """A ``LlavaOnevisionConfig`` of a SigLIP + Qwen2 model.
 
@@ -111,7 +111,7 @@ def tiny_config(
     return cfg
 
 
-def from_config(cls, cfg, dtype=None, attn_implementation: Optional[str] = None):
+def from_config(cls, cfg, dtype=None, attn_implementation: str | None = None):
     """``cls._from_config(cfg)`` with random weights, in ``dtype`` when given (transformers 5.x
     spells the argument ``dtype``, 4.x ``torch_dtype``). Allocates on the current default
     device (``with torch.device(...)``)."""
@@ -128,7 +128,7 @@ def from_config(cls, cfg, dtype=None, attn_implementation: Optional[str] = None)
         return cls._from_config(cfg, torch_dtype=dtype, **kwargs)
 
 
-def build_model(seed: int = 0, attn_implementation: Optional[str] = "sdpa", dtype=torch.float32,
+def build_model(seed: int = 0, attn_implementation: str | None = "sdpa", dtype=torch.float32,
                 device="cpu", *, init_on_device: bool = False, sharpen_attention: bool = True, **config_kwargs):
     """A random ``LlavaOnevisionForConditionalGeneration`` in eval mode (seeded).
 
@@ -287,12 +287,12 @@ def image_token_count(model, image_pixels: torch.Tensor) -> int:
     return int(feats.shape[0])
 
 
-def make_inputs(videos: Sequence[torch.Tensor], seed: int = 0, prefix_lengths: Optional[Sequence[int]] = None,
-                suffix_lengths: Optional[Sequence[int]] = None, padding_side: str = "left",
-                images: Optional[Sequence[Optional[torch.Tensor]]] = None, image_tokens: Optional[int] = None,
-                video_tokens: Optional[Sequence[int]] = None, *, video_token_id: int = VIDEO_TOKEN_ID,
+def make_inputs(videos: Sequence[torch.Tensor], seed: int = 0, prefix_lengths: Sequence[int] | None = None,
+                suffix_lengths: Sequence[int] | None = None, padding_side: str = "left",
+                images: Sequence[torch.Tensor | None] | None = None, image_tokens: int | None = None,
+                video_tokens: Sequence[int] | None = None, *, video_token_id: int = VIDEO_TOKEN_ID,
                 image_token_id: int = IMAGE_TOKEN_ID, pad_token_id: int = PAD_ID,
-                text_id_range: Tuple[int, int] = TEXT_ID_RANGE) -> dict:
+                text_id_range: tuple[int, int] = TEXT_ID_RANGE) -> dict:
     """Model inputs for one video per sample: ``text, [image], video placeholders, text``.
 
     ``videos``: ``[T, 3, H, W]`` tensors with the same ``T`` (stacked into
@@ -308,13 +308,13 @@ def make_inputs(videos: Sequence[torch.Tensor], seed: int = 0, prefix_lengths: O
     g = torch.Generator().manual_seed(seed)
     lo, hi = text_id_range
 
-    def text(n: int) -> List[int]:
+    def text(n: int) -> list[int]:
         return torch.randint(lo, hi, (n,), generator=g).tolist()
 
     B = len(videos)
     prefix_lengths = list(prefix_lengths) if prefix_lengths is not None else [3 + 2 * b for b in range(B)]
     suffix_lengths = list(suffix_lengths) if suffix_lengths is not None else [4] * B
-    seqs: List[List[int]] = []
+    seqs: list[list[int]] = []
     image_list = []
     for b, v in enumerate(videos):
         ids = text(prefix_lengths[b])

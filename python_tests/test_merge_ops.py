@@ -15,8 +15,7 @@ import torch
 from earlytom_ext import EarlyTomConfig
 from earlytom_ext import reference as R
 from earlytom_ext.ops import has_cuda_kernels
-from earlytom_ext.ops.merge import (MergeResult, apply_merge_plan, merge_frames, segment_frames,
-                                    segments_per_video)
+from earlytom_ext.ops.merge import MergeResult, apply_merge_plan, merge_frames, segment_frames, segments_per_video
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 CUDA = torch.cuda.is_available() and has_cuda_kernels()
@@ -161,7 +160,8 @@ def assert_matches_reference(x, counts, cfg, extras=None, fc=None):
     res = merge_frames(x, fc, cfg, extras=extras)
     assert isinstance(res, MergeResult)
     ref_extras = extras if isinstance(extras, torch.Tensor) else None
-    xr, er, cr, sr, pr = R.merge_frames_batched(x.cpu(), counts, cfg, extras=None if ref_extras is None else ref_extras.cpu())
+    ref_in = None if ref_extras is None else ref_extras.cpu()
+    xr, er, cr, sr, pr = R.merge_frames_batched(x.cpu(), counts, cfg, extras=ref_in)
     dev = x.device
     for t in (res.x, res.frame_counts, res.segments, res.segment_counts, res.plan_src, res.plan_weight):
         assert t.device == dev
@@ -191,7 +191,7 @@ LAYOUTS = [("B1", lambda T: [T]), ("B3", lambda T: [T, 1, max(1, T // 2 + 3)])]
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("S,D", [(1, 1), (1, 64), (7, 1), (7, 64)])
-@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda l: l[0])
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda layout: layout[0])
 @pytest.mark.parametrize("T", SMALL_T)
 def test_grid_small(T, layout, S, D, dtype):
     counts = layout[1](T)
@@ -478,7 +478,8 @@ BAD_COUNTS = [  # (frame_counts for 6 frames, exception, message)
 
 
 BAD_COUNTS_IDS = ["floats", "whole_floats", "bool", "str", "np_floats", "float_scalar_tensors", "nested", "nested2",
-                  "int", "None", "float_tensor", "bool_tensor", "uint8_tensor", "0d_tensor", "2d_tensor", "empty_tensor"]
+                  "int", "None", "float_tensor", "bool_tensor", "uint8_tensor", "0d_tensor", "2d_tensor",
+                  "empty_tensor"]
 
 
 @pytest.mark.parametrize("fn", ["merge", "segment"])

@@ -187,7 +187,8 @@ def test_plan_uses_reference_definitions():
     ([[(0, 0)]], [10 ** 400], 0.1, ValueError, r"frames_before\[0\] must be < 2\*\*63"),  # was ZeroDivisionError
     # segments of the wrong form
     ([torch.tensor([[0.0, 4.0]])], [5], 0.1, TypeError, r"segments_per_video\[0\] must hold integer frame indices"),
-    ([torch.tensor([0, 4])], [5], 0.1, ValueError, r"segments_per_video\[0\] must be a list of \(start, end\) pairs or a \[K, 2\] tensor"),
+    ([torch.tensor([0, 4])], [5], 0.1, ValueError,
+     r"segments_per_video\[0\] must be a list of \(start, end\) pairs or a \[K, 2\] tensor"),
     (torch.tensor([[[0, 4]]]), [5], 0.1, TypeError, "segments_per_video must be a list"),
     ([[(-1, 4)]], [6], 0.1, ValueError, "should start at frame 0"),
 ])
@@ -320,7 +321,8 @@ def test_parity_large_p(P):
     """Frames as large as the CUDA kernel takes, with many ties, on the CPU against the reference
     (the CUDA tests compare these sizes with the CPU op)."""
     feats, scores, segs, counts, before = make_batch(
-        [[1, 3]], P, 4, torch.float32, seed=P, scores_fn=lambda N, P, g: torch.randint(0, 7, (N, P), generator=g).float())
+        [[1, 3]], P, 4, torch.float32, seed=P,
+        scores_fn=lambda N, P, g: torch.randint(0, 7, (N, P), generator=g).float())
     for r in (0.01, 0.05, 0.5):
         check_against_reference(feats, scores, segs, counts, before, r)
 
@@ -469,14 +471,16 @@ def test_bad_dtypes_and_empty_shapes():
     with pytest.raises(TypeError, match="scores must have dtype .* got bool"):
         select_tokens(feats, scores > 0.5, plan)
     # P = 0: no position to select from
-    with pytest.raises(ValueError, match=r"feats must have P >= 1 positions per frame \[N, P, C\], got shape \[4, 0, 4\]"):
+    msg = r"feats must have P >= 1 positions per frame \[N, P, C\], got shape \[4, 0, 4\]"
+    with pytest.raises(ValueError, match=msg):
         select_tokens(feats[:, :0], scores[:, :0], plan)
     with pytest.raises(ValueError, match=r"feats must have P >= 1 positions"):
         select_tokens(feats[:0, :0], scores[:0, :0], Stage2Plan([], [], 0, [], []))
     # N' = 0 with an empty plan: empty outputs
     tok, idx = select_tokens(feats[:0], scores[:0], Stage2Plan([], [], 0, [], []))
     assert tok.shape == (0, 4) and tok.dtype == feats.dtype and idx.shape == (0, 2) and idx.dtype == torch.int64
-    with pytest.raises(ValueError, match=r"frame_keep must have shape \[0\] \(one entry per frame of feats\), got \[4\]"):
+    msg = r"frame_keep must have shape \[0\] \(one entry per frame of feats\), got \[4\]"
+    with pytest.raises(ValueError, match=msg):
         select_tokens(feats[:0], scores[:0], plan)
 
 
@@ -511,7 +515,8 @@ def test_bad_raw_op_inputs():
 
 
 def test_raw_op_empty():
-    tok, idx = torch.ops.earlytom.select_tokens(torch.zeros(0, 5, 3), torch.zeros(0, 5), torch.zeros(0, dtype=torch.long),
+    tok, idx = torch.ops.earlytom.select_tokens(torch.zeros(0, 5, 3), torch.zeros(0, 5),
+                                                torch.zeros(0, dtype=torch.long),
                                                 torch.zeros(0, dtype=torch.bool), 0)
     assert tok.shape == (0, 3) and idx.shape == (0, 2)
 
@@ -625,7 +630,8 @@ def test_cuda_large_p_and_limit():
 def test_cuda_max_positions_and_empty():
     # P = 8192: the largest frame the kernel takes (all keys of a frame in shared memory), with ties.
     feats, scores, segs, counts, before = make_batch(
-        [[1, 3]], 8192, 4, torch.float32, seed=2, scores_fn=lambda N, P, g: torch.randint(0, 7, (N, P), generator=g).float())
+        [[1, 3]], 8192, 4, torch.float32, seed=2,
+        scores_fn=lambda N, P, g: torch.randint(0, 7, (N, P), generator=g).float())
     for r in (0.01, 0.5):
         plan = stage2_plan(segs, before, r, tokens_per_frame=8192)
         ref_t, ref_i = R.select_tokens_batched(feats, scores, counts, segs, plan.ratios)

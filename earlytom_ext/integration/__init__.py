@@ -17,8 +17,6 @@ model's output over the *compressed* sequence; the compressed inputs are on ``ha
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch.nn as nn
 
 from .._logging import logger
@@ -30,7 +28,7 @@ from .pooling import FastPoolingHandle, fast_pooling
 __all__ = ["EarlyTomHandle", "FastPoolingHandle", "apply", "fast_pooling"]
 
 
-def apply(model: nn.Module, cfg: Optional[EarlyTomConfig] = None) -> EarlyTomHandle:
+def apply(model: nn.Module, cfg: EarlyTomConfig | None = None) -> EarlyTomHandle:
     """Patch one Hugging Face video LLM with EarlyTom.
 
     Args:

@@ -6,7 +6,6 @@ and :func:`fast_pooling`, the same fix for an uncompressed model."""
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -51,7 +50,7 @@ class FastPoolingHandle:
             self._inner.__dict__["apply_pooling"] = self._prev
         self._removed = True
 
-    def __enter__(self) -> "FastPoolingHandle":
+    def __enter__(self) -> FastPoolingHandle:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -77,5 +76,5 @@ def fast_pooling(model: nn.Module) -> FastPoolingHandle:
     if getattr(inner.__dict__.get("apply_pooling"), "_earlytom_fast_pooling", False):
         raise RuntimeError("fast_pooling is already applied to this model; call its handle's remove() first")
     vcfg = config.vision_config
-    grid: Optional[int] = vcfg.image_size // vcfg.patch_size
+    grid: int | None = vcfg.image_size // vcfg.patch_size
     return FastPoolingHandle(inner, grid)

@@ -8,8 +8,8 @@ complete by the time they are read, so the rewriting adds no host sync.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -21,8 +21,8 @@ __all__ = ["HostPrompt", "RewrittenPrompt", "rewrite_placeholders"]
 class HostPrompt:
     """Host copies of the prompt tensors, started at construction, read after :meth:`wait`."""
 
-    def __init__(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
-                 labels: Optional[torch.Tensor]):
+    def __init__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                 labels: torch.Tensor | None):
         named = [(n, t) for n, t in (("input_ids", input_ids), ("attention_mask", attention_mask), ("labels", labels))
                  if t is not None]
         self.devices = {n: t.device for n, t in named}
@@ -30,7 +30,7 @@ class HostPrompt:
         self._copy = AsyncHostCopy(input_ids, attention_mask, labels)
         self.input_ids, self.attention_mask, self.labels = input_ids, attention_mask, labels
 
-    def wait(self) -> "HostPrompt":
+    def wait(self) -> HostPrompt:
         # Complete long before: the copies were queued ahead of the vision encoder.
         self.input_ids, self.attention_mask, self.labels = self._copy.wait()
         return self
@@ -40,11 +40,11 @@ class HostPrompt:
 class RewrittenPrompt:
     input_ids: torch.Tensor  # host
     attention_mask: torch.Tensor  # host
-    labels: Optional[torch.Tensor]  # host
-    spans: List[List[Tuple[int, int]]]  # per sample: (start, length) of each compressed video run
+    labels: torch.Tensor | None  # host
+    spans: list[list[tuple[int, int]]]  # per sample: (start, length) of each compressed video run
     padding_side: str
 
-    def to_devices(self, prompt: HostPrompt) -> Dict[str, torch.Tensor]:
+    def to_devices(self, prompt: HostPrompt) -> dict[str, torch.Tensor]:
         """The rewritten tensors on the devices (and in the dtypes) the caller's tensors used."""
         out = {}
         for name in ("input_ids", "attention_mask", "labels"):
@@ -59,7 +59,7 @@ class RewrittenPrompt:
         return out
 
 
-def _padding(mask: torch.Tensor) -> Tuple[List[int], List[int]]:
+def _padding(mask: torch.Tensor) -> tuple[list[int], list[int]]:
     """Leading and trailing zeros of each row of an attention mask."""
     nz = mask != 0
     L = mask.shape[1]
@@ -72,7 +72,7 @@ def _padding(mask: torch.Tensor) -> Tuple[List[int], List[int]]:
 
 
 def rewrite_placeholders(prompt: HostPrompt, video_token_id: int, before: Sequence[int], after: Sequence[int],
-                         *, padding_side: Optional[str], pad_token_id: int) -> RewrittenPrompt:
+                         *, padding_side: str | None, pad_token_id: int) -> RewrittenPrompt:
     """Shorten video ``v``'s run of ``before[v]`` placeholders to ``after[v]``.
 
     The runs are matched to videos in the order Hugging Face fills them (sample-major); every run
@@ -90,14 +90,16 @@ def rewrite_placeholders(prompt: HostPrompt, video_token_id: int, before: Sequen
             f"input_ids hold {flat.shape[0]} video placeholder tokens (id {video_token_id}), but the "
             f"{len(before)} video(s) need {' + '.join(map(str, before))} = {total}"
         )
-    runs: Dict[int, List[Tuple[int, int, int]]] = {}
+    runs: dict[int, list[tuple[int, int, int]]] = {}
     off = 0
     for v, n0 in enumerate(before):
         chunk = flat[off:off + n0]
         off += n0
         b0, s = int(chunk[0, 0]), int(chunk[0, 1])
         if bool((chunk[:, 0] != b0).any()) or int(chunk[-1, 1]) - s != n0 - 1:
-            raise ValueError(f"the {n0} video placeholders of video {v} must be one contiguous run in one sample of input_ids")
+            raise ValueError(
+                f"the {n0} video placeholders of video {v} must be one contiguous run in one sample of input_ids"
+            )
         runs.setdefault(b0, []).append((s, s + n0, v))
 
     lead, trail = _padding(mask) if prompt.attention_mask is not None else ([0] * Bs, [0] * Bs)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Optional
 
 import torch
 
@@ -15,7 +15,7 @@ from ..config import EarlyTomConfig
 __all__ = ["AsyncHostCopy", "Clock", "Decisions", "VideoRun"]
 
 Stage1Fn = Callable[[torch.Tensor, torch.Tensor, int, Optional[torch.Tensor]], "ops.MergeResult"]
-RefineFn = Callable[[torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]
+RefineFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 class AsyncHostCopy:
@@ -26,7 +26,7 @@ class AsyncHostCopy:
     are used as they are.
     """
 
-    def __init__(self, *tensors: Optional[torch.Tensor]):
+    def __init__(self, *tensors: torch.Tensor | None):
         self._event = None
         out = []
         for t in tensors:
@@ -41,7 +41,7 @@ class AsyncHostCopy:
             self._event.record()
         self._tensors = tuple(out)
 
-    def wait(self) -> Tuple[Optional[torch.Tensor], ...]:
+    def wait(self) -> tuple[torch.Tensor | None, ...]:
         if self._event is not None:
             self._event.synchronize()
             self._event = None
@@ -53,7 +53,7 @@ class Clock:
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
-        self.spans: List[tuple] = []
+        self.spans: list[tuple] = []
 
     def now(self):
         if self.cuda:
@@ -65,8 +65,8 @@ class Clock:
     def span(self, name: str, start, end) -> None:
         self.spans.append((name, start, end))
 
-    def resolve(self) -> Dict[str, float]:
-        out: Dict[str, float] = {}
+    def resolve(self) -> dict[str, float]:
+        out: dict[str, float] = {}
         for name, a, b in self.spans:
             if self.cuda:
                 b.synchronize()
@@ -87,8 +87,8 @@ class Decisions:
     ``ops.segment_frames(x, frame_counts, cfg)`` at the last prune layer.
     """
 
-    stage1: Optional[Stage1Fn] = None
-    refine: Optional[RefineFn] = None
+    stage1: Stage1Fn | None = None
+    refine: RefineFn | None = None
 
 
 @dataclass
@@ -104,17 +104,17 @@ class VideoRun:
     frame_counts: torch.Tensor  # int64 [B], frames per video now (device)
     clock: Clock
     decisions: Decisions = field(default_factory=Decisions)
-    merges: List[tuple] = field(default_factory=list)  # (layer, frame_counts, plan_src, plan_weight)
-    scores: Optional[torch.Tensor] = None  # [N', S] fp32 after the last prune layer's merge
-    refined: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
-    refined_host: Optional[AsyncHostCopy] = None  # (segments, segment_counts, frame_counts) on the host
-    _pending_scores: Optional[torch.Tensor] = None
+    merges: list[tuple] = field(default_factory=list)  # (layer, frame_counts, plan_src, plan_weight)
+    scores: torch.Tensor | None = None  # [N', S] fp32 after the last prune layer's merge
+    refined: tuple[torch.Tensor, torch.Tensor] | None = None
+    refined_host: AsyncHostCopy | None = None  # (segments, segment_counts, frame_counts) on the host
+    _pending_scores: torch.Tensor | None = None
 
     @property
     def last_layer(self) -> int:
         return self.cfg.prune_layers[-1]
 
-    def score(self, q: torch.Tensor, k: torch.Tensor, *, scale: float, num_heads: Optional[int] = None) -> torch.Tensor:
+    def score(self, q: torch.Tensor, k: torch.Tensor, *, scale: float, num_heads: int | None = None) -> torch.Tensor:
         """Attention received per token from the score layer's Q and K (``[N, S]`` fp32); the
         result travels with the frames through that layer's merge."""
         t0 = self.clock.now()

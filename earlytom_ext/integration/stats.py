@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import List, Optional
-
 from ..config import EarlyTomConfig
 
 __all__ = ["materialize", "summary"]
@@ -26,7 +24,7 @@ def materialize(raw: dict, cfg: EarlyTomConfig, adapter) -> dict:
     offsets = [0]
     for c in final_counts:
         offsets.append(offsets[-1] + c)
-    kept_per_video: List[List[tuple]] = [[] for _ in range(B)]
+    kept_per_video: list[list[tuple]] = [[] for _ in range(B)]
     v = 0
     for f, pos in raw["index"].tolist():
         while f >= offsets[v + 1]:
@@ -54,7 +52,7 @@ def materialize(raw: dict, cfg: EarlyTomConfig, adapter) -> dict:
     }
 
 
-def _table(rows: List[List[str]]) -> List[str]:
+def _table(rows: list[list[str]]) -> list[str]:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     out = []
     for j, r in enumerate(rows):
@@ -64,7 +62,7 @@ def _table(rows: List[List[str]]) -> List[str]:
     return out
 
 
-def summary(stats: Optional[dict], cfg: EarlyTomConfig) -> str:
+def summary(stats: dict | None, cfg: EarlyTomConfig) -> str:
     """The statistics of the last video batch as a text table."""
     if stats is None:
         return "EarlyTom: no video has gone through the model yet"

@@ -1,8 +1,8 @@
 """User-facing wrappers of the compiled ops (``torch.ops.earlytom.*``), with validation and
 ``register_fake`` implementations for torch.compile / opcheck."""
 from .._ext import available, has_cuda_kernels
-from .merge import MergeResult, apply_merge_plan, merge_frames, segment_frames, segments_per_video
 from .attention import attention_received
+from .merge import MergeResult, apply_merge_plan, merge_frames, segment_frames, segments_per_video
 from .select import Stage2Plan, select_tokens, stage2_plan
 
 __all__ = [

@@ -8,8 +8,6 @@ devices of q and k itself (``csrc/ops/attention_received.cpp``); the wrapper han
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from .. import _ext
@@ -29,7 +27,7 @@ if _ext.available():
     torch.library.register_fake("earlytom::attention_received")(_attention_received_fake)
 
 
-def _as_heads(name: str, t: torch.Tensor, num_heads: Optional[int]) -> torch.Tensor:
+def _as_heads(name: str, t: torch.Tensor, num_heads: int | None) -> torch.Tensor:
     """``[N, H, S, d]`` view of ``t`` (``[N, H, S, d]`` as is, ``[N, S, H·d]`` split into heads)."""
     if t.dim() == 4:
         if num_heads is not None and t.shape[1] != num_heads:
@@ -46,8 +44,8 @@ def _as_heads(name: str, t: torch.Tensor, num_heads: Optional[int]) -> torch.Ten
     raise ValueError(f"{name} must be [N, H, S, d] or [N, S, H*d] (with num_heads), got shape {tuple(t.shape)}")
 
 
-def attention_received(q: torch.Tensor, k: torch.Tensor, scale: Optional[float] = None,
-                       num_heads: Optional[int] = None, *, check_finite: bool = True) -> torch.Tensor:
+def attention_received(q: torch.Tensor, k: torch.Tensor, scale: float | None = None,
+                       num_heads: int | None = None, *, check_finite: bool = True) -> torch.Tensor:
     """Attention received by each key, averaged over heads and queries.
 
     Args:

@@ -17,7 +17,7 @@ wrappers check what the ops cannot name (``t``, ``extras``) and coerce ``frame_c
 """
 from __future__ import annotations
 
-from typing import List, NamedTuple, Tuple, Union
+from typing import NamedTuple, Union
 
 import torch
 
@@ -39,7 +39,7 @@ __all__ = ["MergeResult", "merge_frames", "apply_merge_plan", "segment_frames", 
 #: dtypes accepted by ``apply_merge_plan`` and for ``extras`` (fp32 math; fp64 math for fp64).
 APPLY_DTYPES = FLOAT_DTYPES + (torch.float64,)
 
-Extras = Union[None, torch.Tensor, Tuple[torch.Tensor, ...], List[torch.Tensor]]
+Extras = Union[None, torch.Tensor, tuple[torch.Tensor, ...], list[torch.Tensor]]
 
 
 class MergeResult(NamedTuple):
@@ -210,7 +210,7 @@ def apply_merge_plan(t: torch.Tensor, plan_src: torch.Tensor, plan_weight: torch
     return out
 
 
-def segment_frames(x: torch.Tensor, frame_counts, cfg: EarlyTomConfig) -> Tuple[torch.Tensor, torch.Tensor]:
+def segment_frames(x: torch.Tensor, frame_counts, cfg: EarlyTomConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """EMA segmentation (Stage I step 1) of every video: ``(segments [K, 2], segment_counts [B])``,
     int64 on ``x.device``, inclusive global frame indices."""
     _ext.require()
@@ -221,7 +221,7 @@ def segment_frames(x: torch.Tensor, frame_counts, cfg: EarlyTomConfig) -> Tuple[
         return torch.ops.earlytom.segment_frames(x, counts, float(cfg.tau), int(cfg.max_window), float(cfg.ema))
 
 
-def segments_per_video(segments: torch.Tensor, segment_counts, frame_counts) -> List[List[Tuple[int, int]]]:
+def segments_per_video(segments: torch.Tensor, segment_counts, frame_counts) -> list[list[tuple[int, int]]]:
     """Split ``segments [K, 2]`` (global indices) into per-video lists of LOCAL ``(start, end)``.
 
     ``segments`` is an integer ``[K, 2]`` tensor or a list of ``(start, end)`` int pairs;
@@ -237,17 +237,21 @@ def segments_per_video(segments: torch.Tensor, segment_counts, frame_counts) -> 
     if any(c < 1 for c in sc):
         raise ValueError(f"segment_counts must all be >= 1 (every video has a segment), got {sc}")
     if len(sc) != len(fc):
-        raise ValueError(f"segment_counts and frame_counts must both have one entry per video, got {len(sc)} and {len(fc)}")
+        raise ValueError(
+            f"segment_counts and frame_counts must both have one entry per video, got {len(sc)} and {len(fc)}"
+        )
     if sum(sc) != len(segs):
         raise ValueError(f"segment_counts must sum to the number of segments {len(segs)}, got {sum(sc)}")
-    out: List[List[Tuple[int, int]]] = []
+    out: list[list[tuple[int, int]]] = []
     k = offset = 0
     for n, T in zip(sc, fc):
         video = []
         for s, e in segs[k:k + n]:
             s, e = s - offset, e - offset
             if not (0 <= s <= e < T):
-                raise ValueError(f"segment ({s + offset}, {e + offset}) lies outside its video's frames [{offset}, {offset + T})")
+                raise ValueError(
+                    f"segment ({s + offset}, {e + offset}) lies outside its video's frames [{offset}, {offset + T})"
+                )
             video.append((s, e))
         out.append(video)
         k += n

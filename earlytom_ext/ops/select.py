@@ -15,7 +15,8 @@ host-side values itself (a list, or a CPU tensor) and leaves GPU tensors unread.
 from __future__ import annotations
 
 import numbers
-from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -49,14 +50,14 @@ class Stage2Plan(NamedTuple):
         tokens_per_video: selected tokens per video (no newline token).
     """
 
-    frame_keep: List[int]
-    frame_static: List[bool]
+    frame_keep: list[int]
+    frame_static: list[bool]
     num_out: int
-    ratios: List[float]
-    tokens_per_video: List[int]
+    ratios: list[float]
+    tokens_per_video: list[int]
 
 
-def _check_segments(v: int, segs) -> List[Tuple[int, int]]:
+def _check_segments(v: int, segs) -> list[tuple[int, int]]:
     """Segments of video ``v``: inclusive (start, end) pairs covering 0..T'-1 contiguously, in order."""
     name = f"segments_per_video[{v}]"
     out = check_int_pairs(name, segs)
@@ -75,7 +76,7 @@ def _check_segments(v: int, segs) -> List[Tuple[int, int]]:
     return out
 
 
-def _check_ratios(retain_ratio, B: int) -> List[float]:
+def _check_ratios(retain_ratio, B: int) -> list[float]:
     """``retain_ratio``: one real in (0, 1] for all videos (a 0-d tensor too) or one per video."""
     if isinstance(retain_ratio, torch.Tensor):
         if retain_ratio.dim() > 1:
@@ -93,7 +94,7 @@ def _check_ratios(retain_ratio, B: int) -> List[float]:
 
 
 def stage2_plan(segments_per_video: Sequence, frames_before: Sequence[int],
-                retain_ratio: Union[float, Sequence[float]], tokens_per_frame: int = _ref.TOKENS_PER_FRAME) -> Stage2Plan:
+                retain_ratio: float | Sequence[float], tokens_per_frame: int = _ref.TOKENS_PER_FRAME) -> Stage2Plan:
     """Per-frame token counts of Stage II, computed on the host.
 
     Args:
@@ -124,10 +125,10 @@ def stage2_plan(segments_per_video: Sequence, frames_before: Sequence[int],
         raise ValueError(f"tokens_per_frame must be >= 1, got {P}")
     ratios_in = _check_ratios(retain_ratio, B)
 
-    frame_keep: List[int] = []
-    frame_static: List[bool] = []
-    ratios: List[float] = []
-    tokens_per_video: List[int] = []
+    frame_keep: list[int] = []
+    frame_static: list[bool] = []
+    ratios: list[float] = []
+    tokens_per_video: list[int] = []
     for v in range(B):
         segs = _check_segments(v, segments_per_video[v])
         T = frames_before[v]
@@ -155,7 +156,7 @@ def stage2_plan(segments_per_video: Sequence, frames_before: Sequence[int],
     return Stage2Plan(frame_keep, frame_static, sum(tokens_per_video), ratios, tokens_per_video)
 
 
-def _plan_tensors(plan, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor, int, Optional[List[int]]]:
+def _plan_tensors(plan, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int, list[int] | None]:
     """``(frame_keep int64, frame_static bool, num_out, host frame_keep or None)`` for the op.
 
     Lists and CPU tensors are read on the host and copied to ``device`` without waiting on the
@@ -179,7 +180,7 @@ def _plan_tensors(plan, device: torch.device) -> Tuple[torch.Tensor, torch.Tenso
     return keep, static, check_int("plan.num_out", plan.num_out), host_keep
 
 
-def _check_keep_values(keep: List[int], P: int, num_out: int) -> None:
+def _check_keep_values(keep: list[int], P: int, num_out: int) -> None:
     """The CPU op's checks of frame_keep's values, for the GPU op, which cannot read them for free."""
     for f, k in enumerate(keep):
         if not 1 <= k <= P:
@@ -188,7 +189,7 @@ def _check_keep_values(keep: List[int], P: int, num_out: int) -> None:
         raise ValueError(f"select_tokens: num_out must equal sum(frame_keep) = {sum(keep)}, got {num_out}")
 
 
-def _check_bools(name: str, v) -> List[bool]:
+def _check_bools(name: str, v) -> list[bool]:
     """A 1-D bool tensor or a sequence of bools (Python, NumPy or 0-d tensor); ints are rejected."""
     if isinstance(v, torch.Tensor):
         if v.dtype != torch.bool:
@@ -212,7 +213,7 @@ def _check_bools(name: str, v) -> List[bool]:
 
 
 def select_tokens(feats: torch.Tensor, scores: torch.Tensor, plan: Stage2Plan, *,
-                  check_nan: Optional[bool] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                  check_nan: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Stage II selection over all merged frames of all videos, one fused op.
 
     Args:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-from typing import Dict, Tuple
 
 import torch.nn as nn
 
@@ -13,7 +12,7 @@ __all__ = ["ADAPTERS", "EncodedVideos", "ModelAdapter", "VideoInputs", "adapter_
 
 #: ``config.model_type`` -> ``(module, class)``; imported on use so that a family's imports cost
 #: nothing when another family is patched.
-ADAPTERS: Dict[str, Tuple[str, str]] = {
+ADAPTERS: dict[str, tuple[str, str]] = {
     "llava_onevision": (".llava_onevision", "LlavaOnevisionAdapter"),
     "qwen2_5_vl": (".qwen2_5_vl", "Qwen2_5_VLAdapter"),
 }

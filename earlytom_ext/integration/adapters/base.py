@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple
+from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
@@ -19,12 +20,12 @@ class VideoInputs:
     """The video arguments of one call, parsed and checked by the adapter."""
 
     pixels: torch.Tensor  # model-specific layout
-    frames: List[int]  # Stage I frames per video (LLaVA-OneVision: T; Qwen2.5-VL: temporal groups)
-    placeholders: List[int]  # video placeholder tokens per video in input_ids before compression
-    extra: Dict[str, Any] = field(default_factory=dict)  # model-specific (grid sizes, feature layer, ...)
+    frames: list[int]  # Stage I frames per video (LLaVA-OneVision: T; Qwen2.5-VL: temporal groups)
+    placeholders: list[int]  # video placeholder tokens per video in input_ids before compression
+    extra: dict[str, Any] = field(default_factory=dict)  # model-specific (grid sizes, feature layer, ...)
     #: set by the core before ``build_llm_inputs``: the rewritten prompt on the host
     #: (:class:`~earlytom_ext.integration.prompt.RewrittenPrompt`: input_ids, attention_mask, spans)
-    prompt: Optional[Any] = None
+    prompt: Any | None = None
 
 
 @dataclass
@@ -33,7 +34,7 @@ class EncodedVideos:
 
     feats: torch.Tensor  # [N', P, C] in the LLM's hidden size
     scores: torch.Tensor  # [N', P] fp32
-    extra: Dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class ModelAdapter:
@@ -47,12 +48,12 @@ class ModelAdapter:
     """
 
     #: ``config.model_type`` values this adapter serves.
-    model_types: ClassVar[Tuple[str, ...]] = ()
+    model_types: ClassVar[tuple[str, ...]] = ()
     #: the call argument that carries the videos (its presence switches the video path on).
     video_arg: ClassVar[str] = "pixel_values_videos"
     #: further call arguments :meth:`video_inputs` reads, and those it removes from the call.
-    video_kwargs: ClassVar[Tuple[str, ...]] = ()
-    consumed_kwargs: ClassVar[Tuple[str, ...]] = ()
+    video_kwargs: ClassVar[tuple[str, ...]] = ()
+    consumed_kwargs: ClassVar[tuple[str, ...]] = ()
 
     model: nn.Module
     video_token_id: int
@@ -64,7 +65,7 @@ class ModelAdapter:
         self.model = model
 
     # ---------------------------------------------------------------- configuration
-    def default_prune_layers(self) -> Tuple[int, ...]:
+    def default_prune_layers(self) -> tuple[int, ...]:
         """Prune layers scaled to this encoder (used by presets for this family)."""
         raise NotImplementedError
 
@@ -83,7 +84,7 @@ class ModelAdapter:
         return next(self.model.parameters()).device
 
     # ---------------------------------------------------------------- the video path
-    def video_inputs(self, call: Dict[str, Any]) -> VideoInputs:
+    def video_inputs(self, call: dict[str, Any]) -> VideoInputs:
         """Parse and check this family's video arguments from ``call`` (``video_arg`` and
         ``video_kwargs`` by name); raise ``TypeError`` / ``ValueError`` naming the argument."""
         raise NotImplementedError
@@ -94,13 +95,13 @@ class ModelAdapter:
         raise NotImplementedError
 
     def finish(self, tokens: Sequence[torch.Tensor], index: Sequence[torch.Tensor], run: VideoRun,
-               videos: VideoInputs, encoded: EncodedVideos) -> List[torch.Tensor]:
+               videos: VideoInputs, encoded: EncodedVideos) -> list[torch.Tensor]:
         """Stage II's kept tokens per video (``tokens[v]: [n_v, C]``, ``index[v]: [n_v, 2]`` =
         (merged frame, position)) -> the video features the LLM receives. Default: as they are."""
         return list(tokens)
 
-    def build_llm_inputs(self, call: Dict[str, Any], input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                         features: Sequence[torch.Tensor], videos: VideoInputs) -> Dict[str, Any]:
+    def build_llm_inputs(self, call: dict[str, Any], input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                         features: Sequence[torch.Tensor], videos: VideoInputs) -> dict[str, Any]:
         """The rewritten prompt (``input_ids`` with the compressed placeholder runs, its
         ``attention_mask``) and the video features -> keyword arguments for the model's forward
         (at least ``inputs_embeds``; position ids where the model needs them)."""
@@ -140,7 +141,7 @@ class ModelAdapter:
         return emb.masked_scatter(mask, flat)
 
 
-def find_module(model: nn.Module, names: Sequence[str]) -> Optional[nn.Module]:
+def find_module(model: nn.Module, names: Sequence[str]) -> nn.Module | None:
     """The first attribute path in ``names`` (dotted) that exists on ``model``."""
     for path in names:
         obj: Any = model

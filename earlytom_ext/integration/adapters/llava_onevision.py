@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -82,15 +83,15 @@ class LlavaOnevisionAdapter(ModelAdapter):
         self.num_channels = getattr(vcfg, "num_channels", 3)
         self.grid = image_size // patch_size  # as HF's apply_pooling
         self.tokens_per_frame = math.ceil(self.grid / 2) ** 2
-        self._hooks: List[Any] = []
-        self._run: Optional[VideoRun] = None
-        self._captured: Dict[int, torch.Tensor] = {}
+        self._hooks: list[Any] = []
+        self._run: VideoRun | None = None
+        self._captured: dict[int, torch.Tensor] = {}
         self._capture: set = set()
-        self._qk: List[Optional[torch.Tensor]] = [None, None]
-        self._cfg: Optional[EarlyTomConfig] = None
+        self._qk: list[torch.Tensor | None] = [None, None]
+        self._cfg: EarlyTomConfig | None = None
 
     # ---------------------------------------------------------------- configuration
-    def default_prune_layers(self) -> Tuple[int, ...]:
+    def default_prune_layers(self) -> tuple[int, ...]:
         return (6, 21, 23) if self.depth == 26 else tuple(round(self.depth * f) for f in (0.25, 0.8, 0.88))
 
     def check_config(self, cfg: EarlyTomConfig) -> None:
@@ -98,7 +99,7 @@ class LlavaOnevisionAdapter(ModelAdapter):
         self.feature_plan()  # the model's default feature layer must come after the last prune layer
         self.attention_geometry(cfg.prune_layers[-1])
 
-    def attention_geometry(self, layer_index: int) -> Tuple[nn.Module, int, float]:
+    def attention_geometry(self, layer_index: int) -> tuple[nn.Module, int, float]:
         attn = self.layers[layer_index].self_attn
         q_out = attn.q_proj.out_features
         num_heads = getattr(attn, "num_heads", None)
@@ -111,7 +112,7 @@ class LlavaOnevisionAdapter(ModelAdapter):
             scale = (q_out // num_heads) ** -0.5
         return attn, num_heads, float(scale)
 
-    def feature_layers(self, vision_feature_layer) -> List[int]:
+    def feature_layers(self, vision_feature_layer) -> list[int]:
         """Encoder layer indices whose outputs form the features (``hidden_states[j]`` is the output
         of layer ``j - 1``; ``hidden_states[0]`` is the embedding output)."""
         idx = [vision_feature_layer] if isinstance(vision_feature_layer, int) else list(vision_feature_layer)
@@ -120,12 +121,13 @@ class LlavaOnevisionAdapter(ModelAdapter):
         for j in idx:
             if not isinstance(j, int) or isinstance(j, bool) or not -n <= j < n:
                 raise ValueError(
-                    f"vision_feature_layer must be an int (or list of ints) in [-{n}, {n - 1}], got {vision_feature_layer!r}"
+                    f"vision_feature_layer must be an int (or list of ints) in [-{n}, {n - 1}], "
+                    f"got {vision_feature_layer!r}"
                 )
             out.append((j % n) - 1)
         return out
 
-    def feature_plan(self, vision_feature_layer=None, vision_feature_select_strategy=None) -> Tuple[List[int], str]:
+    def feature_plan(self, vision_feature_layer=None, vision_feature_select_strategy=None) -> tuple[list[int], str]:
         """``(encoder layers whose outputs form the features, select strategy)``: the call's values,
         else the model config's; checked against the prune layers."""
         c = self.config
@@ -192,7 +194,7 @@ class LlavaOnevisionAdapter(ModelAdapter):
         return next(self.tower.parameters()).device
 
     # ---------------------------------------------------------------- the video path
-    def video_inputs(self, call: Dict[str, Any]) -> VideoInputs:
+    def video_inputs(self, call: dict[str, Any]) -> VideoInputs:
         pv = call["pixel_values_videos"]
         if not isinstance(pv, torch.Tensor):
             raise TypeError(f"pixel_values_videos must be a torch.Tensor [B, T, 3, H, W], got {type(pv).__name__}")
@@ -259,12 +261,12 @@ class LlavaOnevisionAdapter(ModelAdapter):
         return EncodedVideos(feats=pooled, scores=pooled_scores)
 
     def finish(self, tokens: Sequence[torch.Tensor], index: Sequence[torch.Tensor], run: VideoRun,
-               videos: VideoInputs, encoded: EncodedVideos) -> List[torch.Tensor]:
+               videos: VideoInputs, encoded: EncodedVideos) -> list[torch.Tensor]:
         if not tokens:
             return []
         newline = self.inner.image_newline.to(device=tokens[0].device, dtype=tokens[0].dtype)[None, :]
         return [torch.cat([t, newline], dim=0) for t in tokens]
 
-    def build_llm_inputs(self, call: Dict[str, Any], input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                         features: Sequence[torch.Tensor], videos: VideoInputs) -> Dict[str, Any]:
+    def build_llm_inputs(self, call: dict[str, Any], input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                         features: Sequence[torch.Tensor], videos: VideoInputs) -> dict[str, Any]:
         return {"inputs_embeds": self.scatter_features(input_ids, features)}
