@@ -17,7 +17,8 @@ import tiny_models as tm  # noqa: E402
 pytest.importorskip("transformers")
 
 import earlytom_ext  # noqa: E402
-from earlytom_ext import EarlyTomConfig, reference as R  # noqa: E402
+from earlytom_ext import EarlyTomConfig  # noqa: E402
+from earlytom_ext import reference as R
 from earlytom_ext._ext import has_cuda_kernels  # noqa: E402
 
 # A config that merges on the tiny 6-layer tower (the paper's layers are for 26 layers).

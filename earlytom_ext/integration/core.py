@@ -3,7 +3,7 @@ Stage II, statistics, the compressed call) over a :class:`~.adapters.base.ModelA
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -43,11 +43,11 @@ class EarlyTomHandle:
         self._adapter = adapter
         self._llm_merge = llm_merge
         self._decisions = Decisions()
-        self._raw_stats: Optional[dict] = None
-        self._stats_cache: Optional[dict] = None
-        self._prev_attrs: Dict[str, Any] = {}
+        self._raw_stats: dict | None = None
+        self._stats_cache: dict | None = None
+        self._prev_attrs: dict[str, Any] = {}
         self._removed = False
-        self.last_inputs: Optional[dict] = None
+        self.last_inputs: dict | None = None
 
     # ---------------------------------------------------------------- public
     @property
@@ -73,7 +73,7 @@ class EarlyTomHandle:
         return self._adapter.tokens_per_frame
 
     @property
-    def last_stats(self) -> Optional[dict]:
+    def last_stats(self) -> dict | None:
         """Statistics of the last video batch, or ``None`` before the first one::
 
             {
@@ -109,7 +109,7 @@ class EarlyTomHandle:
         tokens before/after, ratio; then the timings)."""
         return _stats.summary(self.last_stats, self._cfg)
 
-    def force_decisions(self, stage1: Optional[Stage1Fn] = None, refine: Optional[RefineFn] = None) -> "EarlyTomHandle":
+    def force_decisions(self, stage1: Stage1Fn | None = None, refine: RefineFn | None = None) -> EarlyTomHandle:
         """Replace the merge decisions of the vision path (benchmarks, experiments, tests).
 
         ``stage1(x, frame_counts, layer_index, extras) -> ops.MergeResult`` replaces
@@ -147,7 +147,7 @@ class EarlyTomHandle:
         self._removed = True
         logger.info("EarlyTom removed from %s", type(model).__name__)
 
-    def __enter__(self) -> "EarlyTomHandle":
+    def __enter__(self) -> EarlyTomHandle:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -174,7 +174,7 @@ class EarlyTomHandle:
         model.__dict__[MARKER] = self
 
     # ---------------------------------------------------------------- the video path
-    def _video_inputs(self, pixel_values_videos, kwargs: Dict[str, Any]) -> VideoInputs:
+    def _video_inputs(self, pixel_values_videos, kwargs: dict[str, Any]) -> VideoInputs:
         if self._removed:
             raise RuntimeError("this EarlyTom handle was removed")
         call = dict(kwargs)
@@ -186,7 +186,7 @@ class EarlyTomHandle:
         return videos
 
     @torch.no_grad()
-    def encode_videos(self, pixel_values_videos: torch.Tensor, *args: Any, **kwargs: Any) -> List[torch.Tensor]:
+    def encode_videos(self, pixel_values_videos: torch.Tensor, *args: Any, **kwargs: Any) -> list[torch.Tensor]:
         """Compressed LLM features of a batch of videos: a list of one ``[n_v, hidden]`` tensor per
         video (kept tokens, then what the model appends per video, e.g. LLaVA-OneVision's
         ``image_newline``) in the projector's dtype. Further arguments are the model's video
@@ -198,7 +198,7 @@ class EarlyTomHandle:
         kwargs.update({n: a for n, a in zip(names, args)})
         return self._encode(self._video_inputs(pixel_values_videos, kwargs))
 
-    def _encode(self, videos: VideoInputs) -> List[torch.Tensor]:
+    def _encode(self, videos: VideoInputs) -> list[torch.Tensor]:
         adapter = self._adapter
         device = adapter.encoder_device()
         clock = Clock(device)
@@ -232,8 +232,8 @@ class EarlyTomHandle:
 
     # ---------------------------------------------------------------- LLM inputs
     def prepare_inputs(self, input_ids: torch.Tensor, pixel_values_videos: torch.Tensor,
-                       attention_mask: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
-                       padding_side: Optional[str] = None, **video_kwargs: Any) -> dict:
+                       attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                       padding_side: str | None = None, **video_kwargs: Any) -> dict:
         """Compress the videos and rewrite the language-model inputs.
 
         Returns ``{"input_ids", "attention_mask", "inputs_embeds", "labels" (when given),
@@ -252,7 +252,9 @@ class EarlyTomHandle:
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         Bs, L = input_ids.shape
         if attention_mask is not None and tuple(attention_mask.shape) != (Bs, L):
-            raise ValueError(f"attention_mask must have the shape of input_ids {(Bs, L)}, got {tuple(attention_mask.shape)}")
+            raise ValueError(
+                f"attention_mask must have the shape of input_ids {(Bs, L)}, got {tuple(attention_mask.shape)}"
+            )
         if labels is not None and tuple(labels.shape) != (Bs, L):
             raise ValueError(f"labels must have the shape of input_ids {(Bs, L)}, got {tuple(labels.shape)}")
         videos = self._video_inputs(pixel_values_videos, video_kwargs)

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import Any, Callable, Dict
+from typing import Any, Callable
 
 import torch
 
 __all__ = ["make_forward", "make_generate"]
 
 
-def binder(fn: Callable) -> Callable[[tuple, dict], Dict[str, Any]]:
+def binder(fn: Callable) -> Callable[[tuple, dict], dict[str, Any]]:
     """``bind(args, kwargs) -> dict`` of ``fn``'s arguments by name (``**kwargs`` flattened in)."""
     sig = inspect.signature(fn)
     varkw = next((n for n, prm in sig.parameters.items() if prm.kind is prm.VAR_KEYWORD), None)
