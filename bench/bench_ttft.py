@@ -51,37 +51,17 @@ IN_TOWER_PREFIXES = ("stage1_layer", "attention_score", "refine_segments")
 #: disjoint parts of TTFT (ms); ``overhead_ms`` is TTFT minus the ones that were measured.
 PARTS = ("vision_ms", "projector_ms", "pooling_ms", "stage2_ms", "prompt_rewrite_ms", "llm_ms")
 BASELINES = ("stock", "fastpool")
-LLM_MERGE_LAYER, LLM_MERGE_RATIO = 18, 0.5
 
 
 # ---------------------------------------------------------------------------------------------
 # Configurations
 # ---------------------------------------------------------------------------------------------
-def _fast_pooling():
-    """``earlytom_ext.fast_pooling`` (or, in versions that do not export it at the top level yet,
-    ``earlytom_ext.integration.fast_pooling``); ``None`` when neither exists."""
-    import importlib
-
-    import earlytom_ext
-
-    fn = getattr(earlytom_ext, "fast_pooling", None)
-    if callable(fn):
-        return fn
-    try:
-        fn = getattr(importlib.import_module("earlytom_ext.integration"), "fast_pooling", None)
-    except ImportError:
-        return None
-    return fn if callable(fn) else None
-
-
 def baseline_available(name: str) -> tuple[bool, str]:
     """Whether a baseline can run here, and why not."""
     if name == "stock":
         return True, ""
     if name != "fastpool":
         raise ValueError(f"baseline must be one of {BASELINES}, got {name!r}")
-    if _fast_pooling() is None:
-        return False, "earlytom_ext.fast_pooling is not in this version"
     return True, ""
 
 
@@ -92,25 +72,18 @@ def install_baseline(model, name: str):
     ok, why = baseline_available(name)
     if not ok:
         raise RuntimeError(why)
-    return _fast_pooling()(model)
+    from earlytom_ext import fast_pooling
+
+    return fast_pooling(model)
 
 
 def llm_merge_config(benchmark_preset: str, ratio: float, text_layers: int | None = None):
-    """``(config, None)`` of EarlyTom with the inner-LLM merge at ``ratio``, or ``(None, reason)``
-    when this version has no such option. A language model with no more layers than the merge
-    layer (the tiny smoke-run models) merges at its middle layer instead."""
+    """``(config, None)`` of EarlyTom with the published inner-LLM merge at ``ratio``. A language
+    model with no more layers than the merge layer (the tiny smoke-run models) merges at its middle
+    layer instead."""
     import earlytom_ext
-    from earlytom_ext.config import EarlyTomConfig
 
-    preset = earlytom_ext.preset
-    try:
-        cfg = preset(benchmark_preset, ratio, llm_merge=True)
-    except TypeError as e:
-        if "llm_merge" not in str(e):
-            raise
-        if "llm_merge_layer" not in getattr(EarlyTomConfig, "__dataclass_fields__", {}):
-            return None, "the inner-LLM merge (EarlyTomConfig.llm_merge_layer) is not in this version"
-        cfg = preset(benchmark_preset, ratio).replace(llm_merge_layer=LLM_MERGE_LAYER, llm_merge_ratio=LLM_MERGE_RATIO)
+    cfg = earlytom_ext.preset(benchmark_preset, ratio, llm_merge=True)
     if text_layers is not None and cfg.llm_merge_layer >= text_layers:
         cfg = cfg.replace(llm_merge_layer=max(1, text_layers // 2))
     return cfg, None

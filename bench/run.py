@@ -51,12 +51,7 @@ def run_kernels(device: str, quick: bool, budget: Budget, log) -> dict[str, obje
             out[name] = {"skipped": "time budget"}
             log(f"  {name}: skipped (time budget)")
             continue
-        try:
-            mod = importlib.import_module(f"bench.{name}")
-        except ImportError as e:
-            out[name] = {"skipped": f"bench/{name}.py is not available ({e})"}
-            log(f"  {name}: skipped ({out[name]['skipped']})")
-            continue
+        mod = importlib.import_module(f"bench.{name}")
         try:
             t0 = time.perf_counter()
             rows = mod.benchmark(device=device, quick=quick)
