@@ -9,6 +9,7 @@ Environment overrides:
   TORCH_CUDA_ARCH_LIST    target architectures (default: 8.0;9.0)
   MAX_JOBS                parallel compile jobs (ninja)
 """
+
 import glob
 import os
 import sys
@@ -76,11 +77,17 @@ def _extension():
         include_dirs += _cuda_library_headers()
         extra["nvcc"] = ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
         return CUDAExtension(
-            "earlytom_ext._C", sources, include_dirs=include_dirs, extra_compile_args=extra,
+            "earlytom_ext._C",
+            sources,
+            include_dirs=include_dirs,
+            extra_compile_args=extra,
             extra_link_args=["-fopenmp"],
         )
     return CppExtension(
-        "earlytom_ext._C", sources, include_dirs=include_dirs, extra_compile_args=extra,
+        "earlytom_ext._C",
+        sources,
+        include_dirs=include_dirs,
+        extra_compile_args=extra,
         extra_link_args=["-fopenmp"],
     )
 
@@ -93,12 +100,15 @@ class _BuildExt(BuildExtension):
         cuda = [s for s in sources if s.endswith(".cu")]
         jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)
         if cuda:
-            what = (f"{len(sources)} sources, {len(cuda)} of them CUDA for TORCH_CUDA_ARCH_LIST="
-                    f"{os.environ.get('TORCH_CUDA_ARCH_LIST', '')} (about 4 min on 2 cores)")
+            what = (
+                f"{len(sources)} sources, {len(cuda)} of them CUDA for TORCH_CUDA_ARCH_LIST="
+                f"{os.environ.get('TORCH_CUDA_ARCH_LIST', '')} (about 4 min on 2 cores)"
+            )
         else:
             what = f"{len(sources)} C++ sources, CUDA kernels skipped (about a minute on 2 cores)"
-        print(f"earlytom_ext: compiling {what} with {jobs} jobs; ninja prints [n/N] per file",
-              file=sys.stderr, flush=True)
+        print(
+            f"earlytom_ext: compiling {what} with {jobs} jobs; ninja prints [n/N] per file", file=sys.stderr, flush=True
+        )
         super().build_extensions()
 
 

@@ -10,6 +10,7 @@ Reported per shape: median time (CUDA events / perf_counter), TFLOP/s (op: 2 pas
 (``torch.cuda.max_memory_allocated`` above the inputs, CUDA only), speed-up and the max abs
 difference between the two results.
 """
+
 from __future__ import annotations
 
 import torch
@@ -17,8 +18,22 @@ import torch
 from bench.common import op_bench_main, peak_bytes, time_fn
 from earlytom_ext.ops import attention_received
 
-COLUMNS = ["N", "H", "S", "d", "dtype", "layout", "op_ms", "eager_ms", "speedup", "op_tflops", "eager_tflops",
-           "op_peak_mib", "eager_peak_mib", "max_abs_diff"]
+COLUMNS = [
+    "N",
+    "H",
+    "S",
+    "d",
+    "dtype",
+    "layout",
+    "op_ms",
+    "eager_ms",
+    "speedup",
+    "op_tflops",
+    "eager_tflops",
+    "op_peak_mib",
+    "eager_peak_mib",
+    "max_abs_diff",
+]
 
 
 def _eager(q, k, scale):
@@ -62,7 +77,7 @@ def benchmark(device: str = "cuda", quick: bool = False) -> list[dict[str, objec
     rows = []
     for N, H, S, d, dtype, layout in shapes:
         q, k = _inputs(N, H, S, d, dtype, layout, device)
-        scale = d ** -0.5
+        scale = d**-0.5
         op = lambda: attention_received(q, k, scale, check_finite=False)
         eager = lambda: _eager(q, k, scale)
         with torch.no_grad():
@@ -72,13 +87,25 @@ def benchmark(device: str = "cuda", quick: bool = False) -> list[dict[str, objec
             peak_op = _peak_mib(op, device)
             peak_eager = _peak_mib(eager, device)
         mm_flops = 2.0 * N * H * S * S * d
-        rows.append({
-            "N": N, "H": H, "S": S, "d": d, "dtype": str(dtype).replace("torch.", ""), "layout": layout,
-            "op_ms": t_op, "eager_ms": t_eager, "speedup": t_eager / t_op,
-            "op_tflops": 2 * mm_flops / (t_op * 1e-3) / 1e12, "eager_tflops": mm_flops / (t_eager * 1e-3) / 1e12,
-            "op_peak_mib": peak_op, "eager_peak_mib": peak_eager, "max_abs_diff": diff,
-            "device": torch.cuda.get_device_name() if str(device).startswith("cuda") else "cpu",
-        })
+        rows.append(
+            {
+                "N": N,
+                "H": H,
+                "S": S,
+                "d": d,
+                "dtype": str(dtype).replace("torch.", ""),
+                "layout": layout,
+                "op_ms": t_op,
+                "eager_ms": t_eager,
+                "speedup": t_eager / t_op,
+                "op_tflops": 2 * mm_flops / (t_op * 1e-3) / 1e12,
+                "eager_tflops": mm_flops / (t_eager * 1e-3) / 1e12,
+                "op_peak_mib": peak_op,
+                "eager_peak_mib": peak_eager,
+                "max_abs_diff": diff,
+                "device": torch.cuda.get_device_name() if str(device).startswith("cuda") else "cpu",
+            }
+        )
     return rows
 
 

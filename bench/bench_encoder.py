@@ -16,6 +16,7 @@ Reported per configuration (CUDA events, warm-up, median): ``features_ms`` (the 
 contains Stage I and the score), EarlyTom's op spans, peak memory of one extra call, and the
 frames left after each prune layer.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -45,8 +46,11 @@ def stock_video_features(model, videos):
     fn = model.model.get_video_features
     params = inspect.signature(fn).parameters
     key = "pixel_values_videos" if "pixel_values_videos" in params else "pixel_values"
-    kwargs = {key: videos, "vision_feature_layer": model.config.vision_feature_layer,
-              "vision_feature_select_strategy": model.config.vision_feature_select_strategy}
+    kwargs = {
+        key: videos,
+        "vision_feature_layer": model.config.vision_feature_layer,
+        "vision_feature_select_strategy": model.config.vision_feature_select_strategy,
+    }
     return lambda: fn(**kwargs)
 
 
@@ -66,18 +70,36 @@ def _measure(fn, model, device, warmup: int, iters: int, handle=None) -> dict:
         timers.remove()
     with torch.no_grad():
         mem = peak_memory(fn, device)
-    row = {"features_ms": median(total), "features_min_ms": min(total), "tower_ms": median(tower),
-           "iters": iters, "warmup": warmup}
+    row = {
+        "features_ms": median(total),
+        "features_min_ms": min(total),
+        "tower_ms": median(tower),
+        "iters": iters,
+        "warmup": warmup,
+    }
     if handle is not None:
         row["ops_ms"] = median(ops)
     row.update(mem)
     return row
 
 
-def benchmark(model, spec, device="cuda", *, frames: int = 32, batch: int = 1,
-              ratios: Sequence[float] = (0.10, 0.15, 0.20, 0.25), patterns: Sequence[str] = PATTERNS,
-              benchmark_preset: str = "videomme", warmup: int = 2, iters: int = 7, dtype=torch.bfloat16,
-              seed: int = 0, budget: Budget | None = None, log=print) -> list[dict]:
+def benchmark(
+    model,
+    spec,
+    device="cuda",
+    *,
+    frames: int = 32,
+    batch: int = 1,
+    ratios: Sequence[float] = (0.10, 0.15, 0.20, 0.25),
+    patterns: Sequence[str] = PATTERNS,
+    benchmark_preset: str = "videomme",
+    warmup: int = 2,
+    iters: int = 7,
+    dtype=torch.bfloat16,
+    seed: int = 0,
+    budget: Budget | None = None,
+    log=print,
+) -> list[dict]:
     """Both baselines vs EarlyTom's video features at each ratio and merge pattern
     (configurations past the budget are skipped and reported)."""
     from earlytom_ext.config import preset
@@ -118,11 +140,19 @@ def benchmark(model, spec, device="cuda", *, frames: int = 32, batch: int = 1,
             row["op_spans_ms"] = op_spans(handle_timings(handle))
         finally:
             handle.remove()
-        log(f"  encoder r={row['ratio']:.2f} {row['pattern']}: features {row['features_ms']:.2f} ms, "
-            f"frames {row['frames_after_prune']}")
+        log(
+            f"  encoder r={row['ratio']:.2f} {row['pattern']}: features {row['features_ms']:.2f} ms, "
+            f"frames {row['frames_after_prune']}"
+        )
 
-    rows = run_points(points, measure_point, budget=budget, device=device, log=log,
-                      label=lambda r: f"encoder {r.get('baseline') or ''} r={r['ratio']} {r['pattern']}")
+    rows = run_points(
+        points,
+        measure_point,
+        budget=budget,
+        device=device,
+        log=log,
+        label=lambda r: f"encoder {r.get('baseline') or ''} r={r['ratio']} {r['pattern']}",
+    )
     base = {r["baseline"]: r for r in rows if r["config"] == "uncompressed" and r.get("features_ms")}
     for r in rows:
         if not r.get("features_ms") or r.get("baseline") == "stock":
@@ -149,12 +179,37 @@ def main(argv=None) -> None:
     spec = models.get_spec("tiny" if quick else "llava-ov-7b")
     dtype = torch.float32 if not is_cuda(args.device) else torch.bfloat16
     model, _ = models.build_model(spec.name, device=args.device, dtype=dtype)
-    rows = benchmark(model, spec, args.device, frames=8 if quick else 32,
-                     ratios=(0.10, 0.25) if quick else (0.10, 0.15, 0.20, 0.25),
-                     warmup=1 if quick else 2, iters=3 if quick else 7, dtype=dtype)
-    print(markdown_table(rows, ["config", "baseline", "pattern", "ratio", "features_ms", "features_speedup",
-                                "features_speedup_vs_fastpool", "tower_ms", "tower_speedup", "ops_ms", "peak_mem_gib",
-                                "video_tokens", "skipped", "error"]))
+    rows = benchmark(
+        model,
+        spec,
+        args.device,
+        frames=8 if quick else 32,
+        ratios=(0.10, 0.25) if quick else (0.10, 0.15, 0.20, 0.25),
+        warmup=1 if quick else 2,
+        iters=3 if quick else 7,
+        dtype=dtype,
+    )
+    print(
+        markdown_table(
+            rows,
+            [
+                "config",
+                "baseline",
+                "pattern",
+                "ratio",
+                "features_ms",
+                "features_speedup",
+                "features_speedup_vs_fastpool",
+                "tower_ms",
+                "tower_speedup",
+                "ops_ms",
+                "peak_mem_gib",
+                "video_tokens",
+                "skipped",
+                "error",
+            ],
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ Times: median of CUDA-event-timed calls after warm-up (``bench/common.py``). Ban
 ``apply_GBps`` counts the frames the merge pass must read (src0, plus src1 when w != 1) and write
 (N'); ``op_GBps`` adds one read of every input frame (the similarity pass).
 """
+
 from __future__ import annotations
 
 import torch
@@ -28,15 +29,34 @@ from earlytom_ext import reference as R
 from earlytom_ext.ops.merge import merge_frames, segment_frames
 from earlytom_ext.tiny_model import make_feature_video
 
-COLUMNS = ["videos", "T", "S", "D", "dtype", "tau", "M", "N_out", "K", "op_ms", "op_raw_ms", "apply_ms", "segment_ms",
-           "reference_ms", "loop_ms", "apply_GBps", "op_GBps", "vs_reference", "vs_loop"]
+COLUMNS = [
+    "videos",
+    "T",
+    "S",
+    "D",
+    "dtype",
+    "tau",
+    "M",
+    "N_out",
+    "K",
+    "op_ms",
+    "op_raw_ms",
+    "apply_ms",
+    "segment_ms",
+    "reference_ms",
+    "loop_ms",
+    "apply_GBps",
+    "op_GBps",
+    "vs_reference",
+    "vs_loop",
+]
 
 
 def _loop_merge(x: torch.Tensor, counts: list[int], cfg: EarlyTomConfig) -> torch.Tensor:
     """Published-code style: one video at a time, a cosine + ``.item()`` per frame pair."""
     outs, off = [], 0
     for T in counts:
-        v = x[off:off + T]
+        v = x[off : off + T]
         off += T
 
         def sim(a, b):
@@ -126,26 +146,42 @@ def benchmark(device: str = "cuda", quick: bool = False) -> list[dict[str, objec
             t_raw = time_fn(op_raw, device=device, warmup=warmup, iters=iters)["median_ms"]
             t_apply = time_fn(apply, device=device, warmup=warmup, iters=iters)["median_ms"]
             t_seg = time_fn(seg, device=device, warmup=warmup, iters=iters)["median_ms"]
-            t_ref = time_fn(lambda: R.merge_frames_batched(x, counts, cfg), device=device, warmup=1,
-                            iters=slow_iters)["median_ms"]
-            t_loop = time_fn(lambda: _loop_merge(x, counts, cfg), device=device, warmup=1,
-                             iters=slow_iters)["median_ms"]
+            t_ref = time_fn(lambda: R.merge_frames_batched(x, counts, cfg), device=device, warmup=1, iters=slow_iters)[
+                "median_ms"
+            ]
+            t_loop = time_fn(lambda: _loop_merge(x, counts, cfg), device=device, warmup=1, iters=slow_iters)[
+                "median_ms"
+            ]
 
         N, n_out = x.shape[0], res.x.shape[0]
         frame_bytes = S * D * x.element_size()
         merged = int((pw != 1.0).sum())
         apply_bytes = (n_out + merged + n_out) * frame_bytes
         op_bytes = N * frame_bytes + apply_bytes
-        rows.append({
-            "videos": len(counts), "T": "+".join(map(str, counts)), "S": S, "D": D,
-            "dtype": str(dtype).replace("torch.", ""), "tau": cfg.tau, "M": cfg.max_window,
-            "N_out": n_out, "K": int(res.segments.shape[0]),
-            "op_ms": t_op, "op_raw_ms": t_raw, "apply_ms": t_apply, "segment_ms": t_seg,
-            "reference_ms": t_ref, "loop_ms": t_loop,
-            "apply_GBps": gbps(apply_bytes, t_apply), "op_GBps": gbps(op_bytes, t_raw),
-            "vs_reference": t_ref / t_op, "vs_loop": t_loop / t_op,
-            "device": torch.cuda.get_device_name() if cuda else "cpu",
-        })
+        rows.append(
+            {
+                "videos": len(counts),
+                "T": "+".join(map(str, counts)),
+                "S": S,
+                "D": D,
+                "dtype": str(dtype).replace("torch.", ""),
+                "tau": cfg.tau,
+                "M": cfg.max_window,
+                "N_out": n_out,
+                "K": int(res.segments.shape[0]),
+                "op_ms": t_op,
+                "op_raw_ms": t_raw,
+                "apply_ms": t_apply,
+                "segment_ms": t_seg,
+                "reference_ms": t_ref,
+                "loop_ms": t_loop,
+                "apply_GBps": gbps(apply_bytes, t_apply),
+                "op_GBps": gbps(op_bytes, t_raw),
+                "vs_reference": t_ref / t_op,
+                "vs_loop": t_loop / t_op,
+                "device": torch.cuda.get_device_name() if cuda else "cpu",
+            }
+        )
     return rows
 
 

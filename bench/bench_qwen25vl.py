@@ -12,6 +12,7 @@ patchified as the Qwen2-VL processor does: 16 x 32 x 32 patches, 4096 video toke
 Before building the 7B model the section checks, on a tiny model of the same family on the
 CPU, that ``earlytom_ext.apply`` accepts it; otherwise the section is skipped with the reason.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -28,20 +29,53 @@ from earlytom_ext import tiny_model as tm
 __all__ = ["SIZES", "qwen_config", "build_model", "make_inputs", "availability", "benchmark"]
 
 # Qwen/Qwen2.5-VL-7B-Instruct, written out by hand.
-_VISION_7B = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, in_channels=3, patch_size=14,
-                  spatial_merge_size=2, temporal_patch_size=2, window_size=112, out_hidden_size=3584,
-                  fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2, hidden_act="silu")
-_TEXT_7B = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                num_attention_heads=28, num_key_value_heads=4, hidden_act="silu", max_position_embeddings=128000,
-                rms_norm_eps=1e-6, use_sliding_window=False, sliding_window=32768, max_window_layers=28,
-                bos_token_id=151643, eos_token_id=None, pad_token_id=151643)
-_IDS_7B = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652,
-               vision_end_token_id=151653)
+_VISION_7B = dict(
+    depth=32,
+    hidden_size=1280,
+    intermediate_size=3420,
+    num_heads=16,
+    in_channels=3,
+    patch_size=14,
+    spatial_merge_size=2,
+    temporal_patch_size=2,
+    window_size=112,
+    out_hidden_size=3584,
+    fullatt_block_indexes=[7, 15, 23, 31],
+    tokens_per_second=2,
+    hidden_act="silu",
+)
+_TEXT_7B = dict(
+    vocab_size=152064,
+    hidden_size=3584,
+    intermediate_size=18944,
+    num_hidden_layers=28,
+    num_attention_heads=28,
+    num_key_value_heads=4,
+    hidden_act="silu",
+    max_position_embeddings=128000,
+    rms_norm_eps=1e-6,
+    use_sliding_window=False,
+    sliding_window=32768,
+    max_window_layers=28,
+    bos_token_id=151643,
+    eos_token_id=None,
+    pad_token_id=151643,
+)
+_IDS_7B = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653)
 # The same family with tiny widths (and the full vision depth, so the paper's prune layers apply).
 _VISION_TINY = dict(_VISION_7B, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64)
-_TEXT_TINY = dict(_TEXT_7B, vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16384, bos_token_id=None,
-                  pad_token_id=0)
+_TEXT_TINY = dict(
+    _TEXT_7B,
+    vocab_size=320,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=16384,
+    bos_token_id=None,
+    pad_token_id=0,
+)
 _IDS_TINY = dict(image_token_id=300, video_token_id=301, vision_start_token_id=302, vision_end_token_id=303)
 
 SIZES = {
@@ -88,8 +122,11 @@ def build_model(size: str = "qwen2.5-vl-7b", device="cuda", dtype=torch.bfloat16
             setattr(gc, k, None)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return model, {"model": size, "build_s": time.perf_counter() - t0,
-                   "params": sum(p.numel() for p in model.parameters())}
+    return model, {
+        "model": size,
+        "build_s": time.perf_counter() - t0,
+        "params": sum(p.numel() for p in model.parameters()),
+    }
 
 
 def _patchify(frames: torch.Tensor, patch: int, temporal: int, merge: int) -> tuple[torch.Tensor, list[int]]:
@@ -102,8 +139,17 @@ def _patchify(frames: torch.Tensor, patch: int, temporal: int, merge: int) -> tu
     return x.reshape(gt * gh * gw, C * temporal * patch * patch), [gt, gh, gw]
 
 
-def make_inputs(model, frames: int, image_size: int, *, batch: int = 1, device="cuda", dtype=torch.bfloat16,
-                seed: int = 0, text_id_range=(1000, 150000)) -> dict:
+def make_inputs(
+    model,
+    frames: int,
+    image_size: int,
+    *,
+    batch: int = 1,
+    device="cuda",
+    dtype=torch.bfloat16,
+    seed: int = 0,
+    text_id_range=(1000, 150000),
+) -> dict:
     """Generate inputs of ``batch`` synthetic videos: ``prefix, <vision_start>, video tokens,
     <vision_end>, suffix`` per sample."""
     vc = model.config.vision_config
@@ -111,23 +157,39 @@ def make_inputs(model, frames: int, image_size: int, *, batch: int = 1, device="
         raise ValueError(f"frames must be a multiple of {vc.temporal_patch_size}, got {frames}")
     pix, grids = [], []
     for b in range(batch):
-        video = tm.make_video(frames, seed=seed + 17 * b, kind="crossfade", scene_length=8, noise=0.03,
-                              image_size=image_size, device=device, dtype=torch.float32)
+        video = tm.make_video(
+            frames,
+            seed=seed + 17 * b,
+            kind="crossfade",
+            scene_length=8,
+            noise=0.03,
+            image_size=image_size,
+            device=device,
+            dtype=torch.float32,
+        )
         p, g = _patchify(video, vc.patch_size, vc.temporal_patch_size, vc.spatial_merge_size)
         pix.append(p)
         grids.append(g)
-    n_video = grids[0][0] * grids[0][1] * grids[0][2] // vc.spatial_merge_size ** 2
+    n_video = grids[0][0] * grids[0][1] * grids[0][2] // vc.spatial_merge_size**2
     g = torch.Generator().manual_seed(seed)
     lo, hi = text_id_range
     cfg = model.config
     rows = []
     for _ in range(batch):
-        rows.append(torch.randint(lo, hi, (14,), generator=g).tolist() + [cfg.vision_start_token_id]
-                    + [cfg.video_token_id] * n_video + [cfg.vision_end_token_id]
-                    + torch.randint(lo, hi, (18,), generator=g).tolist())
+        rows.append(
+            torch.randint(lo, hi, (14,), generator=g).tolist()
+            + [cfg.vision_start_token_id]
+            + [cfg.video_token_id] * n_video
+            + [cfg.vision_end_token_id]
+            + torch.randint(lo, hi, (18,), generator=g).tolist()
+        )
     ids = torch.tensor(rows, device=device)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-            "pixel_values_videos": torch.cat(pix).to(dtype), "video_grid_thw": torch.tensor(grids, device=device)}
+    return {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "pixel_values_videos": torch.cat(pix).to(dtype),
+        "video_grid_thw": torch.tensor(grids, device=device),
+    }
 
 
 def availability(benchmark_preset: str = "videomme", ratio: float = 0.10) -> tuple[bool, str]:
@@ -149,9 +211,20 @@ def availability(benchmark_preset: str = "videomme", ratio: float = 0.10) -> tup
     return True, ""
 
 
-def benchmark(device="cuda", *, size: str = "qwen2.5-vl-7b", ratios: Sequence[float] = (0.10, 0.25),
-              pattern: str = "forced-merge", benchmark_preset: str = "videomme", warmup: int = 2, iters: int = 7,
-              dtype=torch.bfloat16, seed: int = 0, budget: Budget | None = None, log=print) -> dict:
+def benchmark(
+    device="cuda",
+    *,
+    size: str = "qwen2.5-vl-7b",
+    ratios: Sequence[float] = (0.10, 0.25),
+    pattern: str = "forced-merge",
+    benchmark_preset: str = "videomme",
+    warmup: int = 2,
+    iters: int = 7,
+    dtype=torch.bfloat16,
+    seed: int = 0,
+    budget: Budget | None = None,
+    log=print,
+) -> dict:
     """``{"rows": [...], "model_info": ...}`` or ``{"skipped": reason}``."""
     from earlytom_ext.config import preset
 
@@ -164,8 +237,9 @@ def benchmark(device="cuda", *, size: str = "qwen2.5-vl-7b", ratios: Sequence[fl
     log(f"  qwen2.5-vl: {size} built in {info['build_s']:.1f} s ({info['params'] / 1e9:.2f} B parameters)")
     frames, image_size = SIZES[size][6], SIZES[size][7]
     try:
-        inputs = make_inputs(model, frames, image_size, device=device, dtype=dtype, seed=seed,
-                             text_id_range=SIZES[size][5])
+        inputs = make_inputs(
+            model, frames, image_size, device=device, dtype=dtype, seed=seed, text_id_range=SIZES[size][5]
+        )
         points = [dict(config="uncompressed", baseline="stock", ratio=1.0)]
         points += [dict(config="earlytom", pattern=pattern, ratio=r, llm_merge=False) for r in ratios]
 
@@ -181,8 +255,14 @@ def benchmark(device="cuda", *, size: str = "qwen2.5-vl-7b", ratios: Sequence[fl
                     handle.remove()
             log(f"  qwen2.5-vl {config_label(row)}: TTFT {row['ttft_ms']:.2f} ms, prefill {row.get('prefill_tokens')}")
 
-        rows = run_points(points, measure_point, budget=budget, device=device, log=log,
-                          label=lambda r: f"qwen2.5-vl {config_label(r)}")
+        rows = run_points(
+            points,
+            measure_point,
+            budget=budget,
+            device=device,
+            log=log,
+            label=lambda r: f"qwen2.5-vl {config_label(r)}",
+        )
     finally:
         model = None  # the 8B model's memory goes back before the next section
         free_memory(device)

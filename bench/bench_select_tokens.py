@@ -13,6 +13,7 @@ Compared, on the same inputs and plan (results checked equal before timing):
 ``GB/s`` counts the bytes the op must move: scores read, selected feature rows read and written,
 index written. ``plan_ms`` is the host-only ``stage2_plan`` time.
 """
+
 from __future__ import annotations
 
 import time
@@ -23,8 +24,23 @@ from bench.common import gbps, op_bench_main, time_fn
 from earlytom_ext import reference as R
 from earlytom_ext.ops import select_tokens, stage2_plan
 
-COLUMNS = ["frames", "T", "P", "C", "dtype", "r", "num_out", "plan_ms", "op_ms", "op_raw_ms", "reference_ms",
-           "loop_ms", "op_GBps", "vs_reference", "vs_loop"]
+COLUMNS = [
+    "frames",
+    "T",
+    "P",
+    "C",
+    "dtype",
+    "r",
+    "num_out",
+    "plan_ms",
+    "op_ms",
+    "op_raw_ms",
+    "reference_ms",
+    "loop_ms",
+    "op_GBps",
+    "vs_reference",
+    "vs_loop",
+]
 
 
 def _segments(lengths):
@@ -57,8 +73,10 @@ def _loop_select(feats, scores, segs_per_video, counts, plan):
 def _cases(device: str, quick: bool):
     # (segment lengths per video, frames before Stage I per video, P, C, dtype, r)
     if quick:
-        return [([[1, 2, 5], [3, 2]], [12, 6], 196, 64, torch.bfloat16, 0.1),
-                ([[2, 4]], [8], 49, 16, torch.float32, 0.25)]
+        return [
+            ([[1, 2, 5], [3, 2]], [12, 6], 196, 64, torch.bfloat16, 0.1),
+            ([[2, 4]], [8], 49, 16, torch.float32, 0.25),
+        ]
     cases = [
         # One 32-frame video after Stage I (T' = 22): the refined segments mix 1/2-frame
         # segments and longer ones with static interiors.
@@ -117,13 +135,26 @@ def benchmark(device: str = "cuda", quick: bool = False) -> list[dict[str, objec
 
         row_bytes = C * feats.element_size()
         moved = N * P * 4 + 2 * plan.num_out * row_bytes + plan.num_out * 16
-        rows.append({
-            "frames": N, "T": "+".join(str(t) for t in before), "P": P, "C": C,
-            "dtype": str(dtype).replace("torch.", ""), "r": r, "num_out": plan.num_out, "plan_ms": plan_ms,
-            "op_ms": t_op, "op_raw_ms": t_raw, "reference_ms": t_ref, "loop_ms": t_loop,
-            "op_GBps": gbps(moved, t_raw), "vs_reference": t_ref / t_op, "vs_loop": t_loop / t_op,
-            "device": torch.cuda.get_device_name() if cuda else "cpu",
-        })
+        rows.append(
+            {
+                "frames": N,
+                "T": "+".join(str(t) for t in before),
+                "P": P,
+                "C": C,
+                "dtype": str(dtype).replace("torch.", ""),
+                "r": r,
+                "num_out": plan.num_out,
+                "plan_ms": plan_ms,
+                "op_ms": t_op,
+                "op_raw_ms": t_raw,
+                "reference_ms": t_ref,
+                "loop_ms": t_loop,
+                "op_GBps": gbps(moved, t_raw),
+                "vs_reference": t_ref / t_op,
+                "vs_loop": t_loop / t_op,
+                "device": torch.cuda.get_device_name() if cuda else "cpu",
+            }
+        )
     return rows
 
 

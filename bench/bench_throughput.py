@@ -7,6 +7,7 @@ checked to hold N new tokens per sample). Timed with CUDA events (warm-up, media
 per batch size and configuration: seconds per call, videos per second (B / time) and generated
 tokens per second (B * N / time), and EarlyTom's throughput over each baseline's.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -33,10 +34,24 @@ def _new_tokens(out, inputs: dict, handle, expected: int) -> int:
     return n
 
 
-def benchmark(model, spec, device="cuda", *, frames: int = 32, batches: Sequence[int] = (1, 4, 8),
-              new_tokens: int = 64, ratio: float = 0.10, pattern: str = "forced-merge",
-              benchmark_preset: str = "videomme", warmup: int = 1, iters: int = 3, dtype=torch.bfloat16,
-              seed: int = 0, budget: Budget | None = None, log=print) -> list[dict]:
+def benchmark(
+    model,
+    spec,
+    device="cuda",
+    *,
+    frames: int = 32,
+    batches: Sequence[int] = (1, 4, 8),
+    new_tokens: int = 64,
+    ratio: float = 0.10,
+    pattern: str = "forced-merge",
+    benchmark_preset: str = "videomme",
+    warmup: int = 1,
+    iters: int = 3,
+    dtype=torch.bfloat16,
+    seed: int = 0,
+    budget: Budget | None = None,
+    log=print,
+) -> list[dict]:
     """Rows ``(batch, config)``: stock and EarlyTom for every batch size first, then stock + fast
     pooling (the first to be dropped when the budget runs out)."""
     from earlytom_ext.config import preset
@@ -62,26 +77,40 @@ def benchmark(model, spec, device="cuda", *, frames: int = 32, batches: Sequence
             inputs_cache.clear()  # one batch of inputs on the device at a time
             inputs_cache[B] = models.make_batch(spec, B, frames, device=device, dtype=dtype, seed=seed)
         inputs = inputs_cache[B]
-        handle = (apply_earlytom(model, cfg, pattern) if row["config"] == "earlytom"
-                  else install_baseline(model, row["config"]))
+        handle = (
+            apply_earlytom(model, cfg, pattern)
+            if row["config"] == "earlytom"
+            else install_baseline(model, row["config"])
+        )
         produced: list[int] = []
         try:
             with torch.no_grad():
                 times = timed_calls(
-                    lambda: model.generate(**inputs, **gen_kwargs), device, warmup=warmup, iters=iters,
-                    after=lambda out: produced.append(_new_tokens(out, inputs, handle, new_tokens)))
+                    lambda: model.generate(**inputs, **gen_kwargs),
+                    device,
+                    warmup=warmup,
+                    iters=iters,
+                    after=lambda out: produced.append(_new_tokens(out, inputs, handle, new_tokens)),
+                )
         finally:
             if handle is not None:
                 handle.remove()
         if any(n != new_tokens for n in produced):
-            raise RuntimeError(f"generate produced {sorted(set(produced))} new tokens per sample, "
-                               f"expected {new_tokens}")
+            raise RuntimeError(
+                f"generate produced {sorted(set(produced))} new tokens per sample, expected {new_tokens}"
+            )
         s = median(times) / 1e3
         row.update(seconds=s, videos_per_s=B / s, tokens_per_s=B * new_tokens / s, iters=iters, warmup=warmup)
         log(f"  throughput B={B} {row['config']}: {s:.2f} s per call, {row['tokens_per_s']:.0f} tokens/s")
 
-    rows = run_points(points, measure_point, budget=budget, device=device, log=log,
-                      label=lambda r: f"throughput B={r['batch']} {r['config']}")
+    rows = run_points(
+        points,
+        measure_point,
+        budget=budget,
+        device=device,
+        log=log,
+        label=lambda r: f"throughput B={r['batch']} {r['config']}",
+    )
     inputs_cache.clear()
     by = {(r["batch"], r["config"]): r for r in rows if r.get("tokens_per_s")}
     for r in rows:

@@ -29,6 +29,7 @@ Per configuration this module also reports
 
 Merge patterns: see ``bench/patterns.py``.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -42,9 +43,22 @@ from bench import models
 from bench.common import Budget, HookTimers, is_cuda, median, peak_memory, run_points, sync, timed_calls
 from bench.patterns import PATTERNS, apply_earlytom
 
-__all__ = ["OP_SPAN_PREFIXES", "PARTS", "BASELINES", "baseline_available", "install_baseline", "llm_merge_config",
-           "timers_for", "handle_timings", "op_spans", "frames_after", "profile_op_time", "measure", "benchmark",
-           "scaling"]
+__all__ = [
+    "OP_SPAN_PREFIXES",
+    "PARTS",
+    "BASELINES",
+    "baseline_available",
+    "install_baseline",
+    "llm_merge_config",
+    "timers_for",
+    "handle_timings",
+    "op_spans",
+    "frames_after",
+    "profile_op_time",
+    "measure",
+    "benchmark",
+    "scaling",
+]
 
 OP_SPAN_PREFIXES = ("stage1_layer", "attention_score", "refine_segments", "stage2")
 IN_TOWER_PREFIXES = ("stage1_layer", "attention_score", "refine_segments")
@@ -173,8 +187,11 @@ def profile_op_time(fn: Callable[[], object], device) -> dict[str, object]:
             us = ev.cpu_time_total
         per_op[name] = per_op.get(name, 0.0) + us / 1e3
         total += us / 1e3
-    return {"ops_kernel_ms": total, "ops_kernel_by_op": per_op,
-            "ops_kernel_kind": "cuda-kernel" if is_cuda(device) else "cpu"}
+    return {
+        "ops_kernel_ms": total,
+        "ops_kernel_by_op": per_op,
+        "ops_kernel_kind": "cuda-kernel" if is_cuda(device) else "cpu",
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,8 +212,18 @@ def _split(parts: dict[str, float | None], timings: dict[str, float]) -> dict[st
     }
 
 
-def measure(model, inputs: dict, device, *, handle=None, warmup: int = 2, iters: int = 7, profile: bool = False,
-            max_new_tokens: int = 1, peak: bool = True) -> dict:
+def measure(
+    model,
+    inputs: dict,
+    device,
+    *,
+    handle=None,
+    warmup: int = 2,
+    iters: int = 7,
+    profile: bool = False,
+    max_new_tokens: int = 1,
+    peak: bool = True,
+) -> dict:
     """TTFT and its split for one configuration (the model as it is: patched or not)."""
     timers = timers_for(model, device)
     gen_kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False)
@@ -298,8 +325,11 @@ def config_label(row: dict) -> str:
 def _add_speedups(rows: list[dict], key: str = "ttft_ms") -> None:
     """``speedup`` (vs stock HF) and ``speedup_vs_fastpool`` of every row, from the baselines
     measured before the EarlyTom runs."""
-    base = {r["baseline"]: r.get(key) for r in rows
-            if r.get("config") == "uncompressed" and r.get("when") == "before" and not r.get("error")}
+    base = {
+        r["baseline"]: r.get(key)
+        for r in rows
+        if r.get("config") == "uncompressed" and r.get("when") == "before" and not r.get("error")
+    }
     for r in rows:
         t = r.get(key)
         if not t or r.get("error") or r.get("skipped"):
@@ -312,11 +342,25 @@ def _add_speedups(rows: list[dict], key: str = "ttft_ms") -> None:
             r["speedup_vs_fastpool"] = base["fastpool"] / t
 
 
-def benchmark(model, spec, device="cuda", *, frames: int = 32, batch: int = 1,
-              ratios: Sequence[float] = (0.10, 0.15, 0.20, 0.25), patterns: Sequence[str] = PATTERNS,
-              benchmark_preset: str = "videomme", llm_merge_ratios: Sequence[float] = (0.10, 0.20),
-              warmup: int = 2, iters: int = 7, profile: bool = True, dtype=torch.bfloat16, seed: int = 0,
-              budget: Budget | None = None, log=print) -> list[dict]:
+def benchmark(
+    model,
+    spec,
+    device="cuda",
+    *,
+    frames: int = 32,
+    batch: int = 1,
+    ratios: Sequence[float] = (0.10, 0.15, 0.20, 0.25),
+    patterns: Sequence[str] = PATTERNS,
+    benchmark_preset: str = "videomme",
+    llm_merge_ratios: Sequence[float] = (0.10, 0.20),
+    warmup: int = 2,
+    iters: int = 7,
+    profile: bool = True,
+    dtype=torch.bfloat16,
+    seed: int = 0,
+    budget: Budget | None = None,
+    log=print,
+) -> list[dict]:
     """Both baselines (measured before and after the compressed runs) and EarlyTom at each ratio
     (the paper's ``preset(benchmark_preset, r)``) and merge pattern, plus EarlyTom with the
     inner-LLM merge at ``llm_merge_ratios`` (headline pattern) when the option exists. One row
@@ -327,13 +371,15 @@ def benchmark(model, spec, device="cuda", *, frames: int = 32, batch: int = 1,
     inputs = models.make_batch(spec, batch, frames, device=device, dtype=dtype, seed=seed)
     full_lens = [int(x) for x in inputs["attention_mask"].sum(1).tolist()]
     common = {"frames": frames, "batch": batch}
-    points: list[dict] = [dict(config="uncompressed", baseline=b, when="before", ratio=1.0, **common)
-                          for b in BASELINES]
+    points: list[dict] = [
+        dict(config="uncompressed", baseline=b, when="before", ratio=1.0, **common) for b in BASELINES
+    ]
     for i, pattern in enumerate(patterns):
         points += [dict(config="earlytom", pattern=pattern, ratio=r, llm_merge=False, **common) for r in ratios]
         if i == 0:
-            points += [dict(config="earlytom", pattern=pattern, ratio=r, llm_merge=True, **common)
-                       for r in llm_merge_ratios]
+            points += [
+                dict(config="earlytom", pattern=pattern, ratio=r, llm_merge=True, **common) for r in llm_merge_ratios
+            ]
     points += [dict(config="uncompressed", baseline=b, when="after", ratio=1.0, **common) for b in BASELINES]
 
     def warm_start() -> None:
@@ -389,10 +435,22 @@ def benchmark(model, spec, device="cuda", *, frames: int = 32, batch: int = 1,
         if len(fa) == batch and len(comp_lens) == batch:
             layer, removed = _llm_merge_removed(cfg, row.get("video_tokens")) if row["llm_merge"] else (None, None)
             if not row["llm_merge"] or layer is not None:
-                row.update(flops_mod.compare(spec, [frames] * batch, full_lens, comp_lens, cfg.prune_layers, fa,
-                                             llm_merge_layer=layer, llm_merge_removed=removed))
-        log(f"  {config_label(row)}: TTFT {row['ttft_ms']:.2f} ms, frames {fa}, prefill {row.get('prefill_tokens')}, "
-            f"ops {row.get('ops_share_pct') or 0:.2f}%")
+                row.update(
+                    flops_mod.compare(
+                        spec,
+                        [frames] * batch,
+                        full_lens,
+                        comp_lens,
+                        cfg.prune_layers,
+                        fa,
+                        llm_merge_layer=layer,
+                        llm_merge_removed=removed,
+                    )
+                )
+        log(
+            f"  {config_label(row)}: TTFT {row['ttft_ms']:.2f} ms, frames {fa}, prefill {row.get('prefill_tokens')}, "
+            f"ops {row.get('ops_share_pct') or 0:.2f}%"
+        )
 
     if ratios and patterns and not budget.expired():
         warm_start()
@@ -401,10 +459,24 @@ def benchmark(model, spec, device="cuda", *, frames: int = 32, batch: int = 1,
     return rows
 
 
-def scaling(model, spec, device="cuda", *, frames_list: Sequence[int] = (8, 16, 32, 64, 128),
-            batch_list: Sequence[int] = (1, 2, 4), base_frames: int = 32, ratio: float = 0.10,
-            pattern: str = "forced-merge", benchmark_preset: str = "videomme", warmup: int = 1, iters: int = 3,
-            dtype=torch.bfloat16, seed: int = 0, budget: Budget | None = None, log=print) -> list[dict]:
+def scaling(
+    model,
+    spec,
+    device="cuda",
+    *,
+    frames_list: Sequence[int] = (8, 16, 32, 64, 128),
+    batch_list: Sequence[int] = (1, 2, 4),
+    base_frames: int = 32,
+    ratio: float = 0.10,
+    pattern: str = "forced-merge",
+    benchmark_preset: str = "videomme",
+    warmup: int = 1,
+    iters: int = 3,
+    dtype=torch.bfloat16,
+    seed: int = 0,
+    budget: Budget | None = None,
+    log=print,
+) -> list[dict]:
     """TTFT of both baselines and EarlyTom (``ratio``, ``pattern``) and EarlyTom's op time vs
     frames (batch 1) and vs batch (``base_frames`` frames). Points past the budget are skipped."""
     from earlytom_ext.config import preset
@@ -412,8 +484,9 @@ def scaling(model, spec, device="cuda", *, frames_list: Sequence[int] = (8, 16, 
     budget = budget or Budget()
     cfg = preset(benchmark_preset, ratio)
     fast_ok, _ = baseline_available("fastpool")
-    points = ([dict(axis="frames", value=f, batch=1, frames=f) for f in frames_list]
-              + [dict(axis="batch", value=b, batch=b, frames=base_frames) for b in batch_list])
+    points = [dict(axis="frames", value=f, batch=1, frames=f) for f in frames_list] + [
+        dict(axis="batch", value=b, batch=b, frames=base_frames) for b in batch_list
+    ]
     done: dict[tuple, dict] = {}
 
     def measure_point(row: dict) -> None:
@@ -436,23 +509,40 @@ def scaling(model, spec, device="cuda", *, frames_list: Sequence[int] = (8, 16, 
             comp = measure(model, inputs, device, handle=handle, warmup=warmup, iters=iters)
         finally:
             handle.remove()
-        row.update({
-            "ttft_full_ms": base["ttft_ms"], "ttft_fastpool_ms": fast["ttft_ms"] if fast else None,
-            "ttft_ms": comp["ttft_ms"], "speedup": base["ttft_ms"] / comp["ttft_ms"],
-            "speedup_vs_fastpool": fast["ttft_ms"] / comp["ttft_ms"] if fast else None,
-            "ops_ms": comp.get("ops_ms"), "ops_share_pct": comp.get("ops_share_pct"),
-            "vision_full_ms": base["vision_ms"], "vision_ms": comp["vision_ms"],
-            "llm_full_ms": base["llm_ms"], "llm_ms": comp["llm_ms"],
-            "prefill_tokens_full": base["prefill_tokens"], "prefill_tokens": comp["prefill_tokens"],
-            "peak_mem_full_gib": base.get("peak_mem_gib"), "peak_mem_gib": comp.get("peak_mem_gib"),
-            "frames_after_prune": comp.get("frames_after_prune"),
-        })
+        row.update(
+            {
+                "ttft_full_ms": base["ttft_ms"],
+                "ttft_fastpool_ms": fast["ttft_ms"] if fast else None,
+                "ttft_ms": comp["ttft_ms"],
+                "speedup": base["ttft_ms"] / comp["ttft_ms"],
+                "speedup_vs_fastpool": fast["ttft_ms"] / comp["ttft_ms"] if fast else None,
+                "ops_ms": comp.get("ops_ms"),
+                "ops_share_pct": comp.get("ops_share_pct"),
+                "vision_full_ms": base["vision_ms"],
+                "vision_ms": comp["vision_ms"],
+                "llm_full_ms": base["llm_ms"],
+                "llm_ms": comp["llm_ms"],
+                "prefill_tokens_full": base["prefill_tokens"],
+                "prefill_tokens": comp["prefill_tokens"],
+                "peak_mem_full_gib": base.get("peak_mem_gib"),
+                "peak_mem_gib": comp.get("peak_mem_gib"),
+                "frames_after_prune": comp.get("frames_after_prune"),
+            }
+        )
         done[key] = dict(row)
-        log(f"  scaling B={row['batch']} T={row['frames']}: TTFT {base['ttft_ms']:.1f} -> {comp['ttft_ms']:.1f} ms "
-            f"(x{row['speedup']:.2f}), ops {comp.get('ops_ms') or 0:.2f} ms")
+        log(
+            f"  scaling B={row['batch']} T={row['frames']}: TTFT {base['ttft_ms']:.1f} -> {comp['ttft_ms']:.1f} ms "
+            f"(x{row['speedup']:.2f}), ops {comp.get('ops_ms') or 0:.2f} ms"
+        )
 
-    return run_points(points, measure_point, budget=budget, device=device, log=log,
-                      label=lambda r: f"scaling B={r['batch']} T={r['frames']}")
+    return run_points(
+        points,
+        measure_point,
+        budget=budget,
+        device=device,
+        log=log,
+        label=lambda r: f"scaling B={r['batch']} T={r['frames']}",
+    )
 
 
 def main(argv=None) -> None:
@@ -471,13 +561,37 @@ def main(argv=None) -> None:
     dtype = torch.float32 if not is_cuda(args.device) else torch.bfloat16
     model, info = models.build_model(spec.name, device=args.device, dtype=dtype)
     print(f"model {info}")
-    rows = benchmark(model, spec, args.device, frames=args.frames or (8 if quick else 32),
-                     ratios=(0.10, 0.25) if quick else (0.10, 0.15, 0.20, 0.25), patterns=(args.pattern,),
-                     warmup=1 if quick else 2, iters=3 if quick else 7, profile=not quick, dtype=dtype)
+    rows = benchmark(
+        model,
+        spec,
+        args.device,
+        frames=args.frames or (8 if quick else 32),
+        ratios=(0.10, 0.25) if quick else (0.10, 0.15, 0.20, 0.25),
+        patterns=(args.pattern,),
+        warmup=1 if quick else 2,
+        iters=3 if quick else 7,
+        profile=not quick,
+        dtype=dtype,
+    )
     for r in rows:
         r["name"] = config_label(r)
-    print(markdown_table(rows, ["name", "ttft_ms", "speedup", "speedup_vs_fastpool", "prefill_tokens", "ops_ms",
-                                "ops_share_pct", "peak_mem_gib", "skipped", "error"]))
+    print(
+        markdown_table(
+            rows,
+            [
+                "name",
+                "ttft_ms",
+                "speedup",
+                "speedup_vs_fastpool",
+                "prefill_tokens",
+                "ops_ms",
+                "ops_share_pct",
+                "peak_mem_gib",
+                "skipped",
+                "error",
+            ],
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Helpers shared by every benchmark: timers (CUDA events, warm-up, median), forward-hook timers,
 peak memory, the time budget and its loop over measurement points, and table formatting."""
+
 from __future__ import annotations
 
 import gc
@@ -11,8 +12,22 @@ from typing import Callable
 import torch
 
 __all__ = [
-    "is_cuda", "sync", "free_memory", "Stamp", "median", "gib", "timed_calls", "time_fn", "peak_bytes",
-    "peak_memory", "HookTimers", "Budget", "run_points", "gbps", "markdown_table", "op_bench_main",
+    "is_cuda",
+    "sync",
+    "free_memory",
+    "Stamp",
+    "median",
+    "gib",
+    "timed_calls",
+    "time_fn",
+    "peak_bytes",
+    "peak_memory",
+    "HookTimers",
+    "Budget",
+    "run_points",
+    "gbps",
+    "markdown_table",
+    "op_bench_main",
 ]
 
 
@@ -69,9 +84,15 @@ def gib(n_bytes: float | None) -> float | None:
     return None if n_bytes is None else n_bytes / 2**30
 
 
-def timed_calls(fn: Callable[[], object], device, *, warmup: int, iters: int,
-                before: Callable[[], None] | None = None,
-                after: Callable[[object], None] | None = None) -> list[float]:
+def timed_calls(
+    fn: Callable[[], object],
+    device,
+    *,
+    warmup: int,
+    iters: int,
+    before: Callable[[], None] | None = None,
+    after: Callable[[object], None] | None = None,
+) -> list[float]:
     """Milliseconds of ``iters`` calls of ``fn()`` after ``warmup`` untimed ones.
 
     CUDA: CUDA events on the current stream around each call (the stream time of the call,
@@ -135,8 +156,14 @@ class HookTimers:
     The first call of ``first_only[0]`` also records its sequence length (``prefill_len``).
     """
 
-    def __init__(self, device, modules: dict[str, torch.nn.Module], *, first_only: Sequence[str] = (),
-                 methods: dict[str, tuple[object, str]] | None = None):
+    def __init__(
+        self,
+        device,
+        modules: dict[str, torch.nn.Module],
+        *,
+        first_only: Sequence[str] = (),
+        methods: dict[str, tuple[object, str]] | None = None,
+    ):
         self.cuda = is_cuda(device)
         self.first_only = tuple(first_only)
         self.names = list(modules) + list(methods or {})
@@ -254,8 +281,15 @@ class Budget:
         return Budget(_deadline=time.monotonic() + left * frac)
 
 
-def run_points(points: Sequence[dict], measure: Callable[[dict], None], *, budget: Budget, device,
-               log: Callable[[str], None] = print, label: Callable[[dict], str] = str) -> list[dict]:
+def run_points(
+    points: Sequence[dict],
+    measure: Callable[[dict], None],
+    *,
+    budget: Budget,
+    device,
+    log: Callable[[str], None] = print,
+    label: Callable[[dict], str] = str,
+) -> list[dict]:
     """One row per point: ``measure(row)`` fills a copy of the point.
 
     Points past the budget get ``row["skipped"] = "time budget"``; a point whose measurement

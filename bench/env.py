@@ -1,5 +1,6 @@
 """The environment a benchmark ran in: versions, GPU, clocks (NVML, read only), and the device
 slug that names the result files."""
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -28,8 +29,9 @@ def utc_now() -> _dt.datetime:
 def git_commit() -> str | None:
     """Short commit of the checkout (``None`` outside git, e.g. a copied tree)."""
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                             timeout=10)
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10
+        )
         return out.stdout.strip() or None
     except Exception:
         return None
@@ -110,8 +112,12 @@ def environment(device: str) -> dict[str, object]:
     if is_cuda(device):
         idx = torch.device(device).index or 0
         p = torch.cuda.get_device_properties(idx)
-        env["gpu"] = {"name": p.name, "capability": f"{p.major}.{p.minor}", "sms": p.multi_processor_count,
-                      "memory_gib": p.total_memory / 2**30}
+        env["gpu"] = {
+            "name": p.name,
+            "capability": f"{p.major}.{p.minor}",
+            "sms": p.multi_processor_count,
+            "memory_gib": p.total_memory / 2**30,
+        }
         env["nvml"] = nvml_info(idx)
     return env
 

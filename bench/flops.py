@@ -15,6 +15,7 @@ the third matrix of the gated MLP, exactly as the paper does.)
   inner-LLM merge, layers from the merge layer on run on the sequence without the removed tokens.
 The projector, pooling and LM head are not counted (the paper does not count them either).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -28,8 +29,9 @@ def layer_flops(n: int, d: int, m: int) -> int:
     return 4 * n * d * d + 2 * n * n * d + 2 * n * d * m
 
 
-def frames_per_layer(frames: int, num_layers: int, prune_layers: Sequence[int] = (),
-                     counts_after: Sequence[int] = ()) -> list[int]:
+def frames_per_layer(
+    frames: int, num_layers: int, prune_layers: Sequence[int] = (), counts_after: Sequence[int] = ()
+) -> list[int]:
     """Frames each encoder layer runs on.
 
     ``counts_after[j]`` is the frame count after Stage I at ``prune_layers[j]``; layers up to and
@@ -52,8 +54,14 @@ def encoder_flops(per_layer_frames: Sequence[int], tokens: int, d: int, m: int) 
     return sum(int(f) * per_frame for f in per_layer_frames)
 
 
-def llm_flops(seq_lens: Sequence[int], layers: int, d: int, m: int, merge_layer: int | None = None,
-              removed: Sequence[int] | None = None) -> int:
+def llm_flops(
+    seq_lens: Sequence[int],
+    layers: int,
+    d: int,
+    m: int,
+    merge_layer: int | None = None,
+    removed: Sequence[int] | None = None,
+) -> int:
     """LLM prefill FLOPs over the given sequence lengths (one per sample).
 
     ``merge_layer`` / ``removed``: the inner-LLM merge; layers ``merge_layer ..`` run on
@@ -65,14 +73,22 @@ def llm_flops(seq_lens: Sequence[int], layers: int, d: int, m: int, merge_layer:
         raise ValueError(f"removed must give one count per sample ({len(seq_lens)}), got {removed!r}")
     if not 0 <= merge_layer <= layers:
         raise ValueError(f"merge_layer must be in [0, {layers}], got {merge_layer}")
-    return sum(merge_layer * layer_flops(n, d, m) + (layers - merge_layer) * layer_flops(n - r, d, m)
-               for n, r in zip(seq_lens, removed))
+    return sum(
+        merge_layer * layer_flops(n, d, m) + (layers - merge_layer) * layer_flops(n - r, d, m)
+        for n, r in zip(seq_lens, removed)
+    )
 
 
-def compare(spec, frames: Sequence[int], seq_lens_full: Sequence[int], seq_lens_comp: Sequence[int],
-            prune_layers: Sequence[int] = (), counts_after: Sequence[Sequence[int]] | None = None,
-            llm_merge_layer: int | None = None, llm_merge_removed: Sequence[int] | None = None
-            ) -> dict[str, float]:
+def compare(
+    spec,
+    frames: Sequence[int],
+    seq_lens_full: Sequence[int],
+    seq_lens_comp: Sequence[int],
+    prune_layers: Sequence[int] = (),
+    counts_after: Sequence[Sequence[int]] | None = None,
+    llm_merge_layer: int | None = None,
+    llm_merge_removed: Sequence[int] | None = None,
+) -> dict[str, float]:
     """Uncompressed vs compressed FLOPs for a batch.
 
     ``frames``: frames per video; ``counts_after[b]``: video b's frame counts after each prune
@@ -90,8 +106,9 @@ def compare(spec, frames: Sequence[int], seq_lens_full: Sequence[int], seq_lens_
         encoder_flops(frames_per_layer(T, L, prune_layers, c), S, d, m) for T, c in zip(frames, counts_after)
     )
     llm_full = llm_flops(seq_lens_full, spec.text_layers, spec.text_hidden, spec.text_mlp)
-    llm_comp = llm_flops(seq_lens_comp, spec.text_layers, spec.text_hidden, spec.text_mlp, llm_merge_layer,
-                         llm_merge_removed)
+    llm_comp = llm_flops(
+        seq_lens_comp, spec.text_layers, spec.text_hidden, spec.text_mlp, llm_merge_layer, llm_merge_removed
+    )
     full, comp = enc_full + llm_full, enc_comp + llm_comp
     return {
         "encoder_tflops_full": enc_full / 1e12,
@@ -106,24 +123,46 @@ def compare(spec, frames: Sequence[int], seq_lens_full: Sequence[int], seq_lens_
     }
 
 
-def section_rows(spec, ttft_rows: Sequence[dict], frames: int, text_tokens: int, preset_name: str,
-                 ratios: Sequence[float] = (0.10, 0.15, 0.20, 0.25)) -> list[dict]:
+def section_rows(
+    spec,
+    ttft_rows: Sequence[dict],
+    frames: int,
+    text_tokens: int,
+    preset_name: str,
+    ratios: Sequence[float] = (0.10, 0.15, 0.20, 0.25),
+) -> list[dict]:
     """The FLOPs section: the measured TTFT runs (actual frame and token counts) when there are
     any, plus the forced patterns computed without a model."""
     from bench import models, patterns
     from earlytom_ext.config import preset
 
-    keys = ("encoder_tflops_full", "encoder_tflops", "llm_tflops_full", "llm_tflops", "total_tflops_full",
-            "total_tflops", "encoder_reduction_pct", "llm_reduction_pct", "flops_reduction_pct")
+    keys = (
+        "encoder_tflops_full",
+        "encoder_tflops",
+        "llm_tflops_full",
+        "llm_tflops",
+        "total_tflops_full",
+        "total_tflops",
+        "encoder_reduction_pct",
+        "llm_reduction_pct",
+        "flops_reduction_pct",
+    )
     rows = []
     for r in ttft_rows:
         if r.get("config") != "earlytom" or "total_tflops" not in r:
             continue
         counts = r.get("frames_after_prune") or []
-        rows.append({"source": "measured run", "pattern": r["pattern"], "ratio": r["ratio"],
-                     "llm_merge": bool(r.get("llm_merge")),
-                     "frames_after_prune": "; ".join("/".join(str(x) for x in v) for v in counts),
-                     "prefill_tokens": r.get("prefill_tokens"), **{k: r[k] for k in keys}})
+        rows.append(
+            {
+                "source": "measured run",
+                "pattern": r["pattern"],
+                "ratio": r["ratio"],
+                "llm_merge": bool(r.get("llm_merge")),
+                "frames_after_prune": "; ".join("/".join(str(x) for x in v) for v in counts),
+                "prefill_tokens": r.get("prefill_tokens"),
+                **{k: r[k] for k in keys},
+            }
+        )
     for pattern in patterns.FORCED_PATTERNS:
         for ratio in ratios:
             cfg = preset(preset_name, ratio)
@@ -131,8 +170,14 @@ def section_rows(spec, ttft_rows: Sequence[dict], frames: int, text_tokens: int,
             kept = patterns.forced_video_tokens(frames, cfg, pattern, spec.tokens_per_frame)
             full_len = models.video_placeholders(frames, spec) + text_tokens
             comp_len = kept + 1 + text_tokens
-            row = {"source": "analytical", "pattern": pattern, "ratio": ratio, "llm_merge": False,
-                   "frames_after_prune": "/".join(map(str, counts)), "prefill_tokens": comp_len}
+            row = {
+                "source": "analytical",
+                "pattern": pattern,
+                "ratio": ratio,
+                "llm_merge": False,
+                "frames_after_prune": "/".join(map(str, counts)),
+                "prefill_tokens": comp_len,
+            }
             row.update(compare(spec, [frames], [full_len], [comp_len], cfg.prune_layers, [counts]))
             rows.append(row)
     return rows
@@ -162,8 +207,21 @@ def main(argv=None) -> None:
         row = {"r": r, "frames_after_prune": "/".join(map(str, counts)), "prefill_tokens": comp_len}
         row.update(compare(spec, [args.frames], [full_len], [comp_len], cfg.prune_layers, [counts]))
         rows.append(row)
-    print(markdown_table(rows, ["r", "frames_after_prune", "prefill_tokens", "encoder_tflops_full", "encoder_tflops",
-                                "llm_tflops_full", "llm_tflops", "flops_reduction_pct"]))
+    print(
+        markdown_table(
+            rows,
+            [
+                "r",
+                "frames_after_prune",
+                "prefill_tokens",
+                "encoder_tflops_full",
+                "encoder_tflops",
+                "llm_tflops_full",
+                "llm_tflops",
+                "flops_reduction_pct",
+            ],
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ Three model sizes:
 
 Nothing is downloaded: weights are random, inputs are built by hand (no processor).
 """
+
 from __future__ import annotations
 
 import math
@@ -82,22 +83,56 @@ class ModelSpec:
 
 SPECS: dict[str, ModelSpec] = {
     "llava-ov-7b": ModelSpec(
-        name="llava-ov-7b", vision_hidden=1152, vision_mlp=4304, vision_layers=26, vision_heads=16,
-        text_hidden=3584, text_mlp=18944, text_layers=28, text_heads=28, text_kv_heads=4,
-        vocab=152064, image_token_id=151646, video_token_id=151647, pad_token_id=151643,
+        name="llava-ov-7b",
+        vision_hidden=1152,
+        vision_mlp=4304,
+        vision_layers=26,
+        vision_heads=16,
+        text_hidden=3584,
+        text_mlp=18944,
+        text_layers=28,
+        text_heads=28,
+        text_kv_heads=4,
+        vocab=152064,
+        image_token_id=151646,
+        video_token_id=151647,
+        pad_token_id=151643,
         text_id_range=(1000, 150000),
     ),
     "tiny": ModelSpec(
-        name="tiny", vision_hidden=32, vision_mlp=64, vision_layers=26, vision_heads=2,
-        text_hidden=64, text_mlp=128, text_layers=2, text_heads=4, text_kv_heads=2,
-        vocab=320, image_token_id=300, video_token_id=301, pad_token_id=0,
+        name="tiny",
+        vision_hidden=32,
+        vision_mlp=64,
+        vision_layers=26,
+        vision_heads=2,
+        text_hidden=64,
+        text_mlp=128,
+        text_layers=2,
+        text_heads=4,
+        text_kv_heads=2,
+        vocab=320,
+        image_token_id=300,
+        video_token_id=301,
+        pad_token_id=0,
         text_id_range=(3, 290),
     ),
     "micro": ModelSpec(
-        name="micro", vision_hidden=32, vision_mlp=64, vision_layers=26, vision_heads=2,
-        text_hidden=64, text_mlp=128, text_layers=2, text_heads=4, text_kv_heads=2,
-        vocab=320, image_token_id=300, video_token_id=301, pad_token_id=0,
-        text_id_range=(3, 290), image_size=112,
+        name="micro",
+        vision_hidden=32,
+        vision_mlp=64,
+        vision_layers=26,
+        vision_heads=2,
+        text_hidden=64,
+        text_mlp=128,
+        text_layers=2,
+        text_heads=4,
+        text_kv_heads=2,
+        vocab=320,
+        image_token_id=300,
+        video_token_id=301,
+        pad_token_id=0,
+        text_id_range=(3, 290),
+        image_size=112,
     ),
 }
 
@@ -111,12 +146,25 @@ def get_spec(name: str) -> ModelSpec:
 def config_kwargs(spec: ModelSpec) -> dict:
     """Keyword arguments of ``earlytom_ext.tiny_model.tiny_config`` / ``build_model`` for ``spec``."""
     return dict(
-        vision_layers=spec.vision_layers, vision_hidden=spec.vision_hidden, vision_heads=spec.vision_heads,
-        vision_mlp=spec.vision_mlp, text_layers=spec.text_layers, text_hidden=spec.text_hidden,
-        text_heads=spec.text_heads, text_kv_heads=spec.text_kv_heads, text_mlp=spec.text_mlp, vocab=spec.vocab,
-        image_token_id=spec.image_token_id, video_token_id=spec.video_token_id, pad_token_id=spec.pad_token_id,
-        bos_token_id=None, eos_token_id=None, rope_theta=1000000.0, max_position_embeddings=32768,
-        image_size=spec.image_size, patch_size=spec.patch_size,
+        vision_layers=spec.vision_layers,
+        vision_hidden=spec.vision_hidden,
+        vision_heads=spec.vision_heads,
+        vision_mlp=spec.vision_mlp,
+        text_layers=spec.text_layers,
+        text_hidden=spec.text_hidden,
+        text_heads=spec.text_heads,
+        text_kv_heads=spec.text_kv_heads,
+        text_mlp=spec.text_mlp,
+        vocab=spec.vocab,
+        image_token_id=spec.image_token_id,
+        video_token_id=spec.video_token_id,
+        pad_token_id=spec.pad_token_id,
+        bos_token_id=None,
+        eos_token_id=None,
+        rope_theta=1000000.0,
+        max_position_embeddings=32768,
+        image_size=spec.image_size,
+        patch_size=spec.patch_size,
     )
 
 
@@ -125,8 +173,13 @@ def hf_config(spec: ModelSpec):
     return tm.tiny_config(**config_kwargs(spec))
 
 
-def build_model(spec_name: str = "llava-ov-7b", device="cuda", dtype=torch.bfloat16, seed: int = 0,
-                attn_implementation: str = "sdpa"):
+def build_model(
+    spec_name: str = "llava-ov-7b",
+    device="cuda",
+    dtype=torch.bfloat16,
+    seed: int = 0,
+    attn_implementation: str = "sdpa",
+):
     """Random-weight ``LlavaOnevisionForConditionalGeneration`` built directly on ``device``.
 
     Parameters are allocated on the target device in the target dtype, so the 8B-parameter
@@ -136,8 +189,15 @@ def build_model(spec_name: str = "llava-ov-7b", device="cuda", dtype=torch.bfloa
     spec = get_spec(spec_name)
     device = torch.device(device)
     t0 = time.perf_counter()
-    model = tm.build_model(seed=seed, attn_implementation=attn_implementation, dtype=dtype, device=device,
-                           init_on_device=True, sharpen_attention=False, **config_kwargs(spec))
+    model = tm.build_model(
+        seed=seed,
+        attn_implementation=attn_implementation,
+        dtype=dtype,
+        device=device,
+        init_on_device=True,
+        sharpen_attention=False,
+        **config_kwargs(spec),
+    )
     model.requires_grad_(False)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -161,12 +221,21 @@ def check_weights_finite(model) -> bool:
 # ---------------------------------------------------------------------------------------------
 # Inputs
 # ---------------------------------------------------------------------------------------------
-def make_video(num_frames: int, *, device="cpu", dtype=torch.float32, seed: int = 0,
-               image_size: int = IMAGE_SIZE) -> torch.Tensor:
+def make_video(
+    num_frames: int, *, device="cpu", dtype=torch.float32, seed: int = 0, image_size: int = IMAGE_SIZE
+) -> torch.Tensor:
     """The benchmark clip ``[T, 3, H, W]``: ``tiny_model.make_video(kind="crossfade")`` with a new
     picture every 8 frames and a little noise (neighbouring frames are similar)."""
-    return tm.make_video(num_frames, seed=seed, kind="crossfade", scene_length=8, noise=0.03, image_size=image_size,
-                         device=device, dtype=dtype)
+    return tm.make_video(
+        num_frames,
+        seed=seed,
+        kind="crossfade",
+        scene_length=8,
+        noise=0.03,
+        image_size=image_size,
+        device=device,
+        dtype=dtype,
+    )
 
 
 def video_placeholders(num_frames: int, spec: ModelSpec | None = None) -> int:
@@ -174,8 +243,9 @@ def video_placeholders(num_frames: int, spec: ModelSpec | None = None) -> int:
     return tm.video_token_count(num_frames, spec.tokens_per_frame if spec is not None else TOKENS_PER_FRAME)
 
 
-def make_inputs(spec: ModelSpec, videos: torch.Tensor, *, video_tokens: Sequence[int] | None = None,
-                seed: int = 0) -> dict:
+def make_inputs(
+    spec: ModelSpec, videos: torch.Tensor, *, video_tokens: Sequence[int] | None = None, seed: int = 0
+) -> dict:
     """Generation inputs for a batch of videos ``[B, T, 3, H, W]`` (one video per sample).
 
     Each sample is ``PREFIX_TOKENS`` text tokens, the video placeholders (``video_tokens`` per
@@ -184,10 +254,17 @@ def make_inputs(spec: ModelSpec, videos: torch.Tensor, *, video_tokens: Sequence
     """
     B, T = int(videos.shape[0]), int(videos.shape[1])
     counts = list(video_tokens) if video_tokens is not None else [video_placeholders(T, spec)] * B
-    inputs = tm.make_inputs(list(videos), seed=seed, prefix_lengths=[PREFIX_TOKENS] * B,
-                            suffix_lengths=[SUFFIX_TOKENS] * B, video_tokens=counts,
-                            video_token_id=spec.video_token_id, image_token_id=spec.image_token_id,
-                            pad_token_id=spec.pad_token_id, text_id_range=spec.text_id_range)
+    inputs = tm.make_inputs(
+        list(videos),
+        seed=seed,
+        prefix_lengths=[PREFIX_TOKENS] * B,
+        suffix_lengths=[SUFFIX_TOKENS] * B,
+        video_tokens=counts,
+        video_token_id=spec.video_token_id,
+        image_token_id=spec.image_token_id,
+        pad_token_id=spec.pad_token_id,
+        text_id_range=spec.text_id_range,
+    )
     return {
         "input_ids": inputs["input_ids"].to(videos.device),
         "attention_mask": inputs["attention_mask"].to(videos.device),
@@ -197,6 +274,10 @@ def make_inputs(spec: ModelSpec, videos: torch.Tensor, *, video_tokens: Sequence
 
 def make_batch(spec: ModelSpec, batch: int, frames: int, *, device="cpu", dtype=torch.float32, seed: int = 0) -> dict:
     """``batch`` different synthetic videos of ``frames`` frames and their uncompressed inputs."""
-    videos = torch.stack([make_video(frames, device=device, dtype=dtype, seed=seed + 17 * b, image_size=spec.image_size)
-                          for b in range(batch)])
+    videos = torch.stack(
+        [
+            make_video(frames, device=device, dtype=dtype, seed=seed + 17 * b, image_size=spec.image_size)
+            for b in range(batch)
+        ]
+    )
     return make_inputs(spec, videos, seed=seed)

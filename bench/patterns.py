@@ -15,6 +15,7 @@ patterns replace the *decisions* of Stage I by a fixed rule while the real ops s
 
 The refined segmentation at the last prune layer uses the same windows on the merged frames.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -27,8 +28,18 @@ from earlytom_ext.tiny_model import TOKENS_PER_FRAME
 FORCED_PATTERNS = ("forced-merge", "forced-nomerge")
 PATTERNS = FORCED_PATTERNS + ("natural",)
 
-__all__ = ["FORCED_PATTERNS", "PATTERNS", "forced_segments", "forced_plan", "forced_counts", "stage2_token_count",
-           "forced_video_tokens", "ForcedPlans", "install_pattern", "apply_earlytom"]
+__all__ = [
+    "FORCED_PATTERNS",
+    "PATTERNS",
+    "forced_segments",
+    "forced_plan",
+    "forced_counts",
+    "stage2_token_count",
+    "forced_video_tokens",
+    "ForcedPlans",
+    "install_pattern",
+    "apply_earlytom",
+]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,9 +202,15 @@ def install_pattern(handle, pattern: str) -> Callable[[], None]:
     def stage1(x, frame_counts, layer_index, extras=None):
         res = ops.merge_frames(x, frame_counts, cfg, extras=extras)  # the real op: its cost counts
         p = plans.get(_counts_of(frame_counts), x.device)
-        return res._replace(x=merge_like(x, p), extras=merge_like(extras, p), frame_counts=p["frame_counts"],
-                            segments=p["segments"], segment_counts=p["segment_counts"], plan_src=p["plan_src"],
-                            plan_weight=p["plan_weight"])
+        return res._replace(
+            x=merge_like(x, p),
+            extras=merge_like(extras, p),
+            frame_counts=p["frame_counts"],
+            segments=p["segments"],
+            segment_counts=p["segment_counts"],
+            plan_src=p["plan_src"],
+            plan_weight=p["plan_weight"],
+        )
 
     def refine(x, frame_counts):
         ops.segment_frames(x, frame_counts, cfg)  # the real op: its cost counts

@@ -1,4 +1,5 @@
 """The benchmark report: markdown tables, the goals, and one PNG figure (matplotlib, optional)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,13 +10,26 @@ from bench.common import is_cuda, markdown_table
 __all__ = ["GOALS", "PAPER", "breakdown", "goals_section", "write_markdown", "write_plot"]
 
 GOALS = {"ttft_speedup_r010_h100": 3.0, "ops_share_pct_max": 2.0}
-PAPER = {"ttft_reduction_r010": 2.65, "flops_reduction_pct_r010": 61.0, "throughput_gain": 1.3, "hardware": "A100",
-         "dtype": "fp16", "model": "LLaVA-OneVision-7B"}
+PAPER = {
+    "ttft_reduction_r010": 2.65,
+    "flops_reduction_pct_r010": 61.0,
+    "throughput_gain": 1.3,
+    "hardware": "A100",
+    "dtype": "fp16",
+    "model": "LLaVA-OneVision-7B",
+}
 
 #: the TTFT breakdown: (column, label); the parts add up to TTFT.
-BREAKDOWN = (("vision", "vision encoder"), ("earlytom_in_tower", "Stage I + score + segments"),
-             ("projector", "projector"), ("pooling", "pooling"), ("stage2", "Stage II"),
-             ("prompt_rewrite", "prompt rewriting"), ("llm", "LLM prefill"), ("overhead", "generate overhead"))
+BREAKDOWN = (
+    ("vision", "vision encoder"),
+    ("earlytom_in_tower", "Stage I + score + segments"),
+    ("projector", "projector"),
+    ("pooling", "pooling"),
+    ("stage2", "Stage II"),
+    ("prompt_rewrite", "prompt rewriting"),
+    ("llm", "LLM prefill"),
+    ("overhead", "generate overhead"),
+)
 
 
 def _fmt_counts(c) -> str:
@@ -39,9 +53,16 @@ def breakdown(r: dict) -> dict[str, float | None]:
     vision = r.get("vision_ms")
     if vision is not None and in_tower is not None:
         vision = max(vision - in_tower, 0.0)
-    return {"vision": vision, "earlytom_in_tower": in_tower, "projector": r.get("projector_ms"),
-            "pooling": r.get("pooling_ms"), "stage2": r.get("stage2_ms"), "prompt_rewrite": r.get("prompt_rewrite_ms"),
-            "llm": r.get("llm_ms"), "overhead": r.get("overhead_ms")}
+    return {
+        "vision": vision,
+        "earlytom_in_tower": in_tower,
+        "projector": r.get("projector_ms"),
+        "pooling": r.get("pooling_ms"),
+        "stage2": r.get("stage2_ms"),
+        "prompt_rewrite": r.get("prompt_rewrite_ms"),
+        "llm": r.get("llm_ms"),
+        "overhead": r.get("overhead_ms"),
+    }
 
 
 def _outcome(r: dict) -> str:
@@ -60,8 +81,11 @@ def goals_section(results: dict) -> list[str]:
     hp = meta["headline_pattern"]
     ttft = results.get("ttft") or []
     L = ["## Goals (reported, not asserted)", ""]
-    head = [r for r in ttft if r.get("config") == "earlytom" and r.get("pattern") == hp and not r.get("llm_merge")
-            and _ok(r)]
+    head = [
+        r
+        for r in ttft
+        if r.get("config") == "earlytom" and r.get("pattern") == hp and not r.get("llm_merge") and _ok(r)
+    ]
     r010 = next((r for r in head if _near(r["ratio"], 0.10)), None)
     gpu = results["env"].get("gpu", {}).get("name", "CPU")
     if r010 is not None and r010.get("speedup") is not None:
@@ -69,38 +93,61 @@ def goals_section(results: dict) -> list[str]:
         met = "met" if sp >= GOALS["ttft_speedup_r010_h100"] else "NOT met"
         fp = r010.get("speedup_vs_fastpool")
         fp_txt = f"; **{fp:.2f}x** vs stock + fast pooling (the algorithm alone)" if fp else ""
-        L.append(f"- TTFT speed-up at r = 0.10 ({hp}): **{sp:.2f}x** vs stock Hugging Face on {gpu}{fp_txt} "
-                 f"(goal >= {GOALS['ttft_speedup_r010_h100']:.1f}x on H100: {met}; paper: "
-                 f"{PAPER['ttft_reduction_r010']}x on {PAPER['hardware']}, {PAPER['dtype']}).")
+        L.append(
+            f"- TTFT speed-up at r = 0.10 ({hp}): **{sp:.2f}x** vs stock Hugging Face on {gpu}{fp_txt} "
+            f"(goal >= {GOALS['ttft_speedup_r010_h100']:.1f}x on H100: {met}; paper: "
+            f"{PAPER['ttft_reduction_r010']}x on {PAPER['hardware']}, {PAPER['dtype']})."
+        )
         if r010.get("flops_reduction_pct") is not None:
-            L.append(f"- FLOPs at r = 0.10: **-{r010['flops_reduction_pct']:.1f}%** "
-                     f"(paper: -{PAPER['flops_reduction_pct_r010']:.0f}%).")
+            L.append(
+                f"- FLOPs at r = 0.10: **-{r010['flops_reduction_pct']:.1f}%** "
+                f"(paper: -{PAPER['flops_reduction_pct_r010']:.0f}%)."
+            )
     else:
         L.append("- TTFT speed-up at r = 0.10: no result (see Errors / Skipped).")
     fast = next((r for r in ttft if r.get("baseline") == "fastpool" and r.get("when") == "before" and _ok(r)), None)
     if fast is not None and fast.get("speedup"):
         L.append(f"- The pooling fix alone (stock + fast pooling, uncompressed): {fast['speedup']:.2f}x vs stock.")
-    others = [r for r in ttft if r.get("config") == "earlytom" and _ok(r) and _near(r["ratio"], 0.10)
-              and (r.get("pattern") != hp or r.get("llm_merge")) and r.get("speedup")]
+    others = [
+        r
+        for r in ttft
+        if r.get("config") == "earlytom"
+        and _ok(r)
+        and _near(r["ratio"], 0.10)
+        and (r.get("pattern") != hp or r.get("llm_merge"))
+        and r.get("speedup")
+    ]
     if others:
-        L.append("- Other configurations at r = 0.10: " + ", ".join(
-            f"{'LLM merge ' if r.get('llm_merge') else ''}{r['pattern']} {r['speedup']:.2f}x" for r in others) + ".")
+        L.append(
+            "- Other configurations at r = 0.10: "
+            + ", ".join(
+                f"{'LLM merge ' if r.get('llm_merge') else ''}{r['pattern']} {r['speedup']:.2f}x" for r in others
+            )
+            + "."
+        )
     shares = [(r["ratio"], r["ops_share_pct"]) for r in head if r.get("ops_share_pct") is not None]
     if shares:
         worst = max(s for _, s in shares)
         met = "met" if worst < GOALS["ops_share_pct_max"] else "NOT met"
-        L.append("- EarlyTom ops' share of compressed TTFT (CUDA-event spans): "
-                 + ", ".join(f"r={a:.2f}: {s:.2f}%" for a, s in shares)
-                 + f" (goal < {GOALS['ops_share_pct_max']:.0f}%: {met} at the worst ratio).")
+        L.append(
+            "- EarlyTom ops' share of compressed TTFT (CUDA-event spans): "
+            + ", ".join(f"r={a:.2f}: {s:.2f}%" for a, s in shares)
+            + f" (goal < {GOALS['ops_share_pct_max']:.0f}%: {met} at the worst ratio)."
+        )
     kshares = [(r["ratio"], r["ops_kernel_share_pct"]) for r in head if r.get("ops_kernel_share_pct") is not None]
     if kshares:
-        L.append("- Kernel time only (torch.profiler, earlytom:: ops): "
-                 + ", ".join(f"r={a:.2f}: {s:.2f}%" for a, s in kshares) + ".")
+        L.append(
+            "- Kernel time only (torch.profiler, earlytom:: ops): "
+            + ", ".join(f"r={a:.2f}: {s:.2f}%" for a, s in kshares)
+            + "."
+        )
     tp = [r for r in results.get("throughput") or [] if r.get("config") == "earlytom" and r.get("speedup")]
     if tp:
-        L.append("- Generation throughput (tokens/s, EarlyTom r = 0.10 vs stock): "
-                 + ", ".join(f"batch {r['batch']}: {r['speedup']:.2f}x" for r in tp)
-                 + f" (paper: {PAPER['throughput_gain']}x).")
+        L.append(
+            "- Generation throughput (tokens/s, EarlyTom r = 0.10 vs stock): "
+            + ", ".join(f"batch {r['batch']}: {r['speedup']:.2f}x" for r in tp)
+            + f" (paper: {PAPER['throughput_gain']}x)."
+        )
     if not is_cuda(meta["device"]):
         L.append("- CPU smoke run: these numbers say nothing about GPU performance.")
     L.append("")
@@ -110,12 +157,36 @@ def goals_section(results: dict) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 # Markdown
 # ---------------------------------------------------------------------------------------------
-_TTFT_COLS = ["name", "frames_after_prune", "prefill_tokens", "ttft_ms", "speedup", "speedup_vs_fastpool", "ops_ms",
-              "ops_share_pct", "ops_kernel_ms", "ops_kernel_share_pct", "peak_mem_gib", "flops_reduction_pct",
-              "outcome"]
-_TTFT_HEAD = ["configuration", "frames after prune", "prefill tokens", "TTFT ms", "x vs stock",
-              "x vs stock+fast pooling", "ops ms", "ops %", "ops kernel ms", "ops kernel %", "peak GiB",
-              "FLOPs -%", ""]
+_TTFT_COLS = [
+    "name",
+    "frames_after_prune",
+    "prefill_tokens",
+    "ttft_ms",
+    "speedup",
+    "speedup_vs_fastpool",
+    "ops_ms",
+    "ops_share_pct",
+    "ops_kernel_ms",
+    "ops_kernel_share_pct",
+    "peak_mem_gib",
+    "flops_reduction_pct",
+    "outcome",
+]
+_TTFT_HEAD = [
+    "configuration",
+    "frames after prune",
+    "prefill tokens",
+    "TTFT ms",
+    "x vs stock",
+    "x vs stock+fast pooling",
+    "ops ms",
+    "ops %",
+    "ops kernel ms",
+    "ops kernel %",
+    "peak GiB",
+    "FLOPs -%",
+    "",
+]
 
 
 def _view(rows: list[dict]) -> list[dict]:
@@ -140,10 +211,15 @@ def _ttft_section(results: dict) -> list[str]:
     L += [markdown_table(_view(head), _TTFT_COLS, _TTFT_HEAD), ""]
     lm = [r for r in ttft if r.get("llm_merge")]
     if lm:
-        L += [f"## TTFT with the inner-LLM merge (pattern `{hp}`)", "",
-              "EarlyTom plus the published inner-LLM token merge (`preset(..., llm_merge=True)`: at LLM layer "
-              f"{lm[0].get('llm_merge_layer', 18)}, half of the video span is merged into the rest).", "",
-              markdown_table(_view(lm), _TTFT_COLS, _TTFT_HEAD), ""]
+        L += [
+            f"## TTFT with the inner-LLM merge (pattern `{hp}`)",
+            "",
+            "EarlyTom plus the published inner-LLM token merge (`preset(..., llm_merge=True)`: at LLM layer "
+            f"{lm[0].get('llm_merge_layer', 18)}, half of the video span is merged into the rest).",
+            "",
+            markdown_table(_view(lm), _TTFT_COLS, _TTFT_HEAD),
+            "",
+        ]
     for pat in meta["patterns"]:
         if pat == hp:
             continue
@@ -152,16 +228,29 @@ def _ttft_section(results: dict) -> list[str]:
             continue
         L += [f"## TTFT, pattern `{pat}`", ""]
         if pat == "natural":
-            L += ["Random weights and a synthetic video: the segmentation is whatever these weights give, not what "
-                  "a trained encoder gives on real video.", ""]
+            L += [
+                "Random weights and a synthetic video: the segmentation is whatever these weights give, not what "
+                "a trained encoder gives on real video.",
+                "",
+            ]
         L += [markdown_table(_view(rows), _TTFT_COLS, _TTFT_HEAD), ""]
-    L += ["Speed-ups divide the baseline's TTFT (measured before the EarlyTom runs) by the configuration's. "
-          "`ops`: EarlyTom's own CUDA-event spans (Stage I at each prune layer, attention score, refined "
-          "segmentation, Stage II), stream time including host work and syncs (median); `ops kernel`: kernel "
-          "time of top-level `earlytom::` operators from one torch.profiler run. `peak GiB`: "
-          "`torch.cuda.max_memory_allocated` over one call (weights included). Column details: bench/README.md.", ""]
-    bd_rows = [r for r in ttft if _ok(r) and ((r["config"] == "uncompressed" and r.get("when") == "before")
-                                              or (r["config"] == "earlytom" and r.get("pattern") == hp))]
+    L += [
+        "Speed-ups divide the baseline's TTFT (measured before the EarlyTom runs) by the configuration's. "
+        "`ops`: EarlyTom's own CUDA-event spans (Stage I at each prune layer, attention score, refined "
+        "segmentation, Stage II), stream time including host work and syncs (median); `ops kernel`: kernel "
+        "time of top-level `earlytom::` operators from one torch.profiler run. `peak GiB`: "
+        "`torch.cuda.max_memory_allocated` over one call (weights included). Column details: bench/README.md.",
+        "",
+    ]
+    bd_rows = [
+        r
+        for r in ttft
+        if _ok(r)
+        and (
+            (r["config"] == "uncompressed" and r.get("when") == "before")
+            or (r["config"] == "earlytom" and r.get("pattern") == hp)
+        )
+    ]
     if bd_rows:
         view = []
         for r in bd_rows:
@@ -169,19 +258,31 @@ def _ttft_section(results: dict) -> list[str]:
             v.update(breakdown(r))
             view.append(v)
         cols = ["name", "ttft_ms"] + [k for k, _ in BREAKDOWN]
-        L += [f"### Where TTFT goes (ms, medians; pattern `{hp}`)", "",
-              markdown_table(view, cols, ["configuration", "TTFT"] + [lab for _, lab in BREAKDOWN]), "",
-              "vision encoder: the tower without EarlyTom's steps inside it; projector / pooling: the handle's "
-              "spans (EarlyTom) or hooks on `multi_modal_projector` / `apply_pooling` (baselines); Stage II and "
-              "prompt rewriting (placeholder rewriting + embedding scatter): the handle's spans; generate "
-              "overhead: TTFT minus every measured part (embedding, LM head, token choice, generate's host "
-              "work and gaps). A blank part was not measured (its time is in the overhead).", ""]
-    spans = [dict(ratio=r["ratio"], llm_merge=bool(r.get("llm_merge")), **(r.get("op_spans_ms") or {}))
-             for r in ttft if r["config"] == "earlytom" and r.get("pattern") == hp and _ok(r)]
+        L += [
+            f"### Where TTFT goes (ms, medians; pattern `{hp}`)",
+            "",
+            markdown_table(view, cols, ["configuration", "TTFT"] + [lab for _, lab in BREAKDOWN]),
+            "",
+            "vision encoder: the tower without EarlyTom's steps inside it; projector / pooling: the handle's "
+            "spans (EarlyTom) or hooks on `multi_modal_projector` / `apply_pooling` (baselines); Stage II and "
+            "prompt rewriting (placeholder rewriting + embedding scatter): the handle's spans; generate "
+            "overhead: TTFT minus every measured part (embedding, LM head, token choice, generate's host "
+            "work and gaps). A blank part was not measured (its time is in the overhead).",
+            "",
+        ]
+    spans = [
+        dict(ratio=r["ratio"], llm_merge=bool(r.get("llm_merge")), **(r.get("op_spans_ms") or {}))
+        for r in ttft
+        if r["config"] == "earlytom" and r.get("pattern") == hp and _ok(r)
+    ]
     if spans:
         keys = sorted({k for s in spans for k in s if k not in ("ratio", "llm_merge")})
-        L += [f"### EarlyTom step spans (ms, pattern `{hp}`)", "", markdown_table(spans, ["ratio", "llm_merge"] + keys),
-              ""]
+        L += [
+            f"### EarlyTom step spans (ms, pattern `{hp}`)",
+            "",
+            markdown_table(spans, ["ratio", "llm_merge"] + keys),
+            "",
+        ]
     return L
 
 
@@ -194,18 +295,33 @@ def _throughput_section(results: dict) -> list[str]:
     for r in tp:
         v = dict(r)
         v["name"] = {"stock": "stock HF", "fastpool": "stock HF + fast pooling"}.get(
-            r["config"], f"EarlyTom r={r.get('ratio')} {r.get('pattern')}")
+            r["config"], f"EarlyTom r={r.get('ratio')} {r.get('pattern')}"
+        )
         v["outcome"] = _outcome(r)
         view.append(v)
-    return [f"## Generation throughput ({r0.get('frames')} frames per video, {r0.get('new_tokens')} new tokens "
-            "per sample)", "",
-            "One call: `generate(max_new_tokens=N, min_new_tokens=N)` on a batch (the length is forced and "
-            "checked). videos/s = batch / time per call; tokens/s = batch x N / time per call; `x` = EarlyTom's "
-            "tokens/s over the baseline's at the same batch.", "",
-            markdown_table(view, ["batch", "name", "seconds", "videos_per_s", "tokens_per_s", "speedup",
-                                  "speedup_vs_fastpool", "outcome"],
-                           ["batch", "configuration", "s per call", "videos/s", "tokens/s", "x vs stock",
-                            "x vs stock+fast pooling", ""]), ""]
+    return [
+        f"## Generation throughput ({r0.get('frames')} frames per video, {r0.get('new_tokens')} new tokens per sample)",
+        "",
+        "One call: `generate(max_new_tokens=N, min_new_tokens=N)` on a batch (the length is forced and "
+        "checked). videos/s = batch / time per call; tokens/s = batch x N / time per call; `x` = EarlyTom's "
+        "tokens/s over the baseline's at the same batch.",
+        "",
+        markdown_table(
+            view,
+            ["batch", "name", "seconds", "videos_per_s", "tokens_per_s", "speedup", "speedup_vs_fastpool", "outcome"],
+            [
+                "batch",
+                "configuration",
+                "s per call",
+                "videos/s",
+                "tokens/s",
+                "x vs stock",
+                "x vs stock+fast pooling",
+                "",
+            ],
+        ),
+        "",
+    ]
 
 
 def _encoder_section(results: dict) -> list[str]:
@@ -215,21 +331,54 @@ def _encoder_section(results: dict) -> list[str]:
     view = []
     for r in enc:
         v = dict(r)
-        v["name"] = ({"stock": "stock HF", "fastpool": "stock HF + fast pooling"}[r["baseline"]]
-                     if r["config"] == "uncompressed" else f"EarlyTom r={r['ratio']} {r['pattern']}")
+        v["name"] = (
+            {"stock": "stock HF", "fastpool": "stock HF + fast pooling"}[r["baseline"]]
+            if r["config"] == "uncompressed"
+            else f"EarlyTom r={r['ratio']} {r['pattern']}"
+        )
         v["frames_after_prune"] = _fmt_counts(r.get("frames_after_prune"))
         v["outcome"] = _outcome(r)
         view.append(v)
-    return ["## Vision side: pixels to LLM-ready video tokens", "",
-            "Baselines: `get_video_features` (Hugging Face path), without and with fast pooling. EarlyTom: "
-            "`handle.encode_videos` (what the patched `generate` uses). `tower ms`: the SigLIP forward alone "
-            "(forward-hook events; EarlyTom's Stage I and score run inside it).", "",
-            markdown_table(view, ["name", "frames_after_prune", "video_tokens", "features_ms", "features_speedup",
-                                  "features_speedup_vs_fastpool", "tower_ms", "tower_speedup", "ops_ms",
-                                  "peak_mem_gib", "peak_over_weights_gib", "outcome"],
-                           ["configuration", "frames after prune", "video tokens", "features ms", "x vs stock",
-                            "x vs stock+fast pooling", "tower ms", "tower x", "ops ms", "peak GiB",
-                            "peak above weights GiB", ""]), ""]
+    return [
+        "## Vision side: pixels to LLM-ready video tokens",
+        "",
+        "Baselines: `get_video_features` (Hugging Face path), without and with fast pooling. EarlyTom: "
+        "`handle.encode_videos` (what the patched `generate` uses). `tower ms`: the SigLIP forward alone "
+        "(forward-hook events; EarlyTom's Stage I and score run inside it).",
+        "",
+        markdown_table(
+            view,
+            [
+                "name",
+                "frames_after_prune",
+                "video_tokens",
+                "features_ms",
+                "features_speedup",
+                "features_speedup_vs_fastpool",
+                "tower_ms",
+                "tower_speedup",
+                "ops_ms",
+                "peak_mem_gib",
+                "peak_over_weights_gib",
+                "outcome",
+            ],
+            [
+                "configuration",
+                "frames after prune",
+                "video tokens",
+                "features ms",
+                "x vs stock",
+                "x vs stock+fast pooling",
+                "tower ms",
+                "tower x",
+                "ops ms",
+                "peak GiB",
+                "peak above weights GiB",
+                "",
+            ],
+        ),
+        "",
+    ]
 
 
 def _flops_section(results: dict) -> list[str]:
@@ -237,13 +386,33 @@ def _flops_section(results: dict) -> list[str]:
     if not fl:
         return []
     meta = results["meta"]
-    return ["## FLOPs (the paper's analytical count, `4nd² + 2n²d + 2ndm` per layer)", "",
-            f"Encoder: each frame is a sequence of {meta['spec']['encoder_tokens_per_frame']} tokens; each "
-            "layer counts the frames it runs on. LLM: the prefill sequence (with the inner-LLM merge, the layers "
-            "from the merge layer on count the shorter sequence). TFLOPs per batch.", "",
-            markdown_table(fl, ["source", "pattern", "ratio", "llm_merge", "frames_after_prune", "prefill_tokens",
-                                "encoder_tflops_full", "encoder_tflops", "llm_tflops_full", "llm_tflops",
-                                "total_tflops_full", "total_tflops", "flops_reduction_pct"]), ""]
+    return [
+        "## FLOPs (the paper's analytical count, `4nd² + 2n²d + 2ndm` per layer)",
+        "",
+        f"Encoder: each frame is a sequence of {meta['spec']['encoder_tokens_per_frame']} tokens; each "
+        "layer counts the frames it runs on. LLM: the prefill sequence (with the inner-LLM merge, the layers "
+        "from the merge layer on count the shorter sequence). TFLOPs per batch.",
+        "",
+        markdown_table(
+            fl,
+            [
+                "source",
+                "pattern",
+                "ratio",
+                "llm_merge",
+                "frames_after_prune",
+                "prefill_tokens",
+                "encoder_tflops_full",
+                "encoder_tflops",
+                "llm_tflops_full",
+                "llm_tflops",
+                "total_tflops_full",
+                "total_tflops",
+                "flops_reduction_pct",
+            ],
+        ),
+        "",
+    ]
 
 
 def _scaling_section(results: dict) -> list[str]:
@@ -254,14 +423,46 @@ def _scaling_section(results: dict) -> list[str]:
     for axis in ("frames", "batch"):
         rows = [dict(r, outcome=_outcome(r)) for r in sc if r["axis"] == axis]
         if rows:
-            L += [f"### vs {axis}", "",
-                  markdown_table(rows, ["batch", "frames", "prefill_tokens_full", "prefill_tokens", "ttft_full_ms",
-                                        "ttft_fastpool_ms", "ttft_ms", "speedup", "speedup_vs_fastpool", "ops_ms",
-                                        "ops_share_pct", "peak_mem_full_gib", "peak_mem_gib", "outcome"],
-                                 ["batch", "frames", "prefill tokens (stock)", "prefill tokens", "TTFT stock ms",
-                                  "TTFT stock+fast pooling ms", "TTFT EarlyTom ms", "x vs stock",
-                                  "x vs stock+fast pooling", "ops ms", "ops %", "peak GiB (stock)",
-                                  "peak GiB", ""]), ""]
+            L += [
+                f"### vs {axis}",
+                "",
+                markdown_table(
+                    rows,
+                    [
+                        "batch",
+                        "frames",
+                        "prefill_tokens_full",
+                        "prefill_tokens",
+                        "ttft_full_ms",
+                        "ttft_fastpool_ms",
+                        "ttft_ms",
+                        "speedup",
+                        "speedup_vs_fastpool",
+                        "ops_ms",
+                        "ops_share_pct",
+                        "peak_mem_full_gib",
+                        "peak_mem_gib",
+                        "outcome",
+                    ],
+                    [
+                        "batch",
+                        "frames",
+                        "prefill tokens (stock)",
+                        "prefill tokens",
+                        "TTFT stock ms",
+                        "TTFT stock+fast pooling ms",
+                        "TTFT EarlyTom ms",
+                        "x vs stock",
+                        "x vs stock+fast pooling",
+                        "ops ms",
+                        "ops %",
+                        "peak GiB (stock)",
+                        "peak GiB",
+                        "",
+                    ],
+                ),
+                "",
+            ]
     return L
 
 
@@ -273,10 +474,36 @@ def _qwen_section(results: dict) -> list[str]:
     if q.get("skipped"):
         return L + [f"_skipped: {q['skipped']}_", ""]
     view = _view(q.get("rows") or [])
-    return L + [markdown_table(view, ["name", "prefill_tokens", "ttft_ms", "speedup", "vision_ms", "llm_ms",
-                                      "overhead_ms", "ops_ms", "peak_mem_gib", "outcome"],
-                               ["configuration", "prefill tokens", "TTFT ms", "x vs stock", "vision ms", "LLM ms",
-                                "generate overhead ms", "ops ms", "peak GiB", ""]), ""]
+    return L + [
+        markdown_table(
+            view,
+            [
+                "name",
+                "prefill_tokens",
+                "ttft_ms",
+                "speedup",
+                "vision_ms",
+                "llm_ms",
+                "overhead_ms",
+                "ops_ms",
+                "peak_mem_gib",
+                "outcome",
+            ],
+            [
+                "configuration",
+                "prefill tokens",
+                "TTFT ms",
+                "x vs stock",
+                "vision ms",
+                "LLM ms",
+                "generate overhead ms",
+                "ops ms",
+                "peak GiB",
+                "",
+            ],
+        ),
+        "",
+    ]
 
 
 def _kernels_section(results: dict) -> list[str]:
@@ -303,30 +530,52 @@ def write_markdown(path: Path, results: dict) -> None:
     info = meta.get("model_info", {})
     L: list[str] = [f"# EarlyTom benchmark: {env.get('gpu', {}).get('name', 'CPU')}, {env['date_utc']}", ""]
     if cpu:
-        L += ["> **CPU SMOKE RUN: tiny random model, few frames. Checks that the benchmark code runs;",
-              "> the numbers are NOT performance results.**", ""]
-    L += ["## Setup", "",
-          f"- model: `{meta['model']}` ({info.get('params', 0) / 1e9:.2f} B parameters, random weights, "
-          f"{meta['dtype']}, attention `{info.get('attn_implementation')}`); built in {info.get('build_s', 0):.1f} s",
-          f"- input: batch {meta['batch']}, {meta['frames']} frames of {meta['spec']['image_size']}x"
-          f"{meta['spec']['image_size']} (synthetic video), {meta['text_tokens']} text tokens; TTFT = "
-          "`generate(max_new_tokens=1)`",
-          "- baselines: stock Hugging Face, and stock + `earlytom_ext.fast_pooling` (the pooling fix alone)",
-          f"- EarlyTom settings: `preset(\"{meta['preset']}\", r)` (max_window 6, ema 0.9; tau and prune layers per r)",
-          (f"- timing: CUDA events around each call, {meta['warmup']} warm-ups, median of {meta['iters']}" if not cpu
-           else f"- timing: perf_counter, {meta['warmup']} warm-ups, median of {meta['iters']}"),
-          f"- headline merge pattern: `{meta['headline_pattern']}` (see \"Merge patterns\" in bench/README.md)",
-          f"- run time: {meta.get('elapsed_s', 0):.0f} s" + (f" of a {meta['time_budget_s']:.0f} s budget"
-                                                            if meta.get("time_budget_s") else ""),
-          ""]
+        L += [
+            "> **CPU SMOKE RUN: tiny random model, few frames. Checks that the benchmark code runs;",
+            "> the numbers are NOT performance results.**",
+            "",
+        ]
+    L += [
+        "## Setup",
+        "",
+        f"- model: `{meta['model']}` ({info.get('params', 0) / 1e9:.2f} B parameters, random weights, "
+        f"{meta['dtype']}, attention `{info.get('attn_implementation')}`); built in {info.get('build_s', 0):.1f} s",
+        f"- input: batch {meta['batch']}, {meta['frames']} frames of {meta['spec']['image_size']}x"
+        f"{meta['spec']['image_size']} (synthetic video), {meta['text_tokens']} text tokens; TTFT = "
+        "`generate(max_new_tokens=1)`",
+        "- baselines: stock Hugging Face, and stock + `earlytom_ext.fast_pooling` (the pooling fix alone)",
+        f'- EarlyTom settings: `preset("{meta["preset"]}", r)` (max_window 6, ema 0.9; tau and prune layers per r)',
+        (
+            f"- timing: CUDA events around each call, {meta['warmup']} warm-ups, median of {meta['iters']}"
+            if not cpu
+            else f"- timing: perf_counter, {meta['warmup']} warm-ups, median of {meta['iters']}"
+        ),
+        f'- headline merge pattern: `{meta["headline_pattern"]}` (see "Merge patterns" in bench/README.md)',
+        f"- run time: {meta.get('elapsed_s', 0):.0f} s"
+        + (f" of a {meta['time_budget_s']:.0f} s budget" if meta.get("time_budget_s") else ""),
+        "",
+    ]
     env_rows = [{"key": k, "value": v} for k, v in env.items() if k not in ("gpu", "nvml")]
     for group in ("gpu", "nvml"):
         env_rows += [{"key": f"{group}.{k}", "value": v} for k, v in (env.get(group) or {}).items()]
-    L += ["<details><summary>environment</summary>", "", markdown_table(env_rows, ["key", "value"]), "", "</details>",
-          ""]
+    L += [
+        "<details><summary>environment</summary>",
+        "",
+        markdown_table(env_rows, ["key", "value"]),
+        "",
+        "</details>",
+        "",
+    ]
     L += goals_section(results)
-    for part in (_ttft_section, _throughput_section, _scaling_section, _encoder_section, _flops_section,
-                 _qwen_section, _kernels_section):
+    for part in (
+        _ttft_section,
+        _throughput_section,
+        _scaling_section,
+        _encoder_section,
+        _flops_section,
+        _qwen_section,
+        _kernels_section,
+    ):
         L += part(results)
     for key, title in (("errors", "Errors"), ("skipped", "Skipped")):
         if results.get(key):
@@ -373,8 +622,9 @@ def write_plot(path: Path, results: dict) -> Path | None:
     if pts:
         ax.plot(*zip(*pts), "D", color="C4", label=f"{hp} + LLM merge vs stock")
     ax.axhline(GOALS["ttft_speedup_r010_h100"], color="gray", lw=0.8, ls="--", label="goal 3.0x (r=0.1, H100)")
-    ax.scatter([0.10], [PAPER["ttft_reduction_r010"]], marker="*", s=120, color="k", zorder=5,
-               label="paper 2.65x (A100)")
+    ax.scatter(
+        [0.10], [PAPER["ttft_reduction_r010"]], marker="*", s=120, color="k", zorder=5, label="paper 2.65x (A100)"
+    )
     ax.set_xlabel("retain ratio r")
     ax.set_ylabel("TTFT speed-up (x)")
     ax.set_title("TTFT speed-up vs stock HF (solid) and stock + fast pooling (dashed)", fontsize=8)
@@ -383,15 +633,25 @@ def write_plot(path: Path, results: dict) -> Path | None:
 
     # (b) where TTFT goes
     ax = axes[0][1]
-    bars = [(config_label(r).replace(" (before)", "").replace("stock HF + fast pooling", "fast pooling")
-             .replace(f" {hp}", "").replace("EarlyTom", "ET"), breakdown(r)) for r in ttft
-            if (r["config"] == "uncompressed" and r.get("when") == "before")
-            or (r["config"] == "earlytom" and r.get("pattern") == hp)]
+    bars = [
+        (
+            config_label(r)
+            .replace(" (before)", "")
+            .replace("stock HF + fast pooling", "fast pooling")
+            .replace(f" {hp}", "")
+            .replace("EarlyTom", "ET"),
+            breakdown(r),
+        )
+        for r in ttft
+        if (r["config"] == "uncompressed" and r.get("when") == "before")
+        or (r["config"] == "earlytom" and r.get("pattern") == hp)
+    ]
     if bars:
         names = [b[0] for b in bars]
         bottoms = [0.0] * len(bars)
-        for (part, lab), color in zip(BREAKDOWN, ["#4C72B0", "#C44E52", "#DD8452", "#937860", "#DA8BC3", "#8172B3",
-                                                  "#55A868", "#8C8C8C"]):
+        for (part, lab), color in zip(
+            BREAKDOWN, ["#4C72B0", "#C44E52", "#DD8452", "#937860", "#DA8BC3", "#8172B3", "#55A868", "#8C8C8C"]
+        ):
             vals = [b[1][part] or 0.0 for b in bars]
             ax.bar(names, vals, bottom=bottoms, label=lab, color=color)
             bottoms = [a + b for a, b in zip(bottoms, vals)]
@@ -402,8 +662,10 @@ def write_plot(path: Path, results: dict) -> Path | None:
 
     # (c) scaling with frames
     ax = axes[1][0]
-    sc = sorted((r for r in results.get("scaling") or [] if r.get("axis") == "frames" and r.get("ttft_ms")),
-                key=lambda r: r["value"])
+    sc = sorted(
+        (r for r in results.get("scaling") or [] if r.get("axis") == "frames" and r.get("ttft_ms")),
+        key=lambda r: r["value"],
+    )
     if sc:
         xs = [r["value"] for r in sc]
         ax.plot(xs, [r["ttft_full_ms"] for r in sc], "o-", label="stock HF")
@@ -426,12 +688,17 @@ def write_plot(path: Path, results: dict) -> Path | None:
     tp = [r for r in results.get("throughput") or [] if r.get("tokens_per_s")]
     batches = sorted({r["batch"] for r in tp})
     width = 0.27
-    for i, (cfg, lab) in enumerate((("stock", "stock HF"), ("fastpool", "stock + fast pooling"),
-                                    ("earlytom", "EarlyTom r=0.1"))):
+    for i, (cfg, lab) in enumerate(
+        (("stock", "stock HF"), ("fastpool", "stock + fast pooling"), ("earlytom", "EarlyTom r=0.1"))
+    ):
         vals = {r["batch"]: r["tokens_per_s"] for r in tp if r["config"] == cfg}
         if vals:
-            ax.bar([j + (i - 1) * width for j, b in enumerate(batches)], [vals.get(b, 0.0) for b in batches],
-                   width, label=lab)
+            ax.bar(
+                [j + (i - 1) * width for j, b in enumerate(batches)],
+                [vals.get(b, 0.0) for b in batches],
+                width,
+                label=lab,
+            )
     ax.set_xticks(range(len(batches)))
     ax.set_xticklabels([str(b) for b in batches])
     ax.set_xlabel("videos per batch")

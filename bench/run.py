@@ -15,6 +15,7 @@ Writes ``<out>/<device>-<date>.md`` (tables), ``.json`` (every number) and ``.pn
 GPU runs default to ``bench/results/``; CPU runs are labelled as smoke runs and default to a
 fresh temporary folder. See bench/README.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,8 +40,15 @@ from bench.report import GOALS, PAPER, goals_section, write_markdown, write_plot
 KERNEL_MODULES = ("bench_merge_frames", "bench_attention_received", "bench_select_tokens")
 #: sections in run order, with their weight in the time budget (a section gets its weight's share
 #: of the time left when it starts, so time one leaves unused flows to the next).
-SECTIONS = (("ttft", 3.0), ("flops", 0.0), ("throughput", 3.5), ("scaling", 3.0), ("encoder", 1.0),
-            ("kernels", 1.2), ("qwen", 1.0))
+SECTIONS = (
+    ("ttft", 3.0),
+    ("flops", 0.0),
+    ("throughput", 3.5),
+    ("scaling", 3.0),
+    ("encoder", 1.0),
+    ("kernels", 1.2),
+    ("qwen", 1.0),
+)
 
 
 def run_kernels(device: str, quick: bool, budget: Budget, log) -> dict[str, object]:
@@ -77,8 +85,9 @@ def collect_outcomes(results: dict) -> None:
     for r in results.get("ttft") or []:
         note(f"ttft {config_label(r)}", r)
         if r.get("ops_kernel_error"):
-            results["errors"].append(f"ttft {config_label(r)}: torch.profiler failed ({r['ops_kernel_error']}); "
-                                     "the timings are kept")
+            results["errors"].append(
+                f"ttft {config_label(r)}: torch.profiler failed ({r['ops_kernel_error']}); the timings are kept"
+            )
     for r in results.get("throughput") or []:
         note(f"throughput B={r['batch']} {r['config']}", r)
     for r in results.get("scaling") or []:
@@ -95,40 +104,71 @@ def collect_outcomes(results: dict) -> None:
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m bench.run",
-                                 description="EarlyTom efficiency benchmarks (see bench/README.md)")
+    ap = argparse.ArgumentParser(
+        prog="python -m bench.run", description="EarlyTom efficiency benchmarks (see bench/README.md)"
+    )
     ap.add_argument("--all", action="store_true", help="every section")
     for name, _ in SECTIONS:
         ap.add_argument(f"--{name}", action="store_true")
     ap.add_argument("--device", default="cuda", help="cuda (default) or cpu (smoke run)")
     ap.add_argument("--quick", action="store_true", help="tiny model, few frames, few iterations")
-    ap.add_argument("--model", choices=sorted(models.SPECS), default=None,
-                    help="default: llava-ov-7b on CUDA without --quick, tiny otherwise")
+    ap.add_argument(
+        "--model",
+        choices=sorted(models.SPECS),
+        default=None,
+        help="default: llava-ov-7b on CUDA without --quick, tiny otherwise",
+    )
     ap.add_argument("--frames", type=int, default=None, help="default 32 (8 with --quick)")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--ratios", type=float, nargs="+", default=None)
-    ap.add_argument("--patterns", nargs="+", default=None, choices=PATTERNS,
-                    help="merge patterns; the first is the headline (default: forced-merge forced-nomerge natural)")
-    ap.add_argument("--llm-merge-ratios", type=float, nargs="*", default=None,
-                    help="ratios run with the inner-LLM merge (default 0.1 0.2; none: leave them out)")
+    ap.add_argument(
+        "--patterns",
+        nargs="+",
+        default=None,
+        choices=PATTERNS,
+        help="merge patterns; the first is the headline (default: forced-merge forced-nomerge natural)",
+    )
+    ap.add_argument(
+        "--llm-merge-ratios",
+        type=float,
+        nargs="*",
+        default=None,
+        help="ratios run with the inner-LLM merge (default 0.1 0.2; none: leave them out)",
+    )
     ap.add_argument("--preset", default="videomme", help="benchmark preset of the paper's settings")
     ap.add_argument("--warmup", type=int, default=None, help="default 2 (1 with --quick)")
     ap.add_argument("--iters", type=int, default=None, help="default 7 (3 with --quick)")
     ap.add_argument("--scaling-frames", type=int, nargs="+", default=None)
     ap.add_argument("--scaling-batch", type=int, nargs="+", default=None)
     ap.add_argument("--throughput-batch", type=int, nargs="+", default=None, help="default 1 4 8 (1 2 with --quick)")
-    ap.add_argument("--new-tokens", type=int, default=None, help="tokens generated per sample in the throughput "
-                    "section (default 64, 4 with --quick)")
-    ap.add_argument("--profile", action=argparse.BooleanOptionalAction, default=None,
-                    help="the torch.profiler kernel-time run (default: on for CUDA, off on the CPU)")
+    ap.add_argument(
+        "--new-tokens",
+        type=int,
+        default=None,
+        help="tokens generated per sample in the throughput section (default 64, 4 with --quick)",
+    )
+    ap.add_argument(
+        "--profile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the torch.profiler kernel-time run (default: on for CUDA, off on the CPU)",
+    )
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument("--out", default=None, help="output folder (GPU default bench/results, CPU default a temp dir)")
-    ap.add_argument("--time-budget", type=float, default=None,
-                    help="seconds for the whole run; sections get shares of it, and configurations past a "
-                         "section's share are skipped and listed (default: no limit)")
+    ap.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        help="seconds for the whole run; sections get shares of it, and configurations past a "
+        "section's share are skipped and listed (default: no limit)",
+    )
     ap.add_argument("--manifest", default=None, help="write the list of output files to this path")
-    ap.add_argument("--cpu-threads", type=int, default=1,
-                    help="torch threads for CPU runs (default 1: steady smoke runs on a shared machine)")
+    ap.add_argument(
+        "--cpu-threads",
+        type=int,
+        default=1,
+        help="torch threads for CPU runs (default 1: steady smoke runs on a shared machine)",
+    )
     args = ap.parse_args(argv)
     names = [n for n, _ in SECTIONS]
     if args.all:
@@ -181,19 +221,38 @@ def main(argv=None) -> dict:
 
     spec = models.get_spec(model_name)
     results: dict = {
-        "meta": {"device": device, "quick": quick, "model": model_name, "dtype": str(dtype).replace("torch.", ""),
-                 "frames": frames, "batch": args.batch, "ratios": list(ratios), "patterns": list(patterns),
-                 "headline_pattern": patterns[0], "llm_merge_ratios": list(llm_merge_ratios), "preset": args.preset,
-                 "warmup": warmup, "iters": iters, "profile": profile, "text_tokens": models.TEXT_TOKENS,
-                 "throughput_batch": list(tp_batch), "new_tokens": new_tokens, "time_budget_s": args.time_budget,
-                 "spec": spec.to_dict(), "goals": GOALS, "paper": PAPER,
-                 "label": "CPU smoke run, not a performance result" if not cuda else "GPU run"},
+        "meta": {
+            "device": device,
+            "quick": quick,
+            "model": model_name,
+            "dtype": str(dtype).replace("torch.", ""),
+            "frames": frames,
+            "batch": args.batch,
+            "ratios": list(ratios),
+            "patterns": list(patterns),
+            "headline_pattern": patterns[0],
+            "llm_merge_ratios": list(llm_merge_ratios),
+            "preset": args.preset,
+            "warmup": warmup,
+            "iters": iters,
+            "profile": profile,
+            "text_tokens": models.TEXT_TOKENS,
+            "throughput_batch": list(tp_batch),
+            "new_tokens": new_tokens,
+            "time_budget_s": args.time_budget,
+            "spec": spec.to_dict(),
+            "goals": GOALS,
+            "paper": PAPER,
+            "label": "CPU smoke run, not a performance result" if not cuda else "GPU run",
+        },
         "env": environment(device),
         "errors": [],
         "skipped": [],
     }
-    log(f"device {device} ({results['env'].get('gpu', {}).get('name', 'CPU')}), model {model_name}, {frames} frames, "
-        f"batch {args.batch}, output {stem}.*")
+    log(
+        f"device {device} ({results['env'].get('gpu', {}).get('name', 'CPU')}), model {model_name}, {frames} frames, "
+        f"batch {args.batch}, output {stem}.*"
+    )
 
     selected = [(n, w) for n, w in SECTIONS if getattr(args, n)]
     state: dict = {"model": None}
@@ -238,29 +297,88 @@ def main(argv=None) -> dict:
             if state["model"] is None:
                 raise RuntimeError("no model (its build failed)")
             return fn(b)
+
         return run
 
     m = lambda: state["model"]  # noqa: E731
     common = dict(benchmark_preset=args.preset, dtype=dtype, log=log)
     section_fns: dict[str, Callable[[Budget], object]] = {
-        "ttft": needs_model(lambda b: bench_ttft.benchmark(
-            m(), spec, device, frames=frames, batch=args.batch, ratios=ratios, patterns=patterns,
-            llm_merge_ratios=llm_merge_ratios, warmup=warmup, iters=iters, profile=profile, budget=b, **common)),
-        "flops": lambda b: flops.section_rows(spec, results.get("ttft") or [], frames, models.TEXT_TOKENS,
-                                              args.preset),
-        "throughput": needs_model(lambda b: bench_throughput.benchmark(
-            m(), spec, device, frames=frames, batches=tp_batch, new_tokens=new_tokens, ratio=ratios[0],
-            pattern=patterns[0], warmup=1 if not quick else 0, iters=2 if not quick else 1, budget=b, **common)),
-        "scaling": needs_model(lambda b: bench_ttft.scaling(
-            m(), spec, device, frames_list=sc_frames, batch_list=sc_batch, base_frames=frames, ratio=ratios[0],
-            pattern=patterns[0], warmup=1 if not quick else 0, iters=3 if not quick else 1, budget=b, **common)),
-        "encoder": needs_model(lambda b: bench_encoder.benchmark(
-            m(), spec, device, frames=frames, batch=args.batch, ratios=ratios, patterns=patterns, warmup=warmup,
-            iters=iters, budget=b, **common)),
+        "ttft": needs_model(
+            lambda b: bench_ttft.benchmark(
+                m(),
+                spec,
+                device,
+                frames=frames,
+                batch=args.batch,
+                ratios=ratios,
+                patterns=patterns,
+                llm_merge_ratios=llm_merge_ratios,
+                warmup=warmup,
+                iters=iters,
+                profile=profile,
+                budget=b,
+                **common,
+            )
+        ),
+        "flops": lambda b: flops.section_rows(spec, results.get("ttft") or [], frames, models.TEXT_TOKENS, args.preset),
+        "throughput": needs_model(
+            lambda b: bench_throughput.benchmark(
+                m(),
+                spec,
+                device,
+                frames=frames,
+                batches=tp_batch,
+                new_tokens=new_tokens,
+                ratio=ratios[0],
+                pattern=patterns[0],
+                warmup=1 if not quick else 0,
+                iters=2 if not quick else 1,
+                budget=b,
+                **common,
+            )
+        ),
+        "scaling": needs_model(
+            lambda b: bench_ttft.scaling(
+                m(),
+                spec,
+                device,
+                frames_list=sc_frames,
+                batch_list=sc_batch,
+                base_frames=frames,
+                ratio=ratios[0],
+                pattern=patterns[0],
+                warmup=1 if not quick else 0,
+                iters=3 if not quick else 1,
+                budget=b,
+                **common,
+            )
+        ),
+        "encoder": needs_model(
+            lambda b: bench_encoder.benchmark(
+                m(),
+                spec,
+                device,
+                frames=frames,
+                batch=args.batch,
+                ratios=ratios,
+                patterns=patterns,
+                warmup=warmup,
+                iters=iters,
+                budget=b,
+                **common,
+            )
+        ),
         "kernels": lambda b: run_kernels(device, quick, b, log),
         "qwen": lambda b: bench_qwen25vl.benchmark(
-            device, size="tiny" if quick else "qwen2.5-vl-7b", ratios=(0.10, 0.25), pattern=patterns[0],
-            warmup=warmup, iters=iters, budget=b, **common),
+            device,
+            size="tiny" if quick else "qwen2.5-vl-7b",
+            ratios=(0.10, 0.25),
+            pattern=patterns[0],
+            warmup=warmup,
+            iters=iters,
+            budget=b,
+            **common,
+        ),
     }
     result_key = {"qwen": "qwen25vl"}
 

@@ -7,14 +7,24 @@ Quick use with Hugging Face LLaVA-OneVision::
     out = model.generate(**inputs, max_new_tokens=64)
     handle.remove()
 """
+
 from . import _ext as _ext
 from . import reference
 from ._logging import set_verbosity
 from ._version import __version__
 from .config import PAPER_PRESETS, EarlyTomConfig, preset
 
-__all__ = ["__version__", "EarlyTomConfig", "PAPER_PRESETS", "preset", "reference", "ops", "apply", "fast_pooling",
-           "set_verbosity"]
+__all__ = [
+    "__version__",
+    "EarlyTomConfig",
+    "PAPER_PRESETS",
+    "preset",
+    "reference",
+    "ops",
+    "apply",
+    "fast_pooling",
+    "set_verbosity",
+]
 
 
 def __getattr__(name):

@@ -1,4 +1,5 @@
 """Loads the compiled extension (which registers ``torch.ops.earlytom``)."""
+
 from __future__ import annotations
 
 import torch  # noqa: F401  (loads libtorch before the extension)

@@ -1,4 +1,5 @@
 """Pure-torch reference of the inner-LLM token merge (``earlytom_ext.reference.llm_merge``)."""
+
 from __future__ import annotations
 
 import math
@@ -12,8 +13,9 @@ __all__ = ["llm_merge"]
 # --------------------------------------------------------------------------------------------
 # Inner-LLM token merge (the published INNER_k / INNER_r option)
 # --------------------------------------------------------------------------------------------
-def llm_merge(hidden: torch.Tensor, span: tuple[int, int], scores: torch.Tensor,
-              keep_ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
+def llm_merge(
+    hidden: torch.Tensor, span: tuple[int, int], scores: torch.Tensor, keep_ratio: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The inner-LLM merge of ONE sample, before decoder layer k: ``(new_hidden, kept)``.
 
     ``hidden [N, D]``: the hidden states entering layer k (the output of layer k - 1).
@@ -38,8 +40,11 @@ def llm_merge(hidden: torch.Tensor, span: tuple[int, int], scores: torch.Tensor,
     if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2:
         raise ValueError(f"hidden must be a [N, D] tensor, got {getattr(hidden, 'shape', type(hidden))}")
     N = hidden.shape[0]
-    if (not isinstance(span, (tuple, list)) or len(span) != 2
-            or not all(isinstance(v, int) and not isinstance(v, bool) for v in span)):
+    if (
+        not isinstance(span, (tuple, list))
+        or len(span) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in span)
+    ):
         raise TypeError(f"span must be a (start, length) pair of ints, got {span!r}")
     s, L = span
     if s < 0 or L < 0 or s + L > N:
@@ -61,7 +66,7 @@ def llm_merge(hidden: torch.Tensor, span: tuple[int, int], scores: torch.Tensor,
     keep = sorted(by_score[:n_keep])
     removed = sorted(by_score[n_keep:])
 
-    x = hidden[s:s + L].float()
+    x = hidden[s : s + L].float()
     xn = F.normalize(x, dim=-1, eps=1e-12)
     merged = x.clone()
     if removed:
@@ -71,6 +76,6 @@ def llm_merge(hidden: torch.Tensor, span: tuple[int, int], scores: torch.Tensor,
             j = keep[c]
             merged[j] = (merged[j] + x[i]) / 2
     kept_rows = merged[keep].to(hidden.dtype)
-    new_hidden = torch.cat([hidden[:s], kept_rows, hidden[s + L:]], dim=0)
+    new_hidden = torch.cat([hidden[:s], kept_rows, hidden[s + L :]], dim=0)
     kept = torch.tensor(keep, dtype=torch.long, device=hidden.device) + s
     return new_hidden, kept

@@ -6,6 +6,7 @@ ops cannot say: that an argument is not a tensor at all, lists/configs turned in
 never truncated), and names the op does not know (``t``, ``extras[i]``, ``plan.frame_keep``).
 On a GPU none of these read device values on the host, except where a docstring says so.
 """
+
 from __future__ import annotations
 
 import math
@@ -17,8 +18,9 @@ import torch
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def check_tensor(name: str, t, *, dtypes: Iterable[torch.dtype] | None = None,
-                 device: torch.device | None = None) -> torch.Tensor:
+def check_tensor(
+    name: str, t, *, dtypes: Iterable[torch.dtype] | None = None, device: torch.device | None = None
+) -> torch.Tensor:
     """That ``t`` is a tensor (the op's dispatcher would only say it is not), and optionally its
     dtype and device, for arguments the op does not see under this name."""
     if not isinstance(t, torch.Tensor):
@@ -85,7 +87,7 @@ def check_int_list(name: str, v, shape: str = "[B]", int64: bool = False) -> lis
     out = [check_int(f"{name}[{i}]", c) for i, c in enumerate(v)]
     if int64:
         for i, c in enumerate(out):
-            if not -2 ** 63 <= c < 2 ** 63:
+            if not -(2**63) <= c < 2**63:
                 raise ValueError(f"{name}[{i}] must fit in int64, got {c}")
     return out
 
@@ -137,8 +139,11 @@ def check_ratio(name: str, v) -> float:
 def to_host(*values):
     """``values`` with their integer tensors that live on a GPU copied to the host, all in one
     copy (one sync) when they share a device; other values are returned as they are."""
-    on_gpu = [i for i, v in enumerate(values)
-              if isinstance(v, torch.Tensor) and v.device.type != "cpu" and _is_int_dtype(v.dtype)]
+    on_gpu = [
+        i
+        for i, v in enumerate(values)
+        if isinstance(v, torch.Tensor) and v.device.type != "cpu" and _is_int_dtype(v.dtype)
+    ]
     if not on_gpu:
         return values
     out = list(values)
@@ -150,7 +155,7 @@ def to_host(*values):
     offset = 0
     for i in on_gpu:
         n = values[i].numel()
-        out[i] = flat[offset:offset + n].view(values[i].shape)
+        out[i] = flat[offset : offset + n].view(values[i].shape)
         offset += n
     return tuple(out)
 

@@ -1,4 +1,5 @@
 """EarlyTom configuration: the algorithm's parameters, validated, plus the paper's presets."""
+
 from __future__ import annotations
 
 import math
@@ -18,9 +19,12 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def check_llm_merge(layer: int | None, ratio: float, llm_num_layers: int | None = None,
-                    names: tuple[str, str] = ("EarlyTomConfig.llm_merge_layer",
-                                              "EarlyTomConfig.llm_merge_ratio")) -> None:
+def check_llm_merge(
+    layer: int | None,
+    ratio: float,
+    llm_num_layers: int | None = None,
+    names: tuple[str, str] = ("EarlyTomConfig.llm_merge_layer", "EarlyTomConfig.llm_merge_ratio"),
+) -> None:
     """Check the inner-LLM merge parameters: ``layer`` (k, ``None`` = off) and ``ratio`` (r_in).
 
     ``k`` is the 0-based decoder layer before which the merge runs; it needs layer ``k - 1`` for
@@ -90,9 +94,7 @@ class EarlyTomConfig:
         # Accept any sequence of ints for prune_layers; store a tuple (hashable, immutable).
         layers = self.prune_layers
         if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__"):
-            raise TypeError(
-                f"EarlyTomConfig.prune_layers must be a sequence of ints, got {type(layers).__name__}"
-            )
+            raise TypeError(f"EarlyTomConfig.prune_layers must be a sequence of ints, got {type(layers).__name__}")
         object.__setattr__(self, "prune_layers", tuple(layers))
         self.validate()
 
@@ -121,9 +123,7 @@ class EarlyTomConfig:
         if not (math.isfinite(self.ema) and 0.0 <= self.ema <= 1.0):
             raise ValueError(f"EarlyTomConfig.ema must be in [0, 1], got {self.ema!r}")
         if not isinstance(self.keep_last_interior, bool):
-            raise TypeError(
-                f"EarlyTomConfig.keep_last_interior must be a bool, got {self.keep_last_interior!r}"
-            )
+            raise TypeError(f"EarlyTomConfig.keep_last_interior must be a bool, got {self.keep_last_interior!r}")
         layers = self.prune_layers
         if len(layers) == 0:
             raise ValueError("EarlyTomConfig.prune_layers must name at least one encoder layer")

@@ -15,6 +15,7 @@ Conventions shared with the ops (docs/design.md):
   ``w * X[src0] + (1 - w) * X[src1]`` (computed in float32, cast back to the input dtype);
   a frame passed unchanged is ``(i, i, 1.0)``.
 """
+
 from __future__ import annotations
 
 import math
@@ -27,10 +28,27 @@ from ._reference_llm import llm_merge
 from .config import EarlyTomConfig
 
 __all__ = [
-    "TOKENS_PER_FRAME", "frame_similarity", "segment", "merge_plan", "apply_plan", "merge_frames",
-    "merge_frames_batched", "segment_batched", "attention_received", "pool_grid", "pooled_hw",
-    "adjusted_ratio", "dynamic_keep", "static_windows", "window_bounds", "frame_kinds",
-    "select_tokens", "select_tokens_batched", "compress_after_encoder", "run_encoder", "llm_merge",
+    "TOKENS_PER_FRAME",
+    "frame_similarity",
+    "segment",
+    "merge_plan",
+    "apply_plan",
+    "merge_frames",
+    "merge_frames_batched",
+    "segment_batched",
+    "attention_received",
+    "pool_grid",
+    "pooled_hw",
+    "adjusted_ratio",
+    "dynamic_keep",
+    "static_windows",
+    "window_bounds",
+    "frame_kinds",
+    "select_tokens",
+    "select_tokens_batched",
+    "compress_after_encoder",
+    "run_encoder",
+    "llm_merge",
 ]
 
 #: Tokens per frame after LLaVA-OneVision's 27x27 -> 14x14 pooling (the paper's P).
@@ -326,8 +344,9 @@ def select_tokens_batched(feats, scores, frame_counts, segments_per_video, ratio
     return torch.cat(tokens), torch.cat(index)
 
 
-def compress_after_encoder(feats: torch.Tensor, scores: torch.Tensor, segments: Sequence[Segment],
-                           retain_ratio: float, frames_before: int):
+def compress_after_encoder(
+    feats: torch.Tensor, scores: torch.Tensor, segments: Sequence[Segment], retain_ratio: float, frames_before: int
+):
     """Pooling + r' + Stage II for one video: ``(tokens, index, r')``.
 
     ``feats [T', h*w, C]`` projected features on the encoder grid, ``scores [T', h*w]``; both

@@ -7,6 +7,7 @@ is a Qwen2. By default both are tiny (few layers, small widths); the keyword-onl
 :func:`tiny_config` describe any size (``bench/models.py`` builds the LLaVA-OneVision-7B
 architecture through it). Weights are random (seeded). Works with transformers 4.57.x and 5.x.
 """
+
 from __future__ import annotations
 
 import math
@@ -30,9 +31,26 @@ TEXT_ID_RANGE = (1, 290)
 VIDEO_KINDS = ("scenes", "static", "random", "identical", "crossfade")
 
 __all__ = [
-    "IMAGE_SIZE", "PATCH_SIZE", "GRID", "POOLED", "TOKENS_PER_FRAME", "VOCAB", "PAD_ID", "IMAGE_TOKEN_ID",
-    "VIDEO_TOKEN_ID", "TEXT_ID_RANGE", "VIDEO_KINDS", "tiny_config", "from_config", "build_model", "make_video",
-    "make_feature_video", "make_image", "video_token_count", "image_token_count", "make_inputs",
+    "IMAGE_SIZE",
+    "PATCH_SIZE",
+    "GRID",
+    "POOLED",
+    "TOKENS_PER_FRAME",
+    "VOCAB",
+    "PAD_ID",
+    "IMAGE_TOKEN_ID",
+    "VIDEO_TOKEN_ID",
+    "TEXT_ID_RANGE",
+    "VIDEO_KINDS",
+    "tiny_config",
+    "from_config",
+    "build_model",
+    "make_video",
+    "make_feature_video",
+    "make_image",
+    "video_token_count",
+    "image_token_count",
+    "make_inputs",
 ]
 
 
@@ -128,8 +146,16 @@ def from_config(cls, cfg, dtype=None, attn_implementation: str | None = None):
         return cls._from_config(cfg, torch_dtype=dtype, **kwargs)
 
 
-def build_model(seed: int = 0, attn_implementation: str | None = "sdpa", dtype=torch.float32,
-                device="cpu", *, init_on_device: bool = False, sharpen_attention: bool = True, **config_kwargs):
+def build_model(
+    seed: int = 0,
+    attn_implementation: str | None = "sdpa",
+    dtype=torch.float32,
+    device="cpu",
+    *,
+    init_on_device: bool = False,
+    sharpen_attention: bool = True,
+    **config_kwargs,
+):
     """A random ``LlavaOnevisionForConditionalGeneration`` in eval mode (seeded).
 
     ``config_kwargs`` go to :func:`tiny_config`. By default the weights are drawn on the CPU and
@@ -184,8 +210,9 @@ def _crossfade(num_frames: int, seed: int, scene_length: int, noise: float, imag
     g = torch.Generator(device="cpu").manual_seed(seed)
     n_key = num_frames // scene_length + 2
     coarse = torch.rand(n_key, 3, 12, 12, generator=g) * 2 - 1
-    keys = torch.nn.functional.interpolate(coarse.to(device), size=(image_size, image_size), mode="bilinear",
-                                           align_corners=False)
+    keys = torch.nn.functional.interpolate(
+        coarse.to(device), size=(image_size, image_size), mode="bilinear", align_corners=False
+    )
     t = torch.arange(num_frames, device=device, dtype=torch.float32) / scene_length
     i0 = t.floor().long()
     a = (t - i0).view(-1, 1, 1, 1)
@@ -195,9 +222,17 @@ def _crossfade(num_frames: int, seed: int, scene_length: int, noise: float, imag
     return frames + noise * (torch.rand(frames.shape, generator=gd, device=device) * 2 - 1)
 
 
-def make_video(num_frames: int, seed: int = 0, kind: str = "scenes", scene_length: int = 4,
-               noise: float = 0.05, image_size: int = IMAGE_SIZE, *, device="cpu",
-               dtype=torch.float32) -> torch.Tensor:
+def make_video(
+    num_frames: int,
+    seed: int = 0,
+    kind: str = "scenes",
+    scene_length: int = 4,
+    noise: float = 0.05,
+    image_size: int = IMAGE_SIZE,
+    *,
+    device="cpu",
+    dtype=torch.float32,
+) -> torch.Tensor:
     """Pixels ``[T, 3, H, W]`` in SigLIP's normalised range (clamped to [-1, 1]), on ``device``.
 
     ``kind``: ``"scenes"`` (blocks of ``scene_length`` near-identical frames, a new random image
@@ -219,8 +254,9 @@ def make_video(num_frames: int, seed: int = 0, kind: str = "scenes", scene_lengt
     def image():
         # Low-frequency content (like a real picture) plus a little detail.
         coarse = torch.rand(1, 3, 12, 12, generator=g) * 2 - 1
-        img = torch.nn.functional.interpolate(coarse, size=(image_size, image_size), mode="bilinear",
-                                              align_corners=False)[0]
+        img = torch.nn.functional.interpolate(
+            coarse, size=(image_size, image_size), mode="bilinear", align_corners=False
+        )[0]
         return img + 0.1 * (torch.rand(3, image_size, image_size, generator=g) * 2 - 1)
 
     if kind == "identical":
@@ -277,7 +313,8 @@ def image_token_count(model, image_pixels: torch.Tensor) -> int:
     sizes = torch.tensor([[image_pixels.shape[-2], image_pixels.shape[-1]]])
     with torch.no_grad():
         out = model.model.get_image_features(
-            pixel_values=image_pixels.unsqueeze(0).to(model.dtype), image_sizes=sizes,
+            pixel_values=image_pixels.unsqueeze(0).to(model.dtype),
+            image_sizes=sizes,
             vision_feature_layer=model.config.vision_feature_layer,
             vision_feature_select_strategy=model.config.vision_feature_select_strategy,
         )
@@ -287,12 +324,21 @@ def image_token_count(model, image_pixels: torch.Tensor) -> int:
     return int(feats.shape[0])
 
 
-def make_inputs(videos: Sequence[torch.Tensor], seed: int = 0, prefix_lengths: Sequence[int] | None = None,
-                suffix_lengths: Sequence[int] | None = None, padding_side: str = "left",
-                images: Sequence[torch.Tensor | None] | None = None, image_tokens: int | None = None,
-                video_tokens: Sequence[int] | None = None, *, video_token_id: int = VIDEO_TOKEN_ID,
-                image_token_id: int = IMAGE_TOKEN_ID, pad_token_id: int = PAD_ID,
-                text_id_range: tuple[int, int] = TEXT_ID_RANGE) -> dict:
+def make_inputs(
+    videos: Sequence[torch.Tensor],
+    seed: int = 0,
+    prefix_lengths: Sequence[int] | None = None,
+    suffix_lengths: Sequence[int] | None = None,
+    padding_side: str = "left",
+    images: Sequence[torch.Tensor | None] | None = None,
+    image_tokens: int | None = None,
+    video_tokens: Sequence[int] | None = None,
+    *,
+    video_token_id: int = VIDEO_TOKEN_ID,
+    image_token_id: int = IMAGE_TOKEN_ID,
+    pad_token_id: int = PAD_ID,
+    text_id_range: tuple[int, int] = TEXT_ID_RANGE,
+) -> dict:
     """Model inputs for one video per sample: ``text, [image], video placeholders, text``.
 
     ``videos``: ``[T, 3, H, W]`` tensors with the same ``T`` (stacked into
@@ -332,11 +378,11 @@ def make_inputs(videos: Sequence[torch.Tensor], seed: int = 0, prefix_lengths: S
     attention_mask = torch.zeros((B, L), dtype=torch.long)
     for b, s in enumerate(seqs):
         if padding_side == "left":
-            input_ids[b, L - len(s):] = torch.tensor(s)
-            attention_mask[b, L - len(s):] = 1
+            input_ids[b, L - len(s) :] = torch.tensor(s)
+            attention_mask[b, L - len(s) :] = 1
         else:
-            input_ids[b, :len(s)] = torch.tensor(s)
-            attention_mask[b, :len(s)] = 1
+            input_ids[b, : len(s)] = torch.tensor(s)
+            attention_mask[b, : len(s)] = 1
     out = {
         "input_ids": input_ids,
         "attention_mask": attention_mask,

@@ -1,6 +1,7 @@
 """attention_received: the fused op against explicit softmax maps (float64 oracle) and
 earlytom_ext.reference over grids of S / d / H / N / dtypes, strided and [N, S, H·d] inputs,
 large logits, bad inputs, opcheck on CPU, determinism, and CUDA == CPU == oracle with a GPU."""
+
 import numpy as np
 import pytest
 import torch
@@ -51,7 +52,7 @@ def assert_matches(a, ref, dtype, S, scale_tol=1.0):
 @pytest.mark.parametrize("d", [8, 64, 72, 80])
 def test_grid_small(dtype, S, d):
     q, k = make_qk(2, 3, S, d, dtype, seed=S * 100 + d)
-    scale = d ** -0.5
+    scale = d**-0.5
     a = attention_received(q, k)
     assert_matches(a, oracle(q, k, scale), dtype, S)
     # every row is a mean of probability rows: sums to 1
@@ -64,13 +65,13 @@ def test_grid_heads_frames(dtype, N, H, S, d):
     q, k = make_qk(N, H, S, d, dtype, seed=N + H + S + d)
     a = attention_received(q, k)
     assert a.shape == (N, S)
-    assert_matches(a, oracle(q, k, d ** -0.5), dtype, S)
+    assert_matches(a, oracle(q, k, d**-0.5), dtype, S)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_matches_reference(dtype):
     q, k = make_qk(3, 4, 50, 72, dtype, seed=7)
-    scale = 72 ** -0.5
+    scale = 72**-0.5
     a = attention_received(q, k, scale)
     ref = R.attention_received(q, k, scale)  # float32 explicit maps
     torch.testing.assert_close(a, ref, rtol=1e-3, atol=1e-5 / 50)
@@ -109,7 +110,7 @@ def dominant_key_inputs(N, H, S, d, dtype, seed, strength):
 def test_dominant_key_lse_stability(dtype, strength):
     S, d = 129, 72
     q, k = dominant_key_inputs(2, 4, S, d, dtype, seed=3, strength=strength)
-    scale = d ** -0.5
+    scale = d**-0.5
     # logits of key 0 are ~ 2 * strength * d * scale: far beyond exp()'s fp32 range at 60
     a = attention_received(q, k, scale)
     ref = oracle(q, k, scale)
@@ -134,7 +135,7 @@ def test_qproj_layout_3d(dtype):
     a = attention_received(q3, k3, num_heads=H)
     q4 = q3.view(N, S, H, d).transpose(1, 2)
     k4 = k3.view(N, S, H, d).transpose(1, 2)
-    assert_matches(a, oracle(q4, k4, d ** -0.5), dtype, S)
+    assert_matches(a, oracle(q4, k4, d**-0.5), dtype, S)
     # the same values, contiguous [N, H, S, d]: bitwise the same result
     assert torch.equal(a, attention_received(q4.contiguous(), k4.contiguous()))
     # the wrapper views the 3-D input without a copy
@@ -149,7 +150,7 @@ def test_transposed_view_4d_no_copy_needed():
     k4 = k3.view(N, S, H, d).transpose(1, 2)
     assert not q4.is_contiguous() and q4.stride(-1) == 1
     a = attention_received(q4, k4)
-    assert_matches(a, oracle(q4, k4, d ** -0.5), torch.float32, S)
+    assert_matches(a, oracle(q4, k4, d**-0.5), torch.float32, S)
     assert torch.equal(a, attention_received(q4.contiguous(), k4.contiguous()))
 
 
@@ -158,18 +159,18 @@ def test_non_contiguous_last_dim_and_sliced():
     base_q, base_k = torch.randn(N, H, d, S), torch.randn(N, H, d, S)
     q, k = base_q.transpose(-1, -2), base_k.transpose(-1, -2)  # last dim strided
     a = attention_received(q, k)
-    assert_matches(a, oracle(q, k, d ** -0.5), torch.float32, S)
+    assert_matches(a, oracle(q, k, d**-0.5), torch.float32, S)
     big_q, big_k = torch.randn(N, 2 * H, S + 5, d + 4), torch.randn(N, 2 * H, S + 5, d + 4)
-    q2, k2 = big_q[:, ::2, 3:3 + S, 2:2 + d], big_k[:, ::2, 3:3 + S, 2:2 + d]
+    q2, k2 = big_q[:, ::2, 3 : 3 + S, 2 : 2 + d], big_k[:, ::2, 3 : 3 + S, 2 : 2 + d]
     a2 = attention_received(q2, k2)
-    assert_matches(a2, oracle(q2, k2, d ** -0.5), torch.float32, S)
+    assert_matches(a2, oracle(q2, k2, d**-0.5), torch.float32, S)
 
 
 def test_expanded_inputs():
     q = torch.randn(1, 1, 10, 8).expand(4, 3, 10, 8)  # stride 0 over N and H
     k = torch.randn(4, 3, 10, 8)
     a = attention_received(q, k)
-    assert_matches(a, oracle(q, k, 8 ** -0.5), torch.float32, 10)
+    assert_matches(a, oracle(q, k, 8**-0.5), torch.float32, 10)
 
 
 def test_empty_batch():
@@ -336,12 +337,23 @@ def test_torch_compile_fake():
 # ------------------------------------------------------------------------------ CUDA
 @needs_cuda
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("N,H,S,d", [(2, 3, 1, 8), (2, 3, 7, 72), (3, 2, 65, 64), (2, 16, 729, 72),
-                                     (64, 1, 65, 80), (1, 2, 100, 96), (1, 2, 77, 200), (1, 2, 70, 300),
-                                     (1, 2, 66, 7)])
+@pytest.mark.parametrize(
+    "N,H,S,d",
+    [
+        (2, 3, 1, 8),
+        (2, 3, 7, 72),
+        (3, 2, 65, 64),
+        (2, 16, 729, 72),
+        (64, 1, 65, 80),
+        (1, 2, 100, 96),
+        (1, 2, 77, 200),
+        (1, 2, 70, 300),
+        (1, 2, 66, 7),
+    ],
+)
 def test_cuda_matches_cpu_and_oracle(dtype, N, H, S, d):
     q, k = make_qk(N, H, S, d, dtype, seed=N * 7 + S + d)
-    scale = d ** -0.5
+    scale = d**-0.5
     a_cuda = attention_received(q.cuda(), k.cuda(), scale)
     assert a_cuda.device.type == "cuda"
     ref = oracle(q, k, scale)
@@ -361,13 +373,13 @@ def test_cuda_qproj_layout_and_large_logits(dtype):
     a = attention_received(q3, k3, num_heads=H)
     q4 = q3.view(N, S, H, d).transpose(1, 2).cpu()
     k4 = k3.view(N, S, H, d).transpose(1, 2).cpu()
-    assert_matches(a, oracle(q4, k4, d ** -0.5), dtype, S)
+    assert_matches(a, oracle(q4, k4, d**-0.5), dtype, S)
     # contiguous copy of the same values: same result (up to accumulation order)
     a_c = attention_received(q4.contiguous().cuda(), k4.contiguous().cuda())
     torch.testing.assert_close(a, a_c, rtol=1e-5, atol=1e-8)
     qd, kd = dominant_key_inputs(2, 4, 150, 72, dtype, seed=8, strength=60.0)
     a_dom = attention_received(qd.cuda(), kd.cuda())
-    assert_matches(a_dom, oracle(qd, kd, 72 ** -0.5), dtype, 150, scale_tol=4.0)
+    assert_matches(a_dom, oracle(qd, kd, 72**-0.5), dtype, 150, scale_tol=4.0)
 
 
 @needs_cuda

@@ -1,6 +1,7 @@
 """Smoke test of the benchmarks: the CPU quick run of ``python -m bench.run`` in a temp dir, plus
 the pieces that need no model (the analytical FLOPs, the forced merge patterns checked against
 the reference walk, the timers, the time budget, the device names, the Qwen2.5-VL patch order)."""
+
 from __future__ import annotations
 
 import json
@@ -129,12 +130,20 @@ def _fake_pynvml(fail_at=None):
     mod = types.ModuleType("pynvml")
     mod.NVML_CLOCK_SM, mod.NVML_CLOCK_MEM, mod.NVML_TEMPERATURE_GPU = 0, 1, 0
     mem = types.SimpleNamespace(total=80 * 2**30, used=2**30)
-    for name, value in (("nvmlInit", None), ("nvmlShutdown", None), ("nvmlDeviceGetHandleByIndex", object()),
-                        ("nvmlDeviceGetName", b"GPU"), ("nvmlSystemGetDriverVersion", "580"),
-                        ("nvmlSystemGetCudaDriverVersion", 13000), ("nvmlDeviceGetMemoryInfo", mem),
-                        ("nvmlDeviceGetClockInfo", 1980), ("nvmlDeviceGetMaxClockInfo", 1980),
-                        ("nvmlDeviceGetPowerManagementLimit", 700000), ("nvmlDeviceGetTemperature", 40),
-                        ("nvmlDeviceGetPersistenceMode", 1)):
+    for name, value in (
+        ("nvmlInit", None),
+        ("nvmlShutdown", None),
+        ("nvmlDeviceGetHandleByIndex", object()),
+        ("nvmlDeviceGetName", b"GPU"),
+        ("nvmlSystemGetDriverVersion", "580"),
+        ("nvmlSystemGetCudaDriverVersion", 13000),
+        ("nvmlDeviceGetMemoryInfo", mem),
+        ("nvmlDeviceGetClockInfo", 1980),
+        ("nvmlDeviceGetMaxClockInfo", 1980),
+        ("nvmlDeviceGetPowerManagementLimit", 700000),
+        ("nvmlDeviceGetTemperature", 40),
+        ("nvmlDeviceGetPersistenceMode", 1),
+    ):
         setattr(mod, name, call(name, value))
     return mod
 
@@ -163,16 +172,22 @@ def test_llm_flops_with_inner_merge():
     full = flops.llm_flops([100, 80], 4, d, m)
     assert full == 4 * (flops.layer_flops(100, d, m) + flops.layer_flops(80, d, m))
     merged = flops.llm_flops([100, 80], 4, d, m, merge_layer=1, removed=[30, 0])
-    assert merged == (flops.layer_flops(100, d, m) + 3 * flops.layer_flops(70, d, m)
-                      + 4 * flops.layer_flops(80, d, m))
+    assert merged == (flops.layer_flops(100, d, m) + 3 * flops.layer_flops(70, d, m) + 4 * flops.layer_flops(80, d, m))
     with pytest.raises(ValueError, match="removed"):
         flops.llm_flops([100], 4, d, m, merge_layer=1, removed=None)
     with pytest.raises(ValueError, match="merge_layer"):
         flops.llm_flops([100], 4, d, m, merge_layer=5, removed=[1])
 
 
-@pytest.mark.parametrize("name, slug", [("NVIDIA H100 80GB HBM3", "h100"), ("NVIDIA H200", "h200"),
-                                        ("NVIDIA A100-SXM4-80GB", "a100"), ("NVIDIA GeForce RTX 4090", "rtx-4090")])
+@pytest.mark.parametrize(
+    "name, slug",
+    [
+        ("NVIDIA H100 80GB HBM3", "h100"),
+        ("NVIDIA H200", "h200"),
+        ("NVIDIA A100-SXM4-80GB", "a100"),
+        ("NVIDIA GeForce RTX 4090", "rtx-4090"),
+    ],
+)
 def test_device_slug(name, slug):
     from bench import env
 
@@ -253,8 +268,15 @@ def test_qwen_patch_order():
                 for ih in range(mg):
                     for iw in range(mg):
                         h, w = bh * mg + ih, bw * mg + iw
-                        expected.append([float(frames[t * tp + dt, c, h * p + y, w * p + x])
-                                         for c in range(C) for dt in range(tp) for y in range(p) for x in range(p)])
+                        expected.append(
+                            [
+                                float(frames[t * tp + dt, c, h * p + y, w * p + x])
+                                for c in range(C)
+                                for dt in range(tp)
+                                for y in range(p)
+                                for x in range(p)
+                            ]
+                        )
     assert out.tolist() == expected
 
 
@@ -281,10 +303,42 @@ def quick_run(tmp_path_factory):
     pytest.importorskip("transformers")
     out = tmp_path_factory.mktemp("bench")
     manifest = out / "manifest.txt"
-    cmd = [sys.executable, "-m", "bench.run", "--device", "cpu", "--quick", "--all", "--model", "micro", "--out",
-           str(out), "--frames", "4", "--iters", "1", "--warmup", "0", "--ratios", "0.1", "--llm-merge-ratios", "0.1",
-           "--scaling-frames", "2", "4", "--scaling-batch", "1", "2", "--throughput-batch", "1", "2",
-           "--new-tokens", "3", "--manifest", str(manifest)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.run",
+        "--device",
+        "cpu",
+        "--quick",
+        "--all",
+        "--model",
+        "micro",
+        "--out",
+        str(out),
+        "--frames",
+        "4",
+        "--iters",
+        "1",
+        "--warmup",
+        "0",
+        "--ratios",
+        "0.1",
+        "--llm-merge-ratios",
+        "0.1",
+        "--scaling-frames",
+        "2",
+        "4",
+        "--scaling-batch",
+        "1",
+        "2",
+        "--throughput-batch",
+        "1",
+        "2",
+        "--new-tokens",
+        "3",
+        "--manifest",
+        str(manifest),
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     js = [Path(p) for p in manifest.read_text().split() if p.endswith(".json")] if manifest.exists() else []
     assert js, f"no results written (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
@@ -354,14 +408,22 @@ def test_quick_run_measured_sections(quick_run):
 
     ttft = results["ttft"]
     base = [r for r in ttft if r["config"] == "uncompressed"]
-    assert [(r["baseline"], r["when"]) for r in base] == [("stock", "before"), ("fastpool", "before"),
-                                                          ("stock", "after"), ("fastpool", "after")]
+    assert [(r["baseline"], r["when"]) for r in base] == [
+        ("stock", "before"),
+        ("fastpool", "before"),
+        ("stock", "after"),
+        ("fastpool", "after"),
+    ]
     for r in base:
         assert r["prefill_tokens"] == full_tokens and r["ttft_ms"] > 0
         assert r["vision_ms"] > 0 and r["llm_ms"] > 0 and r["pooling_ms"] > 0 and r["projector_ms"] > 0
     comp = [r for r in ttft if r["config"] == "earlytom"]
-    assert [(r["pattern"], r["llm_merge"]) for r in comp] == [("forced-merge", False), ("forced-merge", True),
-                                                              ("forced-nomerge", False), ("natural", False)]
+    assert [(r["pattern"], r["llm_merge"]) for r in comp] == [
+        ("forced-merge", False),
+        ("forced-merge", True),
+        ("forced-nomerge", False),
+        ("natural", False),
+    ]
     cfg = preset("videomme", 0.10)
     fast_before = base[1]["ttft_ms"]
     for r in comp:
@@ -385,8 +447,9 @@ def test_quick_run_measured_sections(quick_run):
     assert lm["llm_merge_layer"] == 1 and lm["llm_tflops"] < comp[0]["llm_tflops"]
 
     tp = results["throughput"]
-    assert {(r["batch"], r["config"]) for r in tp} == {(b, c) for b in (1, 2) for c in ("stock", "earlytom",
-                                                                                           "fastpool")}
+    assert {(r["batch"], r["config"]) for r in tp} == {
+        (b, c) for b in (1, 2) for c in ("stock", "earlytom", "fastpool")
+    }
     for r in tp:
         assert not r.get("error") and not r.get("skipped"), r
         assert r["tokens_per_s"] == pytest.approx(r["batch"] * 3 / r["seconds"])

@@ -6,28 +6,37 @@ from earlytom_ext import PAPER_PRESETS, EarlyTomConfig, preset
 def test_defaults_are_the_specs():
     c = EarlyTomConfig()
     assert (c.retain_ratio, c.tau, c.max_window, c.ema, c.prune_layers, c.keep_last_interior) == (
-        0.1, 0.6, 8, 0.9, (6, 21, 23), False)
+        0.1,
+        0.6,
+        8,
+        0.9,
+        (6, 21, 23),
+        False,
+    )
 
 
-@pytest.mark.parametrize("field,value,exc,needle", [
-    ("retain_ratio", 0.0, ValueError, "(0, 1]"),
-    ("retain_ratio", 1.5, ValueError, "(0, 1]"),
-    ("retain_ratio", float("nan"), ValueError, "retain_ratio"),
-    ("retain_ratio", "0.1", TypeError, "retain_ratio"),
-    ("tau", 1.01, ValueError, "[-1, 1]"),
-    ("tau", -1.5, ValueError, "tau"),
-    ("max_window", 1, ValueError, ">= 2"),
-    ("max_window", 2.5, TypeError, "max_window"),
-    ("ema", -0.1, ValueError, "[0, 1]"),
-    ("ema", 1.1, ValueError, "ema"),
-    ("prune_layers", (), ValueError, "at least one"),
-    ("prune_layers", (3, 3), ValueError, "strictly increasing"),
-    ("prune_layers", (5, 2), ValueError, "strictly increasing"),
-    ("prune_layers", (-1, 2), ValueError, "non-negative"),
-    ("prune_layers", (1.0,), TypeError, "ints"),
-    ("prune_layers", 3, TypeError, "sequence"),
-    ("keep_last_interior", 1, TypeError, "bool"),
-])
+@pytest.mark.parametrize(
+    "field,value,exc,needle",
+    [
+        ("retain_ratio", 0.0, ValueError, "(0, 1]"),
+        ("retain_ratio", 1.5, ValueError, "(0, 1]"),
+        ("retain_ratio", float("nan"), ValueError, "retain_ratio"),
+        ("retain_ratio", "0.1", TypeError, "retain_ratio"),
+        ("tau", 1.01, ValueError, "[-1, 1]"),
+        ("tau", -1.5, ValueError, "tau"),
+        ("max_window", 1, ValueError, ">= 2"),
+        ("max_window", 2.5, TypeError, "max_window"),
+        ("ema", -0.1, ValueError, "[0, 1]"),
+        ("ema", 1.1, ValueError, "ema"),
+        ("prune_layers", (), ValueError, "at least one"),
+        ("prune_layers", (3, 3), ValueError, "strictly increasing"),
+        ("prune_layers", (5, 2), ValueError, "strictly increasing"),
+        ("prune_layers", (-1, 2), ValueError, "non-negative"),
+        ("prune_layers", (1.0,), TypeError, "ints"),
+        ("prune_layers", 3, TypeError, "sequence"),
+        ("keep_last_interior", 1, TypeError, "bool"),
+    ],
+)
 def test_validation_names_field_and_range(field, value, exc, needle):
     with pytest.raises(exc) as e:
         EarlyTomConfig(**{field: value})
@@ -44,12 +53,24 @@ def core(c: EarlyTomConfig) -> dict:
 
 def test_edges_are_valid_and_stored():
     c = EarlyTomConfig(retain_ratio=1.0, tau=-1.0, max_window=2, ema=0.0, prune_layers=[0])
-    assert core(c) == {"retain_ratio": 1.0, "tau": -1.0, "max_window": 2, "ema": 0.0, "prune_layers": (0,),
-                       "keep_last_interior": False}
+    assert core(c) == {
+        "retain_ratio": 1.0,
+        "tau": -1.0,
+        "max_window": 2,
+        "ema": 0.0,
+        "prune_layers": (0,),
+        "keep_last_interior": False,
+    }
     assert c.to_dict()["prune_layers"] == [0]  # JSON-ready list; the config itself holds a tuple
     c = EarlyTomConfig(tau=1.0, ema=1.0, keep_last_interior=True)
-    assert core(c) == {"retain_ratio": 0.1, "tau": 1.0, "max_window": 8, "ema": 1.0, "prune_layers": (6, 21, 23),
-                       "keep_last_interior": True}
+    assert core(c) == {
+        "retain_ratio": 0.1,
+        "tau": 1.0,
+        "max_window": 8,
+        "ema": 1.0,
+        "prune_layers": (6, 21, 23),
+        "keep_last_interior": True,
+    }
     # ints are accepted for the real-valued fields and stored as given
     c = EarlyTomConfig(retain_ratio=1, tau=0, ema=1)
     assert (c.retain_ratio, c.tau, c.ema) == (1, 0, 1)
@@ -76,8 +97,14 @@ def test_prune_layers_normalised_to_a_tuple(layers):
 def test_replace_changes_one_field_and_validates():
     c = EarlyTomConfig(tau=0.3, max_window=6, prune_layers=[1, 2])
     r = c.replace(retain_ratio=0.2)
-    assert core(r) == {"retain_ratio": 0.2, "tau": 0.3, "max_window": 6, "ema": 0.9, "prune_layers": (1, 2),
-                       "keep_last_interior": False}
+    assert core(r) == {
+        "retain_ratio": 0.2,
+        "tau": 0.3,
+        "max_window": 6,
+        "ema": 0.9,
+        "prune_layers": (1, 2),
+        "keep_last_interior": False,
+    }
     assert c.retain_ratio == 0.1  # the original is unchanged
     assert c.replace(prune_layers=[4, 5]).prune_layers == (4, 5)
     with pytest.raises(ValueError, match="retain_ratio"):
@@ -88,14 +115,30 @@ def test_replace_changes_one_field_and_validates():
 
 # The paper's table (docs/algorithm.md), LLaVA-OneVision-7B: (tau, prune layers) per retain ratio.
 PAPER_TABLE = {
-    "mvbench": {0.10: (0.65, (8, 14, 20)), 0.15: (0.8, (6, 14, 20)), 0.20: (0.8, (6, 14, 20)),
-                0.25: (0.8, (6, 14, 20))},
-    "videomme": {0.10: (0.3, (10, 21, 23)), 0.15: (0.4, (8, 21, 23)), 0.20: (0.5, (8, 21, 23)),
-                 0.25: (0.7, (10, 21, 23))},
-    "longvideobench": {0.10: (0.3, (10, 21, 23)), 0.15: (0.5, (10, 21, 23)), 0.20: (0.6, (10, 21, 23)),
-                       0.25: (0.8, (4, 14, 24))},
-    "egoschema": {0.10: (0.3, (10, 21, 23)), 0.15: (0.5, (10, 21, 23)), 0.20: (0.6, (10, 21, 23)),
-                  0.25: (0.7, (10, 21, 23))},
+    "mvbench": {
+        0.10: (0.65, (8, 14, 20)),
+        0.15: (0.8, (6, 14, 20)),
+        0.20: (0.8, (6, 14, 20)),
+        0.25: (0.8, (6, 14, 20)),
+    },
+    "videomme": {
+        0.10: (0.3, (10, 21, 23)),
+        0.15: (0.4, (8, 21, 23)),
+        0.20: (0.5, (8, 21, 23)),
+        0.25: (0.7, (10, 21, 23)),
+    },
+    "longvideobench": {
+        0.10: (0.3, (10, 21, 23)),
+        0.15: (0.5, (10, 21, 23)),
+        0.20: (0.6, (10, 21, 23)),
+        0.25: (0.8, (4, 14, 24)),
+    },
+    "egoschema": {
+        0.10: (0.3, (10, 21, 23)),
+        0.15: (0.5, (10, 21, 23)),
+        0.20: (0.6, (10, 21, 23)),
+        0.25: (0.7, (10, 21, 23)),
+    },
 }
 
 
@@ -103,8 +146,14 @@ PAPER_TABLE = {
 def test_paper_presets_equal_the_table(benchmark, r):
     tau, layers = PAPER_TABLE[benchmark][r]
     c = preset(benchmark, r)
-    assert core(c) == {"retain_ratio": r, "tau": tau, "max_window": 6, "ema": 0.9, "prune_layers": layers,
-                       "keep_last_interior": False}
+    assert core(c) == {
+        "retain_ratio": r,
+        "tau": tau,
+        "max_window": 6,
+        "ema": 0.9,
+        "prune_layers": layers,
+        "keep_last_interior": False,
+    }
     assert PAPER_PRESETS[benchmark][r] == c
 
 

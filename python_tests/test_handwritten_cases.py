@@ -11,6 +11,7 @@ frame similarity is a multiple of 1/S. That makes decisions *at* the threshold t
 walk that cuts on ``s_hat <= tau`` instead of ``s_hat < tau``, a merge on ``sigma >= tau_m``,
 or a tie broken towards the higher index gives a different, hand-known answer.
 """
+
 from collections.abc import Sequence
 
 import pytest
@@ -202,12 +203,15 @@ def test_ema_history_weights(backend):
 
 # ------------------------------------------------------------------------------ max_window
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("M,segments", [
-    (2, [(0, 0), (1, 1), (2, 2), (3, 3), (4, 4), (5, 5), (6, 6)]),
-    (3, [(0, 1), (2, 3), (4, 5), (6, 6)]),
-    (4, [(0, 2), (3, 5), (6, 6)]),
-    (8, [(0, 6)]),  # 7 frames: i - start + 1 reaches 7 < 8 at most
-])
+@pytest.mark.parametrize(
+    "M,segments",
+    [
+        (2, [(0, 0), (1, 1), (2, 2), (3, 3), (4, 4), (5, 5), (6, 6)]),
+        (3, [(0, 1), (2, 3), (4, 5), (6, 6)]),
+        (4, [(0, 2), (3, 5), (6, 6)]),
+        (8, [(0, 6)]),  # 7 frames: i - start + 1 reaches 7 < 8 at most
+    ],
+)
 def test_identical_frames_cut_by_max_window(backend, M, segments):
     # c = 1 always (s_hat = 1): only the window cuts, when i - start + 1 reaches M, so a segment
     # holds M - 1 frames.
@@ -221,8 +225,13 @@ def test_max_window_of_identical_frames_plan(backend):
     # M = 6, 7 identical frames: [0, 4] (5 frames) and [5, 6]. Interior of [0, 4]: F = 1, 2, 3,
     # sigma = [1, 1], tau_m = 1: no merge (1 > 1 is false); frame 3 dropped.
     x = basis_frames([[0, 1, 2]] * 7)
-    check_stage1(backend, x, cfg(max_window=6), [(0, 4), (5, 6)],
-                 [(0, 0, 1.0), (1, 1, 1.0), (2, 2, 1.0), (4, 4, 1.0), (5, 5, 1.0), (6, 6, 1.0)])
+    check_stage1(
+        backend,
+        x,
+        cfg(max_window=6),
+        [(0, 4), (5, 6)],
+        [(0, 0, 1.0), (1, 1, 1.0), (2, 2, 1.0), (4, 4, 1.0), (5, 5, 1.0), (6, 6, 1.0)],
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -259,8 +268,13 @@ def test_fine_merge_weight_and_values(backend):
     expected[2, :, 1] = 1.0
     torch.testing.assert_close(xm, expected, rtol=1e-6, atol=1e-6)
     # Corrected walk: frame 3 is emitted on its own after the merged pair.
-    check_stage1(backend, x, c.replace(keep_last_interior=True), [(0, 4)],
-                 [(0, 0, 1.0), (1, 2, 2.0 / 3.0), (3, 3, 1.0), (4, 4, 1.0)])
+    check_stage1(
+        backend,
+        x,
+        c.replace(keep_last_interior=True),
+        [(0, 4)],
+        [(0, 0, 1.0), (1, 2, 2.0 / 3.0), (3, 3, 1.0), (4, 4, 1.0)],
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -271,8 +285,9 @@ def test_fine_merge_tie_between_neighbour_pairs(backend):
     x = basis_frames([[0] * 4, [2] * 4, [2] * 4, [2] * 4, [1] * 4], scale=False)
     c = cfg(tau=-1.0, max_window=8)
     check_stage1(backend, x, c, [(0, 4)], [(0, 0, 1.0), (1, 1, 1.0), (2, 3, 1.0), (4, 4, 1.0)])
-    check_stage1(backend, x, c.replace(keep_last_interior=True), [(0, 4)],
-                 [(0, 0, 1.0), (1, 1, 1.0), (2, 3, 0.5), (4, 4, 1.0)])
+    check_stage1(
+        backend, x, c.replace(keep_last_interior=True), [(0, 4)], [(0, 0, 1.0), (1, 1, 1.0), (2, 3, 0.5), (4, 4, 1.0)]
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -307,15 +322,18 @@ def test_batch_of_hand_videos(backend):
     v2 = basis_frames([[3, 2]])
     x = torch.cat([v0, v1, v2])
     c = cfg(tau=0.6, ema=0.5, max_window=8)
-    check_stage1(backend, x, c, [(0, 0), (1, 4), (5, 7), (8, 8)],
-                 [(0, 0, 1.0), (1, 1, 1.0), (2, 2, 1.0), (4, 4, 1.0), (5, 5, 1.0), (6, 6, 1.0), (7, 7, 1.0),
-                  (8, 8, 1.0)],
-                 counts=[5, 3, 1])
+    check_stage1(
+        backend,
+        x,
+        c,
+        [(0, 0), (1, 4), (5, 7), (8, 8)],
+        [(0, 0, 1.0), (1, 1, 1.0), (2, 2, 1.0), (4, 4, 1.0), (5, 5, 1.0), (6, 6, 1.0), (7, 7, 1.0), (8, 8, 1.0)],
+        counts=[5, 3, 1],
+    )
 
 
 # ------------------------------------------------------------------------------ Stage II
-def run_stage2(backend: str, feats, scores, segments: Segments, frames_before: int, retain_ratio: float,
-               r_adj: float):
+def run_stage2(backend: str, feats, scores, segments: Segments, frames_before: int, retain_ratio: float, r_adj: float):
     """Stage II of one video: ``(index list, tokens)``; ``r_adj`` is the hand-computed r'."""
     if backend == "reference":
         tokens, index = R.select_tokens(feats, scores, segments, r_adj)
@@ -362,21 +380,23 @@ def test_stage2_ties_and_windows_small(backend):
     # P = 11, r' = 0.25: k = 3 (dynamic), n = 3 windows (static) of 4, 4, 3 positions:
     # [0, 4), [4, 8), [8, 11). Segments [(0, 0), (1, 4)]: frames 2, 3 static.
     P = 11
-    scores = torch.tensor([
-        # frame 0 (dynamic): all tied -> the three lowest positions
-        [1.0] * 11,
-        # frame 1 (dynamic): 5 at 1, then a three-way tie of 3 at 3, 6, 9: the two lowest win
-        [0, 5, 0, 3, 0, 0, 3, 0, 0, 3, 0],
-        # frame 2 (static): window 0 tie 2 at {0, 1} -> 0; window 1 max 7 at 7; window 2 tie 9 at
-        # {9, 10} -> 9
-        [2, 2, 1, 0, 0, 0, 0, 7, 1, 9, 9],
-        # frame 3 (static): increasing -> the last position of each window: 3, 7, 10
-        [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10],
-        # frame 4 (dynamic): 2 at 5, 1 at 7, 0.5 at 2 (signed zeros and negatives below)
-        [-1, -5, 0.5, -0.0, 0.0, 2, -3, 1, -2, 0.25, -4],
-    ], dtype=torch.float32)
-    expected = (rows(0, [0, 1, 2]) + rows(1, [1, 3, 6]) + rows(2, [0, 7, 9]) + rows(3, [3, 7, 10])
-                + rows(4, [2, 5, 7]))
+    scores = torch.tensor(
+        [
+            # frame 0 (dynamic): all tied -> the three lowest positions
+            [1.0] * 11,
+            # frame 1 (dynamic): 5 at 1, then a three-way tie of 3 at 3, 6, 9: the two lowest win
+            [0, 5, 0, 3, 0, 0, 3, 0, 0, 3, 0],
+            # frame 2 (static): window 0 tie 2 at {0, 1} -> 0; window 1 max 7 at 7; window 2 tie 9 at
+            # {9, 10} -> 9
+            [2, 2, 1, 0, 0, 0, 0, 7, 1, 9, 9],
+            # frame 3 (static): increasing -> the last position of each window: 3, 7, 10
+            [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10],
+            # frame 4 (dynamic): 2 at 5, 1 at 7, 0.5 at 2 (signed zeros and negatives below)
+            [-1, -5, 0.5, -0.0, 0.0, 2, -3, 1, -2, 0.25, -4],
+        ],
+        dtype=torch.float32,
+    )
+    expected = rows(0, [0, 1, 2]) + rows(1, [1, 3, 6]) + rows(2, [0, 7, 9]) + rows(3, [3, 7, 10]) + rows(4, [2, 5, 7])
     index, tokens = run_stage2(backend, position_feats(5, P), scores, [(0, 0), (1, 4)], 5, 0.25, 0.25)
     assert index == expected
     torch.testing.assert_close(tokens, torch.tensor(expected, dtype=torch.float32), rtol=0, atol=0)
@@ -385,11 +405,14 @@ def test_stage2_ties_and_windows_small(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_stage2_round_half_to_even_windows(backend):
     # P = 10, r' = 0.25: k = ceil(2.5) = 3, n = round(2.5) = 2 windows [0, 5), [5, 10).
-    scores = torch.tensor([
-        [0, 0, 0, 0, 0, 0, 0, 1, 1, 1],   # dynamic: the three 1s
-        [9, 0, 0, 0, 9, 4, 4, 0, 0, 4],   # static: window 0 tie at {0, 4} -> 0; window 1 tie -> 5
-        [3, 2, 1, 0, 0, 0, 0, 0, 0, 0],   # dynamic: 3 at 0, 2 at 1, 1 at 2
-    ], dtype=torch.float32)
+    scores = torch.tensor(
+        [
+            [0, 0, 0, 0, 0, 0, 0, 1, 1, 1],  # dynamic: the three 1s
+            [9, 0, 0, 0, 9, 4, 4, 0, 0, 4],  # static: window 0 tie at {0, 4} -> 0; window 1 tie -> 5
+            [3, 2, 1, 0, 0, 0, 0, 0, 0, 0],  # dynamic: 3 at 0, 2 at 1, 1 at 2
+        ],
+        dtype=torch.float32,
+    )
     expected = rows(0, [7, 8, 9]) + rows(1, [0, 5]) + rows(2, [0, 1, 2])
     index, _ = run_stage2(backend, position_feats(3, 10), scores, [(0, 2)], 3, 0.25, 0.25)
     assert index == expected
@@ -403,29 +426,37 @@ def test_stage2_llava_grid_adjusted_ratio(backend):
     # [188, 196)). Segments [(0, 0), (1, 1), (2, 6), (7, 7)]: frames 3, 4, 5 static.
     P = 196
     up = torch.arange(P, dtype=torch.float32)
-    window_last = [8, 17, 26, 35] + list(range(43, 196, 8))   # last position of each window
-    window_first = [0, 9, 18, 27] + list(range(36, 196, 8))   # first position of each window
+    window_last = [8, 17, 26, 35] + list(range(43, 196, 8))  # last position of each window
+    window_first = [0, 9, 18, 27] + list(range(36, 196, 8))  # first position of each window
     f2 = torch.zeros(P)
     f2[100:124] = 2.0  # 24 clear winners
     f2[[50, 60, 190]] = 1.0  # a three-way tie for the 25th place: position 50 wins
     f7 = torch.zeros(P)
     f7[:10] = -0.0  # -0.0 and +0.0 tie: the lowest positions win
-    scores = torch.stack([
-        torch.ones(P),  # 0 dynamic, all tied: 0..24
-        up,             # 1 dynamic, increasing: 171..195
-        f2,             # 2 dynamic
-        up,             # 3 static, increasing: the last position of each window
-        torch.ones(P),  # 4 static, all tied: the first position of each window
-        -up,            # 5 static, decreasing: the first position of each window
-        -up,            # 6 dynamic, decreasing: 0..24
-        f7,             # 7 dynamic
-    ])
-    expected = (rows(0, range(25)) + rows(1, range(171, 196)) + rows(2, [50] + list(range(100, 124)))
-                + rows(3, window_last) + rows(4, window_first) + rows(5, window_first)
-                + rows(6, range(25)) + rows(7, range(25)))
+    scores = torch.stack(
+        [
+            torch.ones(P),  # 0 dynamic, all tied: 0..24
+            up,  # 1 dynamic, increasing: 171..195
+            f2,  # 2 dynamic
+            up,  # 3 static, increasing: the last position of each window
+            torch.ones(P),  # 4 static, all tied: the first position of each window
+            -up,  # 5 static, decreasing: the first position of each window
+            -up,  # 6 dynamic, decreasing: 0..24
+            f7,  # 7 dynamic
+        ]
+    )
+    expected = (
+        rows(0, range(25))
+        + rows(1, range(171, 196))
+        + rows(2, [50] + list(range(100, 124)))
+        + rows(3, window_last)
+        + rows(4, window_first)
+        + rows(5, window_first)
+        + rows(6, range(25))
+        + rows(7, range(25))
+    )
     assert len(expected) == 197
-    index, tokens = run_stage2(backend, position_feats(8, P), scores, [(0, 0), (1, 1), (2, 6), (7, 7)], 10, 0.1,
-                               0.125)
+    index, tokens = run_stage2(backend, position_feats(8, P), scores, [(0, 0), (1, 1), (2, 6), (7, 7)], 10, 0.1, 0.125)
     assert index == expected
     torch.testing.assert_close(tokens, torch.tensor(expected, dtype=torch.float32), rtol=0, atol=0)
 
@@ -435,8 +466,10 @@ def test_stage2_llava_grid_adjusted_ratio(backend):
 def test_stage2_half_precision_feats_are_copied_exactly(device, dtype):
     # Same small case as above with 16-bit features: the kept tokens are bit-exact copies.
     P = 10
-    scores = torch.tensor([[0, 0, 0, 0, 0, 0, 0, 1, 1, 1], [9, 0, 0, 0, 9, 4, 4, 0, 0, 4],
-                           [3, 2, 1, 0, 0, 0, 0, 0, 0, 0]], dtype=torch.float32)
+    scores = torch.tensor(
+        [[0, 0, 0, 0, 0, 0, 0, 1, 1, 1], [9, 0, 0, 0, 9, 4, 4, 0, 0, 4], [3, 2, 1, 0, 0, 0, 0, 0, 0, 0]],
+        dtype=torch.float32,
+    )
     feats = (position_feats(3, P) + 0.5).to(dtype)  # x.5 values are exact in both dtypes here
     plan = ops.stage2_plan([[(0, 2)]], [3], 0.25, tokens_per_frame=P)
     tokens, index = ops.select_tokens(feats.to(device), scores.to(device), plan)

@@ -4,6 +4,7 @@ The compressed tokens are checked against the reference pipeline run by hand on 
 (embeddings, encoder layers one by one, Stage I / score / refined segmentation / pooling /
 Stage II from earlytom_ext.reference).
 """
+
 import math
 import os
 import sys
@@ -35,8 +36,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def videos():
-    return [tm.make_video(T, seed=1, kind="scenes", scene_length=3),
-            tm.make_video(T, seed=2, kind="static")]
+    return [tm.make_video(T, seed=1, kind="scenes", scene_length=3), tm.make_video(T, seed=2, kind="static")]
 
 
 @pytest.fixture(autouse=True)
@@ -68,7 +68,7 @@ def reference_video(model, video, cfg, feature_layer=-1):
     hidden = vm.embeddings(video.to(model.dtype))
     depth = len(layers)
     fl = (feature_layer % (depth + 1)) - 1
-    used = [(lambda h, layer=layer: _call_layer(layer, h)) for layer in layers[:fl + 1]]
+    used = [(lambda h, layer=layer: _call_layer(layer, h)) for layer in layers[: fl + 1]]
 
     def qk(i, h):
         attn = layers[i].self_attn
@@ -162,9 +162,18 @@ def test_generate_deterministic_and_token_count(model, videos):
     assert lengths[0] != lengths[1]
     for b in range(2):
         assert am[b, -1] == 1 and am[b, : am.shape[1] - lengths[b]].sum() == 0
-    assert set(stats["timings_ms"]) >= {"vision_tower", "stage1_layer1", "stage1_layer3", "stage1_layer4",
-                                         "attention_score", "refine_segments", "projector", "pooling",
-                                         "stage2", "total"}
+    assert set(stats["timings_ms"]) >= {
+        "vision_tower",
+        "stage1_layer1",
+        "stage1_layer3",
+        "stage1_layer4",
+        "attention_score",
+        "refine_segments",
+        "projector",
+        "pooling",
+        "stage2",
+        "total",
+    }
 
 
 def test_generate_output_object_reexpanded(model, videos):
@@ -183,7 +192,7 @@ def test_batch_each_video_equals_alone(model, videos):
         li = h.last_inputs
         batch_gen = model.generate(**inputs, max_new_tokens=3, do_sample=False)
         for b in range(2):
-            single = {k: v[b:b + 1] for k, v in inputs.items()}
+            single = {k: v[b : b + 1] for k, v in inputs.items()}
             # Drop this sample's own left padding.
             keep = single["attention_mask"][0].bool()
             single["input_ids"] = single["input_ids"][:, keep]
@@ -268,17 +277,21 @@ def test_mixed_image_and_video(model, videos):
     sizes = inputs["image_sizes"]
     with torch.no_grad():
         base_img = model.model.get_image_features(
-            pixel_values=inputs["pixel_values"], image_sizes=sizes,
+            pixel_values=inputs["pixel_values"],
+            image_sizes=sizes,
             vision_feature_layer=model.config.vision_feature_layer,
-            vision_feature_select_strategy=model.config.vision_feature_select_strategy)
+            vision_feature_select_strategy=model.config.vision_feature_select_strategy,
+        )
         base_logits = model(**inputs).logits
     base_img = getattr(base_img, "pooler_output", base_img)
     with earlytom_ext.apply(model, CFG) as h:
         with torch.no_grad():
             img_feats = model.model.get_image_features(
-                pixel_values=inputs["pixel_values"], image_sizes=sizes,
+                pixel_values=inputs["pixel_values"],
+                image_sizes=sizes,
                 vision_feature_layer=model.config.vision_feature_layer,
-                vision_feature_select_strategy=model.config.vision_feature_select_strategy)
+                vision_feature_select_strategy=model.config.vision_feature_select_strategy,
+            )
         img_feats = getattr(img_feats, "pooler_output", img_feats)
         for a, b in zip(base_img, img_feats):
             assert torch.equal(a, b)  # images through the same tower are untouched
@@ -428,15 +441,16 @@ def test_unpadded_inputs_positional_generate(model, videos):
         out = model.generate(ids, **inputs, max_new_tokens=2, do_sample=False)
         am = h.last_inputs["attention_mask"]
         # Without an attention mask: the same (no padding in, left padding added).
-        no_mask = model.generate(ids, pixel_values_videos=inputs["pixel_values_videos"], max_new_tokens=2,
-                                 do_sample=False)
+        no_mask = model.generate(
+            ids, pixel_values_videos=inputs["pixel_values_videos"], max_new_tokens=2, do_sample=False
+        )
         assert torch.equal(h.last_inputs["attention_mask"], am)
     assert torch.equal(no_mask, out)
     assert torch.equal(out[:, : ids.shape[1]], ids)
     n = am.sum(1)
     assert n[0] != n[1]
     for b in range(2):  # re-padded on the left (generation-friendly)
-        assert am[b, -int(n[b]):].all()
+        assert am[b, -int(n[b]) :].all()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -453,8 +467,7 @@ def test_half_precision_model_runs(videos, dtype):
         assert f.shape[0] == expected_token_count(st["videos"][b]["segments"], T, CFG.retain_ratio) + 1
 
 
-@pytest.mark.skipif(not (torch.cuda.is_available() and has_cuda_kernels()),
-                    reason="needs a GPU and the CUDA kernels")
+@pytest.mark.skipif(not (torch.cuda.is_available() and has_cuda_kernels()), reason="needs a GPU and the CUDA kernels")
 def test_cuda_matches_cpu(videos):
     pix = torch.stack(videos)
     res = {}
@@ -509,14 +522,22 @@ def test_generate_max_length_counts_the_original_prompt(model, short_inputs):
         ref = model.generate(**inputs, max_new_tokens=3, do_sample=False)
         assert h.last_inputs["input_ids"].shape[1] < L - 100
         by_kwarg = model.generate(**inputs, max_length=L + 3, do_sample=False)
-        by_config = model.generate(**inputs, generation_config=GenerationConfig(
-            max_length=L + 3, do_sample=False, pad_token_id=tm.PAD_ID))
+        by_config = model.generate(
+            **inputs, generation_config=GenerationConfig(max_length=L + 3, do_sample=False, pad_token_id=tm.PAD_ID)
+        )
         with pytest.raises(ValueError, match="max_length"):
             model.generate(**inputs, max_length=L, do_sample=False)
         # min_length also counts the original prompt: the EOS logit is masked for exactly 2 new tokens.
         eos = 7
-        out = model.generate(**inputs, min_length=L + 2, max_new_tokens=4, eos_token_id=eos, do_sample=False,
-                             output_scores=True, return_dict_in_generate=True)
+        out = model.generate(
+            **inputs,
+            min_length=L + 2,
+            max_new_tokens=4,
+            eos_token_id=eos,
+            do_sample=False,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
     assert torch.equal(by_kwarg, ref) and torch.equal(by_config, ref)
     masked = [bool(torch.isinf(s[:, eos]).all()) for s in out.scores]
     assert masked == [True, True, False, False]
@@ -552,8 +573,12 @@ def test_generate_beams_and_return_sequences_line_up(model, short_inputs):
         out = model.generate(**inputs, **kw)
         prep = h.prepare_inputs(inputs["input_ids"], inputs["pixel_values_videos"], inputs["attention_mask"])
         # The same generation on the compressed inputs, by hand (no pixel_values_videos: passes through).
-        direct = model.generate(input_ids=prep["input_ids"], inputs_embeds=prep["inputs_embeds"],
-                                attention_mask=prep["attention_mask"], **kw)
+        direct = model.generate(
+            input_ids=prep["input_ids"],
+            inputs_embeds=prep["inputs_embeds"],
+            attention_mask=prep["attention_mask"],
+            **kw,
+        )
     L2 = prep["input_ids"].shape[1]
     assert out.sequences.shape == (4, L + 3)
     assert torch.equal(out.sequences[:, :L], inputs["input_ids"].repeat_interleave(2, dim=0))
@@ -608,9 +633,11 @@ def test_cache_argument(model, short_inputs, name):
         with torch.no_grad():
             with renamed():
                 nxt = model(input_ids=step, attention_mask=am, **{name: cache}).logits
-            full = model(input_ids=torch.cat([inputs["input_ids"], step], 1),
-                         attention_mask=torch.cat([inputs["attention_mask"], torch.ones_like(step)], 1),
-                         pixel_values_videos=inputs["pixel_values_videos"]).logits
+            full = model(
+                input_ids=torch.cat([inputs["input_ids"], step], 1),
+                attention_mask=torch.cat([inputs["attention_mask"], torch.ones_like(step)], 1),
+                pixel_values_videos=inputs["pixel_values_videos"],
+            ).logits
     _close(nxt[:, -1], full[:, -1], tol=2e-4)
 
 
@@ -636,8 +663,11 @@ def test_exception_inside_the_tower_resets_state(model, videos):
     def image_features():
         with torch.no_grad():
             out = model.model.get_image_features(
-                pixel_values=img, image_sizes=sizes, vision_feature_layer=model.config.vision_feature_layer,
-                vision_feature_select_strategy=model.config.vision_feature_select_strategy)
+                pixel_values=img,
+                image_sizes=sizes,
+                vision_feature_layer=model.config.vision_feature_layer,
+                vision_feature_select_strategy=model.config.vision_feature_select_strategy,
+            )
         return torch.cat(list(getattr(out, "pooler_output", out)))
 
     base_img = image_features()

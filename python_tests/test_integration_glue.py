@@ -161,8 +161,9 @@ def test_cuda_host_syncs_at_most_one_per_prune_layer_plus_segments(tmp_path):
     script = tmp_path / "syncs.py"
     script.write_text(_SYNC_SCRIPT)
     env = dict(os.environ, PYTHONWARNINGS="always")
-    proc = subprocess.run([sys.executable, str(script), os.path.dirname(__file__)], capture_output=True, text=True,
-                          env=env, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(script), os.path.dirname(__file__)], capture_output=True, text=True, env=env, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     measured = proc.stderr.split("=== measured", 1)[1].split("=== done", 1)[0]
     syncs = [line for line in measured.splitlines() if "synchronizing CUDA operation" in line]

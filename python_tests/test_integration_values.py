@@ -9,6 +9,7 @@
   hand, so the token counts follow from the spec's Stage II formula alone; the counts are written
   below, and the kept tokens are checked against the reference pipeline run with the same plans.
 """
+
 import os
 import sys
 
@@ -214,9 +215,16 @@ def forced_stage1(calls):
         for n in counts[:-1]:
             starts.append(starts[-1] + n)
         segments = torch.tensor([[s, s + n - 1] for s, n in zip(starts, counts)], dtype=torch.int64, device=dev)
-        return ops.MergeResult(ops.apply_merge_plan(x, plan_src, plan_w), merged,
-                               torch.tensor(out_counts, dtype=torch.int64, device=dev), segments,
-                               torch.ones(len(counts), dtype=torch.int64, device=dev), plan_src, plan_w)
+        return ops.MergeResult(
+            ops.apply_merge_plan(x, plan_src, plan_w),
+            merged,
+            torch.tensor(out_counts, dtype=torch.int64, device=dev),
+            segments,
+            torch.ones(len(counts), dtype=torch.int64, device=dev),
+            plan_src,
+            plan_w,
+        )
+
     return stage1
 
 
@@ -229,15 +237,24 @@ def forced_refine(calls):
             assert video[-1][1] == n - 1
             segs += [[s + off, e + off] for s, e in video]
             off += n
-        return (torch.tensor(segs, dtype=torch.int64, device=x.device),
-                torch.tensor([len(v) for v in FORCED_REFINED], dtype=torch.int64, device=x.device))
+        return (
+            torch.tensor(segs, dtype=torch.int64, device=x.device),
+            torch.tensor([len(v) for v in FORCED_REFINED], dtype=torch.int64, device=x.device),
+        )
+
     return refine
 
 
-@pytest.mark.parametrize("device,dtype", [
-    ("cpu", torch.float32), ("cpu", torch.bfloat16), ("cpu", torch.float16),
-    pytest.param("cuda", torch.float32, marks=needs_cuda), pytest.param("cuda", torch.bfloat16, marks=needs_cuda),
-])
+@pytest.mark.parametrize(
+    "device,dtype",
+    [
+        ("cpu", torch.float32),
+        ("cpu", torch.bfloat16),
+        ("cpu", torch.float16),
+        pytest.param("cuda", torch.float32, marks=needs_cuda),
+        pytest.param("cuda", torch.bfloat16, marks=needs_cuda),
+    ],
+)
 def test_forced_segments_give_the_formula_token_counts(videos, device, dtype):
     m = tm.build_model(seed=0, dtype=dtype, device=device)
     pix = torch.stack(videos).to(device)
@@ -265,8 +282,9 @@ def test_forced_segments_give_the_formula_token_counts(videos, device, dtype):
         per_frame = [sum(1 for f, _ in st["kept"] if f == i) for i in range(len(FORCED_KEEP_PER_FRAME[b]))]
         assert per_frame == FORCED_KEEP_PER_FRAME[b]
         # Values: the reference pipeline with the same plans and segments.
-        ref = reference_video(m, videos[b], CFG, plans={p: FORCED_PLANS[p][b] for p in CFG.prune_layers},
-                              refined=FORCED_REFINED[b])
+        ref = reference_video(
+            m, videos[b], CFG, plans={p: FORCED_PLANS[p][b] for p in CFG.prune_layers}, refined=FORCED_REFINED[b]
+        )
         assert st["kept"] == [tuple(x) for x in ref[1].tolist()]
         _close(feats[b], ref[0], TOL[dtype])
     assert li["video_token_counts"] == FORCED_TOKENS

@@ -5,6 +5,7 @@ sample at a time without padding: eager attention maps of the unpatched model fo
 ``reference.llm_merge`` for the merge, and a plain causal mask over the kept tokens with their
 original position ids. Run under transformers 5.x (.venv) and 4.57.x (PYTHONPATH to a 4.57 install).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -32,6 +33,7 @@ CACHE_NAMES = ("cache", "past_key_values") if CACHE_KW == "cache" else ("past_ke
 def out_cache(out):
     return getattr(out, CACHE_KW)
 
+
 # --------------------------------------------------------------------------------------------
 # Config
 # --------------------------------------------------------------------------------------------
@@ -43,16 +45,19 @@ def test_config_defaults_off():
     c.validate(num_layers=26, llm_num_layers=2)  # off: any depth is fine
 
 
-@pytest.mark.parametrize("kwargs,exc,needle", [
-    ({"llm_merge_layer": 0}, ValueError, "llm_merge_layer"),
-    ({"llm_merge_layer": -3}, ValueError, ">= 1"),
-    ({"llm_merge_layer": 2.0}, TypeError, "llm_merge_layer"),
-    ({"llm_merge_layer": True}, TypeError, "llm_merge_layer"),
-    ({"llm_merge_ratio": 1.0}, ValueError, "[0, 1)"),
-    ({"llm_merge_ratio": -0.1}, ValueError, "llm_merge_ratio"),
-    ({"llm_merge_ratio": float("nan")}, ValueError, "llm_merge_ratio"),
-    ({"llm_merge_ratio": "0.5"}, TypeError, "llm_merge_ratio"),
-])
+@pytest.mark.parametrize(
+    "kwargs,exc,needle",
+    [
+        ({"llm_merge_layer": 0}, ValueError, "llm_merge_layer"),
+        ({"llm_merge_layer": -3}, ValueError, ">= 1"),
+        ({"llm_merge_layer": 2.0}, TypeError, "llm_merge_layer"),
+        ({"llm_merge_layer": True}, TypeError, "llm_merge_layer"),
+        ({"llm_merge_ratio": 1.0}, ValueError, "[0, 1)"),
+        ({"llm_merge_ratio": -0.1}, ValueError, "llm_merge_ratio"),
+        ({"llm_merge_ratio": float("nan")}, ValueError, "llm_merge_ratio"),
+        ({"llm_merge_ratio": "0.5"}, TypeError, "llm_merge_ratio"),
+    ],
+)
 def test_config_llm_fields_validated(kwargs, exc, needle):
     with pytest.raises(exc) as e:
         EarlyTomConfig(**kwargs)
@@ -84,8 +89,16 @@ def test_preset_llm_merge_is_explicit():
 def test_config_dict_round_trip():
     c = EarlyTomConfig(retain_ratio=0.25, prune_layers=(2, 5), llm_merge_layer=3, llm_merge_ratio=0.25)
     d = c.to_dict()
-    assert d == {"retain_ratio": 0.25, "tau": 0.6, "max_window": 8, "ema": 0.9, "prune_layers": [2, 5],
-                 "keep_last_interior": False, "llm_merge_layer": 3, "llm_merge_ratio": 0.25}
+    assert d == {
+        "retain_ratio": 0.25,
+        "tau": 0.6,
+        "max_window": 8,
+        "ema": 0.9,
+        "prune_layers": [2, 5],
+        "keep_last_interior": False,
+        "llm_merge_layer": 3,
+        "llm_merge_ratio": 0.25,
+    }
     assert EarlyTomConfig.from_dict(json.loads(json.dumps(d))) == c
     assert EarlyTomConfig.from_dict({}) == EarlyTomConfig()
     assert EarlyTomConfig.from_dict({"prune_layers": [1, 4]}).prune_layers == (1, 4)
@@ -108,24 +121,24 @@ def test_reference_known_topk_and_targets():
     # Span = positions 1..4 of 6. Scores keep local 1, 2 (positions 2, 3). Position 1 ([0, 1]) is
     # closest to [1, .1] (cos .0995 vs 0); position 4 ([0, 2]) too. Both fold into position 2:
     # ((1, .1) + (0, 1)) / 2 = (.5, .55), then ((.5, .55) + (0, 2)) / 2 = (.25, 1.275).
-    h = T([[1, 0], [0, 1], [1, .1], [.9, 0], [0, 2], [5, 5]])
-    out, kept = reference.llm_merge(h, (1, 4), T([.1, .4, .3, .2]), 0.5)
+    h = T([[1, 0], [0, 1], [1, 0.1], [0.9, 0], [0, 2], [5, 5]])
+    out, kept = reference.llm_merge(h, (1, 4), T([0.1, 0.4, 0.3, 0.2]), 0.5)
     assert kept.tolist() == [2, 3]
-    torch.testing.assert_close(out, T([[1, 0], [.25, 1.275], [.9, 0], [5, 5]]), rtol=0, atol=1e-7)
+    torch.testing.assert_close(out, T([[1, 0], [0.25, 1.275], [0.9, 0], [5, 5]]), rtol=0, atol=1e-7)
 
 
 def test_reference_absorbs_in_ascending_order_with_halving_weights():
     # Kept: positions 0 ([1, 0]) and 1 ([0, 1]); removed 2 ([4, 0]) and 3 ([8, .5]) both nearest
     # position 0. Sequential: ((1 + 4) / 2 + 8) / 2 = 5.25 -> weights 1/4, 1/4, 1/2.
-    h = T([[1, 0], [0, 1], [4, 0], [8, .5]])
-    out, kept = reference.llm_merge(h, (0, 4), T([.9, .8, .1, .2]), 0.5)
+    h = T([[1, 0], [0, 1], [4, 0], [8, 0.5]])
+    out, kept = reference.llm_merge(h, (0, 4), T([0.9, 0.8, 0.1, 0.2]), 0.5)
     assert kept.tolist() == [0, 1]
-    torch.testing.assert_close(out, T([[5.25, .25], [0, 1]]), rtol=0, atol=0)
+    torch.testing.assert_close(out, T([[5.25, 0.25], [0, 1]]), rtol=0, atol=0)
 
 
 def test_reference_score_ties_keep_the_lower_position():
     h = T([[1, 0], [2, 0], [3, 0], [0, 1]])
-    _, kept = reference.llm_merge(h, (0, 4), T([.5, .5, .5, .1]), 0.5)  # round(2.0) = 2 of the three tied
+    _, kept = reference.llm_merge(h, (0, 4), T([0.5, 0.5, 0.5, 0.1]), 0.5)  # round(2.0) = 2 of the three tied
     assert kept.tolist() == [0, 1]
 
 
@@ -133,11 +146,11 @@ def test_reference_cosine_ties_go_to_the_higher_score_then_the_lower_position():
     # Positions 0 and 1 hold the same direction: the removed token (position 3, same direction)
     # has cosine 1 with both and goes to the higher score (position 1).
     h = T([[1, 0], [2, 0], [0, 1], [3, 0]])
-    out, kept = reference.llm_merge(h, (0, 4), T([.3, .4, .35, .1]), 0.75)
+    out, kept = reference.llm_merge(h, (0, 4), T([0.3, 0.4, 0.35, 0.1]), 0.75)
     assert kept.tolist() == [0, 1, 2]
     torch.testing.assert_close(out, T([[1, 0], [2.5, 0], [0, 1]]), rtol=0, atol=0)
     # Equal scores too: the lower position (0) takes it.
-    out, _ = reference.llm_merge(h, (0, 4), T([.4, .4, .35, .1]), 0.75)
+    out, _ = reference.llm_merge(h, (0, 4), T([0.4, 0.4, 0.35, 0.1]), 0.75)
     torch.testing.assert_close(out, T([[2, 0], [2, 0], [0, 1]]), rtol=0, atol=0)
 
 
@@ -147,7 +160,7 @@ def test_reference_round_half_to_even_and_edges():
     assert reference.llm_merge(h[:5], (0, 5), torch.arange(5.0), 0.5)[1].tolist() == [3, 4]
     assert reference.llm_merge(h, (0, 7), torch.arange(7.0), 0.5)[1].tolist() == [3, 4, 5, 6]
     # L = 1: round(0.5) = 0, but one token is always kept: nothing changes.
-    out, kept = reference.llm_merge(h, (3, 1), T([.7]), 0.5)
+    out, kept = reference.llm_merge(h, (3, 1), T([0.7]), 0.5)
     assert torch.equal(out, h) and kept.tolist() == [3]
     # r_in = 0 (keep_ratio 1): nothing removed.
     out, kept = reference.llm_merge(h, (1, 5), torch.rand(5), 1.0)
@@ -160,22 +173,25 @@ def test_reference_round_half_to_even_and_edges():
 def test_reference_fp32_math_rounded_once():
     # bf16: ((1 + 2^-9) / 2 + 2^-9) / 2 = 0.25 + 2^-11 + 2^-10 in fp32, which rounds to
     # 0.25 + 2^-9 in bf16 (a bf16 step-by-step loop would give 0.25).
-    e = 2.0 ** -9
+    e = 2.0**-9
     h = T([[1, 0], [0, 1], [e, 0], [e, 0]], torch.bfloat16)
-    out, kept = reference.llm_merge(h, (0, 4), T([.9, .8, .1, .2]), 0.5)
+    out, kept = reference.llm_merge(h, (0, 4), T([0.9, 0.8, 0.1, 0.2]), 0.5)
     assert out.dtype == torch.bfloat16 and kept.tolist() == [0, 1]
     assert out[0, 0].item() == 0.25 + e
 
 
-@pytest.mark.parametrize("args,exc,needle", [
-    ((T([[1.0]]), (0, 2), T([1, 1]), 0.5), ValueError, "span"),
-    ((T([[1.0], [2.0]]), (0, 2), T([1.0]), 0.5), ValueError, "scores"),
-    ((T([[1.0], [2.0]]), (0, 2), T([1, 1]), 0.0), ValueError, "keep_ratio"),
-    ((T([[1.0], [2.0]]), (0, 2), T([1, 1]), 1.5), ValueError, "keep_ratio"),
-    ((T([[1.0], [2.0]]), (0.0, 2), T([1, 1]), 0.5), TypeError, "span"),
-    ((T([1.0, 2.0]), (0, 2), T([1, 1]), 0.5), ValueError, "hidden"),
-    ((T([[1.0], [2.0]]), (0, 2), T([1, float("nan")]), 0.5), ValueError, "finite"),
-])
+@pytest.mark.parametrize(
+    "args,exc,needle",
+    [
+        ((T([[1.0]]), (0, 2), T([1, 1]), 0.5), ValueError, "span"),
+        ((T([[1.0], [2.0]]), (0, 2), T([1.0]), 0.5), ValueError, "scores"),
+        ((T([[1.0], [2.0]]), (0, 2), T([1, 1]), 0.0), ValueError, "keep_ratio"),
+        ((T([[1.0], [2.0]]), (0, 2), T([1, 1]), 1.5), ValueError, "keep_ratio"),
+        ((T([[1.0], [2.0]]), (0.0, 2), T([1, 1]), 0.5), TypeError, "span"),
+        ((T([1.0, 2.0]), (0, 2), T([1, 1]), 0.5), ValueError, "hidden"),
+        ((T([[1.0], [2.0]]), (0, 2), T([1, float("nan")]), 0.5), ValueError, "finite"),
+    ],
+)
 def test_reference_bad_inputs(args, exc, needle):
     with pytest.raises(exc, match=needle):
         reference.llm_merge(*args)
@@ -201,12 +217,12 @@ def test_merge_span_matches_reference(dtype, L, D, r):
 
 def test_merge_span_constructed_ties():
     h = T([[1, 0], [2, 0], [0, 1], [3, 0]])
-    for scores in (T([.3, .4, .35, .1]), T([.4, .4, .35, .1])):
+    for scores in (T([0.3, 0.4, 0.35, 0.1]), T([0.4, 0.4, 0.35, 0.1])):
         rows, kept = merge_span(h, scores, 3)
         ref, ref_kept = reference.llm_merge(h, (0, 4), scores, 0.75)
         assert torch.equal(kept, ref_kept) and torch.equal(rows, ref)
-    rows, _ = merge_span(T([[1, 0], [0, 1], [4, 0], [8, .5]]), T([.9, .8, .1, .2]), 2)
-    assert torch.equal(rows, T([[5.25, .25], [0, 1]]))
+    rows, _ = merge_span(T([[1, 0], [0, 1], [4, 0], [8, 0.5]]), T([0.9, 0.8, 0.1, 0.2]), 2)
+    assert torch.equal(rows, T([[5.25, 0.25], [0, 1]]))
 
 
 # --------------------------------------------------------------------------------------------
@@ -217,7 +233,8 @@ def _sharpen(model, std=2.0):
     with torch.no_grad():
         for name, p in model.named_parameters():
             if ("language_model" in name or name.startswith("model.layers")) and (
-                    name.endswith("q_proj.weight") or name.endswith("k_proj.weight")):
+                name.endswith("q_proj.weight") or name.endswith("k_proj.weight")
+            ):
                 p.normal_(0.0, std / math.sqrt(p.shape[1]))
 
 
@@ -225,9 +242,19 @@ def qwen2_lm(attn="sdpa", layers=4, seed=0):
     """A tiny Qwen2ForCausalLM with grouped-query attention (4 query heads, 2 KV heads)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    cfg = Qwen2Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, pad_token_id=0,
-                      bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    cfg = Qwen2Config(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(seed)
     m = Qwen2ForCausalLM._from_config(cfg, attn_implementation=attn).eval()
     _sharpen(m)
@@ -276,23 +303,23 @@ class Oracle:
         """Final (normed) hidden states of [kept prompt tokens, generated tokens] and the kept positions."""
         n = emb.shape[0]
         seq = emb if gen is None else torch.cat([emb, gen])
-        h = self._layers(seq[None], torch.arange(seq.shape[0])[None], self.lm.layers[:self.k])[0]
+        h = self._layers(seq[None], torch.arange(seq.shape[0])[None], self.lm.layers[: self.k])[0]
         idx = torch.arange(seq.shape[0])
         kept = None
         if span is not None:
             s, L = span
-            a = self.scores(emb)[s:s + L]
+            a = self.scores(emb)[s : s + L]
             prompt, kept = reference.llm_merge(h[:n], span, a, 1.0 - self.ratio)
             h = torch.cat([prompt, h[n:]])
             idx = torch.cat([torch.arange(s), kept, torch.arange(s + L, seq.shape[0])])
-        h = self._layers(h[None], idx[None], self.lm.layers[self.k:])
+        h = self._layers(h[None], idx[None], self.lm.layers[self.k :])
         return self.lm.norm(h)[0], kept
 
     @torch.no_grad()
     def logits(self, emb, span, gen_tokens):
         gen = self.model.get_input_embeddings()(gen_tokens[:-1]) if len(gen_tokens) > 1 else None
         h, _ = self.hidden(emb, span, gen)
-        return self.model.lm_head(h[-len(gen_tokens):])
+        return self.model.lm_head(h[-len(gen_tokens) :])
 
 
 def language_model(model):
@@ -343,8 +370,17 @@ def test_constructor_errors():
 def test_sliding_window_decoders_are_rejected():
     from transformers import Qwen2Config, Qwen2Model
 
-    cfg = Qwen2Config(vocab_size=32, hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                      num_key_value_heads=2, use_sliding_window=True, sliding_window=8, max_window_layers=0)
+    cfg = Qwen2Config(
+        vocab_size=32,
+        hidden_size=32,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        use_sliding_window=True,
+        sliding_window=8,
+        max_window_layers=0,
+    )
     with pytest.raises(TypeError, match="full-attention"):
         LLMMerge(Qwen2Model(cfg), 1, 0.5)
 
@@ -418,8 +454,12 @@ def test_unarmed_is_bit_identical(kind):
     @torch.no_grad()
     def run():
         out = lm(inputs_embeds=emb, attention_mask=mask, use_cache=True, output_hidden_states=True)
-        step = lm(inputs_embeds=emb[:, :1], attention_mask=torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1),
-                  use_cache=True, **{CACHE_KW: out_cache(out)})
+        step = lm(
+            inputs_embeds=emb[:, :1],
+            attention_mask=torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1),
+            use_cache=True,
+            **{CACHE_KW: out_cache(out)},
+        )
         gen = m.generate(inputs_embeds=emb, attention_mask=mask, max_new_tokens=4, do_sample=False)
         return [out.last_hidden_state, *out.hidden_states, step.last_hidden_state, gen]
 
@@ -477,7 +517,7 @@ def test_prefill_matches_layer_by_layer_recomputation(attn, k, ratio):
     for b, span in enumerate(spans):
         e, sp = unpad(emb, mask, b, span)
         want, kept = oracle.hidden(e, sp)
-        torch.testing.assert_close(hidden[b, -want.shape[0]:], want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(hidden[b, -want.shape[0] :], want, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(out.logits[b, -1], m.lm_head(want[-1]), rtol=1e-5, atol=1e-5)
         st = stats[b]
         assert st["span"] == span
@@ -512,8 +552,14 @@ def _check_generate(m, emb, mask, spans, k, ratio, new=8):
     merge.arm(spans)
     kw = {} if mask is None else {"attention_mask": mask}
     with torch.no_grad():
-        g = m.generate(inputs_embeds=emb, max_new_tokens=new, do_sample=False, output_logits=True,
-                       return_dict_in_generate=True, **kw)
+        g = m.generate(
+            inputs_embeds=emb,
+            max_new_tokens=new,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+            **kw,
+        )
     merge.remove()
     tokens = g.sequences[:, -new:]
     for b, span in enumerate(spans):
@@ -586,8 +632,11 @@ def test_modified_cache_is_detected():
     with torch.no_grad():
         cache = out_cache(lm(inputs_embeds=emb, attention_mask=mask, use_cache=True))
         with pytest.raises(RuntimeError, match="batch of 2"):
-            lm(inputs_embeds=emb[:, :1].expand(2, -1, -1), attention_mask=torch.ones(2, 21, dtype=torch.long),
-               **{CACHE_KW: cache})
+            lm(
+                inputs_embeds=emb[:, :1].expand(2, -1, -1),
+                attention_mask=torch.ones(2, 21, dtype=torch.long),
+                **{CACHE_KW: cache},
+            )
         # Cropping removes the same count from every layer: layers >= k no longer line up.
         cache.crop(-2)  # negative: tokens removed from the end (4.57 and 5.x; a positive value raises from 5.19)
         with pytest.raises(RuntimeError, match="no longer matches"):
@@ -634,8 +683,9 @@ def test_apply_with_llm_merge_generates_like_the_recomputation():
     inputs = make_inputs([make_video(8, seed=0), make_video(8, seed=1, kind="static")], seed=2)
     # The compressed prompt the language model receives (the vision path is deterministic).
     with earlytom_ext.apply(m, cfg.replace(llm_merge_layer=None)) as plain:
-        prep = plain.prepare_inputs(inputs["input_ids"], inputs["pixel_values_videos"],
-                                    attention_mask=inputs["attention_mask"])
+        prep = plain.prepare_inputs(
+            inputs["input_ids"], inputs["pixel_values_videos"], attention_mask=inputs["attention_mask"]
+        )
     with pytest.raises(ValueError, match=r"llm_merge_layer.*\[1, 2\]"):
         earlytom_ext.apply(m, cfg.replace(llm_merge_layer=3))
     assert "forward" not in language_model(m).__dict__

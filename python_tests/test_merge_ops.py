@@ -6,6 +6,7 @@ decisions are checked to lie away from their thresholds (so segments and plans m
 identical, not just close); non-contiguous inputs; both keep_last_interior settings; batch
 independence; extras; bad inputs; opcheck; CUDA == CPU == reference when a GPU is present.
 """
+
 import math
 
 import numpy as np
@@ -35,8 +36,8 @@ TOL = {
 # tensors are merged in float64 and are compared against a float64 oracle.
 TOL_CPU = {
     torch.float32: dict(rtol=4e-6, atol=1e-6),
-    torch.float16: dict(rtol=2.0 ** -10, atol=1e-6),
-    torch.bfloat16: dict(rtol=2.0 ** -7, atol=1e-6),
+    torch.float16: dict(rtol=2.0**-10, atol=1e-6),
+    torch.bfloat16: dict(rtol=2.0**-7, atol=1e-6),
     torch.float64: dict(rtol=1e-12, atol=1e-12),
 }
 
@@ -172,8 +173,9 @@ def assert_matches_reference(x, counts, cfg, extras=None, fc=None):
     assert res.plan_src.dtype == torch.int64 and res.plan_src.shape == (len(gp), 2)
     assert res.plan_src.tolist() == [[a, b] for a, b, _ in gp]
     assert res.plan_weight.dtype == torch.float32
-    torch.testing.assert_close(res.plan_weight.cpu(), torch.tensor([w for *_, w in gp], dtype=torch.float32),
-                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        res.plan_weight.cpu(), torch.tensor([w for *_, w in gp], dtype=torch.float32), rtol=1e-5, atol=1e-6
+    )
     assert res.x.dtype == x.dtype and res.x.shape == (len(gp), x.shape[1], x.shape[2])
     torch.testing.assert_close(res.x.cpu(), xr, **tol(x.dtype, dev))
     if ref_extras is not None:
@@ -204,14 +206,26 @@ def test_grid_small(T, layout, S, D, dtype):
 F32, F16, BF16 = DTYPES
 
 
-@pytest.mark.parametrize("counts,S,D,dtype", [
-    ([32], 729, 1152, F32), ([32], 729, 1152, BF16),
-    ([8, 1, 5], 729, 1152, F16), ([8, 1, 5], 729, 1152, BF16),
-    ([33], 7, 1152, F32), ([33], 7, 1152, F16), ([33], 7, 1152, BF16),
-    ([3, 32], 729, 64, F32), ([3, 32], 729, 64, F16), ([3, 32], 729, 64, BF16),
-    ([5, 2], 729, 1, F32), ([5, 2], 729, 1, BF16),
-    ([2, 1], 1, 1152, F16), ([1, 3], 7, 1152, F32),
-], ids=str)
+@pytest.mark.parametrize(
+    "counts,S,D,dtype",
+    [
+        ([32], 729, 1152, F32),
+        ([32], 729, 1152, BF16),
+        ([8, 1, 5], 729, 1152, F16),
+        ([8, 1, 5], 729, 1152, BF16),
+        ([33], 7, 1152, F32),
+        ([33], 7, 1152, F16),
+        ([33], 7, 1152, BF16),
+        ([3, 32], 729, 64, F32),
+        ([3, 32], 729, 64, F16),
+        ([3, 32], 729, 64, BF16),
+        ([5, 2], 729, 1, F32),
+        ([5, 2], 729, 1, BF16),
+        ([2, 1], 1, 1152, F16),
+        ([1, 3], 7, 1152, F32),
+    ],
+    ids=str,
+)
 def test_grid_large(counts, S, D, dtype):
     cfg = EarlyTomConfig(tau=0.6, max_window=8)
     kinds = ["cuts", "drift", "static"][: len(counts)]
@@ -283,10 +297,10 @@ def test_non_contiguous(dtype):
     cfg = EarlyTomConfig(tau=0.5, max_window=6)
     base = make_batch(["cuts", "drift"], [9, 12], 6, 40, dtype, cfg, seed=5)
     variants = [
-        base.transpose(1, 2).contiguous().transpose(1, 2),   # channels strided
+        base.transpose(1, 2).contiguous().transpose(1, 2),  # channels strided
         torch.stack([base, base], dim=3).flatten(2)[:, :, ::2],  # channels strided by 2
-        torch.cat([base, base], dim=1)[:, :6],                 # frame stride != S*D
-        torch.cat([base, base], dim=2)[:, :, :40],             # position stride != D
+        torch.cat([base, base], dim=1)[:, :6],  # frame stride != S*D
+        torch.cat([base, base], dim=2)[:, :, :40],  # position stride != D
     ]
     ref = merge_frames(base, [9, 12], cfg)
     for v in variants:
@@ -306,11 +320,11 @@ def test_video_alone_equals_video_in_batch():
     n_b = batch.frame_counts[0].item()
     n_a = alone.frame_counts[0].item()
     assert batch.frame_counts[1].item() == n_a
-    assert torch.equal(batch.x[n_b:n_b + n_a], alone.x)
-    assert torch.equal(batch.plan_src[n_b:n_b + n_a] - 11, alone.plan_src)
-    assert torch.equal(batch.plan_weight[n_b:n_b + n_a], alone.plan_weight)
+    assert torch.equal(batch.x[n_b : n_b + n_a], alone.x)
+    assert torch.equal(batch.plan_src[n_b : n_b + n_a] - 11, alone.plan_src)
+    assert torch.equal(batch.plan_weight[n_b : n_b + n_a], alone.plan_weight)
     k_b = batch.segment_counts[0].item()
-    assert torch.equal(batch.segments[k_b:k_b + alone.segments.shape[0]] - 11, alone.segments)
+    assert torch.equal(batch.segments[k_b : k_b + alone.segments.shape[0]] - 11, alone.segments)
 
 
 def test_deterministic_and_counts_forms():
@@ -345,8 +359,9 @@ def test_extras(dtype):
         _, er, *_ = R.merge_frames_batched(x, counts, cfg, extras=t)
         assert m.dtype == t.dtype and m.shape == er.shape
         if t.dtype == torch.float64:  # float64 math (the reference merges in float32)
-            torch.testing.assert_close(er, apply_plan64(t, res_t.plan_src, res_t.plan_weight).to(er.dtype),
-                                       rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(
+                er, apply_plan64(t, res_t.plan_src, res_t.plan_weight).to(er.dtype), rtol=1e-6, atol=1e-6
+            )
             er = apply_plan64(t, res_t.plan_src, res_t.plan_weight)
         torch.testing.assert_close(m, er, **tol(t.dtype))
     torch.testing.assert_close(res_l.extras[0], res.extras)
@@ -477,9 +492,24 @@ BAD_COUNTS = [  # (frame_counts for 6 frames, exception, message)
 ]
 
 
-BAD_COUNTS_IDS = ["floats", "whole_floats", "bool", "str", "np_floats", "float_scalar_tensors", "nested", "nested2",
-                  "int", "None", "float_tensor", "bool_tensor", "uint8_tensor", "0d_tensor", "2d_tensor",
-                  "empty_tensor"]
+BAD_COUNTS_IDS = [
+    "floats",
+    "whole_floats",
+    "bool",
+    "str",
+    "np_floats",
+    "float_scalar_tensors",
+    "nested",
+    "nested2",
+    "int",
+    "None",
+    "float_tensor",
+    "bool_tensor",
+    "uint8_tensor",
+    "0d_tensor",
+    "2d_tensor",
+    "empty_tensor",
+]
 
 
 @pytest.mark.parametrize("fn", ["merge", "segment"])
@@ -490,9 +520,17 @@ def test_bad_frame_counts(fn, counts, exc, match):
         call(torch.randn(6, 4, 8), counts, CFG)
 
 
-@pytest.mark.parametrize("counts", [(3, 3), np.array([3, 3]), [np.int64(3), 3], [torch.tensor(3), torch.tensor(3)],
-                                    torch.tensor([3, 3], dtype=torch.int32)],
-                         ids=["tuple", "np_int", "np_int_scalar", "int_scalar_tensors", "int32_tensor"])
+@pytest.mark.parametrize(
+    "counts",
+    [
+        (3, 3),
+        np.array([3, 3]),
+        [np.int64(3), 3],
+        [torch.tensor(3), torch.tensor(3)],
+        torch.tensor([3, 3], dtype=torch.int32),
+    ],
+    ids=["tuple", "np_int", "np_int_scalar", "int_scalar_tensors", "int32_tensor"],
+)
 def test_frame_counts_int_forms(counts):
     x = make_batch(["cuts", "drift"], [3, 3], 4, 8, torch.float32, CFG, seed=1)
     ref = merge_frames(x, [3, 3], CFG)
@@ -518,8 +556,9 @@ def test_bad_x_empty_and_dtypes(fn):
         call(torch.randn(1, 3, 4, 8), [1], CFG)
 
 
-@pytest.mark.parametrize("cfg", [None, EarlyTomConfig, {"tau": 0.5}, (0.1, 0.6, 8, 0.9, (6,), False)],
-                         ids=["None", "class", "dict", "tuple"])
+@pytest.mark.parametrize(
+    "cfg", [None, EarlyTomConfig, {"tau": 0.5}, (0.1, 0.6, 8, 0.9, (6,), False)], ids=["None", "class", "dict", "tuple"]
+)
 def test_bad_cfg_type(cfg):
     x = torch.randn(6, 4, 8)
     for call in (merge_frames, segment_frames):
@@ -685,10 +724,21 @@ def test_opcheck_cpu():
 # ------------------------------------------------------------------------------ CUDA parity
 @needs_cuda
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("counts,S,D", [
-    ([1], 1, 1), ([2], 7, 64), ([3, 1, 5], 7, 1), ([32], 729, 1152), ([8, 1, 5], 729, 1152),
-    ([33], 7, 1152), ([5, 32], 729, 64), ([3], 729, 1), ([12], 13, 100), ([9], 5, 36),
-])
+@pytest.mark.parametrize(
+    "counts,S,D",
+    [
+        ([1], 1, 1),
+        ([2], 7, 64),
+        ([3, 1, 5], 7, 1),
+        ([32], 729, 1152),
+        ([8, 1, 5], 729, 1152),
+        ([33], 7, 1152),
+        ([5, 32], 729, 64),
+        ([3], 729, 1),
+        ([12], 13, 100),
+        ([9], 5, 36),
+    ],
+)
 @pytest.mark.parametrize("keep_last", [False, True])
 def test_cuda_parity(counts, S, D, dtype, keep_last):
     cfg = EarlyTomConfig(tau=0.5, max_window=6, keep_last_interior=keep_last)
@@ -711,9 +761,9 @@ def test_cuda_strided_unaligned_and_deterministic(dtype):
     base = make_batch(["cuts", "static"], [11, 20], 9, 72, dtype, cfg, seed=77).cuda()
     variants = [
         base,
-        torch.cat([base, base], dim=1)[:, :9],                          # frame stride != S*D
-        torch.cat([base[:, :, :1], base], dim=2)[:, :, 1:],             # misaligned rows (scalar path)
-        base.transpose(1, 2).contiguous().transpose(1, 2),              # channels strided
+        torch.cat([base, base], dim=1)[:, :9],  # frame stride != S*D
+        torch.cat([base[:, :, :1], base], dim=2)[:, :, 1:],  # misaligned rows (scalar path)
+        base.transpose(1, 2).contiguous().transpose(1, 2),  # channels strided
     ]
     ref = merge_frames(base, [11, 20], cfg)
     for i, v in enumerate(variants):

@@ -6,6 +6,7 @@ at a time, so no cu_seqlens tiling is shared with the adapter), Stage I / score 
 segmentation / Stage II from earlytom_ext.reference. Positions are checked against values written
 from the model's rope rules, and the uncompressed layout against the model's own get_rope_index.
 """
+
 import inspect
 import os
 import sys
@@ -38,17 +39,45 @@ FRAMES = 12  # video frames -> 6 temporal groups
 SIZE = 12  # pixels -> 6x6 patches -> 3x3 merged tokens (uneven windows: 2x2, 2x1, 1x2, 1x1)
 
 
-def build_model(seed=0, attn_implementation="sdpa", depth=6, fullatt=(2, 5), hidden=32, patch=PATCH, window=8,
-                dtype=torch.float32):
-    vision = dict(depth=depth, hidden_size=hidden, intermediate_size=2 * hidden, num_heads=2, in_channels=3,
-                  patch_size=patch, spatial_merge_size=MS, temporal_patch_size=TP, tokens_per_second=TPS,
-                  window_size=window, out_hidden_size=32, fullatt_block_indexes=list(fullatt))
-    text = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                num_key_value_heads=1, max_position_embeddings=4096,
-                rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}, rope_theta=10000.0,
-                bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    cfg = Qwen2_5_VLConfig(vision_config=vision, text_config=text, image_token_id=IMG, video_token_id=VID,
-                           vision_start_token_id=VS, vision_end_token_id=VE)
+def build_model(
+    seed=0, attn_implementation="sdpa", depth=6, fullatt=(2, 5), hidden=32, patch=PATCH, window=8, dtype=torch.float32
+):
+    vision = dict(
+        depth=depth,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_heads=2,
+        in_channels=3,
+        patch_size=patch,
+        spatial_merge_size=MS,
+        temporal_patch_size=TP,
+        tokens_per_second=TPS,
+        window_size=window,
+        out_hidden_size=32,
+        fullatt_block_indexes=list(fullatt),
+    )
+    text = dict(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=4096,
+        rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
+        rope_theta=10000.0,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    cfg = Qwen2_5_VLConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=IMG,
+        video_token_id=VID,
+        vision_start_token_id=VS,
+        vision_end_token_id=VE,
+    )
     cfg._attn_implementation = attn_implementation
     cfg.vision_config._attn_implementation = attn_implementation
     cfg.text_config._attn_implementation = attn_implementation
@@ -94,8 +123,13 @@ def make_inputs(model, videos, seed=0, images=None, spgt=(1.0, 0.5), padding_sid
         sl = slice(L - len(r), L) if padding_side == "left" else slice(0, len(r))
         ids[b, sl] = torch.tensor(r)
         am[b, sl] = 1
-    out = dict(input_ids=ids, attention_mask=am, pixel_values_videos=torch.cat(pix),
-               video_grid_thw=torch.tensor(grids), second_per_grid_ts=torch.tensor(list(spgt[:len(videos)])))
+    out = dict(
+        input_ids=ids,
+        attention_mask=am,
+        pixel_values_videos=torch.cat(pix),
+        video_grid_thw=torch.tensor(grids),
+        second_per_grid_ts=torch.tensor(list(spgt[: len(videos)])),
+    )
     if img_pix:
         out["pixel_values"] = torch.cat(img_pix)
         out["image_grid_thw"] = torch.tensor(img_grids)
@@ -111,8 +145,10 @@ def model():
 
 @pytest.fixture(scope="module")
 def videos():
-    return [make_video(FRAMES, seed=1, kind="scenes", scene_length=4, image_size=SIZE),
-            make_video(FRAMES, seed=2, kind="static", image_size=SIZE)]
+    return [
+        make_video(FRAMES, seed=1, kind="scenes", scene_length=4, image_size=SIZE),
+        make_video(FRAMES, seed=2, kind="static", image_size=SIZE),
+    ]
 
 
 @pytest.fixture(autouse=True)
@@ -132,6 +168,7 @@ def _window_index(model, grid):
         idx, cu = vis.get_window_index(grid)
         return idx, torch.unique_consecutive(torch.tensor(cu, dtype=torch.int32))
     from transformers.vision_utils import get_vision_window_index
+
     return get_vision_window_index(grid, spatial_merge_size=MS, window_size=vis.window_size, patch_size=vis.patch_size)
 
 
@@ -143,12 +180,14 @@ def _rotary(model, grid, window_index):
         emb = torch.cat((rot, rot), dim=-1)
         return emb.cos(), emb.sin()
     from transformers.vision_utils import get_vision_position_ids
+
     cos, sin = vis.rotary_pos_emb(torch.empty(0), get_vision_position_ids(grid, MS))
     return tuple(t.reshape(n // 4, 4, -1)[window_index].reshape(n, -1) for t in (cos, sin))
 
 
 def _rope_fn(model):
     import importlib
+
     return importlib.import_module(type(model.model.visual.blocks[0].attn).__module__).apply_rotary_pos_emb_vision
 
 
@@ -176,8 +215,9 @@ def reference_video(model, pix, grid_row, cfg):
         full = i in vis.fullatt_block_indexes
         cu = torch.tensor([0, S], dtype=torch.int32) if full else cu1
         kw = {} if hasattr(vis, "rot_pos_emb") else {"max_seqlen": None}
-        return torch.stack([vis.blocks[i](h[t], cu_seqlens=cu, position_embeddings=(cos1, sin1), **kw)
-                            for t in range(h.shape[0])])
+        return torch.stack(
+            [vis.blocks[i](h[t], cu_seqlens=cu, position_embeddings=(cos1, sin1), **kw) for t in range(h.shape[0])]
+        )
 
     def qk(i, h):
         attn = vis.blocks[i].attn
@@ -212,10 +252,14 @@ def _close(a, b, tol=1e-4):
 
 def _positions(model, handle, inputs):
     """(position_ids [3, B, L], rope_deltas [B, 1]) the patched model uses for the compressed prompt."""
-    call = {k: v for k, v in inputs.items() if k not in ("input_ids", "pixel_values_videos", "attention_mask",
-                                                           "pixel_values")}
-    prep = handle.prepare_inputs(inputs["input_ids"], inputs["pixel_values_videos"],
-                                 attention_mask=inputs["attention_mask"], **call)
+    call = {
+        k: v
+        for k, v in inputs.items()
+        if k not in ("input_ids", "pixel_values_videos", "attention_mask", "pixel_values")
+    }
+    prep = handle.prepare_inputs(
+        inputs["input_ids"], inputs["pixel_values_videos"], attention_mask=inputs["attention_mask"], **call
+    )
     if "position_ids" in prep:  # 5.x
         return prep, prep["position_ids"][1:], model.model.rope_deltas
     pos, delta = model.model.get_rope_index(None, attention_mask=prep["attention_mask"])  # 4.57: armed
@@ -341,8 +385,12 @@ def test_positions_follow_the_original_grid(model, videos):
     v5 = v5_rope(model)
     kw = {"mm_token_type_ids": inputs["mm_token_type_ids"]} if v5 else {}
     full_pos, full_delta = model.model.get_rope_index(
-        inputs["input_ids"], video_grid_thw=inputs["video_grid_thw"], second_per_grid_ts=inputs["second_per_grid_ts"],
-        attention_mask=inputs["attention_mask"], **kw)
+        inputs["input_ids"],
+        video_grid_thw=inputs["video_grid_thw"],
+        second_per_grid_ts=inputs["second_per_grid_ts"],
+        attention_mask=inputs["attention_mask"],
+        **kw,
+    )
     with earlytom_ext.apply(model, CFG) as h:
         prep, pos, delta = _positions(model, h, inputs)
         st = h.last_stats
@@ -356,7 +404,7 @@ def test_positions_follow_the_original_grid(model, videos):
         sources = st["videos"][b]["frame_sources"]
         expect = full[:start]
         expect += [full[start + min(sources[f]) * P + p] for f, p in st["videos"][b]["kept"]]
-        expect += full[start + 6 * P:]
+        expect += full[start + 6 * P :]
         real = mask[b].nonzero().flatten().tolist()
         assert [tuple(pos[:, b, c].tolist()) for c in real] == expect
         pad = [tuple(full_pos[:, b, c].tolist()) for c in range(L) if c not in real_full]
@@ -389,10 +437,13 @@ def test_generate_batch_with_image_and_different_lengths(model, videos):
         # Each sample alone gives the same next-token logits as in the batch.
         for b in range(2):
             names = ("input_ids", "attention_mask", "mm_token_type_ids")
-            one = {k: v[b:b + 1] for k, v in inputs.items() if k in names}
+            one = {k: v[b : b + 1] for k, v in inputs.items() if k in names}
             pix, grids = _split_pixels(inputs)
-            one.update(pixel_values_videos=pix[b], video_grid_thw=inputs["video_grid_thw"][b:b + 1],
-                       second_per_grid_ts=inputs["second_per_grid_ts"][b:b + 1])
+            one.update(
+                pixel_values_videos=pix[b],
+                video_grid_thw=inputs["video_grid_thw"][b : b + 1],
+                second_per_grid_ts=inputs["second_per_grid_ts"][b : b + 1],
+            )
             if b == 0:
                 one.update(pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"])
             keep = one["attention_mask"][0].bool()
@@ -401,11 +452,11 @@ def test_generate_batch_with_image_and_different_lengths(model, videos):
             if "mm_token_type_ids" in one:
                 one["mm_token_type_ids"] = one["mm_token_type_ids"][:, keep]
             with torch.no_grad():
-                _close(model(**one).logits[:, -1], last_batch[b:b + 1], tol=1e-4)
+                _close(model(**one).logits[:, -1], last_batch[b : b + 1], tol=1e-4)
     assert counts[0] != counts[1]
     n_img = int(inputs["image_grid_thw"][0].prod()) // 4
     assert int((li["input_ids"][0] == IMG).sum()) == n_img
-    assert gen.shape[0] == 2 and torch.equal(gen[:, :inputs["input_ids"].shape[1]], inputs["input_ids"])
+    assert gen.shape[0] == 2 and torch.equal(gen[:, : inputs["input_ids"].shape[1]], inputs["input_ids"])
     assert gen.shape[1] == inputs["input_ids"].shape[1] + 4
 
 
@@ -413,7 +464,7 @@ def test_generate_beams(model, videos):
     inputs = make_inputs(model, videos[:1], seed=10)
     with earlytom_ext.apply(model, CFG):
         out = model.generate(**inputs, max_new_tokens=3, do_sample=False, num_beams=2, num_return_sequences=2)
-    assert out.shape[0] == 2 and torch.equal(out[:, :inputs["input_ids"].shape[1]], inputs["input_ids"].repeat(2, 1))
+    assert out.shape[0] == 2 and torch.equal(out[:, : inputs["input_ids"].shape[1]], inputs["input_ids"].repeat(2, 1))
 
 
 def test_errors(model, videos):
@@ -436,8 +487,11 @@ def test_errors(model, videos):
         with pytest.raises(ValueError, match="one spatial grid"):
             h.encode_videos(inputs["pixel_values_videos"], video_grid_thw=torch.tensor([[4, 6, 6], [3, 8, 6]]))
         with pytest.raises(ValueError, match="second_per_grid_ts must have one value per video"):
-            h.encode_videos(inputs["pixel_values_videos"], video_grid_thw=inputs["video_grid_thw"],
-                            second_per_grid_ts=torch.tensor([1.0]))
+            h.encode_videos(
+                inputs["pixel_values_videos"],
+                video_grid_thw=inputs["video_grid_thw"],
+                second_per_grid_ts=torch.tensor([1.0]),
+            )
     with pytest.raises(ValueError, match="full-attention block"):
         earlytom_ext.apply(model, EarlyTomConfig(prune_layers=(1, 3)))
     with pytest.raises(ValueError, match="below the vision encoder depth"):

@@ -5,6 +5,7 @@ i is the same unit vector ``v_i`` (optionally scaled per position, which leaves 
 unchanged), so the frame similarity is exactly ``v_i · v_j``. Expected segments, merge plans and
 kept indices below are derived by hand from docs/algorithm.md, never read off the code.
 """
+
 import math
 
 import pytest
@@ -70,13 +71,16 @@ def test_two_frames(c, expected):
     assert plan == [(0, 0, 1.0), (1, 1, 1.0)]  # segments of <= 2 frames pass unchanged
 
 
-@pytest.mark.parametrize("M,T,expected", [
-    (8, 20, [(0, 6), (7, 13), (14, 19)]),
-    (6, 32, [(0, 4), (5, 9), (10, 14), (15, 19), (20, 24), (25, 29), (30, 31)]),
-    (2, 5, [(0, 0), (1, 1), (2, 2), (3, 3), (4, 4)]),
-    (3, 7, [(0, 1), (2, 3), (4, 5), (6, 6)]),
-    (8, 7, [(0, 6)]),  # i - start + 1 reaches 7 < M at most: never cut
-])
+@pytest.mark.parametrize(
+    "M,T,expected",
+    [
+        (8, 20, [(0, 6), (7, 13), (14, 19)]),
+        (6, 32, [(0, 4), (5, 9), (10, 14), (15, 19), (20, 24), (25, 29), (30, 31)]),
+        (2, 5, [(0, 0), (1, 1), (2, 2), (3, 3), (4, 4)]),
+        (3, 7, [(0, 1), (2, 3), (4, 5), (6, 6)]),
+        (8, 7, [(0, 6)]),  # i - start + 1 reaches 7 < M at most: never cut
+    ],
+)
 def test_all_identical_video_is_cut_by_max_window(M, T, expected):
     x = frames_from_angles([0.3] * T)
     # c = 1 always; a cut happens when i - start + 1 reaches M: segments of M - 1 frames.
@@ -240,8 +244,11 @@ def test_segments_of_a_video_with_cuts_and_windows():
 def test_batched_equals_per_video():
     torch.manual_seed(0)
     base = torch.randn(1, 6, 12)
-    videos = [base + 0.3 * torch.randn(7, 6, 12), torch.randn(1, 6, 12),
-              base.repeat(9, 1, 1) + 0.05 * torch.randn(9, 6, 12)]
+    videos = [
+        base + 0.3 * torch.randn(7, 6, 12),
+        torch.randn(1, 6, 12),
+        base.repeat(9, 1, 1) + 0.05 * torch.randn(9, 6, 12),
+    ]
     x = torch.cat(videos)
     extras = torch.rand(x.shape[0], 6)
     c = cfg(max_window=5, tau=0.4)
@@ -249,7 +256,7 @@ def test_batched_equals_per_video():
     offs = 0
     parts_x, parts_e = [], []
     for v, n in zip(videos, [7, 1, 9]):
-        xv, ev, sv = R.merge_frames(v, c, extras=extras[offs:offs + n])
+        xv, ev, sv = R.merge_frames(v, c, extras=extras[offs : offs + n])
         parts_x.append(xv)
         parts_e.append(ev)
         assert sv == segs.pop(0)
@@ -281,7 +288,7 @@ def test_attention_received_matches_explicit_maps(N, H, S_, d):
     torch.manual_seed(1)
     q = torch.randn(N, H, S_, d, dtype=torch.float64)
     k = torch.randn(N, H, S_, d, dtype=torch.float64)
-    scale = d ** -0.5
+    scale = d**-0.5
     expected = torch.zeros(N, S_, dtype=torch.float64)
     for n in range(N):
         for h in range(H):

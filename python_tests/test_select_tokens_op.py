@@ -1,6 +1,7 @@
 """select_tokens / stage2_plan (Stage II): counts derived by hand from docs/algorithm.md, the fused
 op against earlytom_ext.reference over grids of shapes, ratios, segment structures and dtypes,
 ties, strides, bad inputs, opcheck, and CUDA == CPU == reference when a GPU is present."""
+
 import math
 import random
 
@@ -125,8 +126,7 @@ def test_plan_batch_different_ratios():
     plan = stage2_plan(segs, [32, 4], 0.1)
     assert plan.ratios[0] == pytest.approx(0.4, abs=1e-15) and plan.ratios[1] == 0.1
     assert plan.frame_keep == [79, 79, 79, 78, 78, 78, 78, 79, 20, 20, 20, 20]
-    assert plan.frame_static == [False, False, False, True, True, True, True, False,
-                                 False, False, True, False]
+    assert plan.frame_static == [False, False, False, True, True, True, True, False, False, False, True, False]
     assert plan.tokens_per_video == [4 * 79 + 4 * 78, 3 * 20 + 20]
     assert plan.num_out == sum(plan.tokens_per_video)
     # Per-video retain ratios.
@@ -152,46 +152,54 @@ def test_plan_uses_reference_definitions():
         assert plan.frame_keep == [n if s else k for s in kinds]
 
 
-@pytest.mark.parametrize("segs, before, r, exc, match", [
-    ([[(1, 3)]], [4], 0.1, ValueError, "start at frame 0"),
-    ([[(0, 1), (3, 4)]], [5], 0.1, ValueError, "contiguously"),
-    ([[(0, 2), (2, 4)]], [5], 0.1, ValueError, "contiguously"),
-    ([[(0, 1), (2, 1)]], [5], 0.1, ValueError, "start <= end"),
-    ([[]], [5], 0.1, ValueError, "at least one segment"),
-    ([], [], 0.1, ValueError, "at least one video"),
-    ([[(0, 4)]], [5, 6], 0.1, ValueError, "one entry per video"),
-    ([[(0, 4)]], [3], 0.1, ValueError, "frames_before"),
-    ([[(0, 4)]], [5], 0.0, ValueError, "retain_ratio"),
-    ([[(0, 4)]], [5], 1.5, ValueError, "retain_ratio"),
-    ([[(0, 4)]], [5], float("nan"), ValueError, "retain_ratio"),
-    ([[(0, 4)]], [5], True, TypeError, "retain_ratio"),
-    ([[(0, 4)]], [5], [0.1, 0.2], ValueError, "retain_ratio"),
-    ([[(0, 4.0)]], [5], 0.1, TypeError, "int"),
-    ([[(0,)]], [5], 0.1, TypeError, "pair"),
-    ([[(0, 4)]], [5.0], 0.1, TypeError, "frames_before"),
-    ("abc", [5], 0.1, TypeError, "segments_per_video"),
-    # ratios outside (0, 1] and non-real ratios, scalar or per video
-    ([[(0, 4)]], [5], -0.1, ValueError, r"retain_ratio must be in \(0, 1\], got -0.1"),
-    ([[(0, 4)]], [5], float("inf"), ValueError, r"retain_ratio must be a float in \(0, 1\], got inf"),
-    ([[(0, 4)]], [5], 1.0 + 1e-9, ValueError, r"retain_ratio must be in \(0, 1\]"),
-    ([[(0, 4)]], [5], "0.1", TypeError, r"retain_ratio must be a float in \(0, 1\]"),
-    ([[(0, 4)]], [5], None, TypeError, r"retain_ratio must be a float in \(0, 1\]"),
-    ([[(0, 4)], [(0, 1)]], [5, 2], [0.1, 0.0], ValueError, r"retain_ratio\[1\] must be in \(0, 1\], got 0.0"),
-    ([[(0, 4)], [(0, 1)]], [5, 2], [0.1, "0.2"], TypeError, r"retain_ratio\[1\] must be a float in \(0, 1\]"),
-    ([[(0, 4)]], [5], torch.tensor([[0.1]]), ValueError, "retain_ratio must be a float or a 1-D tensor"),
-    # frames_before of the wrong form or too large for the double-precision ratio
-    ([[(0, 4)]], torch.tensor([5.0]), 0.1, TypeError, "frames_before must hold integers"),
-    ([[(0, 4)]], torch.tensor([[5]]), 0.1, ValueError, r"frames_before must be 1-D \[B\]"),
-    ([[(0, 4)]], 5, 0.1, TypeError, "frames_before must be a 1-D int tensor or a list of ints"),
-    ([[(0, 4)]], [True], 0.1, TypeError, r"frames_before\[0\] must be an int, got bool"),
-    ([[(0, 0)]], [10 ** 400], 0.1, ValueError, r"frames_before\[0\] must be < 2\*\*63"),  # was ZeroDivisionError
-    # segments of the wrong form
-    ([torch.tensor([[0.0, 4.0]])], [5], 0.1, TypeError, r"segments_per_video\[0\] must hold integer frame indices"),
-    ([torch.tensor([0, 4])], [5], 0.1, ValueError,
-     r"segments_per_video\[0\] must be a list of \(start, end\) pairs or a \[K, 2\] tensor"),
-    (torch.tensor([[[0, 4]]]), [5], 0.1, TypeError, "segments_per_video must be a list"),
-    ([[(-1, 4)]], [6], 0.1, ValueError, "should start at frame 0"),
-])
+@pytest.mark.parametrize(
+    "segs, before, r, exc, match",
+    [
+        ([[(1, 3)]], [4], 0.1, ValueError, "start at frame 0"),
+        ([[(0, 1), (3, 4)]], [5], 0.1, ValueError, "contiguously"),
+        ([[(0, 2), (2, 4)]], [5], 0.1, ValueError, "contiguously"),
+        ([[(0, 1), (2, 1)]], [5], 0.1, ValueError, "start <= end"),
+        ([[]], [5], 0.1, ValueError, "at least one segment"),
+        ([], [], 0.1, ValueError, "at least one video"),
+        ([[(0, 4)]], [5, 6], 0.1, ValueError, "one entry per video"),
+        ([[(0, 4)]], [3], 0.1, ValueError, "frames_before"),
+        ([[(0, 4)]], [5], 0.0, ValueError, "retain_ratio"),
+        ([[(0, 4)]], [5], 1.5, ValueError, "retain_ratio"),
+        ([[(0, 4)]], [5], float("nan"), ValueError, "retain_ratio"),
+        ([[(0, 4)]], [5], True, TypeError, "retain_ratio"),
+        ([[(0, 4)]], [5], [0.1, 0.2], ValueError, "retain_ratio"),
+        ([[(0, 4.0)]], [5], 0.1, TypeError, "int"),
+        ([[(0,)]], [5], 0.1, TypeError, "pair"),
+        ([[(0, 4)]], [5.0], 0.1, TypeError, "frames_before"),
+        ("abc", [5], 0.1, TypeError, "segments_per_video"),
+        # ratios outside (0, 1] and non-real ratios, scalar or per video
+        ([[(0, 4)]], [5], -0.1, ValueError, r"retain_ratio must be in \(0, 1\], got -0.1"),
+        ([[(0, 4)]], [5], float("inf"), ValueError, r"retain_ratio must be a float in \(0, 1\], got inf"),
+        ([[(0, 4)]], [5], 1.0 + 1e-9, ValueError, r"retain_ratio must be in \(0, 1\]"),
+        ([[(0, 4)]], [5], "0.1", TypeError, r"retain_ratio must be a float in \(0, 1\]"),
+        ([[(0, 4)]], [5], None, TypeError, r"retain_ratio must be a float in \(0, 1\]"),
+        ([[(0, 4)], [(0, 1)]], [5, 2], [0.1, 0.0], ValueError, r"retain_ratio\[1\] must be in \(0, 1\], got 0.0"),
+        ([[(0, 4)], [(0, 1)]], [5, 2], [0.1, "0.2"], TypeError, r"retain_ratio\[1\] must be a float in \(0, 1\]"),
+        ([[(0, 4)]], [5], torch.tensor([[0.1]]), ValueError, "retain_ratio must be a float or a 1-D tensor"),
+        # frames_before of the wrong form or too large for the double-precision ratio
+        ([[(0, 4)]], torch.tensor([5.0]), 0.1, TypeError, "frames_before must hold integers"),
+        ([[(0, 4)]], torch.tensor([[5]]), 0.1, ValueError, r"frames_before must be 1-D \[B\]"),
+        ([[(0, 4)]], 5, 0.1, TypeError, "frames_before must be a 1-D int tensor or a list of ints"),
+        ([[(0, 4)]], [True], 0.1, TypeError, r"frames_before\[0\] must be an int, got bool"),
+        ([[(0, 0)]], [10**400], 0.1, ValueError, r"frames_before\[0\] must be < 2\*\*63"),  # was ZeroDivisionError
+        # segments of the wrong form
+        ([torch.tensor([[0.0, 4.0]])], [5], 0.1, TypeError, r"segments_per_video\[0\] must hold integer frame indices"),
+        (
+            [torch.tensor([0, 4])],
+            [5],
+            0.1,
+            ValueError,
+            r"segments_per_video\[0\] must be a list of \(start, end\) pairs or a \[K, 2\] tensor",
+        ),
+        (torch.tensor([[[0, 4]]]), [5], 0.1, TypeError, "segments_per_video must be a list"),
+        ([[(-1, 4)]], [6], 0.1, ValueError, "should start at frame 0"),
+    ],
+)
 def test_plan_bad_inputs(segs, before, r, exc, match):
     with pytest.raises(exc, match=match):
         stage2_plan(segs, before, r)
@@ -269,8 +277,9 @@ def test_constant_scores_pick_first_positions_and_window_starts():
 def test_parity_structures(P, r):
     C = 8 if P == 729 else 16
     lengths = [STRUCTURES[k] for k in ("one_frame", "singles", "pairs", "long", "three", "mix")]
-    feats, scores, segs, counts, before = make_batch(lengths, P, C, torch.float32, seed=P * 1000 + int(r * 100),
-                                                     extra_frames=[0, 1, 4, 9, 2, 30])
+    feats, scores, segs, counts, before = make_batch(
+        lengths, P, C, torch.float32, seed=P * 1000 + int(r * 100), extra_frames=[0, 1, 4, 9, 2, 30]
+    )
     check_against_reference(feats, scores, segs, counts, before, r)
 
 
@@ -289,8 +298,9 @@ def test_parity_random_batches(seed):
     B = rng.randint(1, 5)
     lengths = [[rng.randint(1, 7) for _ in range(rng.randint(1, 8))] for _ in range(B)]
     P = rng.choice([5, 49, 196])
-    feats, scores, segs, counts, before = make_batch(lengths, P, 12, rng.choice(DTYPES), seed=seed,
-                                                     extra_frames=[rng.randint(0, 20) for _ in range(B)])
+    feats, scores, segs, counts, before = make_batch(
+        lengths, P, 12, rng.choice(DTYPES), seed=seed, extra_frames=[rng.randint(0, 20) for _ in range(B)]
+    )
     r = rng.choice([0.05, 0.1, 0.15, 0.2, 0.3])
     check_against_reference(feats, scores, segs, counts, before, r)
 
@@ -311,8 +321,9 @@ def test_parity_ties(kind, P):
 
     lengths = [[1, 2, 5], [4, 1], [7]]
     for r in (0.1, 0.25, 0.5):
-        feats, scores, segs, counts, before = make_batch(lengths, P, 4, torch.float32, seed=P, scores_fn=scores_fn,
-                                                         extra_frames=[0, 2, 3])
+        feats, scores, segs, counts, before = make_batch(
+            lengths, P, 4, torch.float32, seed=P, scores_fn=scores_fn, extra_frames=[0, 2, 3]
+        )
         check_against_reference(feats, scores, segs, counts, before, r)
 
 
@@ -321,15 +332,19 @@ def test_parity_large_p(P):
     """Frames as large as the CUDA kernel takes, with many ties, on the CPU against the reference
     (the CUDA tests compare these sizes with the CPU op)."""
     feats, scores, segs, counts, before = make_batch(
-        [[1, 3]], P, 4, torch.float32, seed=P,
-        scores_fn=lambda N, P, g: torch.randint(0, 7, (N, P), generator=g).float())
+        [[1, 3]],
+        P,
+        4,
+        torch.float32,
+        seed=P,
+        scores_fn=lambda N, P, g: torch.randint(0, 7, (N, P), generator=g).float(),
+    )
     for r in (0.01, 0.05, 0.5):
         check_against_reference(feats, scores, segs, counts, before, r)
 
 
 def test_single_video_matches_reference_select_tokens():
-    feats, scores, segs, counts, before = make_batch([[2, 5, 1, 3]], 196, 10, torch.bfloat16, seed=7,
-                                                     extra_frames=[21])
+    feats, scores, segs, counts, before = make_batch([[2, 5, 1, 3]], 196, 10, torch.bfloat16, seed=7, extra_frames=[21])
     plan = stage2_plan(segs, before, 0.1)
     ref_t, ref_i = R.select_tokens(feats, scores, segs[0], plan.ratios[0])
     tok, idx = select_tokens(feats, scores, plan)
@@ -347,11 +362,13 @@ def test_non_contiguous_feats_and_scores():
         # channels non-contiguous (stride P)
         "channels_last_strided": feats.permute(0, 2, 1).contiguous().permute(0, 2, 1),
         # every other position of a larger tensor
-        "position_step": torch.zeros(N, 392, 24, dtype=feats.dtype).index_copy_(
-            1, torch.arange(0, 392, 2), feats)[:, ::2],
+        "position_step": torch.zeros(N, 392, 24, dtype=feats.dtype).index_copy_(1, torch.arange(0, 392, 2), feats)[
+            :, ::2
+        ],
         # a channel slice with an odd offset (rows not 16-byte aligned)
-        "channel_slice": torch.cat([torch.zeros(N, 196, 1, dtype=feats.dtype), feats,
-                                    torch.zeros(N, 196, 3, dtype=feats.dtype)], dim=2)[:, :, 1:25],
+        "channel_slice": torch.cat(
+            [torch.zeros(N, 196, 1, dtype=feats.dtype), feats, torch.zeros(N, 196, 3, dtype=feats.dtype)], dim=2
+        )[:, :, 1:25],
         # frames interleaved with another tensor
         "frame_step": torch.stack([feats, torch.zeros_like(feats)], dim=1).view(2 * N, 196, 24)[::2],
         # expanded (stride 0) channels
@@ -454,8 +471,10 @@ def test_bad_plan_entries():
         select_tokens(feats, scores, plan._replace(frame_static=torch.tensor([plan.frame_static])))
     # tensors and NumPy arrays of the right kind are accepted
     ref = select_tokens(feats, scores, plan)
-    for alt in (plan._replace(frame_keep=torch.tensor(keep), frame_static=torch.tensor(plan.frame_static)),
-                plan._replace(frame_keep=np.array(keep), frame_static=np.array(plan.frame_static))):
+    for alt in (
+        plan._replace(frame_keep=torch.tensor(keep), frame_static=torch.tensor(plan.frame_static)),
+        plan._replace(frame_keep=np.array(keep), frame_static=np.array(plan.frame_static)),
+    ):
         out = select_tokens(feats, scores, alt)
         assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
 
@@ -515,9 +534,9 @@ def test_bad_raw_op_inputs():
 
 
 def test_raw_op_empty():
-    tok, idx = torch.ops.earlytom.select_tokens(torch.zeros(0, 5, 3), torch.zeros(0, 5),
-                                                torch.zeros(0, dtype=torch.long),
-                                                torch.zeros(0, dtype=torch.bool), 0)
+    tok, idx = torch.ops.earlytom.select_tokens(
+        torch.zeros(0, 5, 3), torch.zeros(0, 5), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.bool), 0
+    )
     assert tok.shape == (0, 3) and idx.shape == (0, 2)
 
 
@@ -532,7 +551,12 @@ def test_opcheck_cpu():
 def test_plan_type():
     plan = stage2_plan([[(0, 0)]], [1], 0.1)
     assert isinstance(plan, Stage2Plan) and plan._fields == (
-        "frame_keep", "frame_static", "num_out", "ratios", "tokens_per_video")
+        "frame_keep",
+        "frame_static",
+        "num_out",
+        "ratios",
+        "tokens_per_video",
+    )
 
 
 # ------------------------------------------------------------------------------ CUDA
@@ -542,8 +566,9 @@ def test_plan_type():
 def test_cuda_parity_structures(P, r):
     lengths = [STRUCTURES[k] for k in ("one_frame", "singles", "pairs", "long", "three", "mix")]
     for dtype in DTYPES:
-        feats, scores, segs, counts, before = make_batch(lengths, P, 24, dtype, seed=P + int(r * 1000),
-                                                         extra_frames=[0, 1, 4, 9, 2, 30])
+        feats, scores, segs, counts, before = make_batch(
+            lengths, P, 24, dtype, seed=P + int(r * 1000), extra_frames=[0, 1, 4, 9, 2, 30]
+        )
         plan, tok_cpu, idx_cpu = check_against_reference(feats, scores, segs, counts, before, r, device="cpu")
         tok, idx = select_tokens(feats.cuda(), scores.cuda(), plan)
         assert tok.is_cuda and idx.is_cuda
@@ -630,8 +655,13 @@ def test_cuda_large_p_and_limit():
 def test_cuda_max_positions_and_empty():
     # P = 8192: the largest frame the kernel takes (all keys of a frame in shared memory), with ties.
     feats, scores, segs, counts, before = make_batch(
-        [[1, 3]], 8192, 4, torch.float32, seed=2,
-        scores_fn=lambda N, P, g: torch.randint(0, 7, (N, P), generator=g).float())
+        [[1, 3]],
+        8192,
+        4,
+        torch.float32,
+        seed=2,
+        scores_fn=lambda N, P, g: torch.randint(0, 7, (N, P), generator=g).float(),
+    )
     for r in (0.01, 0.5):
         plan = stage2_plan(segs, before, r, tokens_per_frame=8192)
         ref_t, ref_i = R.select_tokens_batched(feats, scores, counts, segs, plan.ratios)
@@ -639,8 +669,12 @@ def test_cuda_max_positions_and_empty():
         assert torch.equal(idx.cpu(), ref_i) and torch.equal(tok.cpu(), ref_t)
     # No frames at all.
     tok, idx = torch.ops.earlytom.select_tokens(
-        torch.zeros(0, 5, 3, device="cuda"), torch.zeros(0, 5, device="cuda"),
-        torch.zeros(0, dtype=torch.long, device="cuda"), torch.zeros(0, dtype=torch.bool, device="cuda"), 0)
+        torch.zeros(0, 5, 3, device="cuda"),
+        torch.zeros(0, 5, device="cuda"),
+        torch.zeros(0, dtype=torch.long, device="cuda"),
+        torch.zeros(0, dtype=torch.bool, device="cuda"),
+        0,
+    )
     assert tok.is_cuda and tok.shape == (0, 3) and idx.shape == (0, 2)
 
 
@@ -677,8 +711,10 @@ def test_cuda_zero_channels_and_plan_tensors():
     tok, idx = select_tokens(feats.cuda(), scores.cuda(), plan)
     assert tok.is_cuda and tok.shape == (plan.num_out, 0) and torch.equal(idx.cpu(), ref_i)
     # frame_keep / frame_static given as CUDA tensors (one host copy in the wrapper)
-    plan_t = plan._replace(frame_keep=torch.tensor(plan.frame_keep, device="cuda"),
-                           frame_static=torch.tensor(plan.frame_static, device="cuda"))
+    plan_t = plan._replace(
+        frame_keep=torch.tensor(plan.frame_keep, device="cuda"),
+        frame_static=torch.tensor(plan.frame_static, device="cuda"),
+    )
     _, idx = select_tokens(feats.cuda(), scores.cuda(), plan_t)
     assert torch.equal(idx.cpu(), ref_i)
 

@@ -3,6 +3,7 @@
 Everything is defined once, in ``earlytom_ext.tiny_model`` (shared with the demo and the
 benchmarks); this module re-exports it under the names the tests use.
 """
+
 from earlytom_ext.tiny_model import (  # noqa: F401  (re-exported for the tests)
     GRID,
     IMAGE_SIZE,

@@ -25,6 +25,7 @@ setup error (string not found, baseline failing, build failing).
 
 The scratch copy imports its own ``earlytom_ext`` (``PYTHONPATH`` points at it; checked).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -70,65 +71,166 @@ class Mutation:
 
 MUTATIONS = [
     # ---- Stage I, EMA walk
-    Mutation("op-walk-lt-le", CPP, "if (s_hat < cfg.tau ||", "if (s_hat <= cfg.tau ||",
-             "op walk cuts at s_hat == tau (`<` -> `<=`)"),
-    Mutation("ref-walk-lt-le", REF, "if s_hat < cfg.tau or", "if s_hat <= cfg.tau or",
-             "reference walk cuts at s_hat == tau (`<` -> `<=`)"),
-    Mutation("op-norm-clamp", CPP, "std::max(std::sqrt(nn), mg::kNormEps)", "std::sqrt(nn)",
-             "CPU op: token norm not clamped (zero tokens give NaN cosines)"),
-    Mutation("ref-norm-clamp", REF, "return F.normalize(x.float(), dim=-1, eps=1e-12)",
-             "return x.float() / x.float().norm(dim=-1, keepdim=True)",
-             "reference: token norm not clamped"),
-    Mutation("op-ema-swap", CPP,
-             "s_hat = dadd_rn(dmul_rn(cfg.ema, static_cast<double>(c)), dmul_rn(keep, s_hat));",
-             "s_hat = dadd_rn(dmul_rn(keep, static_cast<double>(c)), dmul_rn(cfg.ema, s_hat));",
-             "op walk: EMA weights swapped"),
-    Mutation("ref-ema-swap", REF, "s_hat = cfg.ema * c + (1.0 - cfg.ema) * s_hat",
-             "s_hat = (1.0 - cfg.ema) * c + cfg.ema * s_hat", "reference walk: EMA weights swapped"),
+    Mutation(
+        "op-walk-lt-le",
+        CPP,
+        "if (s_hat < cfg.tau ||",
+        "if (s_hat <= cfg.tau ||",
+        "op walk cuts at s_hat == tau (`<` -> `<=`)",
+    ),
+    Mutation(
+        "ref-walk-lt-le",
+        REF,
+        "if s_hat < cfg.tau or",
+        "if s_hat <= cfg.tau or",
+        "reference walk cuts at s_hat == tau (`<` -> `<=`)",
+    ),
+    Mutation(
+        "op-norm-clamp",
+        CPP,
+        "std::max(std::sqrt(nn), mg::kNormEps)",
+        "std::sqrt(nn)",
+        "CPU op: token norm not clamped (zero tokens give NaN cosines)",
+    ),
+    Mutation(
+        "ref-norm-clamp",
+        REF,
+        "return F.normalize(x.float(), dim=-1, eps=1e-12)",
+        "return x.float() / x.float().norm(dim=-1, keepdim=True)",
+        "reference: token norm not clamped",
+    ),
+    Mutation(
+        "op-ema-swap",
+        CPP,
+        "s_hat = dadd_rn(dmul_rn(cfg.ema, static_cast<double>(c)), dmul_rn(keep, s_hat));",
+        "s_hat = dadd_rn(dmul_rn(keep, static_cast<double>(c)), dmul_rn(cfg.ema, s_hat));",
+        "op walk: EMA weights swapped",
+    ),
+    Mutation(
+        "ref-ema-swap",
+        REF,
+        "s_hat = cfg.ema * c + (1.0 - cfg.ema) * s_hat",
+        "s_hat = (1.0 - cfg.ema) * c + cfg.ema * s_hat",
+        "reference walk: EMA weights swapped",
+    ),
     Mutation("op-ema-reset", CPP, "      s_hat = 1.0;\n", "\n", "op walk: s_hat not reset to 1 after a cut"),
-    Mutation("ref-ema-reset", REF, "start, s_hat = i, 1.0", "start = i",
-             "reference walk: s_hat not reset to 1 after a cut"),
-    Mutation("op-window-off-by-one", CPP, "(i - start + 1) >= cfg.max_window", "(i - start + 1) > cfg.max_window",
-             "op walk: segments of max_window frames (`>=` -> `>`)"),
-    Mutation("ref-window-off-by-one", REF, "(i - start + 1) >= cfg.max_window", "(i - start + 1) > cfg.max_window",
-             "reference walk: segments of max_window frames (`>=` -> `>`)"),
+    Mutation(
+        "ref-ema-reset", REF, "start, s_hat = i, 1.0", "start = i", "reference walk: s_hat not reset to 1 after a cut"
+    ),
+    Mutation(
+        "op-window-off-by-one",
+        CPP,
+        "(i - start + 1) >= cfg.max_window",
+        "(i - start + 1) > cfg.max_window",
+        "op walk: segments of max_window frames (`>=` -> `>`)",
+    ),
+    Mutation(
+        "ref-window-off-by-one",
+        REF,
+        "(i - start + 1) >= cfg.max_window",
+        "(i - start + 1) > cfg.max_window",
+        "reference walk: segments of max_window frames (`>=` -> `>`)",
+    ),
     # ---- Stage I, fine merge
-    Mutation("op-merge-neighbour-tie", CPP, "if (sj > tau_m && sj > sn) {", "if (sj > tau_m && sj >= sn) {",
-             "op fine merge: merges when sigma_j == sigma_j+1"),
-    Mutation("op-merge-tau-m-tie", CPP, "if (sj > tau_m && sj > sn) {", "if (sj >= tau_m && sj > sn) {",
-             "op fine merge: a pair merges when sigma_j == tau_m"),
-    Mutation("op-merge-last-pair-tie", CPP, "if (sj > tau_m) {", "if (sj >= tau_m) {",
-             "op fine merge: the last pair merges when sigma == tau_m"),
-    Mutation("ref-merge-neighbour-tie", REF, "if sigma[j] > tau_m and sigma[j] > sigma[j + 1]:",
-             "if sigma[j] > tau_m and sigma[j] >= sigma[j + 1]:",
-             "reference fine merge: merges when sigma_j == sigma_j+1"),
-    Mutation("ref-merge-tau-m-tie", REF, "if sigma[j] > tau_m and sigma[j] > sigma[j + 1]:",
-             "if sigma[j] >= tau_m and sigma[j] > sigma[j + 1]:",
-             "reference fine merge: a pair merges when sigma_j == tau_m"),
-    Mutation("ref-merge-last-pair-tie", REF, "if sigma[j] > tau_m:", "if sigma[j] >= tau_m:",
-             "reference fine merge: the last pair merges when sigma == tau_m"),
+    Mutation(
+        "op-merge-neighbour-tie",
+        CPP,
+        "if (sj > tau_m && sj > sn) {",
+        "if (sj > tau_m && sj >= sn) {",
+        "op fine merge: merges when sigma_j == sigma_j+1",
+    ),
+    Mutation(
+        "op-merge-tau-m-tie",
+        CPP,
+        "if (sj > tau_m && sj > sn) {",
+        "if (sj >= tau_m && sj > sn) {",
+        "op fine merge: a pair merges when sigma_j == tau_m",
+    ),
+    Mutation(
+        "op-merge-last-pair-tie",
+        CPP,
+        "if (sj > tau_m) {",
+        "if (sj >= tau_m) {",
+        "op fine merge: the last pair merges when sigma == tau_m",
+    ),
+    Mutation(
+        "ref-merge-neighbour-tie",
+        REF,
+        "if sigma[j] > tau_m and sigma[j] > sigma[j + 1]:",
+        "if sigma[j] > tau_m and sigma[j] >= sigma[j + 1]:",
+        "reference fine merge: merges when sigma_j == sigma_j+1",
+    ),
+    Mutation(
+        "ref-merge-tau-m-tie",
+        REF,
+        "if sigma[j] > tau_m and sigma[j] > sigma[j + 1]:",
+        "if sigma[j] >= tau_m and sigma[j] > sigma[j + 1]:",
+        "reference fine merge: a pair merges when sigma_j == tau_m",
+    ),
+    Mutation(
+        "ref-merge-last-pair-tie",
+        REF,
+        "if sigma[j] > tau_m:",
+        "if sigma[j] >= tau_m:",
+        "reference fine merge: the last pair merges when sigma == tau_m",
+    ),
     # ---- Stage II
-    Mutation("op-topk-tie", CPP, "return kj > ki || (kj == ki && j < i);", "return kj > ki || (kj == ki && j > i);",
-             "select_tokens CPU: top-k ties go to the highest index"),
-    Mutation("ref-topk-tie", REF, "order = torch.sort(scores, descending=True, stable=True).indices",
-             "order = scores.numel() - 1 - torch.sort(scores.flip(0), descending=True, stable=True).indices",
-             "reference top-k: ties go to the highest index"),
-    Mutation("ref-ceil-floor", REF, "return math.ceil(P * r_adj)", "return math.floor(P * r_adj)",
-             "Stage II count: floor instead of ceil for dynamic frames"),
-    Mutation("ref-round-half-away", REF, "return max(1, round(P * r_adj))",
-             "return max(1, math.floor(P * r_adj + 0.5))",
-             "Stage II count: round half away from zero instead of half to even"),
-    Mutation("op-static-window-order", CPP, "out[w] = sel::window_argmax(keys.data(), start, stop);",
-             "out[keep - 1 - w] = sel::window_argmax(keys.data(), start, stop);",
-             "select_tokens CPU: a static frame's windows emitted in reverse order"),
-    Mutation("ref-static-window-lengths", REF, "stop = start + base + (1 if i < extra else 0)",
-             "stop = start + base + (1 if i >= n - extra else 0)",
-             "reference: the last (not the first) P mod n windows are one longer"),
-    Mutation("op-static-argmax-tie", CPP, "if (k > bk) {", "if (k >= bk) {",
-             "select_tokens CPU: a window's top-1 tie goes to the highest index"),
-    Mutation("ref-static-argmax-tie", REF, "pos = [a + int(torch.argmax(s[a:b])) for a, b in windows]",
-             "pos = [b - 1 - int(torch.argmax(s[a:b].flip(0))) for a, b in windows]",
-             "reference: a window's top-1 tie goes to the highest index"),
+    Mutation(
+        "op-topk-tie",
+        CPP,
+        "return kj > ki || (kj == ki && j < i);",
+        "return kj > ki || (kj == ki && j > i);",
+        "select_tokens CPU: top-k ties go to the highest index",
+    ),
+    Mutation(
+        "ref-topk-tie",
+        REF,
+        "order = torch.sort(scores, descending=True, stable=True).indices",
+        "order = scores.numel() - 1 - torch.sort(scores.flip(0), descending=True, stable=True).indices",
+        "reference top-k: ties go to the highest index",
+    ),
+    Mutation(
+        "ref-ceil-floor",
+        REF,
+        "return math.ceil(P * r_adj)",
+        "return math.floor(P * r_adj)",
+        "Stage II count: floor instead of ceil for dynamic frames",
+    ),
+    Mutation(
+        "ref-round-half-away",
+        REF,
+        "return max(1, round(P * r_adj))",
+        "return max(1, math.floor(P * r_adj + 0.5))",
+        "Stage II count: round half away from zero instead of half to even",
+    ),
+    Mutation(
+        "op-static-window-order",
+        CPP,
+        "out[w] = sel::window_argmax(keys.data(), start, stop);",
+        "out[keep - 1 - w] = sel::window_argmax(keys.data(), start, stop);",
+        "select_tokens CPU: a static frame's windows emitted in reverse order",
+    ),
+    Mutation(
+        "ref-static-window-lengths",
+        REF,
+        "stop = start + base + (1 if i < extra else 0)",
+        "stop = start + base + (1 if i >= n - extra else 0)",
+        "reference: the last (not the first) P mod n windows are one longer",
+    ),
+    Mutation(
+        "op-static-argmax-tie",
+        CPP,
+        "if (k > bk) {",
+        "if (k >= bk) {",
+        "select_tokens CPU: a window's top-1 tie goes to the highest index",
+    ),
+    Mutation(
+        "ref-static-argmax-tie",
+        REF,
+        "pos = [a + int(torch.argmax(s[a:b])) for a, b in windows]",
+        "pos = [b - 1 - int(torch.argmax(s[a:b].flip(0))) for a, b in windows]",
+        "reference: a window's top-1 tie goes to the highest index",
+    ),
 ]
 
 
@@ -141,8 +243,12 @@ def log(msg: str) -> None:
 
 
 def repo_files(root: Path) -> list[str]:
-    out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=root,
-                         check=True, capture_output=True).stdout
+    out = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=root,
+        check=True,
+        capture_output=True,
+    ).stdout
     return sorted({p for p in out.decode().split("\0") if p and (root / p).is_file()})
 
 
@@ -193,8 +299,10 @@ def locate(m: Mutation, files: list[str], scratch: Path) -> str:
     hits = [(f, (scratch / f).read_text().count(m.find)) for f in candidates]
     hits = [(f, n) for f, n in hits if n]
     if not hits:
-        raise SetupError(f"mutation {m.name}: source string {m.find!r} not found in {m.globs} "
-                         f"(the code was changed: update the mutation in scripts/mutate.py)")
+        raise SetupError(
+            f"mutation {m.name}: source string {m.find!r} not found in {m.globs} "
+            f"(the code was changed: update the mutation in scripts/mutate.py)"
+        )
     if len(hits) > 1 or hits[0][1] > 1:
         raise SetupError(f"mutation {m.name}: source string {m.find!r} is ambiguous: {hits}")
     return hits[0][0]
@@ -203,8 +311,13 @@ def locate(m: Mutation, files: list[str], scratch: Path) -> str:
 def build(scratch: Path, jobs: int) -> tuple[bool, str]:
     env = dict(os.environ, EARLYTOM_SKIP_CUDA="1", MAX_JOBS=str(jobs))
     env.pop("EARLYTOM_FORCE_CUDA", None)
-    p = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=scratch, env=env,
-                       capture_output=True, text=True)
+    p = subprocess.run(
+        [sys.executable, "setup.py", "-q", "build_ext", "--inplace"],
+        cwd=scratch,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     return p.returncode == 0, (p.stdout + p.stderr)[-4000:]
 
 
@@ -216,20 +329,26 @@ def test_env(scratch: Path) -> dict:
 
 def check_import(scratch: Path) -> None:
     code = "import earlytom_ext, sys; print(earlytom_ext.__file__); sys.exit(0 if earlytom_ext._ext.available() else 3)"
-    p = subprocess.run([sys.executable, "-c", code], cwd=scratch, env=test_env(scratch), capture_output=True,
-                       text=True)
+    p = subprocess.run([sys.executable, "-c", code], cwd=scratch, env=test_env(scratch), capture_output=True, text=True)
     where = p.stdout.strip()
     if p.returncode != 0 or not Path(where).resolve().is_relative_to(scratch.resolve()):
-        raise SetupError(f"the scratch copy does not import its own built earlytom_ext (got {where!r}, rc "
-                         f"{p.returncode}): {p.stderr[-2000:]}")
+        raise SetupError(
+            f"the scratch copy does not import its own built earlytom_ext (got {where!r}, rc "
+            f"{p.returncode}): {p.stderr[-2000:]}"
+        )
 
 
 FAILED_RE = re.compile(r"^(FAILED|ERROR) (\S+)", re.M)
 
 
 def run_tests(scratch: Path, tests: list[str], pytest_args: list[str]) -> tuple[int, list[str], str]:
-    p = subprocess.run([sys.executable, "-m", "pytest", *tests, *pytest_args], cwd=scratch, env=test_env(scratch),
-                       capture_output=True, text=True)
+    p = subprocess.run(
+        [sys.executable, "-m", "pytest", *tests, *pytest_args],
+        cwd=scratch,
+        env=test_env(scratch),
+        capture_output=True,
+        text=True,
+    )
     out = p.stdout + p.stderr
     failing = [m.group(2) for m in FAILED_RE.finditer(out)]
     return p.returncode, failing, out
@@ -240,17 +359,32 @@ def short_test(nodeid: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--list", action="store_true", help="list the mutations and exit")
-    ap.add_argument("--only", action="append", metavar="NAME",
-                    help="run only this mutation (repeatable; comma-separated names work too)")
-    ap.add_argument("--tests", nargs="+", default=DEFAULT_TESTS, metavar="PATH",
-                    help="test selection, relative to the repository root (default: %(default)s)")
-    ap.add_argument("--pytest-args", default=" ".join(DEFAULT_PYTEST_ARGS),
-                    help="pytest arguments (default: %(default)r)")
-    ap.add_argument("--scratch", type=Path, help="scratch directory to use and keep (reused builds are incremental); "
-                    "default: a temporary directory, removed at the end")
+    ap.add_argument(
+        "--only",
+        action="append",
+        metavar="NAME",
+        help="run only this mutation (repeatable; comma-separated names work too)",
+    )
+    ap.add_argument(
+        "--tests",
+        nargs="+",
+        default=DEFAULT_TESTS,
+        metavar="PATH",
+        help="test selection, relative to the repository root (default: %(default)s)",
+    )
+    ap.add_argument(
+        "--pytest-args", default=" ".join(DEFAULT_PYTEST_ARGS), help="pytest arguments (default: %(default)r)"
+    )
+    ap.add_argument(
+        "--scratch",
+        type=Path,
+        help="scratch directory to use and keep (reused builds are incremental); "
+        "default: a temporary directory, removed at the end",
+    )
     ap.add_argument("--jobs", type=int, default=2, help="parallel compile jobs (default: %(default)s)")
     ap.add_argument("--verbose", action="store_true", help="print the pytest output of every mutation")
     args = ap.parse_args(argv)
@@ -336,8 +470,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| `{m.name}`: {m.what} | {rel} | {tests_failing} | {status} |")
         survived = [m.name for m, _, _, s in rows if s != "yes"]
         print()
-        print(f"{len(rows) - len(survived)} of {len(rows)} mutations caught"
-              + (f"; NOT caught: {', '.join(survived)}" if survived else ""))
+        print(
+            f"{len(rows) - len(survived)} of {len(rows)} mutations caught"
+            + (f"; NOT caught: {', '.join(survived)}" if survived else "")
+        )
         return 1 if survived else 0
     except SetupError as e:
         print(f"mutate.py: error: {e}", file=sys.stderr)

@@ -61,8 +61,13 @@ def apply(model: nn.Module, cfg: EarlyTomConfig | None = None) -> EarlyTomHandle
         llm_merge = LLMMerge(adapter.language_model(), cfg.llm_merge_layer, cfg.llm_merge_ratio)
     handle = EarlyTomHandle(model, cfg, adapter, llm_merge)
     handle.install()
-    logger.info("EarlyTom applied to %s (%s, encoder depth %d): %r", type(model).__name__,
-                type(adapter).__name__, adapter.depth, cfg)
+    logger.info(
+        "EarlyTom applied to %s (%s, encoder depth %d): %r",
+        type(model).__name__,
+        type(adapter).__name__,
+        adapter.depth,
+        cfg,
+    )
     return handle
 
 

@@ -215,25 +215,43 @@ class EarlyTomHandle:
         plan = ops.stage2_plan(segs_local, videos.frames, self._cfg.retain_ratio, tokens_per_frame=P)
         tokens, index = ops.select_tokens(encoded.feats, encoded.scores, plan)
         sizes = list(plan.tokens_per_video)
-        features = adapter.finish(list(torch.split(tokens, sizes, dim=0)), list(torch.split(index, sizes, dim=0)),
-                                  run, videos, encoded)
+        features = adapter.finish(
+            list(torch.split(tokens, sizes, dim=0)), list(torch.split(index, sizes, dim=0)), run, videos, encoded
+        )
         t3 = clock.now()
         clock.span("stage2", t2, t3)
         clock.span("total", t_start, t3)
         self._raw_stats = {
-            "frames": list(videos.frames), "placeholders": list(videos.placeholders), "merges": run.merges,
-            "segments": segs_local, "plan": plan, "index": index, "final_counts": run.frame_counts,
-            "clock": clock, "device": str(device),
+            "frames": list(videos.frames),
+            "placeholders": list(videos.placeholders),
+            "merges": run.merges,
+            "segments": segs_local,
+            "plan": plan,
+            "index": index,
+            "final_counts": run.frame_counts,
+            "clock": clock,
+            "device": str(device),
         }
         self._stats_cache = None
-        logger.debug("EarlyTom: %d video(s), %s frames, video tokens %s -> %s", len(videos.frames), videos.frames,
-                     videos.placeholders, [int(f.shape[0]) for f in features])
+        logger.debug(
+            "EarlyTom: %d video(s), %s frames, video tokens %s -> %s",
+            len(videos.frames),
+            videos.frames,
+            videos.placeholders,
+            [int(f.shape[0]) for f in features],
+        )
         return features
 
     # ---------------------------------------------------------------- LLM inputs
-    def prepare_inputs(self, input_ids: torch.Tensor, pixel_values_videos: torch.Tensor,
-                       attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                       padding_side: str | None = None, **video_kwargs: Any) -> dict:
+    def prepare_inputs(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values_videos: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        padding_side: str | None = None,
+        **video_kwargs: Any,
+    ) -> dict:
         """Compress the videos and rewrite the language-model inputs.
 
         Returns ``{"input_ids", "attention_mask", "inputs_embeds", "labels" (when given),
@@ -262,15 +280,27 @@ class EarlyTomHandle:
         host = HostPrompt(input_ids, attention_mask, labels)  # copies start now, read after the encoder
         if input_ids.device.type != "cuda":
             # Placeholder counts checked before the vision tower runs (free on the CPU).
-            rewrite_placeholders(host, adapter.video_token_id, videos.placeholders, videos.placeholders,
-                                 padding_side=padding_side, pad_token_id=0)
+            rewrite_placeholders(
+                host,
+                adapter.video_token_id,
+                videos.placeholders,
+                videos.placeholders,
+                padding_side=padding_side,
+                pad_token_id=0,
+            )
         with torch.no_grad():
             features = self._encode(videos)
         clock = self._raw_stats["clock"]
         t0 = clock.now()
         counts = [int(f.shape[0]) for f in features]
-        new = rewrite_placeholders(host.wait(), adapter.video_token_id, videos.placeholders, counts,
-                                   padding_side=padding_side, pad_token_id=adapter.pad_token_id())
+        new = rewrite_placeholders(
+            host.wait(),
+            adapter.video_token_id,
+            videos.placeholders,
+            counts,
+            padding_side=padding_side,
+            pad_token_id=adapter.pad_token_id(),
+        )
         result = new.to_devices(host)
         videos.prompt = new  # host copies for adapters that lay out positions (no device read)
         result.update(adapter.build_llm_inputs({}, result["input_ids"], result["attention_mask"], features, videos))
@@ -302,8 +332,13 @@ class EarlyTomHandle:
         video_kwargs = {k: call[k] for k in adapter.video_kwargs if k in call}
         for k in adapter.consumed_kwargs:
             call.pop(k, None)
-        prep = self.prepare_inputs(input_ids, call.pop(self.video_arg), attention_mask=call.pop("attention_mask", None),
-                                   labels=call.pop("labels", None), **video_kwargs)
+        prep = self.prepare_inputs(
+            input_ids,
+            call.pop(self.video_arg),
+            attention_mask=call.pop("attention_mask", None),
+            labels=call.pop("labels", None),
+            **video_kwargs,
+        )
         if call.get("position_ids") is not None:
             call["position_ids"] = positions_from_mask(prep["attention_mask"]).to(call["position_ids"].device)
         for k, v in prep.items():

@@ -24,6 +24,7 @@ pre-hooks on layers ``>= k`` swap in the shortened sequence's mask, rotary embed
 positions. The model's own mask builder makes the masks of layers ``>= k`` (so sdpa, eager and
 flash keep their own mask formats). Masks, norm, output recording and caching stay the model's.
 """
+
 from __future__ import annotations
 
 import functools
@@ -170,8 +171,11 @@ class LLMMerge(_MergePaths):
             if sp is None:
                 out.append(None)
                 continue
-            if (not isinstance(sp, (tuple, list)) or len(sp) != 2
-                    or not all(isinstance(v, int) and not isinstance(v, bool) for v in sp)):
+            if (
+                not isinstance(sp, (tuple, list))
+                or len(sp) != 2
+                or not all(isinstance(v, int) and not isinstance(v, bool) for v in sp)
+            ):
                 raise TypeError(f"spans[{i}] must be None or a (start, length) pair of ints, got {sp!r}")
             if sp[0] < 0 or sp[1] < 0:
                 raise ValueError(f"spans[{i}] = {tuple(sp)}: start and length must be >= 0")
@@ -192,15 +196,18 @@ class LLMMerge(_MergePaths):
             return None
         if self._stats is None:
             self._stats = [
-                {"span": plan.span, "kept": [int(v) for v in kept.tolist()] if kept is not None else [],
-                 "prefill_len_before": plan.real_len, "prefill_len_after": plan.real_len - plan.removed}
+                {
+                    "span": plan.span,
+                    "kept": [int(v) for v in kept.tolist()] if kept is not None else [],
+                    "prefill_len_before": plan.real_len,
+                    "prefill_len_after": plan.real_len - plan.removed,
+                }
                 for plan, kept in self._stats_raw
             ]
         return self._stats
 
     def __repr__(self) -> str:
-        return (f"LLMMerge(layer={self._k}, ratio={self._ratio:g}, "
-                f"{'installed' if self.installed else 'not installed'})")
+        return f"LLMMerge(layer={self._k}, ratio={self._ratio:g}, {'installed' if self.installed else 'not installed'})"
 
     # ---------------------------------------------------------------- dispatch
     def _forward(self, orig, args, kwargs, call: dict):

@@ -1,4 +1,5 @@
 """The hooked prefill and decoding paths of :class:`~earlytom_ext.integration.llm_merge.LLMMerge` (a mixin)."""
+
 from __future__ import annotations
 
 import weakref
@@ -16,8 +17,9 @@ class _MergePaths:
         handles = []
         try:
             for module, fn, pre in hooks:
-                handles.append(module.register_forward_pre_hook(fn, with_kwargs=True) if pre
-                               else module.register_forward_hook(fn))
+                handles.append(
+                    module.register_forward_pre_hook(fn, with_kwargs=True) if pre else module.register_forward_hook(fn)
+                )
             return orig(**call)
         finally:
             for h in handles:
@@ -45,7 +47,7 @@ class _MergePaths:
                 raise ValueError(
                     f"sample {b}: the video span {sp} must end before the last prompt token (sequence length {n})"
                 )
-            if rows is not None and not all(rows[b][s:s + length]):
+            if rows is not None and not all(rows[b][s : s + length]):
                 raise ValueError(f"sample {b}: the video span {sp} covers padding positions")
             plans.append(_Plan(sp, max(1, round(length * (1.0 - self._ratio))), real))
         return plans
@@ -89,8 +91,11 @@ class _MergePaths:
             kwargs.update({key: v for key, v in ctx.layer_kwargs.items() if key in kwargs})
             return args, kwargs
 
-        hooks = [(self._attn_prev.q_proj, on_q, False), (self._attn_prev.k_proj, on_k, False),
-                 (layers[k], pre_merge, True)] + [(layers[i], pre_later, True) for i in range(k + 1, self._depth)]
+        hooks = [
+            (self._attn_prev.q_proj, on_q, False),
+            (self._attn_prev.k_proj, on_k, False),
+            (layers[k], pre_merge, True),
+        ] + [(layers[i], pre_later, True) for i in range(k + 1, self._depth)]
         out = self._with_hooks(orig, call, hooks)
         self._stats_raw = list(zip(plans, ctx.kept))
         cache = ctx.cache
@@ -118,12 +123,20 @@ class _MergePaths:
         # Query head h reads key head h // (H / Hkv), as repeat_kv lays them out.
         logits = torch.einsum("bgrd,bgnd->bgrn", q.float().view(B, Hkv, H // Hkv, d), key.float()) * self._scaling
         if mask is not None:
-            logits = logits.masked_fill(~mask.to(device=logits.device, dtype=torch.bool)[:, None, None, :],
-                                        float("-inf"))
+            logits = logits.masked_fill(
+                ~mask.to(device=logits.device, dtype=torch.bool)[:, None, None, :], float("-inf")
+            )
         return torch.softmax(logits, dim=-1).mean(dim=(1, 2))
 
-    def _merge_batch(self, ctx: _Call, plans: list[_Plan], hidden: torch.Tensor, kwargs: dict,
-                     mask: torch.Tensor | None, short_len: int) -> torch.Tensor:
+    def _merge_batch(
+        self,
+        ctx: _Call,
+        plans: list[_Plan],
+        hidden: torch.Tensor,
+        kwargs: dict,
+        mask: torch.Tensor | None,
+        short_len: int,
+    ) -> torch.Tensor:
         B, N, D = hidden.shape
         dev = hidden.device
         cos, sin = kwargs["position_embeddings"]
@@ -142,10 +155,10 @@ class _MergePaths:
                 rows, idx, kept = hidden[b], torch.arange(N, device=dev), self._kept_all(plan)
             else:
                 s, length = plan.span
-                kept_rows, kept_local = merge_span(hidden[b, s:s + length], scores[b, s:s + length], plan.n_keep)
+                kept_rows, kept_local = merge_span(hidden[b, s : s + length], scores[b, s : s + length], plan.n_keep)
                 kept = kept_local + s
                 idx = torch.cat([torch.arange(s, device=dev), kept, torch.arange(s + length, N, device=dev)])
-                rows = torch.cat([hidden[b, :s], kept_rows, hidden[b, s + length:]])
+                rows = torch.cat([hidden[b, :s], kept_rows, hidden[b, s + length :]])
             ctx.kept.append(kept)
             pad = short_len - idx.shape[0]
             out[b, pad:] = rows
@@ -168,8 +181,13 @@ class _MergePaths:
         """The model's own causal mask for layers >= k (sized by layer k's cache)."""
         view = _ShortCacheView(cache, self._k) if cache is not None else None
         q = hidden.shape[1]
-        kw = {"config": self._lm.config, self._embeds_kw: hidden, "attention_mask": mask_2d,
-              self._mask_cache_kw: view, "position_ids": None}
+        kw = {
+            "config": self._lm.config,
+            self._embeds_kw: hidden,
+            "attention_mask": mask_2d,
+            self._mask_cache_kw: view,
+            "position_ids": None,
+        }
         if self._mask_wants_cache_position:
             offset = view.get_query_offset() if view is not None else 0
             kw["cache_position"] = torch.arange(offset, offset + q, device=hidden.device)
@@ -179,9 +197,7 @@ class _MergePaths:
     def _decode(self, orig, call: dict, state: _State, batch: int, q_len: int):
         cache = call_cache(call)
         if batch != state.batch:
-            raise RuntimeError(
-                f"LLMMerge: decoding a batch of {batch} on a cache merged for a batch of {state.batch}"
-            )
+            raise RuntimeError(f"LLMMerge: decoding a batch of {batch} on a cache merged for a batch of {state.batch}")
         full_past = int(cache.get_seq_length(0))
         short_past = int(cache.get_seq_length(self._k))
         decoded = full_past - state.full_len
@@ -198,7 +214,7 @@ class _MergePaths:
                 raise ValueError(
                     f"attention_mask must cover the {full_past} cached and {q_len} new tokens, got {tuple(mask.shape)}"
                 )
-            tail = mask[:, state.full_len:]
+            tail = mask[:, state.full_len :]
             short = torch.cat([short_prefill.to(device=tail.device, dtype=tail.dtype), tail], dim=1)
         else:
             tail = torch.ones(batch, decoded + q_len, dtype=short_prefill.dtype, device=short_prefill.device)
@@ -219,6 +235,7 @@ class _MergePaths:
             return args, kwargs
 
         layers = self._lm.layers
-        hooks = [(layers[self._k], pre_first, True)] + [(layers[i], pre_later, True)
-                                                         for i in range(self._k + 1, self._depth)]
+        hooks = [(layers[self._k], pre_first, True)] + [
+            (layers[i], pre_later, True) for i in range(self._k + 1, self._depth)
+        ]
         return self._with_hooks(orig, call, hooks)

@@ -1,4 +1,5 @@
 """Parts of the inner-LLM merge: one span's merge (``merge_span``), the decoder check, cache view and call state."""
+
 from __future__ import annotations
 
 import inspect
@@ -75,8 +76,13 @@ def _supported_decoder(lm: nn.Module) -> tuple[Callable, int, int, int]:
     name = type(lm).__name__
     layers = getattr(lm, "layers", None)
     config = getattr(lm, "config", None)
-    if (not isinstance(lm, nn.Module) or not isinstance(layers, nn.ModuleList) or len(layers) == 0
-            or not isinstance(getattr(lm, "rotary_emb", None), nn.Module) or config is None):
+    if (
+        not isinstance(lm, nn.Module)
+        or not isinstance(layers, nn.ModuleList)
+        or len(layers) == 0
+        or not isinstance(getattr(lm, "rotary_emb", None), nn.Module)
+        or config is None
+    ):
         raise TypeError(
             "LLMMerge supports Hugging Face Qwen2-style decoder stacks (a Qwen2Model with `layers`, `rotary_emb` "
             f"and `config`, e.g. LLaVA-OneVision's model.model.language_model), got {name}"
@@ -93,13 +99,18 @@ def _supported_decoder(lm: nn.Module) -> tuple[Callable, int, int, int]:
         raise TypeError(f"LLMMerge: cannot read num_attention_heads / num_key_value_heads of {name}'s config")
     types = getattr(config, "layer_types", None) or ["full_attention"] * len(layers)
     if any(t != "full_attention" for t in types) or getattr(config, "use_sliding_window", False):
-        raise TypeError(f"LLMMerge supports full-attention decoders only; {name} has layer types {sorted(set(types))} "
-                        f"(use_sliding_window={getattr(config, 'use_sliding_window', False)})")
+        raise TypeError(
+            f"LLMMerge supports full-attention decoders only; {name} has layer types {sorted(set(types))} "
+            f"(use_sliding_window={getattr(config, 'use_sliding_window', False)})"
+        )
     head_dim = None
     for i, layer in enumerate(layers):
         attn = getattr(layer, "self_attn", None)
-        if not all(isinstance(getattr(attn, p, None), nn.Linear) for p in ("q_proj", "k_proj")) or not isinstance(
-                getattr(attn, "scaling", None), float) or not isinstance(getattr(attn, "head_dim", None), int):
+        if (
+            not all(isinstance(getattr(attn, p, None), nn.Linear) for p in ("q_proj", "k_proj"))
+            or not isinstance(getattr(attn, "scaling", None), float)
+            or not isinstance(getattr(attn, "head_dim", None), int)
+        ):
             raise TypeError(
                 "LLMMerge: every decoder layer needs `self_attn` with `q_proj` and `k_proj` linears, `head_dim` and "
                 f"`scaling` (Qwen2Attention); layer {i} of {name} is {type(layer).__name__}"
@@ -188,4 +199,3 @@ class _Call:
         self.cache = None
         self.short_mask = None
         self.kept: list = []
-

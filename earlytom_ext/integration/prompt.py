@@ -21,10 +21,12 @@ __all__ = ["HostPrompt", "RewrittenPrompt", "rewrite_placeholders"]
 class HostPrompt:
     """Host copies of the prompt tensors, started at construction, read after :meth:`wait`."""
 
-    def __init__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                 labels: torch.Tensor | None):
-        named = [(n, t) for n, t in (("input_ids", input_ids), ("attention_mask", attention_mask), ("labels", labels))
-                 if t is not None]
+    def __init__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor | None):
+        named = [
+            (n, t)
+            for n, t in (("input_ids", input_ids), ("attention_mask", attention_mask), ("labels", labels))
+            if t is not None
+        ]
         self.devices = {n: t.device for n, t in named}
         self.dtypes = {n: t.dtype for n, t in named}
         self._copy = AsyncHostCopy(input_ids, attention_mask, labels)
@@ -71,8 +73,15 @@ def _padding(mask: torch.Tensor) -> tuple[list[int], list[int]]:
     return lead, trail
 
 
-def rewrite_placeholders(prompt: HostPrompt, video_token_id: int, before: Sequence[int], after: Sequence[int],
-                         *, padding_side: str | None, pad_token_id: int) -> RewrittenPrompt:
+def rewrite_placeholders(
+    prompt: HostPrompt,
+    video_token_id: int,
+    before: Sequence[int],
+    after: Sequence[int],
+    *,
+    padding_side: str | None,
+    pad_token_id: int,
+) -> RewrittenPrompt:
     """Shorten video ``v``'s run of ``before[v]`` placeholders to ``after[v]``.
 
     The runs are matched to videos in the order Hugging Face fills them (sample-major); every run
@@ -93,7 +102,7 @@ def rewrite_placeholders(prompt: HostPrompt, video_token_id: int, before: Sequen
     runs: dict[int, list[tuple[int, int, int]]] = {}
     off = 0
     for v, n0 in enumerate(before):
-        chunk = flat[off:off + n0]
+        chunk = flat[off : off + n0]
         off += n0
         b0, s = int(chunk[0, 0]), int(chunk[0, 1])
         if bool((chunk[:, 0] != b0).any()) or int(chunk[-1, 1]) - s != n0 - 1:
@@ -121,9 +130,9 @@ def rewrite_placeholders(prompt: HostPrompt, video_token_id: int, before: Sequen
         for s, e, v in sorted(runs.get(b, [])):
             n = after[v]
             pieces_i += [ids[b, pos:s], torch.full((n,), video_token_id, dtype=ids.dtype)]
-            pieces_m += [mask[b, pos:s], mask[b, s:s + 1].expand(n)]
+            pieces_m += [mask[b, pos:s], mask[b, s : s + 1].expand(n)]
             if labels is not None:
-                pieces_l += [labels[b, pos:s], labels[b, s:s + 1].expand(n)]
+                pieces_l += [labels[b, pos:s], labels[b, s : s + 1].expand(n)]
             length += s - pos
             spans.append((length, n))
             length += n
@@ -145,7 +154,7 @@ def rewrite_placeholders(prompt: HostPrompt, video_token_id: int, before: Sequen
         for b, r in enumerate(rows):
             n = r.shape[0]
             if left:
-                out[b, L2 - n:] = r
+                out[b, L2 - n :] = r
             else:
                 out[b, :n] = r
         return out

@@ -33,16 +33,18 @@ def materialize(raw: dict, cfg: EarlyTomConfig, adapter) -> dict:
     extra = adapter.extra_tokens_per_video
     videos = []
     for b in range(B):
-        videos.append({
-            "frames_before": frames[b],
-            "frames_after": {layer: counts_per_layer[layer][b] for layer in counts_per_layer},
-            "segments": [tuple(s) for s in raw["segments"][b]],
-            "frame_sources": [[s - offsets_in[b] for s in sources[i]] for i in range(offsets[b], offsets[b + 1])],
-            "ratio": float(plan.ratios[b]),
-            "tokens_before": raw["placeholders"][b],
-            "tokens_after": int(plan.tokens_per_video[b]) + extra,
-            "kept": kept_per_video[b],
-        })
+        videos.append(
+            {
+                "frames_before": frames[b],
+                "frames_after": {layer: counts_per_layer[layer][b] for layer in counts_per_layer},
+                "segments": [tuple(s) for s in raw["segments"][b]],
+                "frame_sources": [[s - offsets_in[b] for s in sources[i]] for i in range(offsets[b], offsets[b + 1])],
+                "ratio": float(plan.ratios[b]),
+                "tokens_before": raw["placeholders"][b],
+                "tokens_after": int(plan.tokens_per_video[b]) + extra,
+                "kept": kept_per_video[b],
+            }
+        )
     return {
         "videos": videos,
         "timings_ms": raw["clock"].resolve(),
@@ -67,18 +69,31 @@ def summary(stats: dict | None, cfg: EarlyTomConfig) -> str:
     if stats is None:
         return "EarlyTom: no video has gone through the model yet"
     layers = stats["prune_layers"]
-    lines = [f"EarlyTom  r={cfg.retain_ratio:g}  tau={cfg.tau:g}  max_window={cfg.max_window}  ema={cfg.ema:g}  "
-             f"prune_layers={tuple(layers)}  device={stats['device']}"]
-    head = ["video", "frames"] + [f"after L{p}" for p in layers] + ["segments", "r'", "tokens before", "tokens after",
-                                                                     "kept"]
+    lines = [
+        f"EarlyTom  r={cfg.retain_ratio:g}  tau={cfg.tau:g}  max_window={cfg.max_window}  ema={cfg.ema:g}  "
+        f"prune_layers={tuple(layers)}  device={stats['device']}"
+    ]
+    head = (
+        ["video", "frames"]
+        + [f"after L{p}" for p in layers]
+        + ["segments", "r'", "tokens before", "tokens after", "kept"]
+    )
     rows = [head]
     tb = ta = 0
     for i, v in enumerate(stats["videos"]):
         tb += v["tokens_before"]
         ta += v["tokens_after"]
-        rows.append([str(i), str(v["frames_before"])] + [str(v["frames_after"].get(p, "")) for p in layers]
-                    + [str(len(v["segments"])), f"{v['ratio']:.4f}", str(v["tokens_before"]), str(v["tokens_after"]),
-                       f"{100.0 * v['tokens_after'] / max(v['tokens_before'], 1):.1f}%"])
+        rows.append(
+            [str(i), str(v["frames_before"])]
+            + [str(v["frames_after"].get(p, "")) for p in layers]
+            + [
+                str(len(v["segments"])),
+                f"{v['ratio']:.4f}",
+                str(v["tokens_before"]),
+                str(v["tokens_after"]),
+                f"{100.0 * v['tokens_after'] / max(v['tokens_before'], 1):.1f}%",
+            ]
+        )
     if len(stats["videos"]) > 1:
         rows.append(["all", ""] + [""] * len(layers) + ["", "", str(tb), str(ta), f"{100.0 * ta / max(tb, 1):.1f}%"])
     lines += _table(rows)
@@ -90,8 +105,16 @@ def summary(stats: dict | None, cfg: EarlyTomConfig) -> str:
             span = m.get("span") if m else None
             if not span:
                 continue
-            rows.append([str(i), str(span[0]), str(span[1]), str(m.get("kept", "")),
-                         str(m.get("prefill_len_before", "")), str(m.get("prefill_len_after", ""))])
+            rows.append(
+                [
+                    str(i),
+                    str(span[0]),
+                    str(span[1]),
+                    str(m.get("kept", "")),
+                    str(m.get("prefill_len_before", "")),
+                    str(m.get("prefill_len_after", "")),
+                ]
+            )
         if len(rows) > 1:
             lines.append(f"inner-LLM merge at decoder layer {cfg.llm_merge_layer} (r_in={cfg.llm_merge_ratio:g})")
             lines += _table(rows)

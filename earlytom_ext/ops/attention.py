@@ -6,6 +6,7 @@ no ``S x S`` attention map is stored in global memory. The op checks the shapes,
 devices of q and k itself (``csrc/ops/attention_received.cpp``); the wrapper handles the
 ``[N, S, H·d]`` layout, ``num_heads`` and ``scale``.
 """
+
 from __future__ import annotations
 
 import torch
@@ -44,8 +45,14 @@ def _as_heads(name: str, t: torch.Tensor, num_heads: int | None) -> torch.Tensor
     raise ValueError(f"{name} must be [N, H, S, d] or [N, S, H*d] (with num_heads), got shape {tuple(t.shape)}")
 
 
-def attention_received(q: torch.Tensor, k: torch.Tensor, scale: float | None = None,
-                       num_heads: int | None = None, *, check_finite: bool = True) -> torch.Tensor:
+def attention_received(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    scale: float | None = None,
+    num_heads: int | None = None,
+    *,
+    check_finite: bool = True,
+) -> torch.Tensor:
     """Attention received by each key, averaged over heads and queries.
 
     Args:
@@ -81,7 +88,7 @@ def attention_received(q: torch.Tensor, k: torch.Tensor, scale: float | None = N
     kh = _as_heads("k", k, num_heads)
     d = qh.shape[3]
     if scale is None:
-        scale = d ** -0.5 if d > 0 else 1.0  # d = 0 is rejected by the op
+        scale = d**-0.5 if d > 0 else 1.0  # d = 0 is rejected by the op
     else:
         scale = check_real("scale", scale)
     out = torch.ops.earlytom.attention_received(qh, kh, scale)

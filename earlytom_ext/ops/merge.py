@@ -15,6 +15,7 @@ out-of-range plan index gives a NaN row there; on the CPU it raises).
 Shapes, dtypes and devices are checked by the compiled ops (``csrc/ops/merge_frames.cpp``); the
 wrappers check what the ops cannot name (``t``, ``extras``) and coerce ``frame_counts``.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple, Union
@@ -246,7 +247,7 @@ def segments_per_video(segments: torch.Tensor, segment_counts, frame_counts) -> 
     k = offset = 0
     for n, T in zip(sc, fc):
         video = []
-        for s, e in segs[k:k + n]:
+        for s, e in segs[k : k + n]:
             s, e = s - offset, e - offset
             if not (0 <= s <= e < T):
                 raise ValueError(

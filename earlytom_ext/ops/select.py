@@ -12,6 +12,7 @@ wrapper turns the plan into the op's tensors. The values of ``frame_keep`` are c
 op; on a GPU the op trusts them (checking there would cost a host sync), so the wrapper checks
 host-side values itself (a list, or a CPU tensor) and leaves GPU tensors unread.
 """
+
 from __future__ import annotations
 
 import numbers
@@ -80,8 +81,10 @@ def _check_ratios(retain_ratio, B: int) -> list[float]:
     """``retain_ratio``: one real in (0, 1] for all videos (a 0-d tensor too) or one per video."""
     if isinstance(retain_ratio, torch.Tensor):
         if retain_ratio.dim() > 1:
-            raise ValueError(f"retain_ratio must be a float or a 1-D tensor (one ratio per video), "
-                             f"got shape {tuple(retain_ratio.shape)}")
+            raise ValueError(
+                f"retain_ratio must be a float or a 1-D tensor (one ratio per video), "
+                f"got shape {tuple(retain_ratio.shape)}"
+            )
         retain_ratio = retain_ratio.tolist()
     if isinstance(retain_ratio, numbers.Real) and not isinstance(retain_ratio, bool):
         return [check_ratio("retain_ratio", retain_ratio)] * B
@@ -93,8 +96,12 @@ def _check_ratios(retain_ratio, B: int) -> list[float]:
     return [check_ratio(f"retain_ratio[{v}]", r) for v, r in enumerate(ratios)]
 
 
-def stage2_plan(segments_per_video: Sequence, frames_before: Sequence[int],
-                retain_ratio: float | Sequence[float], tokens_per_frame: int = _ref.TOKENS_PER_FRAME) -> Stage2Plan:
+def stage2_plan(
+    segments_per_video: Sequence,
+    frames_before: Sequence[int],
+    retain_ratio: float | Sequence[float],
+    tokens_per_frame: int = _ref.TOKENS_PER_FRAME,
+) -> Stage2Plan:
     """Per-frame token counts of Stage II, computed on the host.
 
     Args:
@@ -112,8 +119,10 @@ def stage2_plan(segments_per_video: Sequence, frames_before: Sequence[int],
     frame keeps ``k = ceil(P·r')`` tokens, a static frame ``n = max(1, round(P·r'))`` (half to even).
     """
     if isinstance(segments_per_video, (str, bytes, torch.Tensor)) or not hasattr(segments_per_video, "__len__"):
-        raise TypeError(f"segments_per_video must be a list (per video) of lists of (start, end) pairs, "
-                        f"got {type(segments_per_video).__name__}")
+        raise TypeError(
+            f"segments_per_video must be a list (per video) of lists of (start, end) pairs, "
+            f"got {type(segments_per_video).__name__}"
+        )
     frames_before = check_int_list("frames_before", frames_before)
     B = len(segments_per_video)
     if B == 0:
@@ -134,9 +143,11 @@ def stage2_plan(segments_per_video: Sequence, frames_before: Sequence[int],
         T = frames_before[v]
         T_merged = segs[-1][1] + 1
         if T < T_merged:
-            raise ValueError(f"frames_before[{v}] must be >= the merged frame count T' = {T_merged} "
-                             f"(segments cover 0..{T_merged - 1}), got {T}")
-        if T >= 2 ** 63:  # beyond int64 frame counts; T'/T would underflow the double formula
+            raise ValueError(
+                f"frames_before[{v}] must be >= the merged frame count T' = {T_merged} "
+                f"(segments cover 0..{T_merged - 1}), got {T}"
+            )
+        if T >= 2**63:  # beyond int64 frame counts; T'/T would underflow the double formula
             raise ValueError(f"frames_before[{v}] must be < 2**63, got {T}")
         r_adj = _ref.adjusted_ratio(ratios_in[v], T, T_merged, P)
         k = _ref.dynamic_keep(r_adj, P)
@@ -212,8 +223,9 @@ def _check_bools(name: str, v) -> list[bool]:
     return out
 
 
-def select_tokens(feats: torch.Tensor, scores: torch.Tensor, plan: Stage2Plan, *,
-                  check_nan: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def select_tokens(
+    feats: torch.Tensor, scores: torch.Tensor, plan: Stage2Plan, *, check_nan: bool | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Stage II selection over all merged frames of all videos, one fused op.
 
     Args:
@@ -256,8 +268,9 @@ if _ext.available():
 
     @torch.library.register_fake("earlytom::select_tokens")
     def _select_tokens_fake(feats, scores, frame_keep, frame_static, num_out):
-        check_same_device("select_tokens", "feats", feats, scores=scores, frame_keep=frame_keep,
-                          frame_static=frame_static)
+        check_same_device(
+            "select_tokens", "feats", feats, scores=scores, frame_keep=frame_keep, frame_static=frame_static
+        )
         torch._check(feats.dim() == 3, lambda: f"feats must be [N, P, C], got {tuple(feats.shape)}")
         torch._check(scores.dim() == 2, lambda: f"scores must be [N, P], got {tuple(scores.shape)}")
         torch._check(num_out >= 0, lambda: f"num_out must be >= 0, got {num_out}")

@@ -94,14 +94,26 @@ class ModelAdapter:
         layers, then whatever the model does until the LLM's side (projector, pooling)."""
         raise NotImplementedError
 
-    def finish(self, tokens: Sequence[torch.Tensor], index: Sequence[torch.Tensor], run: VideoRun,
-               videos: VideoInputs, encoded: EncodedVideos) -> list[torch.Tensor]:
+    def finish(
+        self,
+        tokens: Sequence[torch.Tensor],
+        index: Sequence[torch.Tensor],
+        run: VideoRun,
+        videos: VideoInputs,
+        encoded: EncodedVideos,
+    ) -> list[torch.Tensor]:
         """Stage II's kept tokens per video (``tokens[v]: [n_v, C]``, ``index[v]: [n_v, 2]`` =
         (merged frame, position)) -> the video features the LLM receives. Default: as they are."""
         return list(tokens)
 
-    def build_llm_inputs(self, call: dict[str, Any], input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                         features: Sequence[torch.Tensor], videos: VideoInputs) -> dict[str, Any]:
+    def build_llm_inputs(
+        self,
+        call: dict[str, Any],
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        features: Sequence[torch.Tensor],
+        videos: VideoInputs,
+    ) -> dict[str, Any]:
         """The rewritten prompt (``input_ids`` with the compressed placeholder runs, its
         ``attention_mask``) and the video features -> keyword arguments for the model's forward
         (at least ``inputs_embeds``; position ids where the model needs them)."""

@@ -132,8 +132,11 @@ class LlavaOnevisionAdapter(ModelAdapter):
         else the model config's; checked against the prune layers."""
         c = self.config
         layer = vision_feature_layer if vision_feature_layer is not None else getattr(c, "vision_feature_layer", -1)
-        strategy = (vision_feature_select_strategy if vision_feature_select_strategy is not None
-                    else getattr(c, "vision_feature_select_strategy", "full"))
+        strategy = (
+            vision_feature_select_strategy
+            if vision_feature_select_strategy is not None
+            else getattr(c, "vision_feature_select_strategy", "full")
+        )
         if strategy not in ("default", "full"):
             raise ValueError(f"vision_feature_select_strategy must be 'default' or 'full', got {strategy!r}")
         layers = self.feature_layers(layer)
@@ -214,8 +217,9 @@ class LlavaOnevisionAdapter(ModelAdapter):
                 f"num_channels and image_size), got shape {tuple(pv.shape)}"
             )
         plan = self.feature_plan(call.get("vision_feature_layer"), call.get("vision_feature_select_strategy"))
-        return VideoInputs(pixels=pv, frames=[T] * B, placeholders=[T * self.tokens_per_frame + 1] * B,
-                           extra={"feature_plan": plan})
+        return VideoInputs(
+            pixels=pv, frames=[T] * B, placeholders=[T * self.tokens_per_frame + 1] * B, extra={"feature_plan": plan}
+        )
 
     def encode(self, run: VideoRun, videos: VideoInputs) -> EncodedVideos:
         feat_layers, strategy = videos.extra["feature_plan"]
@@ -240,8 +244,11 @@ class LlavaOnevisionAdapter(ModelAdapter):
         if any(li not in self._captured for li in feat_layers):
             raise RuntimeError("EarlyTom: the vision tower did not run through the patched layers")
         captured, self._captured = self._captured, {}
-        feats = captured[feat_layers[0]] if len(feat_layers) == 1 else torch.cat(
-            [captured[li] for li in feat_layers], dim=-1)
+        feats = (
+            captured[feat_layers[0]]
+            if len(feat_layers) == 1
+            else torch.cat([captured[li] for li in feat_layers], dim=-1)
+        )
         scores = run.scores
         if strategy == "default":
             feats = feats[:, 1:]
@@ -260,13 +267,25 @@ class LlavaOnevisionAdapter(ModelAdapter):
         clock.span("pooling", t2, clock.now())
         return EncodedVideos(feats=pooled, scores=pooled_scores)
 
-    def finish(self, tokens: Sequence[torch.Tensor], index: Sequence[torch.Tensor], run: VideoRun,
-               videos: VideoInputs, encoded: EncodedVideos) -> list[torch.Tensor]:
+    def finish(
+        self,
+        tokens: Sequence[torch.Tensor],
+        index: Sequence[torch.Tensor],
+        run: VideoRun,
+        videos: VideoInputs,
+        encoded: EncodedVideos,
+    ) -> list[torch.Tensor]:
         if not tokens:
             return []
         newline = self.inner.image_newline.to(device=tokens[0].device, dtype=tokens[0].dtype)[None, :]
         return [torch.cat([t, newline], dim=0) for t in tokens]
 
-    def build_llm_inputs(self, call: dict[str, Any], input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                         features: Sequence[torch.Tensor], videos: VideoInputs) -> dict[str, Any]:
+    def build_llm_inputs(
+        self,
+        call: dict[str, Any],
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        features: Sequence[torch.Tensor],
+        videos: VideoInputs,
+    ) -> dict[str, Any]:
         return {"inputs_embeds": self.scatter_features(input_ids, features)}

@@ -148,7 +148,7 @@ class Qwen2_5_VLAdapter(_VisionForward, _RopePositions, ModelAdapter):
         attn = blocks[0].attn
         self.num_heads = int(attn.num_heads)
         self.head_dim = int(attn.head_dim)
-        self.scale = float(getattr(attn, "scaling", self.head_dim ** -0.5))
+        self.scale = float(getattr(attn, "scaling", self.head_dim**-0.5))
         #: P of the last call (the LLM tokens per temporal group; it depends on the video's grid).
         self.tokens_per_frame = 0
         # transformers 5.x: rotary from position ids, vision_utils helpers, the processor's
@@ -222,7 +222,7 @@ class Qwen2_5_VLAdapter(_VisionForward, _RopePositions, ModelAdapter):
     # ---------------------------------------------------------------- the video path
     def video_inputs(self, call: dict[str, Any]) -> VideoInputs:
         pv = call["pixel_values_videos"]
-        patch_dim = self.in_channels * self.temporal_patch_size * self.patch_size ** 2
+        patch_dim = self.in_channels * self.temporal_patch_size * self.patch_size**2
         if not isinstance(pv, torch.Tensor):
             raise TypeError(
                 f"pixel_values_videos must be a torch.Tensor [patches, {patch_dim}] (the processor's flattened "
@@ -267,13 +267,15 @@ class Qwen2_5_VLAdapter(_VisionForward, _RopePositions, ModelAdapter):
                 spg = spg.detach().cpu().reshape(-1) if spg.dim() <= 1 else spg
                 if spg.dim() != 1:
                     raise ValueError(
-                        f"second_per_grid_ts must be 1-D (one value per video), got shape {tuple(spg.shape)}")
+                        f"second_per_grid_ts must be 1-D (one value per video), got shape {tuple(spg.shape)}"
+                    )
                 spg = list(spg)  # 0-d tensors: the model's arithmetic uses them as they are
             elif isinstance(spg, (list, tuple)):
                 spg = list(spg)
             else:
                 raise TypeError(
-                    f"second_per_grid_ts must be a tensor or a list (one value per video), got {type(spg).__name__}")
+                    f"second_per_grid_ts must be a tensor or a list (one value per video), got {type(spg).__name__}"
+                )
             if len(spg) != len(grid):
                 raise ValueError(f"second_per_grid_ts must have one value per video ({len(grid)}), got {len(spg)}")
         images = call.get("image_grid_thw")
@@ -285,7 +287,14 @@ class Qwen2_5_VLAdapter(_VisionForward, _RopePositions, ModelAdapter):
         P = H * W // self.unit
         self.tokens_per_frame = P
         return VideoInputs(
-            pixels=pv, frames=[t for t, _, _ in grid], placeholders=[t * P for t, _, _ in grid],
-            extra={"grid": grid, "hw": (H, W), "second_per_grid_ts": spg, "image_grid": image_grid,
-                   "mm_token_type_ids": mm},
+            pixels=pv,
+            frames=[t for t, _, _ in grid],
+            placeholders=[t * P for t, _, _ in grid],
+            extra={
+                "grid": grid,
+                "hw": (H, W),
+                "second_per_grid_ts": spg,
+                "image_grid": image_grid,
+                "mm_token_type_ids": mm,
+            },
         )

@@ -26,8 +26,14 @@ class _RopePositions:
     uncompressed video). Mixed into ``Qwen2_5_VLAdapter``, whose ``__init__`` sets the attributes read here."""
 
     # ---------------------------------------------------------------- after Stage II
-    def finish(self, tokens: Sequence[torch.Tensor], index: Sequence[torch.Tensor], run: VideoRun,
-               videos: VideoInputs, encoded: EncodedVideos) -> list[torch.Tensor]:
+    def finish(
+        self,
+        tokens: Sequence[torch.Tensor],
+        index: Sequence[torch.Tensor],
+        run: VideoRun,
+        videos: VideoInputs,
+        encoded: EncodedVideos,
+    ) -> list[torch.Tensor]:
         """Features as selected; the (t, h, w) rotary offsets of every kept token are kept for
         :meth:`build_llm_inputs` (those of its place in the uncompressed video; a merged group
         takes those of its first source group)."""
@@ -87,25 +93,32 @@ class _RopePositions:
             kw["image_grid_thw"] = grid_t
         if self._v5_rope:
             mm = torch.zeros_like(ids)
-            mm[0, 2:2 + n] = 2 if kind == "video" else 1
+            mm[0, 2 : 2 + n] = 2 if kind == "video" else 1
             kw["mm_token_type_ids"] = mm
         rope_index = self._orig_get_rope_index or self.inner.get_rope_index
         pos, delta = rope_index(ids, **kw)
         row = pos[:, 0].to("cpu", torch.int64)
         begin = int(row[0, 1]) + 1  # the block starts right after <vision_start>
-        rel = (row[:, 2:2 + n] - begin).reshape(3, t, n // t)
+        rel = (row[:, 2 : 2 + n] - begin).reshape(3, t, n // t)
         peak = int(row[:, 1:].max())
         d = int(delta.reshape(-1)[0])
         if d not in (peak + 1 - ids.shape[1], peak + 1 - (ids.shape[1] - 1)):
             raise RuntimeError(f"unexpected rope_deltas {d} from {type(self.inner).__name__}.get_rope_index")
-        out = _Layout(rel=rel, advance=int(row[0, 2 + n]) - begin, pad=int(row[0, 0]),
-                      padded_delta=d == peak + 1 - ids.shape[1])
+        out = _Layout(
+            rel=rel, advance=int(row[0, 2 + n]) - begin, pad=int(row[0, 0]), padded_delta=d == peak + 1 - ids.shape[1]
+        )
         self._layout_cache[key] = out
         return out
 
     # ---------------------------------------------------------------- LLM inputs
-    def build_llm_inputs(self, call: dict[str, Any], input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                         features: Sequence[torch.Tensor], videos: VideoInputs) -> dict[str, Any]:
+    def build_llm_inputs(
+        self,
+        call: dict[str, Any],
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        features: Sequence[torch.Tensor],
+        videos: VideoInputs,
+    ) -> dict[str, Any]:
         embeds = self.scatter_features(input_ids, features)
         prompt = videos.prompt
         if prompt is not None:
@@ -116,7 +129,7 @@ class _RopePositions:
         device = input_ids.device
         pos = host_to_device(positions, torch.int64, device)
         for b, col, length, start, v in runs:
-            pos[:, b, col:col + length] = videos.extra["kept_thw"][v].to(device) + start
+            pos[:, b, col : col + length] = videos.extra["kept_thw"][v].to(device) + start
         mask = attention_mask.to(device) != 0
         peak = pos.amax(dim=0).masked_fill(~mask, -1).amax(dim=-1, keepdim=True)
         length = pos.shape[-1] if rules.padded_delta else mask.sum(dim=-1, keepdim=True)
@@ -175,12 +188,16 @@ class _RopePositions:
                         v += 1
                     else:
                         if image_grid is None or img >= len(image_grid):
-                            raise ValueError("image_grid_thw is required for the image placeholders in input_ids "
-                                             "(one (t, h, w) row per image)")
+                            raise ValueError(
+                                "image_grid_thw is required for the image placeholders in input_ids "
+                                "(one (t, h, w) row per image)"
+                            )
                         t, h, w = image_grid[img]
                         if n != t * (h // m) * (w // m):
-                            raise ValueError(f"image {img}: {n} placeholders in input_ids, image_grid_thw[{img}] = "
-                                             f"{(t, h, w)} needs {t * (h // m) * (w // m)}")
+                            raise ValueError(
+                                f"image {img}: {n} placeholders in input_ids, image_grid_thw[{img}] = "
+                                f"{(t, h, w)} needs {t * (h // m) * (w // m)}"
+                            )
                         lay = self._layout("image", (t, h, w), None)
                         positions[:, b, torch.tensor(cols[j:e])] = lay.rel.reshape(3, -1) + cur
                         cur += lay.advance
@@ -192,5 +209,6 @@ class _RopePositions:
                     j += 1
         if v != len(counts):
             raise ValueError(
-                f"input_ids hold {v} video placeholder runs, video_grid_thw describes {len(counts)} videos")
+                f"input_ids hold {v} video placeholder runs, video_grid_thw describes {len(counts)} videos"
+            )
         return positions, runs, rules

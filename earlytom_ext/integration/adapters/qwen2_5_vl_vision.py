@@ -15,8 +15,16 @@ class _Geometry:
     """Per-group tensors of one spatial grid: the window permutation of the merge units, its
     inverse, the window boundaries and the rotary (cos, sin) of one group, in window order."""
 
-    def __init__(self, perm: torch.Tensor, inv: torch.Tensor, cu_window: torch.Tensor, window_max: int,
-                 cos: torch.Tensor, sin: torch.Tensor, S: int):
+    def __init__(
+        self,
+        perm: torch.Tensor,
+        inv: torch.Tensor,
+        cu_window: torch.Tensor,
+        window_max: int,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        S: int,
+    ):
         self.perm, self.inv, self.cu_window, self.window_max = perm, inv, cu_window, window_max
         self.cos, self.sin, self.S = cos, sin, S
 
@@ -53,8 +61,9 @@ class _VisionForward:
         else:  # transformers 5.x
             from transformers.vision_utils import get_vision_position_ids, get_vision_window_index
 
-            perm, cu = get_vision_window_index(grid1, spatial_merge_size=self.merge, window_size=self.window_size,
-                                               patch_size=self.patch_size)
+            perm, cu = get_vision_window_index(
+                grid1, spatial_merge_size=self.merge, window_size=self.window_size, patch_size=self.patch_size
+            )
             pos = get_vision_position_ids(grid1, self.merge).to(device)
             probe = torch.empty(0, device=device)
             cos, sin = visual.rotary_pos_emb(probe, pos)
@@ -64,8 +73,15 @@ class _VisionForward:
         window_max = int((cu[1:] - cu[:-1]).max())
         perm = perm.to(torch.int64)
         inv = torch.argsort(perm)
-        g = _Geometry(host_to_device(perm, torch.int64, device), host_to_device(inv, torch.int64, device),
-                      host_to_device(cu, torch.int32, device), window_max, cos, sin, S)
+        g = _Geometry(
+            host_to_device(perm, torch.int64, device),
+            host_to_device(inv, torch.int64, device),
+            host_to_device(cu, torch.int32, device),
+            window_max,
+            cos,
+            sin,
+            S,
+        )
         self._geometry_cache[key] = g
         return g
 
