@@ -186,3 +186,42 @@ def test_summary(model, videos):
     assert row0[-3:-1] == [str(T * 196 + 1), str(v0["tokens_after"])]
     assert any(line.startswith("all") for line in lines)
     assert "vision_tower" in text and "stage2" in text
+
+
+def test_unknown_or_repeated_video_arguments_raise(model, videos):
+    pv = torch.stack(videos)
+    with earlytom_ext.apply(model, CFG) as h:
+        with pytest.raises(TypeError, match="vision_feature_layers"):
+            h.encode_videos(pv, vision_feature_layers=-2)
+        with pytest.raises(TypeError, match="both positionally and by keyword"):
+            h.encode_videos(pv, -1, vision_feature_layer=-2)
+        inputs = tm.make_inputs(videos, seed=6)
+        with pytest.raises(TypeError, match="padding_sid"):
+            h.prepare_inputs(inputs["input_ids"], pv, padding_sid="right")
+
+
+def test_failed_remove_changes_nothing(model, videos):
+    cfg = CFG.replace(llm_merge_layer=1)
+    lm = model.model.language_model
+    h = earlytom_ext.apply(model, cfg)
+    hooks = sum(len(m._forward_hooks) for m in model.modules())
+    inner = lm.forward
+    lm.forward = lambda *a, **k: inner(*a, **k)  # someone wraps the language model after apply
+    with pytest.raises(RuntimeError, match="replaced"):
+        h.remove()
+    assert "active" in repr(h)
+    assert sum(len(m._forward_hooks) for m in model.modules()) == hooks  # the encoder hooks are still there
+    h.encode_videos(torch.stack(videos))  # still fully working
+    del lm.forward
+    lm.forward = inner
+    h.remove()
+    assert "forward" not in lm.__dict__ and "_earlytom_handle" not in model.__dict__
+
+
+def test_default_prune_layers_are_a_valid_config(model):
+    from earlytom_ext.integration.adapters import adapter_for
+
+    adapter = adapter_for(model)
+    layers = adapter.default_prune_layers()
+    cfg = EarlyTomConfig(prune_layers=layers)  # strictly increasing, inside the encoder
+    assert cfg.prune_layers[-1] < adapter.depth

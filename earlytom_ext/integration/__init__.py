@@ -8,7 +8,8 @@ each video's run of placeholders and feed the compressed features to the languag
 
 Layout: :mod:`.core` (the handle: model-independent), :mod:`.run` (one armed pass through the
 encoder), :mod:`.prompt` (placeholder rewriting), :mod:`.wrappers` (``forward`` / ``generate``),
-:mod:`.stats`, :mod:`.pooling`, and :mod:`.adapters` (one per model family: LLaVA-OneVision).
+:mod:`.stats`, :mod:`.pooling`, :mod:`.llm_merge` (the optional inner-LLM merge), and :mod:`.adapters`
+(one per model family: LLaVA-OneVision, Qwen2.5-VL).
 
 ``generate`` returns sequences whose prompt part is the caller's *original* ``input_ids``;
 ``max_length`` / ``min_length`` count that prompt; a ``streamer`` receives it. ``forward`` returns the
@@ -32,7 +33,8 @@ def apply(model: nn.Module, cfg: EarlyTomConfig | None = None) -> EarlyTomHandle
     """Patch one Hugging Face video LLM with EarlyTom.
 
     Args:
-        model: a ``LlavaOnevisionForConditionalGeneration`` (transformers 4.57.x or 5.x).
+        model: a ``LlavaOnevisionForConditionalGeneration`` or ``Qwen2_5_VLForConditionalGeneration``
+            (transformers 4.57.x or 5.x).
         cfg: the :class:`EarlyTomConfig` (default ``EarlyTomConfig()``); its prune layers must be
             below the vision encoder's depth and not after the feature layer.
 

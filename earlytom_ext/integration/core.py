@@ -134,9 +134,9 @@ class EarlyTomHandle:
             cur = model.__dict__.get(name, _MISSING)
             if cur is not _MISSING and getattr(cur, "_earlytom_wrapper_of", None) is not self:
                 raise RuntimeError(f"model.{name} was replaced after earlytom_ext.apply(); remove that wrapper first")
-        self._adapter.remove()
         if self._llm_merge is not None:
-            self._llm_merge.remove()
+            self._llm_merge.remove()  # first: it raises, changing nothing, if its forward was wrapped since
+        self._adapter.remove()
         for name, prev in self._prev_attrs.items():
             if prev is _MISSING:
                 model.__dict__.pop(name, None)
@@ -177,6 +177,12 @@ class EarlyTomHandle:
     def _video_inputs(self, pixel_values_videos, kwargs: dict[str, Any]) -> VideoInputs:
         if self._removed:
             raise RuntimeError("this EarlyTom handle was removed")
+        unknown = sorted(set(kwargs) - set(self._adapter.video_kwargs))
+        if unknown:
+            raise TypeError(
+                f"unexpected video argument(s) {unknown}; {type(self._adapter).__name__} takes "
+                f"{list(self._adapter.video_kwargs)}"
+            )
         call = dict(kwargs)
         call[self.video_arg] = pixel_values_videos
         videos = self._adapter.video_inputs(call)
@@ -195,7 +201,10 @@ class EarlyTomHandle:
         names = ("vision_feature_layer", "vision_feature_select_strategy")
         if len(args) > len(names):
             raise TypeError(f"encode_videos takes at most {len(names)} positional arguments after the videos")
-        kwargs.update({n: a for n, a in zip(names, args)})
+        for n, a in zip(names, args):
+            if n in kwargs:
+                raise TypeError(f"encode_videos got {n} both positionally and by keyword")
+            kwargs[n] = a
         return self._encode(self._video_inputs(pixel_values_videos, kwargs))
 
     def _encode(self, videos: VideoInputs) -> list[torch.Tensor]:
@@ -211,7 +220,7 @@ class EarlyTomHandle:
         encoded = adapter.encode(run, videos)
         t2 = clock.now()
         segs_local = _merge_ops.segments_per_video(*run.refined_host.wait())  # copied while the encoder ran
-        P = adapter.tokens_per_frame
+        P = adapter.tokens_per_frame  # of this call (Qwen2.5-VL: set by video_inputs from the grid)
         plan = ops.stage2_plan(segs_local, videos.frames, self._cfg.retain_ratio, tokens_per_frame=P)
         tokens, index = ops.select_tokens(encoded.feats, encoded.scores, plan)
         sizes = list(plan.tokens_per_video)
@@ -231,6 +240,7 @@ class EarlyTomHandle:
             "final_counts": run.frame_counts,
             "clock": clock,
             "device": str(device),
+            "tokens_per_frame": P,
         }
         self._stats_cache = None
         logger.debug(
@@ -255,7 +265,8 @@ class EarlyTomHandle:
         """Compress the videos and rewrite the language-model inputs.
 
         Returns ``{"input_ids", "attention_mask", "inputs_embeds", "labels" (when given),
-        "video_token_counts"}`` plus what the model family needs (e.g. position ids): every video's
+        "video_token_counts", "video_spans"}`` (spans: per sample, ``(start, length)`` of each compressed
+        video run) plus what the model family needs (Qwen2.5-VL: position ids, ``mm_token_type_ids``): every video's
         run of placeholders becomes a run of its compressed length, the batch is re-padded on the
         side the inputs used (``padding_side`` when the inputs had no padding; default ``"left"``), and
         the compressed video features are written into ``inputs_embeds`` at the placeholders. The video
@@ -310,7 +321,7 @@ class EarlyTomHandle:
         self.last_inputs = {k: v for k, v in result.items() if k != "inputs_embeds"}
         return result
 
-    def compress_call(self, call: dict, input_ids, *, generating: bool) -> torch.Tensor:
+    def compress_call(self, call: dict, input_ids) -> torch.Tensor:
         """Shared by the ``forward`` and ``generate`` wrappers: compress the videos and rewrite the
         call's arguments in place. Returns the compressed ``input_ids``."""
         if call.get("inputs_embeds") is not None:
@@ -356,3 +367,4 @@ class EarlyTomHandle:
         first) must not apply to the next, unrelated prefill."""
         if self._llm_merge is not None:
             self._llm_merge.disarm()
+        self._adapter.end_call()

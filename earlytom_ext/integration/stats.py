@@ -49,7 +49,7 @@ def materialize(raw: dict, cfg: EarlyTomConfig, adapter) -> dict:
         "videos": videos,
         "timings_ms": raw["clock"].resolve(),
         "prune_layers": tuple(cfg.prune_layers),
-        "tokens_per_frame": adapter.tokens_per_frame,
+        "tokens_per_frame": raw["tokens_per_frame"],
         "device": raw["device"],
     }
 

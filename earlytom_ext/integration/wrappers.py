@@ -126,7 +126,7 @@ def make_forward(core, orig: Callable) -> Callable:
         call = bind(args, kwargs)
         if call.get(video_arg) is None:
             return orig(**call)
-        core.compress_call(call, call.pop("input_ids", None), generating=False)
+        core.compress_call(call, call.pop("input_ids", None))
         try:
             return orig(**call)
         finally:
@@ -154,7 +154,7 @@ def make_generate(core, orig: Callable) -> Callable:
         if input_ids is None:
             input_ids = inputs
         with torch.no_grad():  # generate is inference only
-            ids = core.compress_call(call, input_ids, generating=True)
+            ids = core.compress_call(call, input_ids)
         L, L2 = input_ids.shape[1], ids.shape[1]
         try:
             shift_lengths(core.model, call, L, L2)

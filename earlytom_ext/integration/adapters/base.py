@@ -79,6 +79,9 @@ class ModelAdapter:
     def remove(self) -> None:
         """Undo :meth:`install` exactly (idempotent)."""
 
+    def end_call(self) -> None:
+        """After each wrapped ``forward`` / ``generate`` call (also when it failed): drop per-call state."""
+
     def encoder_device(self) -> torch.device:
         """Where the vision encoder runs (frame counts and runs live there)."""
         return next(self.model.parameters()).device

@@ -92,7 +92,9 @@ class LlavaOnevisionAdapter(ModelAdapter):
 
     # ---------------------------------------------------------------- configuration
     def default_prune_layers(self) -> tuple[int, ...]:
-        return (6, 21, 23) if self.depth == 26 else tuple(round(self.depth * f) for f in (0.25, 0.8, 0.88))
+        if self.depth == 26:
+            return (6, 21, 23)
+        return tuple(sorted({min(self.depth - 1, round(self.depth * f)) for f in (0.25, 0.8, 0.88)}))
 
     def check_config(self, cfg: EarlyTomConfig) -> None:
         self._cfg = cfg
@@ -238,6 +240,8 @@ class LlavaOnevisionAdapter(ModelAdapter):
         finally:
             self._run = None
             self._qk = [None, None]
+            if run.refined is None:  # failed inside the tower: keep no hidden states alive
+                self._captured = {}
         t1 = clock.now()
         clock.span("vision_tower", t0, t1)
         run.check_complete()

@@ -50,6 +50,8 @@ from .base import ModelAdapter, VideoInputs
 from .qwen2_5_vl_positions import _Layout, _RopePositions
 from .qwen2_5_vl_vision import _Geometry, _VisionForward
 
+_MISSING = object()
+
 __all__ = ["QWEN2_5_VL_PRUNE_LAYERS", "Qwen2_5_VLAdapter", "default_prune_layers"]
 
 #: Prune layers for the 32-block encoder of Qwen2.5-VL (3B / 7B / 32B / 72B, full attention in
@@ -183,6 +185,7 @@ class Qwen2_5_VLAdapter(_VisionForward, _RopePositions, ModelAdapter):
             # 4.57's generate cannot carry 3-D position ids: hand them to the prefill's own call.
             orig = self.inner.get_rope_index
             self._orig_get_rope_index = orig
+            self._prev_rope_attr = self.inner.__dict__.get("get_rope_index", _MISSING)
 
             @functools.wraps(orig)
             def get_rope_index(*args, **kwargs):
@@ -190,13 +193,25 @@ class Qwen2_5_VLAdapter(_VisionForward, _RopePositions, ModelAdapter):
                 return hit if hit is not None else orig(*args, **kwargs)
 
             self.inner.__dict__["get_rope_index"] = get_rope_index
+            self._rope_wrapper = get_rope_index
             self._installed_rope = True
 
     def remove(self) -> None:
         if self._installed_rope:
-            self.inner.__dict__.pop("get_rope_index", None)
+            if self.inner.__dict__.get("get_rope_index") is not self._rope_wrapper:
+                raise RuntimeError(
+                    "model.model.get_rope_index was replaced after earlytom_ext.apply(); remove that wrapper first"
+                )
+            if self._prev_rope_attr is _MISSING:
+                self.inner.__dict__.pop("get_rope_index", None)
+            else:
+                self.inner.__dict__["get_rope_index"] = self._prev_rope_attr
             self._installed_rope = False
             self._orig_get_rope_index = None
+        self._armed = None
+
+    def end_call(self) -> None:
+        # Positions armed for a prefill that never ran (the call failed first) must not reach the next one.
         self._armed = None
 
     def _take_armed(self, args, kwargs):
