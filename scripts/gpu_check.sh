@@ -27,8 +27,8 @@
 # was skipped, the tail of each failing log), logs.tar.gz (all logs, junit xml, bench outputs)
 # and the bench results <device>-<date>.md/.json/.png: at most 8 files. Both are rewritten after
 # every stage, so a run stopped from outside still returns the finished stages. The script keeps
-# going after a failing stage and exits 1 when any stage failed (0 otherwise; skipped stages are
-# listed at the top of the summary).
+# going after a failing stage and exits 1 when any stage failed, 2 when none failed but a requested
+# stage was skipped for lack of time (listed at the top of the summary), 0 when every stage passed.
 #
 # Environment: OUT (default: a temp folder), PYTHON (python3), CUDA_HOME (/usr/local/cuda or
 # nvcc's), MAX_JOBS (16), TORCH_CUDA_ARCH_LIST (9.0), CMAKE_CUDA_ARCHITECTURES (90),
@@ -93,6 +93,7 @@ NOTES="$WORK/notes.txt"  # skipped pieces inside stages (sanitizer runs, ...)
 : >"$STATUS_ROWS"
 : >"$NOTES"
 FAILED=0
+SKIPPED_STAGE=0
 FINAL_RESERVE=15  # seconds kept for the summary and the archive
 
 # Slices: "MAX MIN" seconds per stage (see the header).
@@ -121,6 +122,7 @@ run_stage() {
   if [ "$left" -lt "$need" ]; then
     log "stage $name: SKIPPED (budget: ${left}s left of ${BUDGET}s, needs ${need}s)"
     printf '%s\t%s\t%s\n' "$name" "SKIPPED (budget: ${left}s left of ${BUDGET}s, needs ${need}s)" 0 >>"$STATUS_ROWS"
+    SKIPPED_STAGE=1
     finalize
     return
   fi
@@ -218,11 +220,15 @@ stage_test() {
   return "$rc"
 }
 
-stage_cuda() {
-  if [ "$CPU_ONLY" = 1 ]; then echo "no GPU (--cpu): cuda_tests not built"; return 77; fi
+build_cuda_tests() {
   cmake -S . -B "$CT_BUILD" -DCMAKE_CUDA_ARCHITECTURES="$CUDA_ARCHS" -DCMAKE_BUILD_TYPE=Release \
     -DCMAKE_CUDA_COMPILER="$CUDA_HOME/bin/nvcc" >/dev/null || return 1
-  cmake --build "$CT_BUILD" -j "$MAX_JOBS" || return 1
+  cmake --build "$CT_BUILD" -j "$MAX_JOBS"
+}
+
+stage_cuda() {
+  if [ "$CPU_ONLY" = 1 ]; then echo "no GPU (--cpu): cuda_tests not built"; return 77; fi
+  build_cuda_tests || return 1
   ctest --test-dir "$CT_BUILD" --output-on-failure --no-tests=error --timeout 120
 }
 
@@ -241,8 +247,8 @@ stage_sanitize() {
   local cs
   cs="$(sanitizer_bin)" || { echo "compute-sanitizer not found"; return 1; }
   if ! ls "$CT_BUILD"/test_* >/dev/null 2>&1; then
-    echo "cuda_tests not built yet: building them first"
-    stage_cuda >/dev/null || true
+    echo "cuda_tests not built yet: building them first (no ctest run here)"
+    build_cuda_tests || return 1
   fi
   local bins=() b
   for b in "$CT_BUILD"/test_*; do [ -f "$b" ] && [ -x "$b" ] && bins+=("$b"); done
@@ -386,4 +392,6 @@ cat "$SUMMARY"
 echo
 echo "outputs in $OUT: $(ls "$OUT" | tr '\n' ' ')"
 rm -rf "$WORK"
-exit "$FAILED"
+[ "$FAILED" -ne 0 ] && exit 1
+[ "$SKIPPED_STAGE" -ne 0 ] && exit 2
+exit 0

@@ -17,7 +17,8 @@ inline DType kernel_dtype(at::ScalarType t) {
     case at::kDouble: return DType::kFloat64;
     default: break;
   }
-  TORCH_CHECK_TYPE(false, "no CUDA kernel for dtype ", t);  // the ops' input checks exclude it
+  // Text only: messages with formatted values are built in g++-compiled code (docs/design.md).
+  TORCH_CHECK_TYPE(false, "no CUDA kernel for this dtype");  // the ops' input checks exclude it
   return DType::kFloat32;
 }
 

@@ -1,7 +1,7 @@
 // select_tokens, CUDA: Stage II per-frame token selection (docs/design.md "select_tokens").
 // No host sync: frame_keep is trusted to satisfy 1 <= keep <= P and sum == num_out (the Python
-// wrapper builds it on the host and checks it); the kernels never write or read out of bounds
-// when it does not.
+// wrapper checks host values before the launch; a frame_keep tensor already on the GPU is not
+// checked); the kernels never write or read out of bounds when it does not hold.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>

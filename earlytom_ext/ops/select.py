@@ -256,12 +256,12 @@ def select_tokens(
         check_nan = scores.device.type == "cpu"
     if check_nan and scores.numel() and bool(torch.isnan(scores).any()):
         raise ValueError("scores contains NaN values")
-    out = torch.ops.earlytom.select_tokens(feats, scores, frame_keep, frame_static, num_out)
-    if host_keep is not None and feats.device.type != "cpu":
-        # After the op's own checks (so they come first, as on the CPU); the kernels stay in
-        # bounds whatever frame_keep holds, and nothing is returned when this raises.
+    if host_keep is not None and feats.device.type != "cpu" and len(host_keep) == feats.shape[0]:
+        # Host values, checked before the GPU op allocates num_out rows (a wrong num_out must give
+        # this ValueError, not an allocation failure); the CPU op checks them itself. A length
+        # mismatch is left to the op's shape message.
         _check_keep_values(host_keep, feats.shape[1], num_out)
-    return out
+    return torch.ops.earlytom.select_tokens(feats, scores, frame_keep, frame_static, num_out)
 
 
 if _ext.available():
