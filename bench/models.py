@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -116,25 +116,8 @@ SPECS: dict[str, ModelSpec] = {
         pad_token_id=0,
         text_id_range=(3, 290),
     ),
-    "micro": ModelSpec(
-        name="micro",
-        vision_hidden=32,
-        vision_mlp=64,
-        vision_layers=26,
-        vision_heads=2,
-        text_hidden=64,
-        text_mlp=128,
-        text_layers=2,
-        text_heads=4,
-        text_kv_heads=2,
-        vocab=320,
-        image_token_id=300,
-        video_token_id=301,
-        pad_token_id=0,
-        text_id_range=(3, 290),
-        image_size=112,
-    ),
 }
+SPECS["micro"] = replace(SPECS["tiny"], name="micro", image_size=112)
 
 
 def get_spec(name: str) -> ModelSpec:

@@ -134,9 +134,16 @@ class EarlyTomConfig:
                 raise ValueError(f"EarlyTomConfig.prune_layers must be non-negative, got {layers}")
         if any(b <= a for a, b in zip(layers, layers[1:])):
             raise ValueError(f"EarlyTomConfig.prune_layers must be strictly increasing, got {layers}")
+        return self.check_depths(num_layers, llm_num_layers)
+
+    def check_depths(self, num_layers: int | None = None, llm_num_layers: int | None = None) -> EarlyTomConfig:
+        """The model-dependent bounds only (the fields were checked when the frozen config was built):
+        the prune layers below the encoder depth ``num_layers``, ``llm_merge_layer`` below the language
+        model's depth ``llm_num_layers``. Returns ``self``."""
+        layers = self.prune_layers
         if num_layers is not None and layers[-1] >= num_layers:
             raise ValueError(
-                f"EarlyTomConfig.prune_layers must be < the encoder depth {num_layers} "
+                f"EarlyTomConfig.prune_layers must be below the vision encoder depth {num_layers} "
                 f"(layers 0..{num_layers - 1}), got {layers}"
             )
         check_llm_merge(self.llm_merge_layer, self.llm_merge_ratio, llm_num_layers)

@@ -50,15 +50,8 @@ def _no_leftover(model):
 # --------------------------------------------------------------------------------------------
 # The reference pipeline, by hand
 # --------------------------------------------------------------------------------------------
-def _layers(model):
-    vt = model.model.vision_tower
-    vm = getattr(vt, "vision_model", vt)
-    return vm, vm.encoder.layers
-
-
-def _call_layer(layer, h):
-    out = layer(h, None)
-    return out[0] if isinstance(out, (tuple, list)) else out
+_layers = tm.vision_layers
+_call_layer = tm.call_layer
 
 
 @torch.no_grad()

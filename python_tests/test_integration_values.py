@@ -47,15 +47,8 @@ def videos():
     return [tm.make_video(T, seed=5, kind="crossfade", scene_length=3), tm.make_video(T, seed=2, kind="static")]
 
 
-def _layers(model):
-    vt = model.model.vision_tower
-    vm = getattr(vt, "vision_model", vt)
-    return vm, vm.encoder.layers
-
-
-def _call_layer(layer, h):
-    out = layer(h, None)
-    return out[0] if isinstance(out, (tuple, list)) else out
+_layers = tm.vision_layers
+_call_layer = tm.call_layer
 
 
 def _qk(layer, h):

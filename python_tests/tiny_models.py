@@ -1,7 +1,8 @@
 """Tiny random LLaVA-OneVision models and hand-built inputs for the tests.
 
 Everything is defined once, in ``earlytom_ext.tiny_model`` (shared with the demo and the
-benchmarks); this module re-exports it under the names the tests use.
+benchmarks); this module re-exports it under the names the tests use, and holds the two helpers
+the tests that run the vision encoder layer by layer share.
 """
 
 from earlytom_ext.tiny_model import (  # noqa: F401  (re-exported for the tests)
@@ -25,3 +26,16 @@ from earlytom_ext.tiny_model import (  # noqa: F401  (re-exported for the tests)
     tiny_config,
     video_token_count,
 )
+
+
+def vision_layers(model):
+    """``(vision model, its encoder layers)`` of a LLaVA-OneVision model (transformers 4.57 and 5.x)."""
+    vt = model.model.vision_tower
+    vm = getattr(vt, "vision_model", vt)
+    return vm, vm.encoder.layers
+
+
+def call_layer(layer, h):
+    """One SigLIP encoder layer on ``h`` (it returns a tensor or a tuple, by version)."""
+    out = layer(h, None)
+    return out[0] if isinstance(out, (tuple, list)) else out

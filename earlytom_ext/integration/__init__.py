@@ -54,10 +54,10 @@ def apply(model: nn.Module, cfg: EarlyTomConfig | None = None) -> EarlyTomHandle
     if isinstance(model, nn.Module) and isinstance(model.__dict__.get(MARKER), EarlyTomHandle):
         raise RuntimeError("EarlyTom is already applied to this model; call handle.remove() first")
     adapter = adapter_for(model)
-    _check_depth(cfg, adapter.depth)
+    cfg.check_depths(num_layers=adapter.depth)
     adapter.check_config(cfg)
     llm_merge = None
-    if getattr(cfg, "llm_merge_layer", None) is not None:
+    if cfg.llm_merge_layer is not None:
         from .llm_merge import LLMMerge
 
         llm_merge = LLMMerge(adapter.language_model(), cfg.llm_merge_layer, cfg.llm_merge_ratio)
@@ -71,13 +71,3 @@ def apply(model: nn.Module, cfg: EarlyTomConfig | None = None) -> EarlyTomHandle
         cfg,
     )
     return handle
-
-
-def _check_depth(cfg: EarlyTomConfig, depth: int) -> None:
-    # The config validated its own fields when it was built (frozen); only the model-dependent bound is new.
-    bad = [p for p in cfg.prune_layers if p >= depth]
-    if bad:
-        raise ValueError(
-            f"EarlyTomConfig.prune_layers {tuple(cfg.prune_layers)} must be below the vision encoder depth "
-            f"{depth} (layers {bad} do not exist)"
-        )

@@ -15,7 +15,7 @@ from ..config import EarlyTomConfig
 from ..ops import merge as _merge_ops
 from . import stats as _stats
 from .adapters.base import ModelAdapter, VideoInputs
-from .prompt import HostPrompt, rewrite_placeholders
+from .prompt import HostPrompt, placeholder_runs, rewrite_placeholders
 from .run import Clock, Decisions, RefineFn, Stage1Fn, VideoRun
 from .wrappers import cache_holds_tokens, make_forward, make_generate, positions_from_mask
 
@@ -291,14 +291,7 @@ class EarlyTomHandle:
         host = HostPrompt(input_ids, attention_mask, labels)  # copies start now, read after the encoder
         if input_ids.device.type != "cuda":
             # Placeholder counts checked before the vision tower runs (free on the CPU).
-            rewrite_placeholders(
-                host,
-                adapter.video_token_id,
-                videos.placeholders,
-                videos.placeholders,
-                padding_side=padding_side,
-                pad_token_id=0,
-            )
+            placeholder_runs(input_ids, adapter.video_token_id, videos.placeholders)
         with torch.no_grad():
             features = self._encode(videos)
         clock = self._raw_stats["clock"]

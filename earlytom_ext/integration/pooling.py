@@ -76,5 +76,5 @@ def fast_pooling(model: nn.Module) -> FastPoolingHandle:
     if getattr(inner.__dict__.get("apply_pooling"), "_earlytom_fast_pooling", False):
         raise RuntimeError("fast_pooling is already applied to this model; call its handle's remove() first")
     vcfg = config.vision_config
-    grid: int | None = vcfg.image_size // vcfg.patch_size
+    grid = vcfg.image_size // vcfg.patch_size
     return FastPoolingHandle(inner, grid)

@@ -15,7 +15,7 @@ import torch
 
 from .run import AsyncHostCopy
 
-__all__ = ["HostPrompt", "RewrittenPrompt", "rewrite_placeholders"]
+__all__ = ["HostPrompt", "RewrittenPrompt", "placeholder_runs", "rewrite_placeholders"]
 
 
 class HostPrompt:
@@ -73,25 +73,10 @@ def _padding(mask: torch.Tensor) -> tuple[list[int], list[int]]:
     return lead, trail
 
 
-def rewrite_placeholders(
-    prompt: HostPrompt,
-    video_token_id: int,
-    before: Sequence[int],
-    after: Sequence[int],
-    *,
-    padding_side: str | None,
-    pad_token_id: int,
-) -> RewrittenPrompt:
-    """Shorten video ``v``'s run of ``before[v]`` placeholders to ``after[v]``.
-
-    The runs are matched to videos in the order Hugging Face fills them (sample-major); every run
-    must be contiguous and lie in one sample. ``padding_side=None`` keeps the side the inputs used
-    (right when only trailing padding exists, else left).
-    """
-    ids = prompt.input_ids
-    Bs, L = ids.shape
-    mask = prompt.attention_mask if prompt.attention_mask is not None else torch.ones_like(ids)
-    labels = prompt.labels
+def placeholder_runs(ids: torch.Tensor, video_token_id: int, before: Sequence[int]) -> dict[int, list[tuple]]:
+    """Per sample, ``(start, end, video)`` of each video's run of ``before[video]`` placeholders in the
+    host tensor ``ids``, matched in the order Hugging Face fills them (sample-major). Every run must be
+    contiguous and lie in one sample (``ValueError`` otherwise)."""
     flat = (ids == video_token_id).nonzero()  # row-major = sample-major
     total = sum(before)
     if flat.shape[0] != total:
@@ -110,6 +95,28 @@ def rewrite_placeholders(
                 f"the {n0} video placeholders of video {v} must be one contiguous run in one sample of input_ids"
             )
         runs.setdefault(b0, []).append((s, s + n0, v))
+    return runs
+
+
+def rewrite_placeholders(
+    prompt: HostPrompt,
+    video_token_id: int,
+    before: Sequence[int],
+    after: Sequence[int],
+    *,
+    padding_side: str | None,
+    pad_token_id: int,
+) -> RewrittenPrompt:
+    """Shorten video ``v``'s run of ``before[v]`` placeholders to ``after[v]``.
+
+    The runs are found by :func:`placeholder_runs`. ``padding_side=None`` keeps the side the inputs used
+    (right when only trailing padding exists, else left).
+    """
+    ids = prompt.input_ids
+    Bs, L = ids.shape
+    mask = prompt.attention_mask if prompt.attention_mask is not None else torch.ones_like(ids)
+    labels = prompt.labels
+    runs = placeholder_runs(ids, video_token_id, before)
 
     lead, trail = _padding(mask) if prompt.attention_mask is not None else ([0] * Bs, [0] * Bs)
     if padding_side is None:
