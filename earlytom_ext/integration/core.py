@@ -168,8 +168,7 @@ class EarlyTomHandle:
                 self._prev_attrs[name] = model.__dict__.get(name, _MISSING)
                 model.__dict__[name] = make(self, getattr(model, name))
         except BaseException:
-            self._removed = False
-            self.remove()
+            self.remove()  # undoes what was installed so far
             raise
         model.__dict__[MARKER] = self
 
