@@ -23,6 +23,9 @@ TORCH_LIBRARY(earlytom, m) {
   m.def(
       "segment_frames(Tensor x, Tensor frame_counts, float tau, int max_window, float ema) "
       "-> (Tensor segments, Tensor segment_counts)");
+  m.def(
+      "segment_frames_deferred(Tensor x, Tensor frame_counts, float tau, int max_window, float ema) "
+      "-> (Tensor segments, Tensor segment_counts, Tensor status)");
   m.def("attention_received(Tensor q, Tensor k, float scale) -> Tensor");
   m.def(
       "select_tokens(Tensor feats, Tensor scores, Tensor frame_keep, Tensor frame_static, "

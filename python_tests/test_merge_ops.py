@@ -16,7 +16,15 @@ import torch
 from earlytom_ext import EarlyTomConfig
 from earlytom_ext import reference as R
 from earlytom_ext.ops import has_cuda_kernels
-from earlytom_ext.ops.merge import MergeResult, apply_merge_plan, merge_frames, segment_frames, segments_per_video
+from earlytom_ext.ops.merge import (
+    MergeResult,
+    apply_merge_plan,
+    merge_frames,
+    resolve_deferred_segments,
+    segment_frames,
+    segment_frames_deferred,
+    segments_per_video,
+)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 CUDA = torch.cuda.is_available() and has_cuda_kernels()
@@ -183,7 +191,22 @@ def assert_matches_reference(x, counts, cfg, extras=None, fc=None):
         torch.testing.assert_close(res.extras.cpu(), er, **tol(ref_extras.dtype, dev))
     segs, seg_counts = segment_frames(x, fc, cfg)
     assert torch.equal(segs, res.segments) and torch.equal(seg_counts, res.segment_counts)
+    check_deferred(x, fc, cfg, segs, seg_counts)
     return res
+
+
+def check_deferred(x, fc, cfg, segs, seg_counts):
+    """segment_frames_deferred: the same segments in the first K rows of a zero-filled [N, 2]
+    buffer, status (K, no flags); resolved from host copies to segment_frames' output."""
+    d = segment_frames_deferred(x, fc, cfg)
+    K = segs.shape[0]
+    assert d.segments.device == x.device and d.status.device == x.device
+    assert d.segments.dtype == d.segment_counts.dtype == d.status.dtype == torch.int64
+    assert d.segments.shape == (x.shape[0], 2) and d.status.tolist() == [K, 0]
+    assert torch.equal(d.segments[:K], segs) and not d.segments[K:].any()
+    assert torch.equal(d.segment_counts, seg_counts)
+    rs, rc = resolve_deferred_segments(d.segments.cpu(), d.segment_counts.cpu(), d.status.cpu())
+    assert torch.equal(rs, segs.cpu()) and torch.equal(rc, seg_counts.cpu())
 
 
 # ------------------------------------------------------------------------------ parity grids
@@ -512,10 +535,13 @@ BAD_COUNTS_IDS = [
 ]
 
 
-@pytest.mark.parametrize("fn", ["merge", "segment"])
+CALLS = {"merge": merge_frames, "segment": segment_frames, "deferred": segment_frames_deferred}
+
+
+@pytest.mark.parametrize("fn", list(CALLS))
 @pytest.mark.parametrize("counts,exc,match", BAD_COUNTS, ids=BAD_COUNTS_IDS)
 def test_bad_frame_counts(fn, counts, exc, match):
-    call = merge_frames if fn == "merge" else segment_frames
+    call = CALLS[fn]
     with pytest.raises(exc, match=match):
         call(torch.randn(6, 4, 8), counts, CFG)
 
@@ -539,9 +565,9 @@ def test_frame_counts_int_forms(counts):
     assert torch.equal(segment_frames(x, counts, CFG)[0], ref.segments)
 
 
-@pytest.mark.parametrize("fn", ["merge", "segment"])
+@pytest.mark.parametrize("fn", list(CALLS))
 def test_bad_x_empty_and_dtypes(fn):
-    call = merge_frames if fn == "merge" else segment_frames
+    call = CALLS[fn]
     with pytest.raises(ValueError, match=r"x must hold at least one frame \[N >= 1, S, D\], got shape \[0, 4, 8\]"):
         call(torch.randn(0, 4, 8), [1], CFG)
     with pytest.raises(ValueError, match=r"D >= 1 channels, got shape \[3, 4, 0\]"):
@@ -561,7 +587,7 @@ def test_bad_x_empty_and_dtypes(fn):
 )
 def test_bad_cfg_type(cfg):
     x = torch.randn(6, 4, 8)
-    for call in (merge_frames, segment_frames):
+    for call in CALLS.values():
         with pytest.raises(TypeError, match="cfg must be an earlytom_ext.EarlyTomConfig"):
             call(x, [6], cfg)
 
@@ -667,6 +693,39 @@ def test_op_level_checks():
         op.merge_frames(x, torch.tensor([2**62] * 4 + [5]), 0.5, 6, 0.9, False)
 
 
+def test_deferred_cpu_raises_at_once_and_resolve_reads_the_flags():
+    x = torch.randn(6, 4, 8)
+    y = x.clone()
+    y[2, 0, 3] = float("inf")
+    with pytest.raises(ValueError, match="segment_frames: x contains NaN or Inf values"):
+        segment_frames_deferred(y, [6], CFG)
+    # Flags as the device sets them (csrc/kernels/merge_frames.h): 1, 2 bad counts, 4 NaN/Inf.
+    segs, counts = torch.zeros(6, 2, dtype=torch.int64), torch.tensor([1])
+    for flags, match in [(1, "frame_counts are not valid"), (2, "frame_counts are not valid"), (4, "NaN or Inf")]:
+        with pytest.raises(ValueError, match=match):
+            resolve_deferred_segments(segs, counts, torch.tensor([1, flags]))
+    s, c = resolve_deferred_segments(torch.tensor([[0, 2], [3, 5], [0, 0]]), torch.tensor([2]), torch.tensor([2, 0]))
+    assert s.tolist() == [[0, 2], [3, 5]] and c.tolist() == [2]
+
+
+@needs_cuda
+def test_deferred_cuda_flags_instead_of_raising():
+    x = torch.randn(6, 4, 8, device="cuda")
+    d = segment_frames_deferred(x, torch.tensor([7, -1], device="cuda"), CFG)  # no sync, no raise
+    with pytest.raises(ValueError, match="frame_counts are not valid"):
+        resolve_deferred_segments(*(t.cpu() for t in d))
+    d = segment_frames_deferred(x, torch.tensor([2, 3], device="cuda"), CFG)
+    with pytest.raises(ValueError, match="frame_counts are not valid"):
+        resolve_deferred_segments(*(t.cpu() for t in d))
+    y = x.clone()
+    y[4, 1, 1] = float("nan")
+    d = segment_frames_deferred(y, torch.tensor([6], device="cuda"), CFG)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        resolve_deferred_segments(*(t.cpu() for t in d))
+    with pytest.raises(ValueError, match="frame_counts must be on the device of x"):
+        segment_frames_deferred(x, torch.tensor([6]), CFG)
+
+
 @needs_cuda
 def test_device_mix_more():
     x = torch.randn(6, 4, 8, device="cuda")
@@ -715,6 +774,7 @@ def test_opcheck_cpu():
     torch.library.opcheck(torch.ops.earlytom.merge_frames.default, (x, counts, 0.5, 6, 0.9, False))
     torch.library.opcheck(torch.ops.earlytom.merge_frames.default, (x.half(), counts, 0.3, 4, 0.9, True))
     torch.library.opcheck(torch.ops.earlytom.segment_frames.default, (x, counts, 0.5, 6, 0.9))
+    torch.library.opcheck(torch.ops.earlytom.segment_frames_deferred.default, (x, counts, 0.5, 6, 0.9))
     ps = torch.tensor([[0, 1], [2, 2], [3, 5]])
     pw = torch.tensor([0.6, 1.0, 0.5])
     torch.library.opcheck(torch.ops.earlytom.apply_merge_plan.default, (x, ps, pw))

@@ -238,6 +238,21 @@ std::tuple<at::Tensor, at::Tensor> segment_frames_cpu(const at::Tensor& x, const
   return {r.segments, r.segment_counts};
 }
 
+// The CPU raises on bad inputs right away (its checks cost nothing); the outputs have the CUDA
+// layout: segments in the first K rows of a zero-filled [N, 2] buffer, status = (K, 0).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> segment_frames_deferred_cpu(const at::Tensor& x,
+                                                                         const at::Tensor& frame_counts, double tau,
+                                                                         int64_t max_window, double ema) {
+  Stage1Cpu r = stage1_cpu("segment_frames", x, frame_counts, tau, max_window, ema, false, false);
+  const int64_t K = r.segments.size(0);
+  const auto i64 = at::TensorOptions().dtype(at::kLong);
+  at::Tensor buf = at::zeros({x.size(0), 2}, i64);
+  buf.narrow(0, 0, K).copy_(r.segments);
+  at::Tensor status = at::zeros({2}, i64);
+  status.data_ptr<int64_t>()[0] = K;
+  return {buf, r.segment_counts, status};
+}
+
 at::Tensor apply_merge_plan_cpu(const at::Tensor& x, const at::Tensor& plan_src, const at::Tensor& plan_weight) {
   ops::check_apply_merge_plan_inputs(x, plan_src, plan_weight);
   const int64_t n_in = x.size(0), n_out = plan_src.size(0);
@@ -260,6 +275,7 @@ TORCH_LIBRARY_IMPL(earlytom, CPU, m) {
   m.impl("merge_frames", &merge_frames_cpu);
   m.impl("apply_merge_plan", &apply_merge_plan_cpu);
   m.impl("segment_frames", &segment_frames_cpu);
+  m.impl("segment_frames_deferred", &segment_frames_deferred_cpu);
 }
 
 }  // namespace earlytom

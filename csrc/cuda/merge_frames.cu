@@ -3,7 +3,8 @@
 //
 // Host syncs: merge_frames and segment_frames read a 4-entry status (N', K, error flags) once,
 // after the walk, to size their outputs and to report bad frame_counts or NaN/Inf in x (both
-// detected on the device). apply_merge_plan never syncs; a plan index outside [0, N) produces a
+// detected on the device). segment_frames_deferred never syncs: it returns the [N, 2] buffer and
+// (K, flags) for the caller to read later. apply_merge_plan never syncs; a plan index outside [0, N) produces a
 // NaN row instead of a fault (the CPU implementation raises).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
@@ -25,11 +26,14 @@ namespace {
 namespace mg = earlytom::merge;
 
 struct Stage1Cuda {
-  at::Tensor segments, segment_counts, plan_src, plan_weight, out_counts;
+  at::Tensor segments, segment_counts, plan_src, plan_weight, out_counts, status;
 };
 
+// read_status = false (segment_frames_deferred only): no host sync; r.segments is the whole
+// zero-filled [N, 2] buffer and r.status the device's (K, flags).
 Stage1Cuda stage1_cuda(const char* op, const at::Tensor& x, const at::Tensor& frame_counts, double tau,
-                       int64_t max_window, double ema, bool keep_last_interior, bool with_plan) {
+                       int64_t max_window, double ema, bool keep_last_interior, bool with_plan,
+                       bool read_status = true) {
   const int64_t N = x.size(0), S = x.size(1), D = x.size(2);
   const int64_t B = frame_counts.size(0);
   const at::Tensor counts = frame_counts.contiguous();
@@ -38,7 +42,7 @@ Stage1Cuda stage1_cuda(const char* op, const at::Tensor& x, const at::Tensor& fr
 
   Stage1Cuda r;
   r.segment_counts = at::empty({B}, i64);
-  at::Tensor seg_out = at::empty({N, 2}, i64);
+  at::Tensor seg_out = read_status ? at::empty({N, 2}, i64) : at::zeros({N, 2}, i64);
   at::Tensor plan_out, w_out;
   if (with_plan) {
     r.out_counts = at::empty({B}, i64);
@@ -100,6 +104,11 @@ Stage1Cuda stage1_cuda(const char* op, const at::Tensor& x, const at::Tensor& fr
     return mg::launch_stage1<T>(a, stream);
   };
   C10_CUDA_CHECK(dispatch_dtype(kernel_dtype(x.scalar_type()), run));
+  if (!read_status) {
+    r.segments = seg_out;
+    r.status = status.narrow(0, 1, 2);
+    return r;
+  }
 
   // The one host sync: N', K and the error flags.
   const at::Tensor st = status.to(at::kCPU);
@@ -169,6 +178,16 @@ std::tuple<at::Tensor, at::Tensor> segment_frames_cuda(const at::Tensor& x_in, c
   return {r.segments, r.segment_counts};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> segment_frames_deferred_cuda(const at::Tensor& x_in,
+                                                                          const at::Tensor& frame_counts, double tau,
+                                                                          int64_t max_window, double ema) {
+  ops::check_merge_frames_inputs("segment_frames", x_in, frame_counts, tau, max_window, ema);
+  c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor x = (x_in.stride(2) == 1 || x_in.size(2) == 1) ? x_in : x_in.contiguous();
+  Stage1Cuda r = stage1_cuda("segment_frames", x, frame_counts, tau, max_window, ema, false, false, false);
+  return {r.segments, r.segment_counts, r.status};
+}
+
 at::Tensor apply_merge_plan_cuda(const at::Tensor& x_in, const at::Tensor& plan_src, const at::Tensor& plan_weight) {
   ops::check_apply_merge_plan_inputs(x_in, plan_src, plan_weight);
   c10::cuda::CUDAGuard guard(x_in.device());
@@ -189,6 +208,7 @@ TORCH_LIBRARY_IMPL(earlytom, CUDA, m) {
   m.impl("merge_frames", &merge_frames_cuda);
   m.impl("apply_merge_plan", &apply_merge_plan_cuda);
   m.impl("segment_frames", &segment_frames_cuda);
+  m.impl("segment_frames_deferred", &segment_frames_deferred_cuda);
 }
 
 }  // namespace earlytom

@@ -12,7 +12,6 @@ from .. import ops
 from .._logging import logger
 from .._validation import check_finite
 from ..config import EarlyTomConfig
-from ..ops import merge as _merge_ops
 from . import stats as _stats
 from .adapters.base import ModelAdapter, VideoInputs
 from .prompt import HostPrompt, placeholder_runs, rewrite_placeholders
@@ -218,7 +217,7 @@ class EarlyTomHandle:
         t_start = clock.now()
         encoded = adapter.encode(run, videos)
         t2 = clock.now()
-        segs_local = _merge_ops.segments_per_video(*run.refined_host.wait())  # copied while the encoder ran
+        segs_local = run.refined_segments()  # copied while the encoder ran
         P = adapter.tokens_per_frame  # of this call (Qwen2.5-VL: set by video_inputs from the grid)
         plan = ops.stage2_plan(segs_local, videos.frames, self._cfg.retain_ratio, tokens_per_frame=P)
         tokens, index = ops.select_tokens(encoded.feats, encoded.scores, plan)

@@ -106,8 +106,8 @@ class VideoRun:
     decisions: Decisions = field(default_factory=Decisions)
     merges: list[tuple] = field(default_factory=list)  # (layer, frame_counts, plan_src, plan_weight)
     scores: torch.Tensor | None = None  # [N', S] fp32 after the last prune layer's merge
-    refined: tuple[torch.Tensor, torch.Tensor] | None = None
-    refined_host: AsyncHostCopy | None = None  # (segments, segment_counts, frame_counts) on the host
+    refined: list | tuple | None = None  # (segments, segment_counts) on the device; see refined_segments()
+    refined_host: AsyncHostCopy | None = None  # (segments, segment_counts, frame_counts, status) on the host
     _pending_scores: torch.Tensor | None = None
 
     @property
@@ -148,13 +148,23 @@ class VideoRun:
                 raise RuntimeError("EarlyTom: Stage I at the score layer must return the merged scores")
             self.scores = res.extras
             t0 = clock.now()
+            status = None
             if self.decisions.refine is not None:
                 self.refined = self.decisions.refine(res.x, self.frame_counts)
             else:
-                self.refined = ops.segment_frames(res.x, self.frame_counts, self.cfg)
-            self.refined_host = AsyncHostCopy(*self.refined, self.frame_counts)  # read for Stage II's plan
+                # No sync here: Stage II's plan reads the segmentation from the host copy below.
+                *self.refined, status = ops.segment_frames_deferred(res.x, self.frame_counts, self.cfg)
+            self.refined_host = AsyncHostCopy(*self.refined, self.frame_counts, status)
             clock.span("refine_segments", t0, clock.now())
         return res.x
+
+    def refined_segments(self) -> list[list[tuple[int, int]]]:
+        """Per video, the refined segments (local merged-frame indices) from the host copy started
+        at the last prune layer; device-flagged input errors raise here."""
+        segments, counts, frames, status = self.refined_host.wait()
+        if status is not None:
+            segments, counts = ops.resolve_deferred_segments(segments, counts, status)
+        return ops.segments_per_video(segments, counts, frames)
 
     def check_complete(self) -> None:
         if self.refined is None or self.scores is None:

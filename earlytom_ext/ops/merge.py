@@ -1,12 +1,14 @@
-"""Stage I wrappers: ``merge_frames``, ``apply_merge_plan``, ``segment_frames`` (fused ops
-``torch.ops.earlytom.*``) and ``segments_per_video`` (host lists).
+"""Stage I wrappers: ``merge_frames``, ``apply_merge_plan``, ``segment_frames`` /
+``segment_frames_deferred`` (fused ops ``torch.ops.earlytom.*``) and ``segments_per_video`` (host
+lists).
 
 Semantics: docs/algorithm.md "Stage I", applied to every video of the batch independently;
 contract: docs/design.md "merge_frames". The frames of all videos are concatenated along dim 0
 (``x [N, S, D]``) and ``frame_counts`` gives the frames per video.
 
 Host syncs: ``merge_frames`` and ``segment_frames`` wait on the device once (to learn the number
-of merged frames / segments). The op checks ``frame_counts`` itself: on the host on a CPU, on the
+of merged frames / segments); ``segment_frames_deferred`` never does (its outputs are read later,
+from a host copy, by :func:`resolve_deferred_segments`). The op checks ``frame_counts`` itself: on the host on a CPU, on the
 device within that same sync on a GPU (so passing the previous call's
 ``MergeResult.frame_counts`` costs nothing extra). NaN/Inf in ``x`` are detected inside the
 similarity pass, also without an extra sync. ``apply_merge_plan`` never syncs on a GPU (an
@@ -35,7 +37,16 @@ from .._validation import (
 )
 from ..config import EarlyTomConfig
 
-__all__ = ["MergeResult", "merge_frames", "apply_merge_plan", "segment_frames", "segments_per_video"]
+__all__ = [
+    "MergeResult",
+    "DeferredSegments",
+    "merge_frames",
+    "apply_merge_plan",
+    "segment_frames",
+    "segment_frames_deferred",
+    "resolve_deferred_segments",
+    "segments_per_video",
+]
 
 #: dtypes accepted by ``apply_merge_plan`` and for ``extras`` (fp32 math; fp64 math for fp64).
 APPLY_DTYPES = FLOAT_DTYPES + (torch.float64,)
@@ -94,6 +105,16 @@ def _segment_frames_fake(x, frame_counts, tau, max_window, ema):
     return frame_counts.new_empty((k, 2), dtype=torch.int64), frame_counts.new_empty((B,), dtype=torch.int64)
 
 
+def _segment_frames_deferred_fake(x, frame_counts, tau, max_window, ema):
+    check_same_device("segment_frames", "x", x, frame_counts=frame_counts)
+    i64 = dict(dtype=torch.int64)
+    return (
+        frame_counts.new_empty((x.shape[0], 2), **i64),
+        frame_counts.new_empty((frame_counts.shape[0],), **i64),
+        frame_counts.new_empty((2,), **i64),
+    )
+
+
 def _apply_merge_plan_fake(x, plan_src, plan_weight):
     check_same_device("apply_merge_plan", "x", x, plan_src=plan_src, plan_weight=plan_weight)
     return x.new_empty((plan_src.shape[0], *x.shape[1:]))
@@ -102,6 +123,7 @@ def _apply_merge_plan_fake(x, plan_src, plan_weight):
 if _ext.available():  # the schemas live in the compiled library
     torch.library.register_fake("earlytom::merge_frames")(_merge_frames_fake)
     torch.library.register_fake("earlytom::segment_frames")(_segment_frames_fake)
+    torch.library.register_fake("earlytom::segment_frames_deferred")(_segment_frames_deferred_fake)
     torch.library.register_fake("earlytom::apply_merge_plan")(_apply_merge_plan_fake)
 
 
@@ -220,6 +242,56 @@ def segment_frames(x: torch.Tensor, frame_counts, cfg: EarlyTomConfig) -> tuple[
     counts = _counts(frame_counts, x.device)
     with torch.no_grad():
         return torch.ops.earlytom.segment_frames(x, counts, float(cfg.tau), int(cfg.max_window), float(cfg.ema))
+
+
+class DeferredSegments(NamedTuple):
+    """Output of :func:`segment_frames_deferred` (device tensors, nothing read yet).
+
+    Attributes:
+        segments: int64 ``[N, 2]``; the first ``K`` rows are the segments (as
+            :func:`segment_frames` returns them), the rest zeros.
+        segment_counts: segments per video, int64 ``[B]``.
+        status: int64 ``[2]``: ``K`` and the error flags found on the device (1, 2: bad
+            ``frame_counts``; 4: NaN/Inf in ``x``). :func:`resolve_deferred_segments` reads them.
+    """
+
+    segments: torch.Tensor
+    segment_counts: torch.Tensor
+    status: torch.Tensor
+
+
+#: status flags of the device walk (csrc/kernels/merge_frames.h).
+_FLAG_COUNTS_BAD = 1 | 2
+_FLAG_NON_FINITE = 4
+
+
+def segment_frames_deferred(x: torch.Tensor, frame_counts, cfg: EarlyTomConfig) -> DeferredSegments:
+    """:func:`segment_frames` without the host sync: the segmentation stays on the device until
+    the caller copies it to the host (e.g. asynchronously, while later work runs) and passes the
+    copy to :func:`resolve_deferred_segments`. Bad ``frame_counts`` or NaN/Inf in ``x`` raise
+    here on the CPU; on a GPU they are flagged in ``status`` and raised by the resolve step."""
+    _ext.require()
+    cfg = _check_cfg(cfg)
+    check_tensor("x", x)
+    counts = _counts(frame_counts, x.device)
+    with torch.no_grad():
+        return DeferredSegments(
+            *torch.ops.earlytom.segment_frames_deferred(x, counts, float(cfg.tau), int(cfg.max_window), float(cfg.ema))
+        )
+
+
+def resolve_deferred_segments(
+    segments: torch.Tensor, segment_counts: torch.Tensor, status: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(segments [K, 2], segment_counts)`` of a :func:`segment_frames_deferred` result (reads
+    ``status``: give host copies to avoid a sync). Raises ``ValueError`` for what the device
+    flagged, with :func:`segment_frames`' messages."""
+    k, flags = (int(v) for v in status.tolist())
+    if flags & _FLAG_COUNTS_BAD:
+        raise ValueError("segment_frames: frame_counts are not valid (each >= 1, summing to the N of x)")
+    if flags & _FLAG_NON_FINITE:
+        raise ValueError("segment_frames: x contains NaN or Inf values")
+    return segments[:k], segment_counts
 
 
 def segments_per_video(segments: torch.Tensor, segment_counts, frame_counts) -> list[list[tuple[int, int]]]:
