@@ -8,8 +8,8 @@ contract: docs/design.md "merge_frames". The frames of all videos are concatenat
 
 Host syncs: ``merge_frames`` and ``segment_frames`` wait on the device once (to learn the number
 of merged frames / segments); ``segment_frames_deferred`` never does (its outputs are read later,
-from a host copy, by :func:`resolve_deferred_segments`). The op checks ``frame_counts`` itself: on the host on a CPU, on the
-device within that same sync on a GPU (so passing the previous call's
+from a host copy, by :func:`resolve_deferred_segments`). The op checks ``frame_counts`` itself: on
+the host on a CPU, on the device within that same sync on a GPU (so passing the previous call's
 ``MergeResult.frame_counts`` costs nothing extra). NaN/Inf in ``x`` are detected inside the
 similarity pass, also without an extra sync. ``apply_merge_plan`` never syncs on a GPU (an
 out-of-range plan index gives a NaN row there; on the CPU it raises).
