@@ -18,8 +18,10 @@ Per configuration this module also reports
   ``vision_tower`` / ``language_model``), the projector and the pooling (a hook on
   ``multi_modal_projector`` and a wrapper around ``apply_pooling``; EarlyTom runs take them from
   the handle's spans when it reports them), EarlyTom's Stage II and prompt rewriting (the
-  handle's spans), and the generate overhead: TTFT minus every measured part (embedding, LM
-  head, token choice, generate's host work and gaps);
+  handle's spans), the setup before the prefill (from the ``generate`` call to the model's first
+  ``forward``, minus the parts that ran in between: Hugging Face's generate setup and, with
+  EarlyTom, the wrapper's own host work around the video path), and the generate overhead: TTFT
+  minus every measured part (embedding, LM head, token choice, the remaining host work and gaps);
 * the time in EarlyTom's ops, two ways: ``ops_ms``, the product's own CUDA-event spans (Stage I
   at each prune layer, attention score, refined segmentation, Stage II: stream time including
   the steps' host work and syncs) and ``ops_kernel_ms``, kernel time of the top-level
@@ -40,7 +42,7 @@ import torch
 
 from bench import flops as flops_mod
 from bench import models
-from bench.common import Budget, HookTimers, is_cuda, median, peak_memory, run_points, sync, timed_calls
+from bench.common import Budget, HookTimers, Stamp, is_cuda, median, peak_memory, run_points, sync, timed_calls
 from bench.patterns import PATTERNS, apply_earlytom
 
 __all__ = [
@@ -63,7 +65,12 @@ __all__ = [
 OP_SPAN_PREFIXES = ("stage1_layer", "attention_score", "refine_segments", "stage2")
 IN_TOWER_PREFIXES = ("stage1_layer", "attention_score", "refine_segments")
 #: disjoint parts of TTFT (ms); ``overhead_ms`` is TTFT minus the ones that were measured.
-PARTS = ("vision_ms", "projector_ms", "pooling_ms", "stage2_ms", "prompt_rewrite_ms", "llm_ms")
+PARTS = ("vision_ms", "projector_ms", "pooling_ms", "stage2_ms", "prompt_rewrite_ms", "setup_ms", "llm_ms")
+#: parts that EarlyTom's generate runs before the model's first forward (its video path runs first).
+BEFORE_FORWARD = ("vision_ms", "projector_ms", "pooling_ms", "stage2_ms", "prompt_rewrite_ms")
+#: hook-timed parts: a baseline runs them inside the prefill forward (transformers 4.57) or before
+#: it, in generate's setup (transformers 5.x encodes images and videos there).
+HOOKED = {"vision_ms": "vision", "projector_ms": "projector", "pooling_ms": "pooling"}
 BASELINES = ("stock", "fastpool")
 
 
@@ -208,6 +215,7 @@ def _split(parts: dict[str, float | None], timings: dict[str, float]) -> dict[st
         "pooling_ms": timings.get("pooling", parts.get("pooling")),
         "stage2_ms": timings.get("stage2"),
         "prompt_rewrite_ms": timings.get("prompt_rewrite"),
+        "setup_ms": None,  # filled in by measure()
         "llm_ms": parts.get("llm"),
     }
 
@@ -229,24 +237,45 @@ def measure(
     gen_kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False)
     calls: list[dict] = []
     last_out: list[object] = [None]
+    cuda = is_cuda(device)
+    marks: dict[str, Stamp | None] = {"call": None, "forward": None}
+
+    def on_forward(module, args, kwargs):
+        if marks["forward"] is None:  # the prefill
+            marks["forward"] = Stamp(cuda)
+
+    def before():
+        timers.reset()
+        marks["forward"] = None
 
     def call():
+        marks["call"] = Stamp(cuda)
         return model.generate(**inputs, **gen_kwargs)
 
     def after(out):
         timings = handle_timings(handle)
         rec = _split(timers.collect(), timings)
+        fwd = marks["forward"]
+        if fwd is not None:
+            if handle is not None:
+                inside = BEFORE_FORWARD
+            else:
+                inside = tuple(k for k, name in HOOKED.items() if timers.ended_before(name, fwd))
+            before_fwd = marks["call"].ms_until(fwd)
+            rec["setup_ms"] = max(0.0, before_fwd - sum(rec[k] or 0.0 for k in inside))
         spans = op_spans(timings)
         rec["spans"] = spans
         rec["in_tower"] = sum(v for k, v in spans.items() if k.startswith(IN_TOWER_PREFIXES)) if spans else None
         calls.append(rec)
         last_out[0] = out
 
+    fwd_hook = model.register_forward_pre_hook(on_forward, with_kwargs=True)
     try:
         with torch.no_grad():
-            ttft = timed_calls(call, device, warmup=warmup, iters=iters, before=timers.reset, after=after)
+            ttft = timed_calls(call, device, warmup=warmup, iters=iters, before=before, after=after)
             prefill_len = timers.prefill_len
     finally:
+        fwd_hook.remove()
         timers.remove()
     mem, prof = {}, {}
     with torch.no_grad():

@@ -54,11 +54,13 @@ def free_memory(device) -> None:
 # Timers
 # ---------------------------------------------------------------------------------------------
 class Stamp:
-    """A point in time: a CUDA event recorded on the current stream, or ``perf_counter``."""
+    """A point in time: a CUDA event recorded on the current stream, or ``perf_counter``.
+    ``host`` is the host's ``perf_counter`` at recording (orders stamps of one stream)."""
 
-    __slots__ = ("ev", "t")
+    __slots__ = ("ev", "t", "host")
 
     def __init__(self, cuda: bool):
+        self.host = time.perf_counter()
         if cuda:
             self.ev = torch.cuda.Event(enable_timing=True)
             self.ev.record()
@@ -225,6 +227,11 @@ class HookTimers:
                 setattr(owner, attr, prev)
 
         self._restore.append(restore)
+
+    def ended_before(self, name: str, stamp: Stamp) -> bool:
+        """Whether ``name`` ran (at least once) and every call of it ended before ``stamp``."""
+        spans = self.spans.get(name) or []
+        return bool(spans) and all(b.host <= stamp.host for _, b in spans)
 
     def collect(self) -> dict[str, float | None]:
         """Milliseconds per name (``None`` when it did not run)."""

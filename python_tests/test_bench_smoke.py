@@ -252,6 +252,22 @@ def test_hook_timers_restore_methods():
     assert inner.__dict__["pool"] is patched
 
 
+def test_hook_timers_ended_before():
+    """Which timed parts ran before a later mark (the setup split of bench_ttft.measure)."""
+    from bench.common import HookTimers, Stamp
+
+    lin, other = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    t = HookTimers("cpu", {"lin": lin, "other": other})
+    lin(torch.zeros(1, 2))
+    mark = Stamp(False)
+    assert t.ended_before("lin", mark)
+    assert not t.ended_before("other", mark)  # never ran
+    lin(torch.zeros(1, 2))  # a second call after the mark
+    other(torch.zeros(1, 2))
+    assert not t.ended_before("lin", mark) and not t.ended_before("other", mark)
+    t.remove()
+
+
 def test_qwen_patch_order():
     """Patches in the Qwen2-VL processor's order: 2x2 merge groups contiguous, each patch
     flattened as (channel, time, row, column); checked against explicit loops."""
@@ -417,6 +433,7 @@ def test_quick_run_measured_sections(quick_run):
     for r in base:
         assert r["prefill_tokens"] == full_tokens and r["ttft_ms"] > 0
         assert r["vision_ms"] > 0 and r["llm_ms"] > 0 and r["pooling_ms"] > 0 and r["projector_ms"] > 0
+        assert r["setup_ms"] is not None and r["setup_ms"] >= 0
     comp = [r for r in ttft if r["config"] == "earlytom"]
     assert [(r["pattern"], r["llm_merge"]) for r in comp] == [
         ("forced-merge", False),
@@ -434,7 +451,7 @@ def test_quick_run_measured_sections(quick_run):
         assert r["prefill_tokens"] < full_tokens
         assert r["ops_ms"] is not None and r["ops_ms"] >= 0 and 0 <= r["ops_share_pct"] <= 100
         # Every part of the split was measured, and the parts plus the overhead make up TTFT.
-        for key in ("vision_ms", "projector_ms", "pooling_ms", "stage2_ms", "prompt_rewrite_ms", "llm_ms"):
+        for key in ("vision_ms", "projector_ms", "pooling_ms", "stage2_ms", "prompt_rewrite_ms", "setup_ms", "llm_ms"):
             assert r[key] is not None and r[key] >= 0, key
         assert len(r["frames_after_prune"]) == 1 and len(r["frames_after_prune"][0]) == 3
         if r["pattern"] in patterns.FORCED_PATTERNS:
