@@ -46,6 +46,7 @@ DEFAULT_TESTS = [
     "python_tests/test_merge_ops.py",
     "python_tests/test_select_tokens_op.py",
     "python_tests/test_handwritten_cases.py",
+    "python_tests/test_prompt.py",
 ]
 DEFAULT_PYTEST_ARGS = ["-x", "-q", "-p", "no:cacheprovider"]
 
@@ -54,6 +55,7 @@ DEFAULT_PYTEST_ARGS = ["-x", "-q", "-p", "no:cacheprovider"]
 # CUDA sources (.cu) are left out: the mutated build is CPU-only.
 CPP = ("csrc/*.cpp", "csrc/*.cc", "csrc/*.h", "csrc/*.hpp", "csrc/*.cuh")
 REF = ("earlytom_ext/reference.py",)
+PROMPT = ("earlytom_ext/integration/prompt.py",)
 
 
 @dataclass(frozen=True)
@@ -223,6 +225,21 @@ MUTATIONS = [
         "if (k > bk) {",
         "if (k >= bk) {",
         "select_tokens CPU: a window's top-1 tie goes to the highest index",
+    ),
+    # ---- prompt rewriting
+    Mutation(
+        "prompt-run-boundary",
+        PROMPT,
+        "if pos + n0 > e:",
+        "if pos + n0 > e + 1:",
+        "prompt: a video's placeholders may run one token past their run",
+    ),
+    Mutation(
+        "prompt-padding-side",
+        PROMPT,
+        'padding_side = "right" if any(trail) and not any(lead) else "left"',
+        'padding_side = "right" if any(trail) else "left"',
+        "prompt: mixed padding is taken for right padding",
     ),
     Mutation(
         "ref-static-argmax-tie",

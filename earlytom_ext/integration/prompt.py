@@ -64,7 +64,9 @@ class RewrittenPrompt:
 def _padding(mask: torch.Tensor) -> tuple[list[int], list[int]]:
     """Leading and trailing zeros of each row of an attention mask."""
     nz = mask != 0
-    L = mask.shape[1]
+    Bs, L = mask.shape
+    if bool(nz.all()):  # the common case, one reduction
+        return [0] * Bs, [0] * Bs
     any_ = nz.any(dim=1)
     first = torch.where(any_, nz.int().argmax(dim=1), torch.full_like(any_, L, dtype=torch.long))
     last = torch.where(any_, L - 1 - nz.flip(1).int().argmax(dim=1), torch.full_like(any_, L - 1, dtype=torch.long))
@@ -77,24 +79,31 @@ def placeholder_runs(ids: torch.Tensor, video_token_id: int, before: Sequence[in
     """Per sample, ``(start, end, video)`` of each video's run of ``before[video]`` placeholders in the
     host tensor ``ids``, matched in the order Hugging Face fills them (sample-major). Every run must be
     contiguous and lie in one sample (``ValueError`` otherwise)."""
-    flat = (ids == video_token_id).nonzero()  # row-major = sample-major
-    total = sum(before)
-    if flat.shape[0] != total:
+    is_ph = (ids == video_token_id).to(torch.int8)
+    edge = is_ph.new_zeros((ids.shape[0], 1))
+    # +1 where a run of placeholders starts, -1 one past its end; row-major = sample-major.
+    bounds = torch.diff(is_ph, dim=1, prepend=edge, append=edge).nonzero().tolist()
+    found = [(b, s, e) for (b, s), (_, e) in zip(bounds[0::2], bounds[1::2])]
+    count, total = sum(e - s for _, s, e in found), sum(before)
+    if count != total:
         raise ValueError(
-            f"input_ids hold {flat.shape[0]} video placeholder tokens (id {video_token_id}), but the "
+            f"input_ids hold {count} video placeholder tokens (id {video_token_id}), but the "
             f"{len(before)} video(s) need {' + '.join(map(str, before))} = {total}"
         )
+    # Consecutive videos may share one run (nothing between them); a video never spans two.
     runs: dict[int, list[tuple[int, int, int]]] = {}
-    off = 0
+    r, pos = 0, found[0][1] if found else 0
     for v, n0 in enumerate(before):
-        chunk = flat[off : off + n0]
-        off += n0
-        b0, s = int(chunk[0, 0]), int(chunk[0, 1])
-        if bool((chunk[:, 0] != b0).any()) or int(chunk[-1, 1]) - s != n0 - 1:
+        b, _, e = found[r]
+        if pos + n0 > e:
             raise ValueError(
                 f"the {n0} video placeholders of video {v} must be one contiguous run in one sample of input_ids"
             )
-        runs.setdefault(b0, []).append((s, s + n0, v))
+        runs.setdefault(b, []).append((pos, pos + n0, v))
+        pos += n0
+        if pos == e and r + 1 < len(found):
+            r += 1
+            pos = found[r][1]
     return runs
 
 
@@ -157,6 +166,8 @@ def rewrite_placeholders(
     left = padding_side == "left"
 
     def pad(rows, value, dtype):
+        if all(r.shape[0] == L2 for r in rows):
+            return torch.stack(rows)
         out = torch.full((Bs, L2), value, dtype=dtype)
         for b, r in enumerate(rows):
             n = r.shape[0]
