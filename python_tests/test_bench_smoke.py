@@ -512,3 +512,15 @@ def test_measure_keeps_timings_when_the_profiler_fails(monkeypatch):
     assert "ops_kernel_ms" not in row and "ops_kernel_share_pct" not in row
     # The handle's forced decisions are gone with it; the model is the stock one again.
     assert "generate" not in model.__dict__ and "apply_pooling" not in model.model.__dict__
+
+
+def test_bench_glue_quick():
+    from bench import bench_glue
+
+    rows = bench_glue.benchmark(quick=True)
+    assert [r["batch"] for r in rows] == [1, 4]
+    for r in rows:
+        # 8 frames x 196 placeholders + the newline, 32 text tokens (+ b for sample b, left padded)
+        assert r["prompt_tokens"] == 8 * 196 + 1 + 32 + r["batch"] - 1
+        assert 32 < r["compressed_tokens"] < r["prompt_tokens"]
+        assert r["runs_us"] > 0 and r["rewrite_us"] > 0 and r["plan_us"] > 0

@@ -1,0 +1,104 @@
+"""Host time of the integration's per-call steps that launch no kernel (they run on host copies),
+the part of the glue that a GPU waits for after the last prune layer's sync.
+
+    python -m bench.bench_glue            # LLaVA-OneVision prompts: 32 frames x 196 tokens + text
+    python -m bench.bench_glue --quick    # smoke test
+
+Per batch size (one video per sample, 16 text tokens on each side, the shorter samples left
+padded): ``runs_us`` finds every video's placeholder run (``prompt.placeholder_runs``),
+``rewrite_us`` shortens the runs and re-pads (``prompt.rewrite_placeholders``, including its own
+run search), ``plan_us`` splits the refined segments per video and computes Stage II's plan
+(``ops.segments_per_video`` + ``ops.stage2_plan``). ``perf_counter``, warm-up, median.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from bench.common import op_bench_main
+from earlytom_ext import ops
+from earlytom_ext.integration.prompt import HostPrompt, placeholder_runs, rewrite_placeholders
+
+COLUMNS = ["batch", "frames", "prompt_tokens", "compressed_tokens", "runs_us", "rewrite_us", "plan_us"]
+VIDEO_ID, PAD_ID, P = 301, 0, 196
+
+
+def host_us(fn, *, warmup: int, iters: int) -> float:
+    """Median microseconds of ``fn()`` (host only: nothing here runs on a device)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e6
+
+
+def make_prompt(batch: int, frames: int, seed: int = 0) -> tuple[HostPrompt, list[int]]:
+    """Left-padded prompts ``text, video placeholders, text`` (sample b has b extra text tokens)."""
+    g = torch.Generator().manual_seed(seed)
+    n_video = frames * P + 1
+    rows = []
+    for b in range(batch):
+        text = lambda n: torch.randint(1, 290, (n,), generator=g)  # noqa: E731
+        rows.append(torch.cat([text(16 + b), torch.full((n_video,), VIDEO_ID), text(16)]))
+    L = max(r.shape[0] for r in rows)
+    ids = torch.full((batch, L), PAD_ID, dtype=torch.int64)
+    mask = torch.zeros((batch, L), dtype=torch.int64)
+    for b, r in enumerate(rows):
+        ids[b, L - r.shape[0] :] = r
+        mask[b, L - r.shape[0] :] = 1
+    return HostPrompt(ids, mask, None), [n_video] * batch
+
+
+def benchmark(device: str = "cpu", quick: bool = False) -> list[dict]:
+    frames = 8 if quick else 32
+    warmup, iters = (2, 5) if quick else (20, 200)
+    rows = []
+    for batch in (1, 4):
+        prompt, before = make_prompt(batch, frames)
+        # A refined segmentation of 12 merged frames per video (as after Stage I at r = 0.1).
+        lengths = [1, 2, 3, 1, 3, 2]
+        segs, s = [], 0
+        for n in lengths:
+            segs.append((s, s + n - 1))
+            s += n
+        merged = s
+        seg_t = torch.tensor([[a + v * merged, e + v * merged] for v in range(batch) for a, e in segs])
+        seg_counts, frame_counts = torch.tensor([len(segs)] * batch), torch.tensor([merged] * batch)
+        plan = ops.stage2_plan(ops.segments_per_video(seg_t, seg_counts, frame_counts), [frames] * batch, 0.1)
+        after = [n + 1 for n in plan.tokens_per_video]
+
+        def rewrite():
+            return rewrite_placeholders(prompt, VIDEO_ID, before, after, padding_side=None, pad_token_id=PAD_ID)
+
+        def stage2():
+            return ops.stage2_plan(ops.segments_per_video(seg_t, seg_counts, frame_counts), [frames] * batch, 0.1)
+
+        rows.append(
+            {
+                "batch": batch,
+                "frames": frames,
+                "prompt_tokens": int(prompt.input_ids.shape[1]),
+                "compressed_tokens": int(rewrite().input_ids.shape[1]),
+                "runs_us": host_us(
+                    lambda: placeholder_runs(prompt.input_ids, VIDEO_ID, before), warmup=warmup, iters=iters
+                ),
+                "rewrite_us": host_us(rewrite, warmup=warmup, iters=iters),
+                "plan_us": host_us(stage2, warmup=warmup, iters=iters),
+                "device": "host",
+            }
+        )
+    return rows
+
+
+def main(argv=None) -> None:
+    op_bench_main("integration glue (host)", benchmark, COLUMNS, __doc__, argv)
+
+
+if __name__ == "__main__":
+    main()
