@@ -62,7 +62,7 @@ def benchmark(device: str = "cpu", quick: bool = False) -> list[dict]:
     for batch in (1, 4):
         prompt, before = make_prompt(batch, frames)
         # A refined segmentation of 12 merged frames per video (as after Stage I at r = 0.1).
-        lengths = [1, 2, 3, 1, 3, 2]
+        lengths = [1, 2, 3, 1, 3, 2] if frames >= 12 else [1, 2, 1]
         segs, s = [], 0
         for n in lengths:
             segs.append((s, s + n - 1))
