@@ -291,6 +291,55 @@ def _ttft_section(results: dict) -> list[str]:
     return L
 
 
+def _gaps_section(results: dict) -> list[str]:
+    rows = results.get("gaps")
+    if not rows or isinstance(rows, dict):
+        return []
+    L = [
+        "## Where the GPU waits (one TTFT call under torch.profiler)",
+        "",
+        "Device idle time inside one `generate(max_new_tokens=1)`: gaps between kernels, copies and "
+        "memsets (>= 10 us), each charged to the phase around the host call that launched the work ending "
+        "it (bench/profile_ttft.py). The profiler's own host overhead lengthens the gaps a little.",
+        "",
+    ]
+    view = []
+    for r in rows:
+        v = dict(r)
+        v["name"] = "stock HF" if r["config"] == "stock" else f"EarlyTom r={r.get('ratio')} {r.get('pattern')}"
+        v["phases"] = "; ".join(f"{k} {ms:.2f}" for k, ms in list((r.get("idle_by_phase_ms") or {}).items())[:6])
+        v["outcome"] = _outcome(r)
+        view.append(v)
+    L += [
+        markdown_table(
+            view,
+            ["name", "wall_ms", "device_busy_ms", "device_idle_ms", "idle_after_last_ms", "phases", "outcome"],
+            [
+                "configuration",
+                "wall ms",
+                "device busy ms",
+                "device idle ms",
+                "idle after the last kernel ms",
+                "idle ms by phase (largest first)",
+                "",
+            ],
+        ),
+        "",
+    ]
+    for v in view:
+        gaps = v.get("top_gaps") or []
+        if gaps:
+            L += [
+                f"Largest gaps, {v['name']}:",
+                "",
+                markdown_table(
+                    gaps, ["ms", "phase", "op", "after", "before"], ["ms", "phase", "launching op", "after", "before"]
+                ),
+                "",
+            ]
+    return L
+
+
 def _throughput_section(results: dict) -> list[str]:
     tp = results.get("throughput") or []
     if not tp:
@@ -576,6 +625,7 @@ def write_markdown(path: Path, results: dict) -> None:
     L += goals_section(results)
     for part in (
         _ttft_section,
+        _gaps_section,
         _throughput_section,
         _scaling_section,
         _encoder_section,

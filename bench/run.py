@@ -5,7 +5,8 @@ side with two baselines (stock Hugging Face, and stock + fast pooling), in one p
     python -m bench.run --device cpu --quick --all  # smoke test: tiny model, few frames (CPU)
 
 Sections (``--all`` runs every one, in this order): ``--ttft`` (headline: TTFT, speed-ups, where
-the time goes, op share, peak memory, prefill tokens; inner-LLM merge when available),
+the time goes, op share, peak memory, prefill tokens; inner-LLM merge when available), ``--gaps``
+(where the GPU waits during one TTFT call, from a torch.profiler trace; with the profiler only),
 ``--flops`` (the paper's analytical count), ``--throughput`` (generation, batch 1/4/8, 64 new
 tokens), ``--scaling`` (vs frames and vs batch), ``--encoder`` (video features: time, memory),
 ``--kernels`` (the op microbenchmarks), ``--qwen`` (Qwen2.5-VL-7B architecture, when
@@ -31,7 +32,7 @@ from typing import Callable
 
 import torch
 
-from bench import bench_encoder, bench_qwen25vl, bench_throughput, bench_ttft, flops, models
+from bench import bench_encoder, bench_qwen25vl, bench_throughput, bench_ttft, flops, models, profile_ttft
 from bench.common import Budget, free_memory, is_cuda
 from bench.env import ROOT, device_slug, environment, utc_now
 from bench.patterns import PATTERNS
@@ -42,6 +43,7 @@ KERNEL_MODULES = ("bench_merge_frames", "bench_attention_received", "bench_selec
 #: of the time left when it starts, so time one leaves unused flows to the next).
 SECTIONS = (
     ("ttft", 3.0),
+    ("gaps", 0.4),
     ("flops", 0.0),
     ("throughput", 3.5),
     ("scaling", 3.0),
@@ -88,6 +90,11 @@ def collect_outcomes(results: dict) -> None:
             results["errors"].append(
                 f"ttft {config_label(r)}: torch.profiler failed ({r['ops_kernel_error']}); the timings are kept"
             )
+    gaps = results.get("gaps") or []
+    if isinstance(gaps, dict):  # the section did not run
+        note("gaps", gaps)
+    for r in gaps if isinstance(gaps, list) else []:
+        note(f"gaps {r['config']}", r)
     for r in results.get("throughput") or []:
         note(f"throughput B={r['batch']} {r['config']}", r)
     for r in results.get("scaling") or []:
@@ -256,7 +263,7 @@ def main(argv=None) -> dict:
 
     selected = [(n, w) for n, w in SECTIONS if getattr(args, n)]
     state: dict = {"model": None}
-    if any(n in ("ttft", "encoder", "scaling", "throughput") for n, _ in selected):
+    if any(n in ("ttft", "gaps", "encoder", "scaling", "throughput") for n, _ in selected):
         try:
             model, info = models.build_model(model_name, device=device, dtype=dtype)
             info["weights_finite"] = models.check_weights_finite(model)
@@ -318,6 +325,24 @@ def main(argv=None) -> dict:
                 profile=profile,
                 budget=b,
                 **common,
+            )
+        ),
+        "gaps": needs_model(
+            lambda b: (
+                profile_ttft.benchmark(
+                    m(),
+                    spec,
+                    device,
+                    frames=frames,
+                    batch=args.batch,
+                    ratio=ratios[0],
+                    pattern=patterns[0],
+                    warmup=max(1, warmup),
+                    budget=b,
+                    **common,
+                )
+                if profile
+                else {"skipped": "needs torch.profiler (on for CUDA runs; --profile turns it on)"}
             )
         ),
         "flops": lambda b: flops.section_rows(spec, results.get("ttft") or [], frames, models.TEXT_TOKENS, args.preset),

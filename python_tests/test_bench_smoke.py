@@ -524,3 +524,77 @@ def test_bench_glue_quick():
         assert r["prompt_tokens"] == 8 * 196 + 1 + 32 + r["batch"] - 1
         assert 32 < r["compressed_tokens"] < r["prompt_tokens"]
         assert r["runs_us"] > 0 and r["rewrite_us"] > 0 and r["plan_us"] > 0
+
+
+def _x(cat, name, ts, dur, **args):
+    return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "args": args}
+
+
+def test_profile_gaps_from_a_hand_written_trace():
+    from bench.profile_ttft import analyse
+
+    trace = {
+        "traceEvents": [
+            _x("user_annotation", "ttft", 1000, 1000),
+            _x("user_annotation", "earlytom.encode", 1005, 400),
+            _x("user_annotation", "vision_tower", 1010, 300),
+            _x("user_annotation", "language_model", 1500, 400),
+            _x("cpu_op", "aten::mm", 1020, 5),
+            _x("cpu_op", "earlytom::merge_frames", 1200, 50),
+            _x("cpu_op", "aten::linear", 1510, 5),
+            _x("cuda_runtime", "cudaLaunchKernel", 1021, 2, correlation=1),
+            _x("cuda_runtime", "cudaLaunchKernel", 1210, 2, correlation=2),
+            _x("cuda_runtime", "cudaLaunchKernel", 1512, 2, correlation=3),
+            _x("cuda_runtime", "cudaLaunchKernel", 1600, 2, correlation=4),
+            _x("kernel", "k1", 1050, 100, correlation=1),
+            _x("kernel", "k2", 1250, 50, correlation=2),
+            _x("kernel", "k3", 1520, 200, correlation=3),
+            _x("gpu_memcpy", "copy", 1700, 50, correlation=4),  # overlaps k3: no gap
+        ]
+    }
+    a = analyse(trace)
+    assert a["device_events"] == 4
+    assert a["wall_ms"] == pytest.approx(1.0)
+    assert a["device_busy_ms"] == pytest.approx(0.38)  # 100 + 50 + 200 + 30
+    assert a["device_idle_ms"] == pytest.approx(0.62)
+    assert a["idle_in_gaps_ms"] == pytest.approx(0.37) and a["idle_after_last_ms"] == pytest.approx(0.25)
+    assert a["idle_by_phase_ms"] == pytest.approx({"language_model": 0.22, "vision_tower": 0.15})
+    assert list(a["idle_by_phase_ms"]) == ["language_model", "vision_tower"]  # largest first
+    assert [(g["ms"], g["phase"], g["op"], g["after"], g["before"]) for g in a["top_gaps"]] == [
+        (pytest.approx(0.22), "language_model", "aten::linear", "k2", "k3"),
+        (pytest.approx(0.10), "vision_tower", "earlytom::merge_frames", "k1", "k2"),
+        (pytest.approx(0.05), "vision_tower", "aten::mm", "(call start)", "k1"),  # innermost phase
+    ]
+    assert a["phases_seen"] == ["earlytom.encode", "language_model", "vision_tower"]
+    a = analyse(trace, min_gap_us=60)
+    assert [g["before"] for g in a["top_gaps"]] == ["k3", "k2"] and a["idle_in_gaps_ms"] == pytest.approx(0.32)
+    with pytest.raises(ValueError, match="no 'ttft' annotation"):
+        analyse({"traceEvents": trace["traceEvents"][1:]})
+
+
+def test_profile_call_annotates_and_restores():
+    from bench.profile_ttft import profile_call
+    from earlytom_ext.integration import core
+
+    spec = models.get_spec("micro")
+    model, _ = models.build_model("micro", device="cpu", dtype=torch.float32)
+    inputs = models.make_batch(spec, 1, 4, device="cpu", dtype=torch.float32, seed=0)
+    tower = model.model.vision_tower
+    hooks_before = (len(tower._forward_hooks), len(tower._forward_pre_hooks))
+    rewrite = core.rewrite_placeholders
+    a = profile_call(model, inputs, "cpu", warmup=0)
+    assert {"vision_tower", "multi_modal_projector", "language_model", "prepare_inputs_for_generation"} <= set(
+        a["phases_seen"]
+    )
+    assert a["device_events"] == 0 and a["top_gaps"] == []  # no device on the CPU
+    import earlytom_ext
+
+    cfg = EarlyTomConfig(retain_ratio=0.5, tau=0.5, max_window=4, ema=0.9, prune_layers=(0, 1))
+    with earlytom_ext.apply(model, cfg) as h:
+        a = profile_call(model, inputs, "cpu", handle=h, warmup=0)
+        assert "_encode" not in h.__dict__ and "build_llm_inputs" not in h.adapter.__dict__
+    assert {"earlytom.encode", "earlytom.prompt_rewrite", "earlytom.llm_inputs", "vision_tower"} <= set(
+        a["phases_seen"]
+    )
+    assert "prepare_inputs_for_generation" not in model.__dict__ and core.rewrite_placeholders is rewrite
+    assert (len(tower._forward_hooks), len(tower._forward_pre_hooks)) == hooks_before
