@@ -704,6 +704,8 @@ def test_deferred_cpu_raises_at_once_and_resolve_reads_the_flags():
     for flags, match in [(1, "frame_counts are not valid"), (2, "frame_counts are not valid"), (4, "NaN or Inf")]:
         with pytest.raises(ValueError, match=match):
             resolve_deferred_segments(segs, counts, torch.tensor([1, flags]))
+    with pytest.raises(ValueError, match=r"status must hold 2 entries \(K, flags\), got shape \(3,\)"):
+        resolve_deferred_segments(segs, counts, torch.tensor([1, 0, 0]))
     s, c = resolve_deferred_segments(torch.tensor([[0, 2], [3, 5], [0, 0]]), torch.tensor([2]), torch.tensor([2, 0]))
     assert s.tolist() == [[0, 2], [3, 5]] and c.tolist() == [2]
 

@@ -4,8 +4,8 @@
 // Host syncs: merge_frames and segment_frames read a 4-entry status (N', K, error flags) once,
 // after the walk, to size their outputs and to report bad frame_counts or NaN/Inf in x (both
 // detected on the device). segment_frames_deferred never syncs: it returns the [N, 2] buffer and
-// (K, flags) for the caller to read later. apply_merge_plan never syncs; a plan index outside [0, N) produces a
-// NaN row instead of a fault (the CPU implementation raises).
+// (K, flags) for the caller to read later. apply_merge_plan never syncs; a plan index outside
+// [0, N) produces a NaN row instead of a fault (the CPU implementation raises).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>

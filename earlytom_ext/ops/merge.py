@@ -284,8 +284,11 @@ def resolve_deferred_segments(
     segments: torch.Tensor, segment_counts: torch.Tensor, status: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(segments [K, 2], segment_counts)`` of a :func:`segment_frames_deferred` result (reads
-    ``status``: give host copies to avoid a sync). Raises ``ValueError`` for what the device
-    flagged, with :func:`segment_frames`' messages."""
+    ``status``: give host copies to avoid a sync). Raises ``ValueError`` naming what the device
+    flagged (bad ``frame_counts``, NaN/Inf in ``x``)."""
+    check_tensor("status", status)
+    if status.numel() != 2:
+        raise ValueError(f"status must hold 2 entries (K, flags), got shape {tuple(status.shape)}")
     k, flags = (int(v) for v in status.tolist())
     if flags & _FLAG_COUNTS_BAD:
         raise ValueError("segment_frames: frame_counts are not valid (each >= 1, summing to the N of x)")
