@@ -133,6 +133,21 @@ class ForcedPlans:
         self.merge = pattern == "forced-merge"
         self.keep_last = cfg.keep_last_interior
         self.cache: dict[tuple, dict] = {}
+        self.host: dict[int, tuple[int, ...]] = {}  # id of a cached frame_counts tensor -> its values
+
+    def counts_of(self, frame_counts, n_frames: int) -> tuple[int, ...]:
+        """The values of ``frame_counts`` without reading the device: a tensor this cache made
+        (the frame counts after a forced layer), else the product's first counts, which the
+        benchmark's videos of equal length split evenly."""
+        if not isinstance(frame_counts, torch.Tensor):
+            return tuple(int(c) for c in frame_counts)
+        known = self.host.get(id(frame_counts))
+        if known is not None:
+            return known
+        B = int(frame_counts.shape[0])
+        if n_frames % B:
+            raise ValueError(f"forced patterns need videos of equal length: {n_frames} frames in {B} videos")
+        return (n_frames // B,) * B
 
     def get(self, counts: tuple[int, ...], device) -> dict:
         key = (counts, str(device))
@@ -163,13 +178,8 @@ class ForcedPlans:
             "refined": (torch.tensor(ref_segs, **i64).view(-1, 2), torch.tensor(ref_counts, **i64)),
         }
         self.cache[key] = hit
+        self.host[id(hit["frame_counts"])] = tuple(new_counts)  # alive as long as the cache
         return hit
-
-
-def _counts_of(frame_counts) -> tuple[int, ...]:
-    if isinstance(frame_counts, torch.Tensor):
-        return tuple(int(c) for c in frame_counts.tolist())
-    return tuple(int(c) for c in frame_counts)
 
 
 def install_pattern(handle, pattern: str) -> Callable[[], None]:
@@ -177,11 +187,13 @@ def install_pattern(handle, pattern: str) -> Callable[[], None]:
     function that restores the handle's own decisions.
 
     ``"natural"``: nothing changes. ``"forced-merge"`` / ``"forced-nomerge"``: at each prune
-    layer the real Stage I op still runs (so its cost is measured), then its decisions are
-    replaced: the frames (and the scores travelling with them) are merged with the forced plan
-    by ``ops.apply_merge_plan``; the refined segmentation still runs the real op and returns the
-    forced windows. The forced steps add one plan application per prune layer, so the op time
-    measured under a forced pattern is an upper bound of the real ops' time.
+    layer the real decision walk runs (``ops.segment_frames``: the kernels and the one host sync
+    ``merge_frames`` spends before applying its plan), then the forced plan is applied once to the
+    frames and to the scores travelling with them (``ops.apply_merge_plan``), as ``merge_frames``
+    applies its own; the refined segmentation runs the real op (``ops.segment_frames_deferred``,
+    no sync) and returns the forced windows. So a forced call launches the product's kernels and
+    syncs, sized by the forced frame counts; the frame counts are known on the host without a
+    device read (the benchmark's videos have equal lengths).
     """
     if pattern == "natural":
         return lambda: None
@@ -200,9 +212,9 @@ def install_pattern(handle, pattern: str) -> Callable[[], None]:
         return type(t)(ops.apply_merge_plan(e, p["plan_src"], p["plan_weight"]) for e in t)
 
     def stage1(x, frame_counts, layer_index, extras=None):
-        res = ops.merge_frames(x, frame_counts, cfg, extras=extras)  # the real op: its cost counts
-        p = plans.get(_counts_of(frame_counts), x.device)
-        return res._replace(
+        ops.segment_frames(x, frame_counts, cfg)  # the real walk and its sync: their cost counts
+        p = plans.get(plans.counts_of(frame_counts, x.shape[0]), x.device)
+        return ops.MergeResult(
             x=merge_like(x, p),
             extras=merge_like(extras, p),
             frame_counts=p["frame_counts"],
@@ -213,8 +225,8 @@ def install_pattern(handle, pattern: str) -> Callable[[], None]:
         )
 
     def refine(x, frame_counts):
-        ops.segment_frames(x, frame_counts, cfg)  # the real op: its cost counts
-        return plans.get(_counts_of(frame_counts), x.device)["refined"]
+        ops.segment_frames_deferred(x, frame_counts, cfg)  # the real op, as the product runs it
+        return plans.get(plans.counts_of(frame_counts, x.shape[0]), x.device)["refined"]
 
     handle.force_decisions(stage1=stage1, refine=refine)
     return lambda: handle.force_decisions()

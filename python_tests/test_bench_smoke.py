@@ -598,3 +598,52 @@ def test_profile_call_annotates_and_restores():
     )
     assert "prepare_inputs_for_generation" not in model.__dict__ and core.rewrite_placeholders is rewrite
     assert (len(tower._forward_hooks), len(tower._forward_pre_hooks)) == hooks_before
+
+
+def test_forced_pattern_reads_no_device_values(monkeypatch):
+    """A forced pattern knows its frame counts on the host: it must not add device reads (host
+    syncs on a GPU) to the path it measures."""
+    if not _ops_ready():
+        pytest.skip("earlytom ops are not all built yet (CPU kernels missing)")
+    import os
+
+    spec = models.get_spec("micro")
+    model, _ = models.build_model("micro", device="cpu", dtype=torch.float32)
+    inputs = models.make_batch(spec, 2, 6)
+    reads = []
+    here = os.path.join("bench", "patterns.py")
+
+    def spy(name):
+        orig = getattr(torch.Tensor, name)
+
+        def wrapper(self, *args, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename
+            if caller.endswith(here):
+                reads.append(name)
+            return orig(self, *args, **kwargs)
+
+        return wrapper
+
+    handle = patterns.apply_earlytom(model, preset("videomme", 0.1), "forced-merge")
+    try:
+        for name in ("tolist", "item", "__int__", "__bool__", "__index__", "cpu", "numpy"):
+            monkeypatch.setattr(torch.Tensor, name, spy(name))
+        with torch.no_grad():
+            handle.prepare_inputs(inputs["input_ids"], inputs["pixel_values_videos"], inputs["attention_mask"])
+        monkeypatch.undo()
+        frames = [f for v in handle.last_stats["videos"] for f in v["frames_after"].values()]
+    finally:
+        handle.remove()
+    assert reads == []
+    assert frames == patterns.forced_counts(6, preset("videomme", 0.1)) * 2
+
+
+def test_forced_counts_of_without_device_reads():
+    cfg = preset("videomme", 0.1)
+    plans = patterns.ForcedPlans(cfg, "forced-merge")
+    assert plans.counts_of(torch.tensor([7, 7]), 14) == (7, 7)  # the product's first counts: even split
+    assert plans.counts_of([5, 3], 8) == (5, 3)
+    p = plans.get((7, 7), "cpu")
+    assert plans.counts_of(p["frame_counts"], int(p["frame_counts"].sum())) == tuple(p["frame_counts"].tolist())
+    with pytest.raises(ValueError, match="videos of equal length: 15 frames in 2 videos"):
+        plans.counts_of(torch.tensor([8, 7]), 15)
