@@ -352,6 +352,13 @@ finalize() {
       echo "## Skipped inside stages"; echo
       sed 's/^/- /' "$NOTES"; echo
     fi
+    # The benchmark's goal lines (speed-ups, op share, throughput), so the summary answers first.
+    local bench_md
+    bench_md="$(grep -s '\.md$' "$WORK/bench_files.txt" | head -n 1)"
+    if [ -n "$bench_md" ] && [ -f "$bench_md" ]; then
+      echo "## Benchmark goals ($(basename "$bench_md"))"; echo
+      awk '/^## Goals/ {on = 1; next} on && /^## / {exit} on && NF' "$bench_md"; echo
+    fi
     while IFS=$'\t' read -r n st dt; do
       case "$st" in
         FAIL*)
