@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from bench.common import op_bench_main
+from bench.common import op_bench_main, segments_from_lengths
 from earlytom_ext import ops
 from earlytom_ext.integration.prompt import HostPrompt, placeholder_runs, rewrite_placeholders
 
@@ -62,12 +62,8 @@ def benchmark(device: str = "cpu", quick: bool = False) -> list[dict]:
     for batch in (1, 4):
         prompt, before = make_prompt(batch, frames)
         # A refined segmentation of 12 merged frames per video (as after Stage I at r = 0.1).
-        lengths = [1, 2, 3, 1, 3, 2] if frames >= 12 else [1, 2, 1]
-        segs, s = [], 0
-        for n in lengths:
-            segs.append((s, s + n - 1))
-            s += n
-        merged = s
+        segs = segments_from_lengths([1, 2, 3, 1, 3, 2] if frames >= 12 else [1, 2, 1])
+        merged = segs[-1][1] + 1
         seg_t = torch.tensor([[a + v * merged, e + v * merged] for v in range(batch) for a, e in segs])
         seg_counts, frame_counts = torch.tensor([len(segs)] * batch), torch.tensor([merged] * batch)
         plan = ops.stage2_plan(ops.segments_per_video(seg_t, seg_counts, frame_counts), [frames] * batch, 0.1)

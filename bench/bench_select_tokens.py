@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from bench.common import gbps, op_bench_main, time_fn
+from bench.common import gbps, op_bench_main, segments_from_lengths, time_fn
 from earlytom_ext import reference as R
 from earlytom_ext.ops import select_tokens, stage2_plan
 
@@ -41,14 +41,6 @@ COLUMNS = [
     "vs_reference",
     "vs_loop",
 ]
-
-
-def _segments(lengths):
-    segs, s = [], 0
-    for n in lengths:
-        segs.append((s, s + n - 1))
-        s += n
-    return segs
 
 
 def _loop_select(feats, scores, segs_per_video, counts, plan):
@@ -99,7 +91,7 @@ def benchmark(device: str = "cuda", quick: bool = False) -> list[dict[str, objec
     warmup, iters = (1, 3) if quick else ((5, 50) if cuda else (1, 5))
     rows = []
     for lengths, before, P, C, dtype, r in _cases(device, quick):
-        segs = [_segments(lv) for lv in lengths]
+        segs = [segments_from_lengths(lv) for lv in lengths]
         counts = [sum(lv) for lv in lengths]
         N = sum(counts)
         g = torch.Generator().manual_seed(0)

@@ -22,12 +22,14 @@ __all__ = [
     "time_fn",
     "peak_bytes",
     "peak_memory",
+    "wrap_attr",
     "HookTimers",
     "Budget",
     "run_points",
     "gbps",
     "markdown_table",
     "op_bench_main",
+    "segments_from_lengths",
 ]
 
 
@@ -147,6 +149,22 @@ def peak_memory(fn: Callable[[], object], device) -> dict[str, float | None]:
     return {"peak_mem_gib": gib(peak), "peak_over_weights_gib": gib(peak - base)}
 
 
+def wrap_attr(owner, attr: str, make: Callable[[Callable], Callable]) -> Callable[[], None]:
+    """Set ``owner.attr`` (an instance or module attribute) to ``make(current)``; returns the
+    function that puts back exactly what was there (another patch, or nothing)."""
+    missing = object()
+    prev = vars(owner).get(attr, missing)
+    setattr(owner, attr, make(getattr(owner, attr)))
+
+    def restore() -> None:
+        if prev is missing:
+            vars(owner).pop(attr, None)
+        else:
+            setattr(owner, attr, prev)
+
+    return restore
+
+
 class HookTimers:
     """Stamps at entry and exit of modules (forward hooks) and methods (temporary wrappers).
 
@@ -208,25 +226,16 @@ class HookTimers:
         return hook
 
     def _wrap(self, name: str, owner, attr: str) -> None:
-        missing = object()
-        prev = owner.__dict__.get(attr, missing)
-        current = getattr(owner, attr)
+        def make(current):
+            def timed(*args, **kwargs):
+                start = Stamp(self.cuda)
+                out = current(*args, **kwargs)
+                self.spans[name].append((start, Stamp(self.cuda)))
+                return out
 
-        def timed(*args, **kwargs):
-            start = Stamp(self.cuda)
-            out = current(*args, **kwargs)
-            self.spans[name].append((start, Stamp(self.cuda)))
-            return out
+            return timed
 
-        setattr(owner, attr, timed)
-
-        def restore():
-            if prev is missing:
-                owner.__dict__.pop(attr, None)
-            else:
-                setattr(owner, attr, prev)
-
-        self._restore.append(restore)
+        self._restore.append(wrap_attr(owner, attr, make))
 
     def ended_before(self, name: str, stamp: Stamp) -> bool:
         """Whether ``name`` ran (at least once) and every call of it ended before ``stamp``."""
@@ -361,3 +370,12 @@ def op_bench_main(name: str, benchmark, columns: list[str], doc: str, argv=None)
     rows = benchmark(device=args.device, quick=args.quick)
     print(f"{name} on {rows[0]['device'] if rows else args.device}")
     print(markdown_table(rows, columns))
+
+
+def segments_from_lengths(lengths) -> list[tuple[int, int]]:
+    """Consecutive inclusive ``(start, end)`` segments of the given lengths, from frame 0."""
+    segs, s = [], 0
+    for n in lengths:
+        segs.append((s, s + n - 1))
+        s += n
+    return segs

@@ -30,7 +30,7 @@ from collections.abc import Iterator
 import torch
 
 from bench import models
-from bench.common import Budget, is_cuda, sync
+from bench.common import Budget, is_cuda, sync, wrap_attr
 from bench.patterns import apply_earlytom
 
 __all__ = ["analyse", "annotated", "profile_call", "benchmark", "main"]
@@ -174,17 +174,15 @@ def annotated(model, handle=None) -> Iterator[None]:
             hooks.append(mod.register_forward_hook(post(name)))
 
     def wrap(owner, attr: str, label: str) -> None:
-        missing = object()
-        prev = vars(owner).get(attr, missing)  # an instance or module attribute to put back
-        current = getattr(owner, attr)
+        def make(current):
+            @functools.wraps(current)
+            def annotated_call(*args, **kwargs):
+                with record_function(label):
+                    return current(*args, **kwargs)
 
-        @functools.wraps(current)
-        def timed(*args, **kwargs):
-            with record_function(label):
-                return current(*args, **kwargs)
+            return annotated_call
 
-        setattr(owner, attr, timed)
-        restore.append(lambda: delattr(owner, attr) if prev is missing else setattr(owner, attr, prev))
+        restore.append(wrap_attr(owner, attr, make))
 
     wrap(model, "prepare_inputs_for_generation", "prepare_inputs_for_generation")
     if handle is not None:
