@@ -106,7 +106,7 @@ class VideoRun:
     decisions: Decisions = field(default_factory=Decisions)
     merges: list[tuple] = field(default_factory=list)  # (layer, frame_counts, plan_src, plan_weight)
     scores: torch.Tensor | None = None  # [N', S] fp32 after the last prune layer's merge
-    refined: list | tuple | None = None  # (segments, segment_counts) on the device; see refined_segments()
+    refined: tuple[torch.Tensor, torch.Tensor] | None = None  # on the device; see refined_segments()
     refined_host: AsyncHostCopy | None = None  # (segments, segment_counts, frame_counts, status) on the host
     _pending_scores: torch.Tensor | None = None
 
@@ -153,7 +153,8 @@ class VideoRun:
                 self.refined = self.decisions.refine(res.x, self.frame_counts)
             else:
                 # No sync here: Stage II's plan reads the segmentation from the host copy below.
-                *self.refined, status = ops.segment_frames_deferred(res.x, self.frame_counts, self.cfg)
+                segments, counts, status = ops.segment_frames_deferred(res.x, self.frame_counts, self.cfg)
+                self.refined = (segments, counts)
             self.refined_host = AsyncHostCopy(*self.refined, self.frame_counts, status)
             clock.span("refine_segments", t0, clock.now())
         return res.x
