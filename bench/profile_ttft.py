@@ -46,9 +46,10 @@ def _short(name: str, n: int = 72) -> str:
     return name if len(name) <= n else name[: n - 3] + "..."
 
 
-def _intervals(events: list[dict], cat: str) -> list[tuple[float, float, dict]]:
+def _intervals(events: list[dict], cats: tuple[str, ...]) -> list[tuple[float, float, dict]]:
+    """``(start, end, event)`` of the events of these categories, by start (longest first)."""
     return sorted(
-        ((float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0.0)), e) for e in events if e.get("cat") == cat),
+        ((float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0.0)), e) for e in events if e.get("cat") in cats),
         key=lambda t: (t[0], -t[1]),
     )
 
@@ -77,9 +78,9 @@ def analyse(trace: dict, *, min_gap_us: float = 10.0, top: int = 12) -> dict:
         raise ValueError(f"the trace has no {CALL!r} annotation")
     call = calls[0]
     w0, w1 = float(call["ts"]), float(call["ts"]) + float(call["dur"])
-    phases = [r for r in _intervals(events, "user_annotation") if r[2].get("name") != CALL]
+    phases = [r for r in _intervals(events, ("user_annotation",)) if r[2].get("name") != CALL]
     phase_starts = [r[0] for r in phases]
-    ops = _intervals(events, "cpu_op")
+    ops = _intervals(events, ("cpu_op",))
     op_starts = [r[0] for r in ops]
     launches = {}
     for e in events:
@@ -87,9 +88,7 @@ def analyse(trace: dict, *, min_gap_us: float = 10.0, top: int = 12) -> dict:
         if e.get("cat") in LAUNCH_CATS and corr is not None:
             launches[corr] = float(e["ts"])
     # Only the profiled call is in the trace; its device work ends before generate returns.
-    device = sorted(
-        (float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0.0)), e) for e in events if e.get("cat") in DEVICE_CATS
-    )
+    device = _intervals(events, DEVICE_CATS)
 
     def who(e: dict) -> tuple[str, str]:
         t = launches.get((e.get("args") or {}).get("correlation"))
@@ -125,7 +124,10 @@ def analyse(trace: dict, *, min_gap_us: float = 10.0, top: int = 12) -> dict:
         "idle_after_last_ms": tail / 1e3,
         "device_events": len(device),
         "idle_by_phase_ms": {k: v / 1e3 for k, v in sorted(by_phase.items(), key=lambda kv: -kv[1])},
-        "top_gaps": [dict(g, ms=g.pop("us") / 1e3) for g in sorted(gaps, key=lambda g: -g["us"])[:top]],
+        "top_gaps": [
+            {**{k: v for k, v in g.items() if k != "us"}, "ms": g["us"] / 1e3}
+            for g in sorted(gaps, key=lambda g: -g["us"])[:top]
+        ],
         "gaps_over_min": len(gaps),
         "phases_seen": sorted({r[2]["name"] for r in phases}),
         "min_gap_us": min_gap_us,

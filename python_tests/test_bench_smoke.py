@@ -570,6 +570,9 @@ def test_profile_gaps_from_a_hand_written_trace():
     assert [g["before"] for g in a["top_gaps"]] == ["k3", "k2"] and a["idle_in_gaps_ms"] == pytest.approx(0.32)
     with pytest.raises(ValueError, match="no 'ttft' annotation"):
         analyse({"traceEvents": trace["traceEvents"][1:]})
+    # Two device events with the same start and length (e.g. a copy and a kernel) are one busy span.
+    twin = trace["traceEvents"] + [_x("gpu_memset", "memset", 1050, 100, correlation=1)]
+    assert analyse({"traceEvents": twin})["device_busy_ms"] == pytest.approx(0.38)
 
 
 def test_profile_call_annotates_and_restores():
