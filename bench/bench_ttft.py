@@ -342,10 +342,17 @@ def _llm_merge_removed(cfg, video_tokens: list[int] | None) -> tuple[int | None,
 # ---------------------------------------------------------------------------------------------
 # The section
 # ---------------------------------------------------------------------------------------------
+_BASELINE_NAMES = {
+    "stock": "stock HF",
+    "fastpool": "stock HF + fast pooling",
+    "fastwin": "stock HF + fast window attention",
+}
+
+
 def config_label(row: dict) -> str:
     """Short human name of a TTFT/scaling row."""
     if row.get("config") == "uncompressed":
-        name = "stock HF" if row.get("baseline") == "stock" else "stock HF + fast pooling"
+        name = _BASELINE_NAMES.get(row.get("baseline"), f"stock HF + {row.get('baseline')}")
         return f"{name} ({row['when']})" if row.get("when") else name
     name = "EarlyTom + LLM merge" if row.get("llm_merge") else "EarlyTom"
     return f"{name} r={row.get('ratio')} {row.get('pattern')}"

@@ -23,6 +23,7 @@ __all__ = [
     "ops",
     "apply",
     "fast_pooling",
+    "fast_window_attention",
     "set_verbosity",
 ]
 
@@ -34,6 +35,6 @@ def __getattr__(name):
 
     if name == "ops":
         return importlib.import_module(f"{__name__}.ops")
-    if name in ("apply", "EarlyTomHandle", "fast_pooling"):
+    if name in ("apply", "EarlyTomHandle", "fast_pooling", "fast_window_attention"):
         return getattr(importlib.import_module(f"{__name__}.integration"), name)
     raise AttributeError(f"module 'earlytom_ext' has no attribute {name!r}")

@@ -486,6 +486,11 @@ def test_quick_run_measured_sections(quick_run):
         assert r["prefill_tokens"] < r["prefill_tokens_full"]
     q = results["qwen25vl"]
     assert q.get("skipped") or all(not r.get("error") for r in q["rows"]), q
+    if not q.get("skipped"):
+        assert {r.get("baseline") for r in q["rows"] if r["config"] == "uncompressed"} == {"stock", "fastwin"}
+        for r in q["rows"]:
+            if r["config"] == "earlytom":
+                assert r["speedup_vs_fastwin"] > 0 and r["speedup"] > 0, r
 
 
 def test_measure_keeps_timings_when_the_profiler_fails(monkeypatch):

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Mutation check of the Stage I / Stage II code: do the CPU tests catch small realistic bugs?
+"""Mutation check of the Stage I / Stage II code, the prompt rewriting and the window batching: do
+the CPU tests catch small realistic bugs?
 
 Run it before resolving an algorithm change (it is not part of CI; it takes a while on 2 cores):
 
@@ -47,6 +48,7 @@ DEFAULT_TESTS = [
     "python_tests/test_select_tokens_op.py",
     "python_tests/test_handwritten_cases.py",
     "python_tests/test_prompt.py",
+    "python_tests/test_window_attention.py",
 ]
 DEFAULT_PYTEST_ARGS = ["-x", "-q", "-p", "no:cacheprovider"]
 
@@ -56,6 +58,7 @@ DEFAULT_PYTEST_ARGS = ["-x", "-q", "-p", "no:cacheprovider"]
 CPP = ("csrc/*.cpp", "csrc/*.cc", "csrc/*.h", "csrc/*.hpp", "csrc/*.cuh")
 REF = ("earlytom_ext/reference.py",)
 PROMPT = ("earlytom_ext/integration/prompt.py",)
+WINDOWS = ("earlytom_ext/integration/window_attention.py",)
 
 
 @dataclass(frozen=True)
@@ -240,6 +243,20 @@ MUTATIONS = [
         'padding_side = "right" if any(trail) and not any(lead) else "left"',
         'padding_side = "right" if any(trail) else "left"',
         "prompt: mixed padding is taken for right padding",
+    ),
+    Mutation(
+        "windows-one-class",
+        WINDOWS,
+        "if len(starts) == 1:",
+        "if len(starts) >= 1:",
+        "window attention: windows of different lengths batched as if equal",
+    ),
+    Mutation(
+        "windows-token-major",
+        WINDOWS,
+        "(t.reshape(count, length, heads, -1).transpose(1, 2) for t in (q_, k_, v_))",
+        "(t.reshape(length, count, heads, -1).permute(1, 2, 0, 3) for t in (q_, k_, v_))",
+        "window attention: tokens split into windows in the wrong order",
     ),
     Mutation(
         "ref-static-argmax-tie",

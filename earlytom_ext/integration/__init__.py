@@ -8,8 +8,9 @@ each video's run of placeholders and feed the compressed features to the languag
 
 Layout: :mod:`.core` (the handle: model-independent), :mod:`.run` (one armed pass through the
 encoder), :mod:`.prompt` (placeholder rewriting), :mod:`.wrappers` (``forward`` / ``generate``),
-:mod:`.stats`, :mod:`.pooling`, :mod:`.llm_merge` (the optional inner-LLM merge), and :mod:`.adapters`
-(one per model family: LLaVA-OneVision, Qwen2.5-VL).
+:mod:`.stats`, :mod:`.pooling`, :mod:`.window_attention` (Qwen2.5-VL's windows batched),
+:mod:`.llm_merge` (the optional inner-LLM merge), and :mod:`.adapters` (one per model family:
+LLaVA-OneVision, Qwen2.5-VL).
 
 ``generate`` returns sequences whose prompt part is the caller's *original* ``input_ids``;
 ``max_length`` / ``min_length`` count that prompt; a ``streamer`` receives it. ``forward`` returns the
@@ -25,8 +26,16 @@ from ..config import EarlyTomConfig
 from .adapters import adapter_for
 from .core import MARKER, EarlyTomHandle
 from .pooling import FastPoolingHandle, fast_pooling
+from .window_attention import FastWindowAttentionHandle, fast_window_attention
 
-__all__ = ["EarlyTomHandle", "FastPoolingHandle", "apply", "fast_pooling"]
+__all__ = [
+    "EarlyTomHandle",
+    "FastPoolingHandle",
+    "FastWindowAttentionHandle",
+    "apply",
+    "fast_pooling",
+    "fast_window_attention",
+]
 
 
 def apply(model: nn.Module, cfg: EarlyTomConfig | None = None) -> EarlyTomHandle:

@@ -8,25 +8,40 @@ import torch
 
 from ..._validation import host_to_device
 from ..run import VideoRun
+from ..window_attention import WindowBatches, batchable, vision_rope, window_attention
 from .base import EncodedVideos, VideoInputs
+
+_MISSING = object()
 
 
 class _Geometry:
     """Per-group tensors of one spatial grid: the window permutation of the merge units, its
-    inverse, the window boundaries and the rotary (cos, sin) of one group, in window order."""
+    inverse, the window boundaries (also on the host) and the rotary (cos, sin) of one group, in
+    window order."""
 
     def __init__(
         self,
         perm: torch.Tensor,
         inv: torch.Tensor,
         cu_window: torch.Tensor,
-        window_max: int,
+        window_bounds: list[int],
         cos: torch.Tensor,
         sin: torch.Tensor,
         S: int,
     ):
-        self.perm, self.inv, self.cu_window, self.window_max = perm, inv, cu_window, window_max
+        self.perm, self.inv, self.cu_window, self.window_bounds = perm, inv, cu_window, window_bounds
+        self.window_max = max(b - a for a, b in zip(window_bounds, window_bounds[1:]))
         self.cos, self.sin, self.S = cos, sin, S
+        self._batches: dict[int, tuple[WindowBatches, WindowBatches]] = {}
+
+    def batches(self, n: int, device: torch.device) -> tuple[WindowBatches, WindowBatches]:
+        """(full-attention, windowed) batches of ``n`` groups for the batched SDPA path."""
+        b = self._batches.get(n)
+        if b is None:
+            S = self.S
+            b = (WindowBatches.tiled([0, S], n, S, device), WindowBatches.tiled(self.window_bounds, n, S, device))
+            self._batches[n] = b
+        return b
 
     def tiles(self, n: int, device: torch.device):
         """(cos, sin, cu_full, cu_window) for ``n`` groups."""
@@ -70,14 +85,13 @@ class _VisionForward:
             cos = cos.reshape(S // unit, unit, -1)[perm.to(device)].reshape(S, -1)
             sin = sin.reshape(S // unit, unit, -1)[perm.to(device)].reshape(S, -1)
         cu = cu.to(torch.int32)
-        window_max = int((cu[1:] - cu[:-1]).max())
         perm = perm.to(torch.int64)
         inv = torch.argsort(perm)
         g = _Geometry(
             host_to_device(perm, torch.int64, device),
             host_to_device(inv, torch.int64, device),
             host_to_device(cu, torch.int32, device),
-            window_max,
+            cu.tolist(),
             cos,
             sin,
             S,
@@ -107,6 +121,10 @@ class _VisionForward:
         x = x.view(n, S // unit, unit, D)[:, geo.perm].reshape(n * S, D)  # window order, per group
         cos, sin, cu_full, cu_win = geo.tiles(n, device)
         flash = self._flash()
+        # SDPA: the adapter batches the windows itself (one call per window length; see
+        # window_attention.py); other implementations run the model's own attention.
+        batched = not flash and self.batch_windows and all(batchable(b.attn) for b in self.blocks)
+        batches = geo.batches(n, device) if batched else None
         captured: list[torch.Tensor | None] = [None]
 
         def grab(module, args, output):
@@ -119,7 +137,7 @@ class _VisionForward:
                 kw: dict[str, Any] = {"cu_seqlens": cu_full if full else cu_win, "position_embeddings": (cos, sin)}
                 if not self._legacy_vision:  # 5.x blocks take the max length (used by flash attention only)
                     kw["max_seqlen"] = (S if full else geo.window_max) if flash else None
-                x = blk(x, **kw)
+                x = _run_block(blk, x, kw, batches[0 if full else 1] if batches else None)
                 if i == last:
                     q, k = self._rotated_qk(captured[0], cos, sin)
                     captured[0] = None
@@ -129,6 +147,7 @@ class _VisionForward:
                     n = int(x.shape[0])  # known on the host after Stage I's own size read
                     x = x.reshape(n * S, D)
                     cos, sin, cu_full, cu_win = geo.tiles(n, device)
+                    batches = geo.batches(n, device) if batched else None
         finally:
             hook.remove()
         t1 = clock.now()
@@ -146,7 +165,25 @@ class _VisionForward:
             raise RuntimeError("EarlyTom: Q/K of the score block were not captured")
         seq = qkv.shape[0]
         q, k, _ = qkv.reshape(seq, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
-        from importlib import import_module
+        return vision_rope(self.blocks[0].attn)(q, k, cos, sin)  # the model's own rotary, [seq, heads, head_dim]
 
-        rope = import_module(type(self.blocks[0].attn).__module__).apply_rotary_pos_emb_vision
-        return rope(q, k, cos, sin)  # the model's own rotary, [seq, heads, head_dim]
+
+def _run_block(blk, x: torch.Tensor, kw: dict[str, Any], batches: WindowBatches | None) -> torch.Tensor:
+    """One vision block; with ``batches``, its attention runs batched over the windows (the block's
+    own forward around it, hooks included)."""
+    if batches is None:
+        return blk(x, **kw)
+    attn = blk.attn
+    prev = attn.__dict__.get("forward", _MISSING)
+
+    def forward(hidden_states, cu_seqlens=None, position_embeddings=None, **_):
+        return window_attention(attn, hidden_states, batches, position_embeddings)
+
+    attn.__dict__["forward"] = forward
+    try:
+        return blk(x, **kw)
+    finally:
+        if prev is _MISSING:
+            attn.__dict__.pop("forward", None)
+        else:
+            attn.__dict__["forward"] = prev
