@@ -211,6 +211,25 @@ def test_adapter_keeps_the_models_attention_without_sdpa(monkeypatch):
     assert spy.calls == 0
 
 
+def test_combines_with_apply(monkeypatch):
+    """Images go through the model's own vision forward under EarlyTom: fast_window_attention
+    batches them; the videos' compressed features and logits are unchanged by it."""
+    model = build_model()
+    videos = [make_video(12, seed=1, kind="scenes", scene_length=4, image_size=12)]
+    img = make_video(1, seed=9, image_size=12)[0]
+    inputs = make_inputs(model, videos, seed=6, images=[img])
+    with earlytom_ext.apply(model, CFG), torch.no_grad():
+        expected = model(**inputs).logits
+    spy = _Spy(monkeypatch)
+    with earlytom_ext.apply(model, CFG) as h, fast_window_attention(model) as fix, torch.no_grad():
+        got = model(**inputs).logits
+        assert "active" in repr(fix) and h.last_stats["videos"]
+    blocks = len(model.model.visual.blocks)
+    assert spy.calls == 2 * blocks  # the image's blocks (stock forward, patched) and the video's (adapter)
+    assert torch.equal(got, expected)
+    assert not any("forward" in b.attn.__dict__ for b in model.model.visual.blocks)
+
+
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_equals_the_models_window_loop(dtype):
