@@ -58,6 +58,15 @@ def test_bad_bounds(bounds):
         WindowBatches(bounds, "cpu")
 
 
+def test_layout_must_cover_the_sequence():
+    model = build_model()
+    attn = model.model.visual.blocks[0].attn
+    h = torch.randn(8, 32)
+    pe = (torch.ones(8, 8), torch.zeros(8, 8))
+    with pytest.raises(ValueError, match="covers 6 tokens, the hidden states hold 8"):
+        W.window_attention(attn, h, WindowBatches([0, 3, 6], "cpu"), pe)
+
+
 # --------------------------------------------------------------------------------------------
 # fast_window_attention on an uncompressed model
 # --------------------------------------------------------------------------------------------
@@ -174,6 +183,11 @@ def test_rejects_other_models():
     with pytest.raises(TypeError, match="Qwen2.5-VL"):
         fast_window_attention(torch.nn.Linear(2, 2))
     assert earlytom_ext.fast_window_attention is fast_window_attention
+    model = build_model()
+    model.model.visual.blocks[1].attn.qkv = torch.nn.Identity()
+    with pytest.raises(TypeError, match="attn.qkv and attn.proj"):
+        fast_window_attention(model)
+    assert not any("forward" in b.attn.__dict__ for b in model.model.visual.blocks)  # nothing half-patched
 
 
 # --------------------------------------------------------------------------------------------
