@@ -570,18 +570,9 @@ print("=== done", file=sys.stderr, flush=True)
 
 @pytest.mark.skipif(not (torch.cuda.is_available() and has_cuda_kernels()), reason="needs CUDA and the CUDA kernels")
 def test_cuda_host_syncs_at_most_one_per_prune_layer(tmp_path):
-    import subprocess
+    from tiny_models import measured_cuda_syncs
 
-    # A subprocess: syncs inside custom ops are reported by c10 on stderr, not as Python warnings.
-    script = tmp_path / "syncs.py"
-    script.write_text(_SYNC_SCRIPT)
-    env = dict(os.environ, PYTHONWARNINGS="always")
-    proc = subprocess.run(
-        [sys.executable, str(script), os.path.dirname(__file__)], capture_output=True, text=True, env=env, timeout=600
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    measured = proc.stderr.split("=== measured", 1)[1].split("=== done", 1)[0]
-    syncs = [line for line in measured.splitlines() if "synchronizing CUDA operation" in line]
+    syncs = measured_cuda_syncs(_SYNC_SCRIPT, tmp_path)
     # Stage I's size read per prune layer; no per-block window-length read (the windows are
     # batched from the host geometry) and no read of the refined segments (an asynchronous copy).
-    assert 1 <= len(syncs) <= len(CFG.prune_layers), measured[-3000:]
+    assert 1 <= len(syncs) <= len(CFG.prune_layers), "\n".join(syncs)

@@ -39,3 +39,23 @@ def call_layer(layer, h):
     """One SigLIP encoder layer on ``h`` (it returns a tensor or a tuple, by version)."""
     out = layer(h, None)
     return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def measured_cuda_syncs(script: str, tmp_path) -> list[str]:
+    """Run ``script`` in a subprocess (its ``sys.argv[1]`` is this folder) and return the
+    synchronising CUDA operations it reports between its ``=== measured`` and ``=== done`` lines
+    on stderr (``torch.cuda.set_sync_debug_mode("warn")``). A subprocess, because syncs inside
+    custom ops are reported by c10 on stderr, not as Python warnings."""
+    import os
+    import subprocess
+    import sys
+
+    path = tmp_path / "syncs.py"
+    path.write_text(script)
+    env = dict(os.environ, PYTHONWARNINGS="always")
+    proc = subprocess.run(
+        [sys.executable, str(path), os.path.dirname(__file__)], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    measured = proc.stderr.split("=== measured", 1)[1].split("=== done", 1)[0]
+    return [line for line in measured.splitlines() if "synchronizing CUDA operation" in line]

@@ -14,13 +14,13 @@ from .._validation import check_finite
 from ..config import EarlyTomConfig
 from . import stats as _stats
 from .adapters.base import ModelAdapter, VideoInputs
+from .patches import MISSING, restore_attr, set_attr
 from .prompt import HostPrompt, placeholder_runs, rewrite_placeholders
 from .run import Clock, Decisions, RefineFn, Stage1Fn, VideoRun
 from .wrappers import cache_holds_tokens, make_forward, make_generate, positions_from_mask
 
 __all__ = ["EarlyTomHandle"]
 
-_MISSING = object()
 MARKER = "_earlytom_handle"
 
 
@@ -130,17 +130,14 @@ class EarlyTomHandle:
             return
         model = self._model
         for name in ("forward", "generate"):
-            cur = model.__dict__.get(name, _MISSING)
-            if cur is not _MISSING and getattr(cur, "_earlytom_wrapper_of", None) is not self:
+            cur = model.__dict__.get(name, MISSING)
+            if cur is not MISSING and getattr(cur, "_earlytom_wrapper_of", None) is not self:
                 raise RuntimeError(f"model.{name} was replaced after earlytom_ext.apply(); remove that wrapper first")
         if self._llm_merge is not None:
             self._llm_merge.remove()  # first: it raises, changing nothing, if its forward was wrapped since
         self._adapter.remove()
         for name, prev in self._prev_attrs.items():
-            if prev is _MISSING:
-                model.__dict__.pop(name, None)
-            else:
-                model.__dict__[name] = prev
+            restore_attr(model, name, prev)
         self._prev_attrs.clear()
         model.__dict__.pop(MARKER, None)
         self._removed = True
@@ -164,8 +161,7 @@ class EarlyTomHandle:
             if self._llm_merge is not None:
                 self._llm_merge.install()
             for name, make in (("forward", make_forward), ("generate", make_generate)):
-                self._prev_attrs[name] = model.__dict__.get(name, _MISSING)
-                model.__dict__[name] = make(self, getattr(model, name))
+                self._prev_attrs[name] = set_attr(model, name, make(self, getattr(model, name)))
         except BaseException:
             self.remove()  # undoes what was installed so far
             raise

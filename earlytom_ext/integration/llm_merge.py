@@ -36,10 +36,10 @@ import torch.nn as nn
 from ..config import check_llm_merge
 from .llm_merge_paths import _MergePaths
 from .llm_merge_support import _seq_len, _State, _supported_decoder, cache_arg, call_cache, merge_span
+from .patches import MISSING, restore_attr, set_attr
 
 __all__ = ["LLMMerge", "merge_span"]
 
-_MISSING = object()
 _NAMES = ("layer (EarlyTomConfig.llm_merge_layer)", "ratio (EarlyTomConfig.llm_merge_ratio)")
 
 
@@ -96,7 +96,7 @@ class LLMMerge(_MergePaths):
         self._mask_cache_kw = cache_arg(self._create_mask)
         self._mask_wants_cache_position = "cache_position" in params
         self._wrapper = None
-        self._prev_forward: Any = _MISSING
+        self._prev_forward: Any = MISSING
         self._armed: list | None = None
         self._state: _State | None = None
         self._stats_raw: list | None = None
@@ -120,7 +120,6 @@ class LLMMerge(_MergePaths):
         if self._wrapper is not None:
             return
         lm = self._lm
-        self._prev_forward = lm.__dict__.get("forward", _MISSING)
         orig = lm.forward  # bound method (or a previous instance wrapper)
         sig = inspect.signature(orig)
         varkw = next((n for n, p in sig.parameters.items() if p.kind is p.VAR_KEYWORD), None)
@@ -135,7 +134,7 @@ class LLMMerge(_MergePaths):
 
         forward._earlytom_llm_merge = self
         self._wrapper = forward
-        lm.__dict__["forward"] = forward
+        self._prev_forward = set_attr(lm, "forward", forward)
 
     def remove(self) -> None:
         """Restore the language model's ``forward`` and forget any armed or decoding state (idempotent)."""
@@ -144,11 +143,8 @@ class LLMMerge(_MergePaths):
         lm = self._lm
         if lm.__dict__.get("forward") is not self._wrapper:
             raise RuntimeError("the language model's forward was replaced after LLMMerge.install(); remove that first")
-        if self._prev_forward is _MISSING:
-            lm.__dict__.pop("forward", None)
-        else:
-            lm.__dict__["forward"] = self._prev_forward
-        self._prev_forward = _MISSING
+        restore_attr(lm, "forward", self._prev_forward)
+        self._prev_forward = MISSING
         self._wrapper = None
         self._armed = None
         self._state = None

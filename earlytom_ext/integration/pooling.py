@@ -11,9 +11,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["FastPoolingHandle", "bilinear_pool", "fast_pooling"]
+from .patches import InstancePatches
 
-_MISSING = object()
+__all__ = ["FastPoolingHandle", "bilinear_pool", "fast_pooling"]
 
 
 def bilinear_pool(x: torch.Tensor, grid: int) -> torch.Tensor:
@@ -26,38 +26,17 @@ def bilinear_pool(x: torch.Tensor, grid: int) -> torch.Tensor:
     return y.permute(0, 2, 3, 1).reshape(n, out * out, c)
 
 
-class FastPoolingHandle:
+class FastPoolingHandle(InstancePatches):
     """Returned by :func:`fast_pooling`; ``remove()`` (or leaving a ``with`` block) restores the model."""
 
     def __init__(self, inner: nn.Module, grid: int):
-        self._inner = inner
-        self._prev = inner.__dict__.get("apply_pooling", _MISSING)
-        grid_ = grid
+        super().__init__()
 
         def apply_pooling(image_features: torch.Tensor) -> torch.Tensor:
-            return bilinear_pool(image_features, grid_)
+            return bilinear_pool(image_features, grid)
 
         apply_pooling._earlytom_fast_pooling = True
-        inner.__dict__["apply_pooling"] = apply_pooling
-        self._removed = False
-
-    def remove(self) -> None:
-        if self._removed:
-            return
-        if self._prev is _MISSING:
-            self._inner.__dict__.pop("apply_pooling", None)
-        else:
-            self._inner.__dict__["apply_pooling"] = self._prev
-        self._removed = True
-
-    def __enter__(self) -> FastPoolingHandle:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
-
-    def __repr__(self) -> str:
-        return f"FastPoolingHandle({'removed' if self._removed else 'active'})"
+        self._set(inner, "apply_pooling", apply_pooling)
 
 
 def fast_pooling(model: nn.Module) -> FastPoolingHandle:

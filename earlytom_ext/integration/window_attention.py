@@ -19,10 +19,9 @@ import torch
 import torch.nn as nn
 
 from .._validation import host_to_device
+from .patches import InstancePatches
 
 __all__ = ["FastWindowAttentionHandle", "WindowBatches", "batchable", "fast_window_attention", "window_attention"]
-
-_MISSING = object()
 
 
 class WindowBatches:
@@ -124,15 +123,14 @@ class _BoundsCache:
         return b
 
 
-class FastWindowAttentionHandle:
+class FastWindowAttentionHandle(InstancePatches):
     """Returned by :func:`fast_window_attention`; ``remove()`` (or leaving a ``with`` block) restores
     every block's attention."""
 
     def __init__(self, attns: Sequence[nn.Module]):
-        self._prev: list[tuple[nn.Module, object]] = []
+        super().__init__()
         cache = _BoundsCache()
         for attn in attns:
-            prev = attn.__dict__.get("forward", _MISSING)
             original = attn.forward  # a previous instance patch, else the class's forward
 
             def forward(hidden_states, cu_seqlens, *args, _attn=attn, _original=original, **kwargs):
@@ -145,29 +143,7 @@ class FastWindowAttentionHandle:
                 return window_attention(_attn, hidden_states, cache.get(cu_seqlens), pe, **rest)
 
             forward._earlytom_fast_window_attention = True
-            attn.__dict__["forward"] = forward
-            self._prev.append((attn, prev))
-        self._removed = False
-
-    def remove(self) -> None:
-        if self._removed:
-            return
-        for attn, prev in self._prev:
-            if prev is _MISSING:
-                attn.__dict__.pop("forward", None)
-            else:
-                attn.__dict__["forward"] = prev
-        self._prev.clear()
-        self._removed = True
-
-    def __enter__(self) -> FastWindowAttentionHandle:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
-
-    def __repr__(self) -> str:
-        return f"FastWindowAttentionHandle({'removed' if self._removed else 'active'})"
+            self._set(attn, "forward", forward)
 
 
 def vision_attentions(model: nn.Module) -> list[nn.Module]:

@@ -46,11 +46,10 @@ import torch
 import torch.nn as nn
 
 from ...config import EarlyTomConfig
+from ..patches import restore_attr, set_attr
 from .base import ModelAdapter, VideoInputs
 from .qwen2_5_vl_positions import _Layout, _RopePositions
 from .qwen2_5_vl_vision import _Geometry, _VisionForward
-
-_MISSING = object()
 
 __all__ = ["QWEN2_5_VL_PRUNE_LAYERS", "Qwen2_5_VLAdapter", "default_prune_layers"]
 
@@ -188,14 +187,13 @@ class Qwen2_5_VLAdapter(_VisionForward, _RopePositions, ModelAdapter):
             # 4.57's generate cannot carry 3-D position ids: hand them to the prefill's own call.
             orig = self.inner.get_rope_index
             self._orig_get_rope_index = orig
-            self._prev_rope_attr = self.inner.__dict__.get("get_rope_index", _MISSING)
 
             @functools.wraps(orig)
             def get_rope_index(*args, **kwargs):
                 hit = self._take_armed(args, kwargs)
                 return hit if hit is not None else orig(*args, **kwargs)
 
-            self.inner.__dict__["get_rope_index"] = get_rope_index
+            self._prev_rope_attr = set_attr(self.inner, "get_rope_index", get_rope_index)
             self._rope_wrapper = get_rope_index
             self._installed_rope = True
 
@@ -205,10 +203,7 @@ class Qwen2_5_VLAdapter(_VisionForward, _RopePositions, ModelAdapter):
                 raise RuntimeError(
                     "model.model.get_rope_index was replaced after earlytom_ext.apply(); remove that wrapper first"
                 )
-            if self._prev_rope_attr is _MISSING:
-                self.inner.__dict__.pop("get_rope_index", None)
-            else:
-                self.inner.__dict__["get_rope_index"] = self._prev_rope_attr
+            restore_attr(self.inner, "get_rope_index", self._prev_rope_attr)
             self._installed_rope = False
             self._orig_get_rope_index = None
         self._armed = None

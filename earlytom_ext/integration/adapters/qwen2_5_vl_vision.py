@@ -7,11 +7,10 @@ from typing import Any
 import torch
 
 from ..._validation import host_to_device
+from ..patches import restore_attr, set_attr
 from ..run import VideoRun
 from ..window_attention import WindowBatches, batchable, vision_rope, window_attention
 from .base import EncodedVideos, VideoInputs
-
-_MISSING = object()
 
 
 class _Geometry:
@@ -174,16 +173,12 @@ def _run_block(blk, x: torch.Tensor, kw: dict[str, Any], batches: WindowBatches 
     if batches is None:
         return blk(x, **kw)
     attn = blk.attn
-    prev = attn.__dict__.get("forward", _MISSING)
 
     def forward(hidden_states, cu_seqlens=None, position_embeddings=None, **_):
         return window_attention(attn, hidden_states, batches, position_embeddings)
 
-    attn.__dict__["forward"] = forward
+    prev = set_attr(attn, "forward", forward)
     try:
         return blk(x, **kw)
     finally:
-        if prev is _MISSING:
-            attn.__dict__.pop("forward", None)
-        else:
-            attn.__dict__["forward"] = prev
+        restore_attr(attn, "forward", prev)

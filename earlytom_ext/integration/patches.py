@@ -1,0 +1,56 @@
+"""Instance-attribute patches (a method replaced on one model object, never on its class) and
+their exact restoration: what was in the instance ``__dict__`` before goes back, and a name that
+was not there is removed again."""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["MISSING", "InstancePatches", "restore_attr", "set_attr"]
+
+#: marks "the instance had no attribute of that name" (the class's one was used).
+MISSING: Any = object()
+
+
+def set_attr(obj: object, name: str, value: Any) -> Any:
+    """``obj.<name> = value`` in the instance ``__dict__``; returns what was there (or :data:`MISSING`)."""
+    prev = obj.__dict__.get(name, MISSING)
+    obj.__dict__[name] = value
+    return prev
+
+
+def restore_attr(obj: object, name: str, prev: Any) -> None:
+    """Undo :func:`set_attr` given the value it returned."""
+    if prev is MISSING:
+        obj.__dict__.pop(name, None)
+    else:
+        obj.__dict__[name] = prev
+
+
+class InstancePatches:
+    """A removable set of instance-attribute patches; ``remove()`` (idempotent, also on leaving a
+    ``with`` block) restores them in reverse order."""
+
+    def __init__(self) -> None:
+        self._saved: list[tuple[object, str, Any]] = []
+        self._removed = False
+
+    def _set(self, obj: object, name: str, value: Any) -> None:
+        self._saved.append((obj, name, set_attr(obj, name, value)))
+
+    def remove(self) -> None:
+        if self._removed:
+            return
+        for obj, name, prev in reversed(self._saved):
+            restore_attr(obj, name, prev)
+        self._saved.clear()
+        self._removed = True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({'removed' if self._removed else 'active'})"
