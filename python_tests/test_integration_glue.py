@@ -215,3 +215,14 @@ def test_default_prune_layers_are_a_valid_config(model):
     layers = adapter.default_prune_layers()
     cfg = EarlyTomConfig(prune_layers=layers)  # strictly increasing, inside the encoder
     assert cfg.prune_layers[-1] < adapter.depth
+
+
+def test_apply_without_a_config_uses_the_encoders_prune_layers(model, videos):
+    # The tiny SigLIP has 6 layers: round(6 * 0.25, 6 * 0.8, 6 * 0.88) = (2, 5, 5) -> (2, 5);
+    # EarlyTomConfig()'s (6, 21, 23) would not fit.
+    with earlytom_ext.apply(model) as h:
+        assert h.config == EarlyTomConfig(prune_layers=(2, 5))
+        h.encode_videos(torch.stack(videos))
+        assert set(h.last_stats["videos"][0]["frames_after"]) == {2, 5}
+    with pytest.raises(TypeError, match="EarlyTomConfig"):
+        earlytom_ext.apply(model, {"retain_ratio": 0.1})

@@ -505,6 +505,8 @@ def test_published_geometry_runs_with_the_default_prune_layers():
     cfg = EarlyTomConfig(retain_ratio=0.25, tau=0.5, max_window=6, prune_layers=QWEN2_5_VL_PRUNE_LAYERS)
     vids = [make_video(4, seed=1, kind="static", image_size=224)]
     inputs = make_inputs(m, vids, seed=12, patch=14)
+    with earlytom_ext.apply(m) as h:  # no config: the family's prune layers
+        assert h.config == EarlyTomConfig(prune_layers=QWEN2_5_VL_PRUNE_LAYERS)
     with earlytom_ext.apply(m, cfg) as h:
         assert h.adapter.default_prune_layers() == QWEN2_5_VL_PRUNE_LAYERS
         with torch.no_grad():

@@ -44,8 +44,11 @@ def apply(model: nn.Module, cfg: EarlyTomConfig | None = None) -> EarlyTomHandle
     Args:
         model: a ``LlavaOnevisionForConditionalGeneration`` or ``Qwen2_5_VLForConditionalGeneration``
             (transformers 4.57.x or 5.x).
-        cfg: the :class:`EarlyTomConfig` (default ``EarlyTomConfig()``); its prune layers must be
-            below the vision encoder's depth and not after the feature layer.
+        cfg: the :class:`EarlyTomConfig`; its prune layers must be below the vision encoder's depth
+            and not after the feature layer. Default: ``EarlyTomConfig()`` with the model family's
+            own prune layers (``handle.adapter.default_prune_layers()``: (6, 21, 23) for
+            LLaVA-OneVision's 26-layer SigLIP, (7, 21, 23) for Qwen2.5-VL's 32 blocks, scaled for
+            other depths).
 
     Returns:
         an :class:`EarlyTomHandle` (``remove()``, context manager, ``last_stats``, ``summary()``,
@@ -56,13 +59,13 @@ def apply(model: nn.Module, cfg: EarlyTomConfig | None = None) -> EarlyTomHandle
         ValueError: the config does not fit the model.
         RuntimeError: EarlyTom is already applied to this model.
     """
-    if cfg is None:
-        cfg = EarlyTomConfig()
-    if not isinstance(cfg, EarlyTomConfig):
+    if cfg is not None and not isinstance(cfg, EarlyTomConfig):
         raise TypeError(f"cfg must be an earlytom_ext.EarlyTomConfig, got {type(cfg).__name__}")
     if isinstance(model, nn.Module) and isinstance(model.__dict__.get(MARKER), EarlyTomHandle):
         raise RuntimeError("EarlyTom is already applied to this model; call handle.remove() first")
     adapter = adapter_for(model)
+    if cfg is None:
+        cfg = EarlyTomConfig(prune_layers=adapter.default_prune_layers())
     cfg.check_depths(num_layers=adapter.depth)
     adapter.check_config(cfg)
     llm_merge = None

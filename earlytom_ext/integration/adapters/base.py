@@ -66,7 +66,7 @@ class ModelAdapter:
 
     # ---------------------------------------------------------------- configuration
     def default_prune_layers(self) -> tuple[int, ...]:
-        """Prune layers scaled to this encoder (used by presets for this family)."""
+        """Prune layers scaled to this encoder: what ``apply(model)`` uses without a config."""
         raise NotImplementedError
 
     def check_config(self, cfg: EarlyTomConfig) -> None:
