@@ -184,6 +184,24 @@ def goals_section(results: dict) -> list[str]:
             + ", ".join(f"batch {r['batch']}: {r['speedup']:.2f}x" for r in tp)
             + f" (paper: {PAPER['throughput_gain']}x)."
         )
+    qrows = (results.get("qwen25vl") or {}).get("rows") or []
+    q = [r for r in qrows if r.get("config") == "earlytom" and _ok(r) and r.get("speedup")]
+    if q:
+        fw = next((r for r in qrows if r.get("baseline") == "fastwin" and _ok(r)), None)
+        fw_txt = f"; stock + fast window attention alone: {fw['speedup']:.2f}x" if fw and fw.get("speedup") else ""
+        L.append(
+            "- Qwen2.5-VL TTFT: "
+            + ", ".join(
+                f"r={r['ratio']:.2f}: {r['speedup']:.2f}x vs stock"
+                + (
+                    f", {r['speedup_vs_fastwin']:.2f}x vs stock + fast window attention"
+                    if r.get("speedup_vs_fastwin")
+                    else ""
+                )
+                for r in q
+            )
+            + f"{fw_txt}."
+        )
     if not is_cuda(meta["device"]):
         L.append("- CPU smoke run: these numbers say nothing about GPU performance.")
     L.append("")

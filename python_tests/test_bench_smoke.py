@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench import flops, models, patterns  # noqa: E402
+from bench import flops, models, patterns, report  # noqa: E402
 from earlytom_ext import EarlyTomConfig, preset  # noqa: E402
 from earlytom_ext import reference as R  # noqa: E402
 
@@ -487,6 +487,7 @@ def test_quick_run_measured_sections(quick_run):
     q = results["qwen25vl"]
     assert q.get("skipped") or all(not r.get("error") for r in q["rows"]), q
     if not q.get("skipped"):
+        assert "- Qwen2.5-VL TTFT: r=0.10: " in "\n".join(report.goals_section(results))
         assert {r.get("baseline") for r in q["rows"] if r["config"] == "uncompressed"} == {"stock", "fastwin"}
         for r in q["rows"]:
             if r["config"] == "earlytom":
