@@ -56,6 +56,8 @@ def test_tiled_groups_by_hand():
 def test_bad_bounds(bounds):
     with pytest.raises(ValueError, match="window bounds"):
         WindowBatches(bounds, "cpu")
+    with pytest.raises(ValueError, match="window bounds must run from 0 to 3"):
+        WindowBatches.tiled(bounds, 2, 3, "cpu")
 
 
 def test_layout_must_cover_the_sequence():

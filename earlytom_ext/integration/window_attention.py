@@ -52,6 +52,8 @@ class WindowBatches:
     def tiled(cls, bounds: Sequence[int], groups: int, group_size: int, device) -> WindowBatches:
         """The windows of ``groups`` consecutive groups of ``group_size`` tokens, each laid out as
         ``bounds`` (one group's boundaries, starting at 0 and ending at ``group_size``)."""
+        if not bounds or bounds[0] != 0 or bounds[-1] != group_size:
+            raise ValueError(f"one group's window bounds must run from 0 to {group_size}, got {list(bounds)}")
         inner = list(bounds[1:])
         return cls([0] + [g * group_size + b for g in range(groups) for b in inner], device)
 
