@@ -5,7 +5,9 @@ One call is ``model.generate(**inputs, max_new_tokens=N, min_new_tokens=N)`` on 
 videos (the length is forced: the random model has no end-of-sequence token, and the output is
 checked to hold N new tokens per sample). Timed with CUDA events (warm-up, median). Reported
 per batch size and configuration: seconds per call, videos per second (B / time) and generated
-tokens per second (B * N / time), and EarlyTom's throughput over each baseline's.
+tokens per second (B * N / time), and EarlyTom's throughput over each baseline's; also the same
+batch's time to the first token and what each of the N - 1 decoding steps takes
+((call - first token) / (N - 1)), so a difference in decoding shows apart from the prefill.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ def benchmark(
     budget = budget or Budget()
     cfg = preset(benchmark_preset, ratio)
     gen_kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    first_kwargs = dict(max_new_tokens=1, do_sample=False)
     points = []
     for b in batches:
         points += [dict(batch=b, config="stock"), dict(batch=b, config="earlytom", ratio=ratio, pattern=pattern)]
@@ -92,6 +95,10 @@ def benchmark(
                     iters=iters,
                     after=lambda out: produced.append(_new_tokens(out, inputs, handle, new_tokens)),
                 )
+                # The same batch to its first token: what is left is the decoding steps.
+                first = timed_calls(
+                    lambda: model.generate(**inputs, **first_kwargs), device, warmup=min(warmup, 1), iters=iters
+                )
         finally:
             if handle is not None:
                 handle.remove()
@@ -99,8 +106,9 @@ def benchmark(
             raise RuntimeError(
                 f"generate produced {sorted(set(produced))} new tokens per sample, expected {new_tokens}"
             )
-        s = median(times) / 1e3
+        s, s1 = median(times) / 1e3, median(first) / 1e3
         row.update(seconds=s, videos_per_s=B / s, tokens_per_s=B * new_tokens / s, iters=iters, warmup=warmup)
+        row.update(first_token_s=s1, decode_ms_per_step=(s - s1) * 1e3 / (new_tokens - 1) if new_tokens > 1 else None)
         log(f"  throughput B={B} {row['config']}: {s:.2f} s per call, {row['tokens_per_s']:.0f} tokens/s")
 
     rows = run_points(

@@ -177,12 +177,20 @@ def goals_section(results: dict) -> list[str]:
             + ", ".join(f"r={a:.2f}: {s:.2f}%" for a, s in kshares)
             + "."
         )
-    tp = [r for r in results.get("throughput") or [] if r.get("config") == "earlytom" and r.get("speedup")]
+    all_tp = results.get("throughput") or []
+    tp = [r for r in all_tp if r.get("config") == "earlytom" and r.get("speedup")]
     if tp:
+        steps = []
+        for r in tp:
+            s = next((b for b in all_tp if b.get("config") == "stock" and b.get("batch") == r["batch"]), {})
+            if r.get("decode_ms_per_step") and s.get("decode_ms_per_step"):
+                steps.append(f"batch {r['batch']}: {r['decode_ms_per_step']:.1f} / {s['decode_ms_per_step']:.1f}")
         L.append(
             "- Generation throughput (tokens/s, EarlyTom r = 0.10 vs stock): "
             + ", ".join(f"batch {r['batch']}: {r['speedup']:.2f}x" for r in tp)
-            + f" (paper: {PAPER['throughput_gain']}x)."
+            + f" (paper: {PAPER['throughput_gain']}x)"
+            + (f"; ms per decoding step, EarlyTom / stock: {', '.join(steps)}" if steps else "")
+            + "."
         )
     qrows = (results.get("qwen25vl") or {}).get("rows") or []
     q = [r for r in qrows if r.get("config") == "earlytom" and _ok(r) and r.get("speedup")]
@@ -410,11 +418,23 @@ def _throughput_section(results: dict) -> list[str]:
         "",
         "One call: `generate(max_new_tokens=N, min_new_tokens=N)` on a batch (the length is forced and "
         "checked). videos/s = batch / time per call; tokens/s = batch x N / time per call; `x` = EarlyTom's "
-        "tokens/s over the baseline's at the same batch.",
+        "tokens/s over the baseline's at the same batch; first token: the same batch with `max_new_tokens=1`; "
+        "ms per decoding step: (time per call - first token) / (N - 1).",
         "",
         markdown_table(
             view,
-            ["batch", "name", "seconds", "videos_per_s", "tokens_per_s", "speedup", "speedup_vs_fastpool", "outcome"],
+            [
+                "batch",
+                "name",
+                "seconds",
+                "videos_per_s",
+                "tokens_per_s",
+                "speedup",
+                "speedup_vs_fastpool",
+                "first_token_s",
+                "decode_ms_per_step",
+                "outcome",
+            ],
             [
                 "batch",
                 "configuration",
@@ -423,6 +443,8 @@ def _throughput_section(results: dict) -> list[str]:
                 "tokens/s",
                 "x vs stock",
                 "x vs stock+fast pooling",
+                "first token s",
+                "ms per decoding step",
                 "",
             ],
         ),

@@ -471,6 +471,9 @@ def test_quick_run_measured_sections(quick_run):
         assert not r.get("error") and not r.get("skipped"), r
         assert r["tokens_per_s"] == pytest.approx(r["batch"] * 3 / r["seconds"])
         assert r["videos_per_s"] == pytest.approx(r["batch"] / r["seconds"])
+        assert 0 < r["first_token_s"] and r["decode_ms_per_step"] == pytest.approx(
+            (r["seconds"] - r["first_token_s"]) * 1e3 / 2
+        )
         if r["config"] == "earlytom":
             stock = next(s for s in tp if s["batch"] == r["batch"] and s["config"] == "stock")
             assert r["speedup"] == pytest.approx(r["tokens_per_s"] / stock["tokens_per_s"])
