@@ -278,7 +278,7 @@ def benchmark(
         r["baseline"]: r["ttft_ms"] for r in rows if r.get("config") == "uncompressed" and r.get("ttft_ms") is not None
     }
     for r in rows:
-        if r.get("config") == "uncompressed" and r.get("baseline") == "stock" or not r.get("ttft_ms"):
+        if (r.get("config") == "uncompressed" and r.get("baseline") == "stock") or not r.get("ttft_ms"):
             continue
         if base.get("stock"):
             r["speedup"] = base["stock"] / r["ttft_ms"]
