@@ -162,6 +162,7 @@ class _RopePositions:
         image_grid = videos.extra["image_grid"]
         counts = [int(k.shape[1]) for k in videos.extra["kept_thw"]]
         m = self.merge
+        vision = {self.video_token_id} | ({self.image_token_id} if self.image_token_id is not None else set())
         runs = []
         v = img = 0
         for b in range(B):
@@ -171,7 +172,7 @@ class _RopePositions:
             j = 0
             while j < len(cols):
                 tok = toks[cols[j]]
-                if tok == self.video_token_id or (self.image_token_id is not None and tok == self.image_token_id):
+                if tok in vision:
                     e = j
                     while e < len(cols) and toks[cols[e]] == tok:
                         e += 1
@@ -203,10 +204,13 @@ class _RopePositions:
                         cur += lay.advance
                         img += 1
                     j = e
-                else:
-                    positions[:, b, cols[j]] = cur
-                    cur += 1
-                    j += 1
+                else:  # a run of text tokens: consecutive positions, written at once
+                    e = j + 1
+                    while e < len(cols) and toks[cols[e]] not in vision:
+                        e += 1
+                    positions[:, b, torch.tensor(cols[j:e])] = torch.arange(cur, cur + e - j)
+                    cur += e - j
+                    j = e
         if v != len(counts):
             raise ValueError(
                 f"input_ids hold {v} video placeholder runs, video_grid_thw describes {len(counts)} videos"
