@@ -92,32 +92,8 @@ def test_fast_pooling_together_with_apply(model, videos):
 _NO_HOST_READS = ("core.py", "run.py", "wrappers.py", "llava_onevision.py", "base.py", "pooling.py")
 
 
-def _integration_caller():
-    import inspect
-
-    frame = inspect.stack()[2]  # the direct caller of the tensor method
-    path = frame.filename.replace(os.sep, "/")
-    if "/earlytom_ext/integration/" in path and path.rsplit("/", 1)[-1] in _NO_HOST_READS:
-        return f"{path.rsplit('/', 1)[-1]}:{frame.lineno}"
-    return None
-
-
 def test_video_path_reads_no_tensor_values_outside_the_designated_places(model, videos, monkeypatch):
-    reads = []
-
-    def spy(name):
-        orig = getattr(torch.Tensor, name)
-
-        def wrapper(self, *args, **kwargs):
-            where = _integration_caller()
-            if where is not None:
-                reads.append((name, where))
-            return orig(self, *args, **kwargs)
-
-        return wrapper
-
-    for name in ("item", "tolist", "__bool__", "__int__", "__index__", "__float__", "nonzero", "cpu", "numpy"):
-        monkeypatch.setattr(torch.Tensor, name, spy(name))
+    reads = tm.spy_host_reads(monkeypatch, _NO_HOST_READS)
     inputs = tm.make_inputs(videos, seed=4)
     with earlytom_ext.apply(model, CFG) as h:
         with torch.no_grad():

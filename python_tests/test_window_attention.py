@@ -246,6 +246,22 @@ def test_combines_with_apply(monkeypatch):
     assert not any("forward" in b.attn.__dict__ for b in model.model.visual.blocks)
 
 
+def test_adapter_vision_loop_reads_nothing_on_the_host(monkeypatch):
+    """After a grid's first call (its geometry is cached), the Qwen2.5-VL vision loop and the
+    batched attention read no tensor values (Stage I's size read is inside the op)."""
+    from tiny_models import spy_host_reads
+
+    model = build_model()
+    videos = [make_video(12, seed=s, kind="scenes", scene_length=4, image_size=16) for s in (1, 2)]
+    inputs = make_inputs(model, videos, seed=5)
+    with earlytom_ext.apply(model, CFG) as h, torch.no_grad():
+        h.encode_videos(inputs["pixel_values_videos"], video_grid_thw=inputs["video_grid_thw"])
+        reads = spy_host_reads(monkeypatch, ("qwen2_5_vl_vision.py", "window_attention.py", "run.py", "core.py"))
+        h.encode_videos(inputs["pixel_values_videos"], video_grid_thw=inputs["video_grid_thw"])
+        monkeypatch.undo()
+    assert reads == []
+
+
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_equals_the_models_window_loop(dtype):

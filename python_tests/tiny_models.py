@@ -59,3 +59,40 @@ def measured_cuda_syncs(script: str, tmp_path) -> list[str]:
     assert proc.returncode == 0, proc.stderr[-3000:]
     measured = proc.stderr.split("=== measured", 1)[1].split("=== done", 1)[0]
     return [line for line in measured.splitlines() if "synchronizing CUDA operation" in line]
+
+
+_READS = ("item", "tolist", "__bool__", "__int__", "__index__", "__float__", "nonzero", "cpu", "numpy")
+
+
+def spy_host_reads(monkeypatch, files) -> list:
+    """Record every tensor read on the host (``.item()``, ``.tolist()``, ``bool()``, ``.cpu()``, ...)
+    called directly from a file of ``earlytom_ext/integration/`` named in ``files``; returns the
+    list the ``(method, "file:line")`` pairs go to (undo with ``monkeypatch.undo()``)."""
+    import inspect
+    import os
+
+    import torch
+
+    reads = []
+
+    def caller():
+        frame = inspect.stack()[2]  # the direct caller of the tensor method
+        path = frame.filename.replace(os.sep, "/")
+        if "/earlytom_ext/integration/" in path and path.rsplit("/", 1)[-1] in files:
+            return f"{path.rsplit('/', 1)[-1]}:{frame.lineno}"
+        return None
+
+    def spy(name):
+        orig = getattr(torch.Tensor, name)
+
+        def wrapper(self, *args, **kwargs):
+            where = caller()
+            if where is not None:
+                reads.append((name, where))
+            return orig(self, *args, **kwargs)
+
+        return wrapper
+
+    for name in _READS:
+        monkeypatch.setattr(torch.Tensor, name, spy(name))
+    return reads
