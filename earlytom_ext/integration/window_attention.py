@@ -32,8 +32,9 @@ class WindowBatches:
 
     def __init__(self, bounds: Sequence[int], device: torch.device | str):
         bounds = [int(b) for b in bounds]
-        if not bounds or bounds[0] != 0 or any(b > a for a, b in zip(bounds[1:], bounds)):
-            raise ValueError(f"window bounds must start at 0 and never decrease, got {bounds[:8]}...")
+        if not bounds or bounds[0] != 0 or any(nxt < prev for prev, nxt in zip(bounds, bounds[1:])):
+            shown = f"{bounds[:8]}"[:-1] + ", ...]" if len(bounds) > 8 else f"{bounds}"
+            raise ValueError(f"window bounds must start at 0 and never decrease, got {shown}")
         starts: dict[int, list[int]] = {}
         for a, b in zip(bounds, bounds[1:]):
             if b > a:  # an empty window attends nothing
