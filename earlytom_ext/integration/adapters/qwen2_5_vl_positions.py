@@ -19,6 +19,14 @@ class _Layout:
 
     def __init__(self, rel: torch.Tensor, advance: int, pad: int, padded_delta: bool):
         self.rel, self.advance, self.pad, self.padded_delta = rel, advance, pad, padded_delta
+        self._on: dict[str, torch.Tensor] = {}
+
+    def rel_on(self, device: torch.device) -> torch.Tensor:
+        """``rel`` on ``device``, copied there once (the layout is cached per grid)."""
+        t = self._on.get(str(device))
+        if t is None:
+            t = self._on[str(device)] = host_to_device(self.rel, torch.int64, device)
+        return t
 
 
 class _RopePositions:
@@ -52,7 +60,7 @@ class _RopePositions:
         kept = []
         offset = 0
         for v, idx in enumerate(index):
-            table = host_to_device(layouts[v].rel, torch.int64, device)  # [3, T, P]
+            table = layouts[v].rel_on(device)  # [3, T, P]
             kept.append(table[:, first[idx[:, 0]] - offset, idx[:, 1]])
             offset += frames[v]
         videos.extra["kept_thw"] = kept
