@@ -43,9 +43,21 @@ def check_same_device(op: str, ref_name: str, ref: torch.Tensor, **others: torch
             raise ValueError(f"{op}: {name} must be on the device of {ref_name} ({ref.device}), got {t.device}")
 
 
+def all_finite(t: torch.Tensor) -> torch.Tensor:
+    """0-d bool tensor on ``t``'s device: ``t`` holds no NaN/Inf (``True`` when empty). One fused
+    min/max reduction, which propagates NaN and sees +-Inf at the ends, without the boolean copy of
+    ``isfinite(t).all()`` (an order of magnitude faster on a CPU)."""
+    if t.numel() == 0 or not (t.is_floating_point() or t.is_complex()):
+        return torch.ones((), dtype=torch.bool, device=t.device)
+    if t.is_complex():
+        return torch.isfinite(t).all()
+    lo, hi = torch.aminmax(t)
+    return lo.isfinite() & hi.isfinite()
+
+
 def check_finite(name: str, t: torch.Tensor) -> None:
     """Reject NaN/Inf (one reduction; a host sync on CUDA)."""
-    if t.numel() and not bool(torch.isfinite(t).all()):
+    if not bool(all_finite(t)):
         raise ValueError(f"{name} contains NaN or Inf values")
 
 

@@ -379,9 +379,10 @@ def test_errors(model, videos):
         with pytest.raises(ValueError, match="at least 1 frame"):
             h.encode_videos(good[:, :0])
         bad = good.clone()
-        bad[0, 1, 0, 5, 5] = float("nan")
-        with pytest.raises(ValueError, match="NaN"):
-            h.encode_videos(bad)
+        for value in (float("nan"), float("inf"), -float("inf")):
+            bad[0, 1, 0, 5, 5] = value
+            with pytest.raises(ValueError, match="pixel_values_videos contains NaN or Inf"):
+                h.encode_videos(bad)
         with pytest.raises(TypeError):
             h.encode_videos(good.numpy())
         inputs = tm.make_inputs(videos, seed=12)

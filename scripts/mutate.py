@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Mutation check of the Stage I / Stage II code, the prompt rewriting and the window batching: do
-the CPU tests catch small realistic bugs?
+"""Mutation check of the Stage I / Stage II code, the attention score, the prompt rewriting and the
+window batching: do the CPU tests catch small realistic bugs?
 
 Run it before resolving an algorithm change (it is not part of CI; it takes a while on 2 cores):
 
@@ -46,6 +46,7 @@ DEFAULT_TESTS = [
     "python_tests/test_reference.py",
     "python_tests/test_merge_ops.py",
     "python_tests/test_select_tokens_op.py",
+    "python_tests/test_attention_received_op.py",
     "python_tests/test_handwritten_cases.py",
     "python_tests/test_prompt.py",
     "python_tests/test_window_attention.py",
@@ -178,6 +179,21 @@ MUTATIONS = [
         "if sigma[j] > tau_m:",
         "if sigma[j] >= tau_m:",
         "reference fine merge: the last pair merges when sigma == tau_m",
+    ),
+    # ---- attention score (CPU op)
+    Mutation(
+        "op-attn-block-sum",
+        CPP,
+        "          acc.add_(col);\n",
+        "\n",
+        "attention_received CPU: only the first block of query rows counted",
+    ),
+    Mutation(
+        "op-attn-scale",
+        CPP,
+        "at::mm_out(lg, qh.narrow(0, r0, rows), kT).mul_(scale);",
+        "at::mm_out(lg, qh.narrow(0, r0, rows), kT);",
+        "attention_received CPU: softmax scale not applied",
     ),
     # ---- Stage II
     Mutation(

@@ -1,67 +1,66 @@
-// CPU implementation of earlytom::attention_received (see csrc/kernels/attention_received.h).
+// CPU implementation of earlytom::attention_received (the algorithm: csrc/kernels/attention_received.h).
 //
-// Parallel over (n, h): each task converts the head's q to fp32 [S][D] and k to fp32 [D][Sp]
-// (transposed, zero-padded), then runs the blocked core, which holds kCpuRowBlock query rows x S
-// logits at a time and writes the head's column sums to a per-(n, h) partial row. The partial
-// rows are then summed over h in head order (deterministic, independent of the thread count).
+// Parallel over (n, h). Each task takes blocks of query rows: one GEMM gives the block's scaled
+// logits [rows, S] (BLAS), ATen's softmax normalises the rows and their column sums are added to a
+// per-(n, h) partial row. Both steps are ATen's runtime-dispatched (AVX2/AVX-512) kernels, which run
+// single-threaded inside this parallel loop. The partial rows are then summed over h in head order,
+// so the result does not depend on the thread count.
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <vector>
+#include <algorithm>
 
-#include "kernels/attention_received.h"
 #include "ops/attention_received.h"
 
 namespace earlytom {
 namespace {
 
+// Query rows per block: a [rows, S] fp32 block of about 1 MiB (logits and probabilities each).
+int64_t row_block(int64_t S) { return std::min<int64_t>(S, std::max<int64_t>((int64_t{1} << 18) / S, 16)); }
+
 at::Tensor attention_received_cpu(const at::Tensor& q_in, const at::Tensor& k_in, double scale) {
   ops::check_attention_received_inputs(q_in, k_in, scale);
-  const at::Tensor q = q_in.stride(3) == 1 ? q_in : q_in.contiguous();
-  const at::Tensor k = k_in.stride(3) == 1 ? k_in : k_in.contiguous();
-  const int64_t N = q.size(0), H = q.size(1), S = q.size(2), D = q.size(3);
-  at::Tensor out = at::empty({N, S}, q.options().dtype(at::kFloat));
+  const int64_t N = q_in.size(0), H = q_in.size(1), S = q_in.size(2);
+  const auto f32 = q_in.options().dtype(at::kFloat);
+  at::Tensor out = at::empty({N, S}, f32);
   if (N == 0 || S == 0) return out;
-  at::Tensor partial = at::empty({N * H, S}, q.options().dtype(at::kFloat));
-  float* part = partial.data_ptr<float>();
-  const int64_t Sp = attn_recv::cpu_padded_keys(S);
-  const float fscale = static_cast<float>(scale);
+  at::Tensor partial = at::empty({N * H, S}, f32);
+  const int64_t rb = row_block(S);
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_received_cpu", [&] {
-    const scalar_t* qp = q.const_data_ptr<scalar_t>();
-    const scalar_t* kp = k.const_data_ptr<scalar_t>();
-    const int64_t qsn = q.stride(0), qsh = q.stride(1), qss = q.stride(2);
-    const int64_t ksn = k.stride(0), ksh = k.stride(1), kss = k.stride(2);
-    at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> qbuf(S * D), kT(D * Sp, 0.f), logits(attn_recv::kCpuRowBlock * Sp);
-      for (int64_t nh = begin; nh < end; ++nh) {
-        const int64_t n = nh / H, h = nh % H;
-        const scalar_t* qh = qp + n * qsn + h * qsh;
-        const scalar_t* kh = kp + n * ksn + h * ksh;
-        for (int64_t s = 0; s < S; ++s) {
-          const scalar_t* qr = qh + s * qss;
-          const scalar_t* kr = kh + s * kss;
-          for (int64_t c = 0; c < D; ++c) {
-            qbuf[s * D + c] = static_cast<float>(qr[c]);
-            kT[c * Sp + s] = static_cast<float>(kr[c]);
-          }
+  at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
+    at::Tensor logits = at::empty({rb, S}, f32), probs = at::empty({rb, S}, f32), col = at::empty({S}, f32);
+    for (int64_t nh = begin; nh < end; ++nh) {
+      const int64_t n = nh / H, h = nh % H;
+      // fp32 [S, d] operands; a float32 input with a contiguous last dim is used as it is.
+      const at::Tensor qh = q_in.select(0, n).select(0, h).to(at::kFloat);
+      const at::Tensor kT = k_in.select(0, n).select(0, h).to(at::kFloat).t();
+      at::Tensor acc = partial.select(0, nh);
+      for (int64_t r0 = 0; r0 < S; r0 += rb) {
+        const int64_t rows = std::min(rb, S - r0);
+        at::Tensor lg = logits.narrow(0, 0, rows), pr = probs.narrow(0, 0, rows);
+        // mm, then the scale: addmm's alpha takes a path whose rounding depends on the thread count.
+        at::mm_out(lg, qh.narrow(0, r0, rows), kT).mul_(scale);
+        at::_softmax_out(pr, lg, 1, false);
+        if (r0 == 0) {
+          at::sum_out(acc, pr, {0});
+        } else {
+          at::sum_out(col, pr, {0});
+          acc.add_(col);
         }
-        attn_recv::cpu_head_colsum(qbuf.data(), kT.data(), S, Sp, D, fscale, part + nh * S,
-                                   logits.data());
       }
-    });
+    }
   });
 
+  const float* part = partial.const_data_ptr<float>();
   float* o = out.data_ptr<float>();
   const float inv = static_cast<float>(1.0 / (double(H) * double(S)));
   at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       for (int64_t s = 0; s < S; ++s) {
-        float acc = 0.f;
-        for (int64_t h = 0; h < H; ++h) acc += part[(n * H + h) * S + s];
-        o[n * S + s] = acc * inv;
+        float a = 0.f;
+        for (int64_t h = 0; h < H; ++h) a += part[(n * H + h) * S + s];
+        o[n * S + s] = a * inv;
       }
     }
   });

@@ -2,15 +2,14 @@
 // (the attention received by key s, averaged over heads and queries), computed without storing
 // any S x S map in global memory.
 //
-// Torch-free core shared by the CPU op (host part, always compiled) and the CUDA op / the
-// standalone cuda_tests (device part, compiled by nvcc only).
+// Torch-free core of the CUDA op and the standalone cuda_tests (device part compiled by nvcc only).
+// The CPU op (csrc/cpu/attention_received.cpp) computes the same sums from blocks of query rows
+// with ATen's GEMM and softmax.
 //
-// Algorithm (both backends), per (frame n, head h):
+// Algorithm, per (frame n, head h):
 //   pass 1: lse[q] = log-sum-exp over keys of q.k * scale      (online max / sum over key tiles)
 //   pass 2: colsum[s] = sum_q exp(q.k_s * scale - lse[q])      (column sums over query tiles)
 //   then   a[n, s] = sum_h colsum[n, h, s] / (H * S)            (fixed order: deterministic)
-// The CPU core holds a block of query rows x S logits at a time, so it computes the row
-// statistics and the column sums in one sweep over that block.
 //
 // CUDA:
 //   * fp16/bf16 on sm_80+: mma.sync m16n8k16 (fp32 accumulate) for the q k^T tiles of both
@@ -35,60 +34,6 @@
 
 namespace earlytom {
 namespace attn_recv {
-
-// ---------------------------------------------------------------------------------------------
-// Host (CPU) core
-// ---------------------------------------------------------------------------------------------
-
-// Number of query rows processed together by the CPU core and key-chunk width of its
-// micro-kernel. kT rows are padded to a multiple of kCpuKeyBlock.
-constexpr int kCpuRowBlock = 4;
-constexpr int kCpuKeyBlock = 16;
-
-inline int64_t cpu_padded_keys(int64_t S) {
-  return (S + kCpuKeyBlock - 1) / kCpuKeyBlock * kCpuKeyBlock;
-}
-
-// Column sums of softmax(q k^T * scale) over the queries of one (n, h):
-//   colsum[s] = sum_q exp(q_q . k_s * scale - lse_q).
-// q:      [S][D] row-major fp32.
-// kT:     [D][Sp] fp32 (the keys transposed), Sp = cpu_padded_keys(S), columns >= S are zero.
-// colsum: [S] (overwritten).
-// logits: workspace of kCpuRowBlock * Sp floats.
-inline void cpu_head_colsum(const float* q, const float* kT, int64_t S, int64_t Sp, int64_t D,
-                            float scale, float* colsum, float* logits) {
-  for (int64_t s = 0; s < S; ++s) colsum[s] = 0.f;
-  for (int64_t r0 = 0; r0 < S; r0 += kCpuRowBlock) {
-    const int64_t rb = std::min<int64_t>(kCpuRowBlock, S - r0);
-    // logits[r][j] = sum_c q[r0 + r][c] * kT[c][j]   (rows >= rb use a zero query)
-    for (int64_t j0 = 0; j0 < Sp; j0 += kCpuKeyBlock) {
-      float acc[kCpuRowBlock][kCpuKeyBlock];
-      for (int r = 0; r < kCpuRowBlock; ++r)
-        for (int jj = 0; jj < kCpuKeyBlock; ++jj) acc[r][jj] = 0.f;
-      for (int64_t c = 0; c < D; ++c) {
-        const float* kr = kT + c * Sp + j0;
-        for (int r = 0; r < kCpuRowBlock; ++r) {
-          const float qv = r < rb ? q[(r0 + r) * D + c] : 0.f;
-          for (int jj = 0; jj < kCpuKeyBlock; ++jj) acc[r][jj] += qv * kr[jj];
-        }
-      }
-      for (int r = 0; r < kCpuRowBlock; ++r)
-        for (int jj = 0; jj < kCpuKeyBlock; ++jj) logits[r * Sp + j0 + jj] = acc[r][jj] * scale;
-    }
-    for (int64_t r = 0; r < rb; ++r) {
-      float* row = logits + r * Sp;
-      float mx = row[0];
-      for (int64_t j = 1; j < S; ++j) mx = std::max(mx, row[j]);
-      double sum = 0.0;
-      for (int64_t j = 0; j < S; ++j) {
-        row[j] = std::exp(row[j] - mx);
-        sum += row[j];
-      }
-      const float inv = static_cast<float>(1.0 / sum);
-      for (int64_t j = 0; j < S; ++j) colsum[j] += row[j] * inv;
-    }
-  }
-}
 
 // ---------------------------------------------------------------------------------------------
 // CUDA problem description and launcher (declared for every compiler, defined under nvcc)

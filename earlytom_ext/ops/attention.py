@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from .. import _ext
-from .._validation import check_int, check_real, check_same_device, check_tensor
+from .._validation import all_finite, check_int, check_real, check_same_device, check_tensor
 
 __all__ = ["attention_received"]
 
@@ -95,7 +95,7 @@ def attention_received(
     if check_finite and out.numel():
         # One sync for all three flags. The op is safe on non-finite inputs (it only computes
         # NaN/Inf); finite inputs give a finite result unless the logits overflow float32.
-        flags = torch.stack([torch.isfinite(q).all(), torch.isfinite(k).all(), torch.isfinite(out).all()]).tolist()
+        flags = torch.stack([all_finite(q), all_finite(k), all_finite(out)]).tolist()
         if not flags[0]:
             raise ValueError("q contains NaN or Inf values")
         if not flags[1]:
