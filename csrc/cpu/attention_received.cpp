@@ -21,8 +21,11 @@ int64_t row_block(int64_t S) { return std::min<int64_t>(S, std::max<int64_t>((in
 
 at::Tensor attention_received_cpu(const at::Tensor& q_in, const at::Tensor& k_in, double scale) {
   ops::check_attention_received_inputs(q_in, k_in, scale);
-  const int64_t N = q_in.size(0), H = q_in.size(1), S = q_in.size(2);
-  const auto f32 = q_in.options().dtype(at::kFloat);
+  // Detached: the ATen calls below (some in worker threads) are internals, and their out= variants
+  // refuse inputs that require grad.
+  const at::Tensor q = q_in.detach(), k = k_in.detach();
+  const int64_t N = q.size(0), H = q.size(1), S = q.size(2);
+  const auto f32 = q.options().dtype(at::kFloat);
   at::Tensor out = at::empty({N, S}, f32);
   if (N == 0 || S == 0) return out;
   at::Tensor partial = at::empty({N * H, S}, f32);
@@ -33,8 +36,8 @@ at::Tensor attention_received_cpu(const at::Tensor& q_in, const at::Tensor& k_in
     for (int64_t nh = begin; nh < end; ++nh) {
       const int64_t n = nh / H, h = nh % H;
       // fp32 [S, d] operands; a float32 input with a contiguous last dim is used as it is.
-      const at::Tensor qh = q_in.select(0, n).select(0, h).to(at::kFloat);
-      const at::Tensor kT = k_in.select(0, n).select(0, h).to(at::kFloat).t();
+      const at::Tensor qh = q.select(0, n).select(0, h).to(at::kFloat);
+      const at::Tensor kT = k.select(0, n).select(0, h).to(at::kFloat).t();
       at::Tensor acc = partial.select(0, nh);
       for (int64_t r0 = 0; r0 < S; r0 += rb) {
         const int64_t rows = std::min(rb, S - r0);
