@@ -537,6 +537,60 @@ def test_generate_max_length_counts_the_original_prompt(model, short_inputs):
     assert masked == [True, True, False, False]
 
 
+def test_generation_config_lengths_stay_in_the_config(model, short_inputs, monkeypatch):
+    """A max_length given in the caller's generation_config is shifted in a copy of that config, not
+    passed as a keyword next to it (which Hugging Face warns is deprecated)."""
+    from transformers import GenerationConfig
+
+    inputs = short_inputs
+    L = inputs["input_ids"].shape[1]
+    gc = GenerationConfig(max_length=L + 2, min_length=L + 1, do_sample=False, pad_token_id=tm.PAD_ID)
+    seen = []
+    orig = type(model).generate
+
+    def spy(self, *args, **kwargs):  # what EarlyTom's wrapper passes on to Hugging Face
+        seen.append(kwargs)
+        return orig(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "generate", spy)
+    with earlytom_ext.apply(model, CFG) as h:
+        out = model.generate(**inputs, generation_config=gc)
+        L2 = h.last_inputs["input_ids"].shape[1]
+    (kwargs,) = seen
+    assert "max_length" not in kwargs and "min_length" not in kwargs
+    assert kwargs["generation_config"] is not gc
+    assert (kwargs["generation_config"].max_length, kwargs["generation_config"].min_length) == (L2 + 2, L2 + 1)
+    assert (gc.max_length, gc.min_length) == (L + 2, L + 1)  # the caller's config is unchanged
+    assert out.shape == (2, L + 2)
+
+
+def test_generate_infers_the_padding_mask_like_hugging_face(model, short_inputs):
+    """Without attention_mask, generate masks the pad tokens of a padded prompt (input_ids !=
+    pad_token_id), as Hugging Face does."""
+    inputs = short_inputs
+    assert (inputs["attention_mask"] == 0).any()
+    no_mask = {k: v for k, v in inputs.items() if k != "attention_mask"}
+    kw = dict(max_new_tokens=3, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    base = model.generate(**no_mask, **kw)
+    with earlytom_ext.apply(model, IDENTITY):
+        same = model.generate(**no_mask, **kw)
+    with earlytom_ext.apply(model, CFG) as h:
+        masked = model.generate(**inputs, **kw)
+        inferred = model.generate(**no_mask, **kw)
+        li = h.last_inputs
+    assert torch.equal(same.sequences, base.sequences)
+    for a, b in zip(same.logits, base.logits):
+        _close(a, b, tol=2e-4)
+    assert torch.equal(inferred.sequences, masked.sequences)
+    for a, b in zip(inferred.logits, masked.logits):
+        assert torch.equal(a, b)
+    assert not bool(((li["input_ids"] == tm.PAD_ID) & (li["attention_mask"] == 1)).any())
+    # A pad id that is also the end-of-sequence id is not inferred (Hugging Face: all ones).
+    with earlytom_ext.apply(model, CFG) as h:
+        model.generate(**no_mask, max_new_tokens=1, do_sample=False, eos_token_id=tm.PAD_ID)
+        assert bool(h.last_inputs["attention_mask"].all())
+
+
 def test_generate_streamer_sees_the_original_prompt(model, short_inputs):
     one = {k: v[1:] for k, v in short_inputs.items()}
 
@@ -557,6 +611,11 @@ def test_generate_streamer_sees_the_original_prompt(model, short_inputs):
     assert torch.equal(rec.puts[0].reshape(1, -1), one["input_ids"])
     assert torch.equal(torch.cat([p.reshape(-1) for p in rec.puts[1:]]), out[0, L:])
     assert rec.ended
+    # Several returned sequences: the prompt is streamed once per sequence, as Hugging Face does.
+    rec = Recorder()
+    with earlytom_ext.apply(model, CFG):
+        model.generate(**one, max_new_tokens=2, do_sample=True, num_return_sequences=3, streamer=rec)
+    assert torch.equal(rec.puts[0], one["input_ids"].repeat_interleave(3, dim=0))
 
 
 def test_generate_beams_and_return_sequences_line_up(model, short_inputs):

@@ -202,3 +202,39 @@ def test_apply_without_a_config_uses_the_encoders_prune_layers(model, videos):
         assert set(h.last_stats["videos"][0]["frames_after"]) == {2, 5}
     with pytest.raises(TypeError, match="EarlyTomConfig"):
         earlytom_ext.apply(model, {"retain_ratio": 0.1})
+
+
+def test_patched_model_refuses_copy_and_pickle_until_removed(videos):
+    """A copy of a patched model would run the original model's weights (the patches are closures
+    over it): copying and pickling raise a TypeError that says what to do, while any patch is on."""
+    import copy
+    import io
+    import pickle
+
+    model = tm.build_model(seed=0)  # unused so far (a forward may leave unpicklable hooks of its own)
+
+    def refused(shallow=True):
+        ops = (copy.deepcopy, pickle.dumps, lambda m: torch.save(m, io.BytesIO())) + ((copy.copy,) if shallow else ())
+        for op in ops:
+            with pytest.raises(TypeError, match="remove"):
+                op(model)
+
+    inner = model.model
+    h = earlytom_ext.apply(model, CFG)
+    pool = earlytom_ext.fast_pooling(model)
+    refused()
+    sd = model.state_dict()  # state_dict stays available
+    assert set(sd) == set(model.state_dict())
+    h.remove()
+    refused(shallow=False)  # fast_pooling still patches the inner model (a shallow copy shares it)
+    pool.remove()
+    assert not any(k in m.__dict__ for m in (model, inner) for k in ("__deepcopy__", "__reduce_ex__"))
+    twin = copy.deepcopy(model)
+    pickle.loads(pickle.dumps(model))
+    with earlytom_ext.apply(twin, CFG):  # a copy is patched on its own
+        inputs = tm.make_inputs(videos, seed=3)
+        with torch.no_grad():
+            a = twin(**inputs).logits
+        with earlytom_ext.apply(model, CFG), torch.no_grad():
+            b = model(**inputs).logits
+    assert torch.equal(a, b)

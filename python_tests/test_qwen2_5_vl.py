@@ -295,6 +295,41 @@ def test_identity_config_equals_unpatched(model, videos):
     assert torch.equal(gen, base_gen)
 
 
+def test_inference_mode_with_several_threads(model, videos):
+    """Under torch.inference_mode, with the CPU ops' worker threads in use (they must run in the
+    caller's inference mode to update its tensors)."""
+    inputs = make_inputs(model, videos, seed=3)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))
+    try:
+        with torch.inference_mode():
+            base = model(**inputs).logits
+            with earlytom_ext.apply(model, IDENTITY):
+                same = model(**inputs).logits
+            with earlytom_ext.apply(model, CFG) as h:
+                model(**inputs)
+                assert h.last_stats["videos"][0]["tokens_after"] < h.last_stats["videos"][0]["tokens_before"]
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(same, base)
+
+
+def test_geometry_follows_a_dtype_change(videos):
+    """The per-grid rotary tables are rebuilt when model.to(dtype) casts the encoder's inv_freq."""
+    model = build_model()
+    inputs = make_inputs(model, videos, seed=3)
+    grid = inputs["video_grid_thw"]
+    with torch.no_grad(), earlytom_ext.apply(model, IDENTITY) as h:
+        h.encode_videos(inputs["pixel_values_videos"], video_grid_thw=grid)  # caches fp32 tables
+        model.to(torch.bfloat16)
+        pv = inputs["pixel_values_videos"].bfloat16()
+        got = torch.cat(h.encode_videos(pv, video_grid_thw=grid))
+    with torch.no_grad():
+        base = model.model.get_video_features(pv, grid)
+    base = torch.cat(list(getattr(base, "pooler_output", base)))
+    assert torch.equal(got, base)
+
+
 def test_remove_restores_exactly(model, videos):
     inputs = make_inputs(model, videos[:1], seed=4)
     with torch.no_grad():

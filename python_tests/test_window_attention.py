@@ -127,6 +127,19 @@ def test_equals_the_models_window_loop(dtype, sizes, monkeypatch):
     assert spy.built == 2  # one host read per cu_seqlens tensor (full and windowed), not per block
 
 
+def test_inference_mode(monkeypatch):
+    """Inference tensors have no version counter: the bounds cache keys them by identity."""
+    model = build_model()
+    pix, grid = _pixels([(12, 12), (16, 8)], torch.float32)
+    with torch.inference_mode():
+        expected = _vision(model, pix, grid)
+        spy = _Spy(monkeypatch)
+        with fast_window_attention(model):
+            got = _vision(model, pix, grid)
+    assert torch.equal(got, expected)
+    assert spy.calls == len(model.model.visual.blocks) and spy.built == 2
+
+
 def test_falls_back_to_the_model(monkeypatch):
     pix, grid = _pixels([(12, 12)], torch.float32)
     for model in (build_model(attn_implementation="eager"), build_model().train()):

@@ -47,6 +47,7 @@ DEFAULT_TESTS = [
     "python_tests/test_merge_ops.py",
     "python_tests/test_select_tokens_op.py",
     "python_tests/test_attention_received_op.py",
+    "python_tests/test_autograd_modes.py",
     "python_tests/test_handwritten_cases.py",
     "python_tests/test_prompt.py",
     "python_tests/test_window_attention.py",
@@ -187,6 +188,13 @@ MUTATIONS = [
         "          acc.add_(col);\n",
         "\n",
         "attention_received CPU: only the first block of query rows counted",
+    ),
+    Mutation(
+        "op-attn-thread-state",
+        CPP,
+        "    at::ThreadLocalStateGuard state_guard(caller_state);\n",
+        "\n",
+        "attention_received CPU: worker threads without the caller's inference mode",
     ),
     Mutation(
         "op-attn-scale",

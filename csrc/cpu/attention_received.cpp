@@ -7,6 +7,7 @@
 // so the result does not depend on the thread count.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -31,7 +32,11 @@ at::Tensor attention_received_cpu(const at::Tensor& q_in, const at::Tensor& k_in
   at::Tensor partial = at::empty({N * H, S}, f32);
   const int64_t rb = row_block(S);
 
+  // Worker threads do not inherit the caller's thread-local state (inference mode: its tensors
+  // may only be updated in place under it).
+  const at::ThreadLocalState caller_state;
   at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
+    at::ThreadLocalStateGuard state_guard(caller_state);
     at::Tensor logits = at::empty({rb, S}, f32), probs = at::empty({rb, S}, f32), col = at::empty({S}, f32);
     for (int64_t nh = begin; nh < end; ++nh) {
       const int64_t n = nh / H, h = nh % H;

@@ -1,9 +1,14 @@
 """Instance-attribute patches (a method replaced on one model object, never on its class) and
 their exact restoration: what was in the instance ``__dict__`` before goes back, and a name that
-was not there is removed again."""
+was not there is removed again.
+
+A patched object refuses to be copied or pickled: its patches are closures over this object and
+its handle, so a copy would run the original model (``copy.deepcopy`` copies functions by
+reference) and could never be restored."""
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 __all__ = ["MISSING", "InstancePatches", "restore_attr", "set_attr"]
@@ -11,11 +16,28 @@ __all__ = ["MISSING", "InstancePatches", "restore_attr", "set_attr"]
 #: marks "the instance had no attribute of that name" (the class's one was used).
 MISSING: Any = object()
 
+# Active patches per object; the copy guards stay while at least one is active.
+_active: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_COPY_HOOKS = ("__deepcopy__", "__reduce_ex__")  # copy.deepcopy; pickle, torch.save and copy.copy
+
+
+def _refuse_copy(*args: Any, **kwargs: Any) -> Any:
+    raise TypeError(
+        "this model is patched by earlytom_ext (apply, fast_pooling or fast_window_attention) and cannot be "
+        "copied or pickled: call the handle's remove() first, copy or save the model, then apply again to "
+        "each (state_dict() and save_pretrained() work while patched)"
+    )
+
 
 def set_attr(obj: object, name: str, value: Any) -> Any:
     """``obj.<name> = value`` in the instance ``__dict__``; returns what was there (or :data:`MISSING`)."""
     prev = obj.__dict__.get(name, MISSING)
     obj.__dict__[name] = value
+    count = _active.get(obj, 0)
+    if count == 0:
+        for hook in _COPY_HOOKS:
+            obj.__dict__[hook] = _refuse_copy
+    _active[obj] = count + 1
     return prev
 
 
@@ -25,6 +47,14 @@ def restore_attr(obj: object, name: str, prev: Any) -> None:
         obj.__dict__.pop(name, None)
     else:
         obj.__dict__[name] = prev
+    count = _active.get(obj, 0) - 1
+    if count > 0:
+        _active[obj] = count
+        return
+    _active.pop(obj, None)
+    for hook in _COPY_HOOKS:
+        if obj.__dict__.get(hook) is _refuse_copy:
+            del obj.__dict__[hook]
 
 
 class InstancePatches:

@@ -118,11 +118,14 @@ class _BoundsCache:
         self._size = size
 
     def get(self, cu_seqlens: torch.Tensor) -> WindowBatches:
-        for t, version, b in self._entries:
-            if t is cu_seqlens and version == cu_seqlens._version:
+        # Inference tensors have no version counter, and cannot be changed in place outside
+        # inference mode: their identity is enough.
+        version = None if cu_seqlens.is_inference() else cu_seqlens._version
+        for t, v, b in self._entries:
+            if t is cu_seqlens and v == version:
                 return b
         b = WindowBatches(cu_seqlens.tolist(), cu_seqlens.device)
-        self._entries = [(cu_seqlens, cu_seqlens._version, b)] + self._entries[: self._size - 1]
+        self._entries = [(cu_seqlens, version, b)] + self._entries[: self._size - 1]
         return b
 
 

@@ -3,6 +3,7 @@ caller sees the original prompt (lengths, streamer, returned sequences)."""
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 from typing import Any, Callable
@@ -46,7 +47,7 @@ class PromptStreamer:
 
     def put(self, value):
         if self._prompt is not None and value.dim() == 2 and value.shape[1] == self._compressed_len:
-            value = self._prompt.to(value.device)
+            value = expand_rows(self._prompt.to(value.device), value.shape[0])
         self._prompt = None
         self._streamer.put(value)
 
@@ -62,14 +63,17 @@ def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
     return pos.masked_fill(mask == 0, 1)
 
 
+def expand_rows(prompt: torch.Tensor, rows: int) -> torch.Tensor:
+    """The caller's prompt repeated per beam / returned sequence, as ``generate`` expands its inputs."""
+    return prompt if rows == prompt.shape[0] else prompt.repeat_interleave(rows // prompt.shape[0], dim=0)
+
+
 def restore_prompt(out, compressed_len: int, original_ids: torch.Tensor):
-    """Replace the compressed prompt at the start of generated sequences by the original one
-    (repeated per beam / returned sequence, as ``generate`` expands its inputs)."""
+    """Replace the compressed prompt at the start of generated sequences by the original one."""
     seqs = out if isinstance(out, torch.Tensor) else getattr(out, "sequences", None)
     if not isinstance(seqs, torch.Tensor):
         return out
-    orig = original_ids.to(device=seqs.device, dtype=seqs.dtype)
-    orig = orig.repeat_interleave(seqs.shape[0] // orig.shape[0], dim=0)
+    orig = expand_rows(original_ids.to(device=seqs.device, dtype=seqs.dtype), seqs.shape[0])
     full = torch.cat([orig, seqs[:, compressed_len:]], dim=1)
     if isinstance(out, torch.Tensor):
         return full
@@ -77,26 +81,62 @@ def restore_prompt(out, compressed_len: int, original_ids: torch.Tensor):
     return out
 
 
+def generation_setting(model, call: dict, name: str):
+    """A ``generate`` setting as Hugging Face resolves it: the call's keyword, else the call's
+    ``generation_config``, else the model's (``None`` when none sets it)."""
+    if call.get(name) is not None:
+        return call[name]
+    for gc in (call.get("generation_config"), getattr(model, "generation_config", None)):
+        v = getattr(gc, name, None)
+        if v is not None:
+            return v
+    return None
+
+
+def padding_mask(model, call: dict, input_ids: torch.Tensor) -> torch.Tensor | None:
+    """The attention mask ``generate`` infers when none is given: ``input_ids != pad_token_id`` if the
+    pad token occurs in the prompt and is not an end-of-sequence token, else ``None`` (all ones)."""
+    pad = generation_setting(model, call, "pad_token_id")
+    if pad is None:
+        return None
+    eos = generation_setting(model, call, "eos_token_id")
+    eos = [] if eos is None else torch.as_tensor(eos).reshape(-1).tolist()
+    if int(pad) in eos:
+        return None
+    mask = input_ids != int(pad)
+    return mask.long() if not bool(mask.all()) else None
+
+
 def shift_lengths(model, call: dict, prompt_len: int, compressed_len: int) -> None:
     """Keep ``max_length`` / ``min_length`` counting the caller's prompt: an explicit value (in the
     call, its ``generation_config`` or the model's) that is not overridden by ``max_new_tokens`` /
-    ``min_new_tokens`` is lowered by the number of tokens the compression removed."""
+    ``min_new_tokens`` is lowered by the number of tokens the compression removed. A value the
+    caller gave in a ``generation_config`` is changed in a copy of it (a keyword next to a
+    ``generation_config`` is deprecated in Hugging Face)."""
     shift = prompt_len - compressed_len
     if shift == 0:
         return
     from transformers import GenerationConfig
 
     defaults = GenerationConfig()
-    configs = (call.get("generation_config"), getattr(model, "generation_config", None))
+    user_gc = call.get("generation_config")
 
     def explicit(name):
         if call.get(name) is not None:
             return call[name]
-        for gc in configs:
+        for gc in (user_gc, getattr(model, "generation_config", None)):
             v = getattr(gc, name, None)
             if v is not None and v != getattr(defaults, name, None):
                 return v
         return None
+
+    def put(name, value):
+        if user_gc is None or call.get(name) is not None:
+            call[name] = value
+            return
+        if call["generation_config"] is user_gc:
+            call["generation_config"] = copy.deepcopy(user_gc)
+        setattr(call["generation_config"], name, value)
 
     if explicit("max_new_tokens") is None:
         max_length = explicit("max_length")
@@ -106,11 +146,11 @@ def shift_lengths(model, call: dict, prompt_len: int, compressed_len: int) -> No
                     f"max_length must be larger than the prompt length input_ids.shape[1] = {prompt_len} "
                     f"(it counts the prompt), got {max_length}; or give max_new_tokens"
                 )
-            call["max_length"] = max_length - shift
+            put("max_length", max_length - shift)
     if explicit("min_new_tokens") is None:
         min_length = explicit("min_length")
         if min_length:
-            call["min_length"] = max(0, min_length - shift)
+            put("min_length", max(0, min_length - shift))
 
 
 def make_forward(core, orig: Callable) -> Callable:
@@ -153,6 +193,8 @@ def make_generate(core, orig: Callable) -> Callable:
             raise ValueError(f"give the prompt once: as input_ids or as {first} (positionally), not both")
         if input_ids is None:
             input_ids = inputs
+        if call.get("attention_mask") is None and isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2:
+            call["attention_mask"] = padding_mask(core.model, call, input_ids)
         with torch.no_grad():  # generate is inference only
             ids = core.compress_call(call, input_ids)
         L, L2 = input_ids.shape[1], ids.shape[1]

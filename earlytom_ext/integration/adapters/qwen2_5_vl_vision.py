@@ -58,7 +58,10 @@ class _VisionForward:
 
     # ---------------------------------------------------------------- encoder geometry
     def _geometry(self, H: int, W: int, device: torch.device) -> _Geometry:
-        key = (H, W, str(device))
+        # The rotary tables follow the encoder's inv_freq (model.to(dtype) casts it to a new tensor).
+        inv_freq = getattr(self.visual.rotary_pos_emb, "inv_freq", None)
+        rotary = (inv_freq.dtype, inv_freq.data_ptr()) if isinstance(inv_freq, torch.Tensor) else None
+        key = (H, W, str(device), rotary)
         g = self._geometry_cache.get(key)
         if g is not None:
             return g
