@@ -81,14 +81,15 @@ def restore_prompt(out, compressed_len: int, original_ids: torch.Tensor):
     return out
 
 
-def generation_setting(model, call: dict, name: str):
+def generation_setting(model, call: dict, name: str, defaults=None):
     """A ``generate`` setting as Hugging Face resolves it: the call's keyword, else the call's
-    ``generation_config``, else the model's (``None`` when none sets it)."""
+    ``generation_config``, else the model's (``None`` when none sets it). With ``defaults`` (a
+    ``GenerationConfig()``), a config value equal to the default does not count as set."""
     if call.get(name) is not None:
         return call[name]
     for gc in (call.get("generation_config"), getattr(model, "generation_config", None)):
         v = getattr(gc, name, None)
-        if v is not None:
+        if v is not None and (defaults is None or v != getattr(defaults, name, None)):
             return v
     return None
 
@@ -122,13 +123,7 @@ def shift_lengths(model, call: dict, prompt_len: int, compressed_len: int) -> No
     user_gc = call.get("generation_config")
 
     def explicit(name):
-        if call.get(name) is not None:
-            return call[name]
-        for gc in (user_gc, getattr(model, "generation_config", None)):
-            v = getattr(gc, name, None)
-            if v is not None and v != getattr(defaults, name, None):
-                return v
-        return None
+        return generation_setting(model, call, name, defaults)
 
     def put(name, value):
         if user_gc is None or call.get(name) is not None:
