@@ -134,7 +134,10 @@ def check_real(name: str, v, expected: str = "a finite real number") -> float:
     """
     if isinstance(v, bool) or not isinstance(v, numbers.Real):
         raise TypeError(f"{name} must be {expected}, got {type(v).__name__} ({v!r})")
-    f = float(v)
+    try:
+        f = float(v)
+    except OverflowError:  # an int beyond the float range
+        f = math.inf
     if not math.isfinite(f):
         raise ValueError(f"{name} must be {expected}, got {v!r}")
     return f

@@ -155,6 +155,9 @@ def test_errors_leave_no_output_folder(tmp_path, capsys):
     _fails(capsys, ["--repeats", "0"] + o, "--repeats")
     _fails(capsys, ["--max-new-tokens", "0"] + o, "--max-new-tokens")
     _fails(capsys, ["--device", "tpu0"] + o, "--device")
+    _fails(capsys, ["--seed", str(10**23)] + o, "--seed")
+    _fails(capsys, ["--seed", "-1"] + o, "--seed")
+    _fails(capsys, ["--max-window", str(2**63)] + o, "max_window")
     _fails(capsys, ["--model", str(tmp_path / "no" / "such" / "checkpoint"), "--no-png"] + o, "--model:")
     if not torch.cuda.is_available():
         _fails(capsys, ["--device", "cuda"] + o, "--device")

@@ -24,7 +24,12 @@ def test_defaults_are_the_specs():
         ("retain_ratio", "0.1", TypeError, "retain_ratio"),
         ("tau", 1.01, ValueError, "[-1, 1]"),
         ("tau", -1.5, ValueError, "tau"),
-        ("max_window", 1, ValueError, ">= 2"),
+        ("max_window", 1, ValueError, "[2, 2**63)"),
+        ("max_window", 2**63, ValueError, "[2, 2**63)"),  # the ops take an int64
+        ("retain_ratio", 10**400, ValueError, "(0, 1]"),  # beyond the float range: no OverflowError
+        ("tau", -(10**400), ValueError, "[-1, 1]"),
+        ("ema", 10**400, ValueError, "[0, 1]"),
+        ("llm_merge_ratio", 10**400, ValueError, "[0, 1)"),
         ("max_window", 2.5, TypeError, "max_window"),
         ("ema", -0.1, ValueError, "[0, 1]"),
         ("ema", 1.1, ValueError, "ema"),
@@ -169,3 +174,21 @@ def test_paper_presets_lookup():
         preset("imagenet", 0.1)
     with pytest.raises(ValueError, match="retain_ratio"):
         preset("mvbench", 0.3)
+
+
+@pytest.mark.parametrize("ratio", ["0.1", None, [0.1]])
+def test_preset_ratio_of_a_wrong_type(ratio):
+    with pytest.raises(TypeError, match="retain_ratio for preset must be one of"):
+        preset("videomme", ratio)
+
+
+def test_huge_ints_for_real_arguments_are_value_errors():
+    import torch
+
+    from earlytom_ext import ops
+
+    q = torch.randn(1, 1, 3, 4)
+    with pytest.raises(ValueError, match="scale"):
+        ops.attention_received(q, q, scale=10**400)
+    with pytest.raises(ValueError, match="retain_ratio"):
+        ops.stage2_plan([[(0, 1)]], [2], 10**400, tokens_per_frame=4)

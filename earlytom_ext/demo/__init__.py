@@ -108,6 +108,8 @@ def run(
         isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1
     ):
         raise ValueError(f"--max-new-tokens must be an int >= 1, got {max_new_tokens!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise ValueError(f"--seed must be an int in [0, 2**63), got {seed!r}")
     if model is not None and (not isinstance(model, str) or not model):
         raise ValueError(f"--model must be a folder or a Hugging Face model id, got {model!r}")
     changes = {"retain_ratio": ratio}
