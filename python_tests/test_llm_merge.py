@@ -622,6 +622,48 @@ def test_unarmed_prefill_after_a_merged_generate_is_plain():
     assert torch.equal(again, plain)
 
 
+@pytest.mark.parametrize("between", ["merged", "plain"])
+def test_a_merged_cache_decodes_after_other_prefills(between):
+    """Each merged cache keeps its own decoding state: another merged prefill, or a plain one, in
+    between does not change how the first cache decodes."""
+    m = qwen2_lm()
+    lm = m.model
+    oracle = Oracle(m, 2, 0.5)
+    spans = [(3, 12), (6, 10)]
+    emb, mask = batch_inputs(2, 21, 64, [0, 4], seed=7)
+    prompt, step = emb[:, :20], emb[:, 20:]
+    merge = LLMMerge(lm, 2, 0.5)
+    merge.install()
+    with torch.no_grad():
+        merge.arm(spans)
+        first = out_cache(lm(inputs_embeds=prompt, attention_mask=mask[:, :20], use_cache=True))
+        if between == "merged":
+            merge.arm(spans)
+        lm(inputs_embeds=prompt.flip(1), attention_mask=mask[:, :20], use_cache=True)  # another prompt
+        got = lm(inputs_embeds=step, attention_mask=mask, use_cache=True, **{CACHE_KW: first}).last_hidden_state
+    merge.remove()
+    for b, span in enumerate(spans):
+        e, sp = unpad(prompt, mask[:, :20], b, span)
+        want, _ = oracle.hidden(e, sp, gen=step[b])
+        torch.testing.assert_close(got[b, -1], want[-1], atol=1e-5, rtol=1e-5)
+
+
+def test_a_merged_cache_without_its_merge_is_refused():
+    m = qwen2_lm()
+    lm = m.model
+    emb, mask = batch_inputs(1, 21, 64, [0], seed=8)
+    merge = LLMMerge(lm, 2, 0.5)
+    merge.install()
+    with torch.no_grad():
+        merge.arm([(3, 12)])
+        cache = out_cache(lm(inputs_embeds=emb[:, :20], attention_mask=mask[:, :20], use_cache=True))
+        merge.remove()
+        merge.install()  # a new installation: the earlier one's decoding state is gone
+        with pytest.raises(RuntimeError, match="filled by a merged prefill"):
+            lm(inputs_embeds=emb[:, 20:], attention_mask=mask, **{CACHE_KW: cache})
+    merge.remove()
+
+
 def test_modified_cache_is_detected():
     m = qwen2_lm()
     lm = m.model

@@ -29,13 +29,14 @@ from __future__ import annotations
 
 import functools
 import inspect
+import weakref
 from typing import Any
 
 import torch.nn as nn
 
 from ..config import check_llm_merge
 from .llm_merge_paths import _MergePaths
-from .llm_merge_support import _seq_len, _State, _supported_decoder, cache_arg, call_cache, merge_span
+from .llm_merge_support import _is_merged, _seq_len, _supported_decoder, cache_arg, call_cache, merge_span
 from .patches import MISSING, restore_attr, set_attr
 
 __all__ = ["LLMMerge", "merge_span"]
@@ -98,7 +99,8 @@ class LLMMerge(_MergePaths):
         self._wrapper = None
         self._prev_forward: Any = MISSING
         self._armed: list | None = None
-        self._state: _State | None = None
+        # Decoding state per merged cache (several merged caches may be decoded in turn).
+        self._states: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._stats_raw: list | None = None
         self._stats: list | None = None
 
@@ -147,7 +149,7 @@ class LLMMerge(_MergePaths):
         self._prev_forward = MISSING
         self._wrapper = None
         self._armed = None
-        self._state = None
+        self._states.clear()
 
     def arm(self, spans: list[tuple[int, int] | None]) -> None:
         """Arm the merge for the next prefill (the next forward whose query length is > 1).
@@ -213,11 +215,14 @@ class LLMMerge(_MergePaths):
         batch, q_len = shape
         cache = call_cache(call)
         cached = int(cache.get_seq_length()) if hasattr(cache, "get_seq_length") else 0
-        state = self._state
-        if state is not None and cache is not None and cache is state.cache_ref():
+        try:
+            state = self._states.get(cache) if cache is not None else None
+        except TypeError:  # a legacy tuple cache (no weak references): never merged
+            state = None
+        if state is not None:
             if cached > 0:
                 return self._decode(orig, call, state, batch, q_len)
-            self._state = None  # the cache was reset: a fresh prefill follows
+            del self._states[cache]  # the cache was reset: a fresh prefill follows
         if self._armed is not None and q_len > 1:
             spans, self._armed = self._armed, None
             if cached > 0 or (cache is not None and not hasattr(cache, "get_seq_length")):
@@ -226,6 +231,10 @@ class LLMMerge(_MergePaths):
                     f"{cached} tokens"
                 )
             return self._prefill(orig, call, spans, batch, q_len)
-        if q_len > 1 and cached == 0:
-            self._state = None  # an un-armed prefill starts a new sequence
+        if cached > 0 and _is_merged(cache, self._k):
+            raise RuntimeError(
+                "LLMMerge: this cache was filled by a merged prefill (layers >= "
+                f"{self._k} hold fewer tokens) whose decoding state is gone (the merge was removed since); "
+                "decode it with the merge installed, or start from a new cache"
+            )
         return orig(*args, **kwargs)

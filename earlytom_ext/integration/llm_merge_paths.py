@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 
 from .llm_merge_support import _Call, _mask_2d, _Plan, _ShortCacheView, _State, call_cache, merge_span
@@ -64,7 +62,6 @@ class _MergePaths:
         self._stats = None
         if all(p.removed == 0 for p in plans):
             self._stats_raw = [(p, self._kept_all(p)) for p in plans]
-            self._state = None
             return orig(**call)
         short_len = max(n - p.removed for p in plans)
         ctx = _Call()
@@ -99,7 +96,8 @@ class _MergePaths:
         out = self._with_hooks(orig, call, hooks)
         self._stats_raw = list(zip(plans, ctx.kept))
         cache = ctx.cache
-        self._state = None if cache is None else _State(weakref.ref(cache), batch, n, short_len, ctx.short_mask)
+        if cache is not None:
+            self._states[cache] = _State(batch, n, short_len, ctx.short_mask)
         return out
 
     def _kept_all(self, plan: _Plan) -> torch.Tensor | None:

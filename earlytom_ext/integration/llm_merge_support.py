@@ -180,9 +180,8 @@ class _Plan:
 
 @dataclass
 class _State:
-    """What decoding after a merged prefill needs (kept per cache: one merged prefill at a time)."""
+    """What decoding after a merged prefill needs (kept per cache, by the merge)."""
 
-    cache_ref: Any  # weakref to the cache the prefill filled
     batch: int
     full_len: int  # prefill length of layers < k
     short_len: int  # prefill length of layers >= k
@@ -199,3 +198,14 @@ class _Call:
         self.cache = None
         self.short_mask = None
         self.kept: list = []
+
+
+def _is_merged(cache, k: int) -> bool:
+    """A cache whose layers >= k hold fewer tokens than layer 0: filled by a merged prefill."""
+    length = getattr(cache, "get_seq_length", None)
+    if not callable(length):
+        return False
+    try:
+        return int(length(k)) != int(length(0))
+    except (IndexError, TypeError, ValueError):  # fewer cached layers, or no per-layer lengths
+        return False
