@@ -330,6 +330,71 @@ def test_geometry_follows_a_dtype_change(videos):
     assert torch.equal(got, base)
 
 
+def _merge_oracle_logits(model, emb, position_ids, span, k, ratio):
+    """Layer-by-layer recomputation of the inner-LLM merge on one unpadded sample: layers < k on the
+    prompt with its 3-D rotary positions, ``reference.llm_merge`` on the span with the last prompt
+    token's layer k - 1 attention (an eager copy), layers >= k on the kept tokens at their
+    positions."""
+    import copy
+
+    lm = model.model.language_model
+    eager = copy.deepcopy(lm)
+    eager.set_attn_implementation("eager")
+    rope = position_ids[1:] if position_ids.shape[0] == 4 else position_ids  # 5.x: text positions first
+    att = eager(inputs_embeds=emb[None], position_ids=position_ids, output_attentions=True).attentions[k - 1]
+    scores = att[0, :, -1, :].mean(0)
+
+    def layers(h, pos, stack):
+        n = h.shape[1]
+        cos, sin = lm.rotary_emb(h, pos)
+        mask = torch.full((n, n), torch.finfo(h.dtype).min, dtype=h.dtype).triu(1)[None, None]
+        for layer in stack:
+            h = layer(h, attention_mask=mask, position_embeddings=(cos, sin))
+            h = h[0] if isinstance(h, tuple) else h
+        return h
+
+    s, L = span
+    h = layers(emb[None], rope, lm.layers[:k])[0]
+    merged, kept = R.llm_merge(h, span, scores[s : s + L], 1.0 - ratio)
+    idx = torch.cat([torch.arange(s), kept, torch.arange(s + L, emb.shape[0])])
+    h = layers(merged[None], rope[..., idx], lm.layers[k:])
+    return model.lm_head(lm.norm(h)), kept
+
+
+def test_inner_llm_merge_matches_a_layer_by_layer_recomputation(videos):
+    """The merge keeps the kept tokens' 3-D rotary angles (Qwen2.5-VL's language model)."""
+    model = build_model()
+    k, ratio = 1, 0.5
+    cfg = CFG.replace(llm_merge_layer=k, llm_merge_ratio=ratio)
+    if not hasattr(
+        sys.modules[type(model.model.language_model.layers[0].self_attn).__module__], "apply_rotary_pos_emb"
+    ):
+        with pytest.raises(TypeError, match="needs transformers 5"):  # 4.x: 3-D rotary inside the attention
+            earlytom_ext.apply(model, cfg)
+        assert "forward" not in model.__dict__
+        return
+    with torch.no_grad():  # distinct attention rows, so that the scores decide the kept tokens
+        for name, p in model.model.language_model.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                p.normal_(0.0, 2.0 / p.shape[1] ** 0.5)
+    inputs = make_inputs(model, videos[:1], seed=10)
+    video_kw = {n: inputs[n] for n in ("video_grid_thw", "second_per_grid_ts")}
+    with torch.no_grad(), earlytom_ext.apply(model, cfg) as h:
+        logits = model(**inputs).logits
+        stats = h.last_stats["llm_merge"][0]
+        p = h.prepare_inputs(inputs["input_ids"], inputs["pixel_values_videos"], inputs["attention_mask"], **video_kw)
+    with torch.no_grad():
+        want, kept = _merge_oracle_logits(model, p["inputs_embeds"][0], p["position_ids"], stats["span"], k, ratio)
+    assert kept.tolist() == stats["kept"] and len(kept) < stats["span"][1]
+    assert logits.shape == want.shape
+    torch.testing.assert_close(logits, want, atol=1e-5, rtol=1e-5)
+    # generate: the same merged prefill (its greedy token), then decoding steps on the merged cache
+    with earlytom_ext.apply(model, cfg):
+        out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    L = inputs["input_ids"].shape[1]
+    assert out.shape == (1, L + 3) and int(out[0, L]) == int(want[0, -1].argmax())
+
+
 def test_remove_restores_exactly(model, videos):
     inputs = make_inputs(model, videos[:1], seed=4)
     with torch.no_grad():

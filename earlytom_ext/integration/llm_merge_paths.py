@@ -139,13 +139,13 @@ class _MergePaths:
         dev = hidden.device
         cos, sin = kwargs["position_embeddings"]
         scores = self._scores(ctx, cos, sin, mask)
-        pos = kwargs.get("position_ids")
-        if pos is None:
-            pos = torch.arange(N, device=dev)[None]
-        pos = pos.to(dev).expand(B, -1)
+        # The kept tokens keep their rotary angles: the layer's own tables gathered at the kept
+        # positions (any position scheme, the 3-D one of Qwen2.5-VL included); padding gets angle 0.
+        cos, sin = (t.to(dev).expand(B, N, t.shape[-1]) for t in (cos, sin))
+        cos_short = cos.new_ones(B, short_len, cos.shape[-1])
+        sin_short = sin.new_zeros(B, short_len, sin.shape[-1])
         mask_dtype = mask.dtype if mask is not None else torch.long
         out = hidden.new_zeros(B, short_len, D)
-        pos_short = torch.zeros(B, short_len, dtype=pos.dtype, device=dev)
         mask_short = torch.zeros(B, short_len, dtype=mask_dtype, device=dev)
         full_mask = mask.to(dev) if mask is not None else torch.ones(B, N, dtype=mask_dtype, device=dev)
         for b, plan in enumerate(plans):
@@ -160,14 +160,15 @@ class _MergePaths:
             ctx.kept.append(kept)
             pad = short_len - idx.shape[0]
             out[b, pad:] = rows
-            pos_short[b, pad:] = pos[b, idx]
+            cos_short[b, pad:] = cos[b, idx]
+            sin_short[b, pad:] = sin[b, idx]
             mask_short[b, pad:] = full_mask[b, idx]
         cache = call_cache(kwargs)  # what the model passes its decoder layers
         ctx.cache = cache
         ctx.short_mask = mask_short
         ctx.layer_kwargs = {
             "attention_mask": self._mask(out, mask_short, cache),
-            "position_embeddings": self._lm.rotary_emb(out, pos_short),
+            "position_embeddings": (cos_short, sin_short),
             # Rotary comes from position_embeddings; no position ids below layer k, so that flash
             # attention does not read the gaps as packed sequences.
             "position_ids": None,

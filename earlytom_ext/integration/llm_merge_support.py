@@ -116,9 +116,16 @@ def _supported_decoder(lm: nn.Module) -> tuple[Callable, int, int, int]:
                 f"`scaling` (Qwen2Attention); layer {i} of {name} is {type(layer).__name__}"
             )
         head_dim = attn.head_dim
-    rope = getattr(sys.modules.get(type(layers[0].self_attn).__module__), "apply_rotary_pos_emb", None)
+    module = sys.modules.get(type(layers[0].self_attn).__module__)
+    rope = getattr(module, "apply_rotary_pos_emb", None)
     if not callable(rope):
-        raise TypeError(f"LLMMerge: no apply_rotary_pos_emb next to {type(layers[0].self_attn).__name__}")
+        attn_name = type(layers[0].self_attn).__name__
+        if callable(getattr(module, "apply_multimodal_rotary_pos_emb", None)):
+            raise TypeError(
+                f"LLMMerge: {attn_name} applies its multimodal (3-D) rotary embedding inside the attention, as "
+                "transformers 4.x does for Qwen2.5-VL; the inner-LLM merge on Qwen2.5-VL needs transformers 5.x"
+            )
+        raise TypeError(f"LLMMerge: no apply_rotary_pos_emb next to {attn_name}")
     return rope, heads, kv_heads, head_dim
 
 
