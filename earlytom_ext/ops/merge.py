@@ -198,6 +198,10 @@ def merge_frames(x: torch.Tensor, frame_counts, cfg: EarlyTomConfig, extras: Ext
     Returns:
         :class:`MergeResult`. Equal to ``reference.merge_frames_batched`` (similarities in fp32,
         merges in fp32 math).
+
+    The token norms are computed in fp32: every token of ``x`` must have a squared norm below the
+    fp32 maximum (``|x|`` below about ``1.8e19 / sqrt(D)``; any activation of a working model).
+    Larger finite values give NaN similarities, which never merge (the reference gives 0).
     """
     _ext.require()
     cfg = _check_cfg(cfg)
