@@ -201,7 +201,7 @@ def merge_frames(x: torch.Tensor, frame_counts, cfg: EarlyTomConfig, extras: Ext
 
     The token norms are computed in fp32: every token of ``x`` must have a squared norm below the
     fp32 maximum (``|x|`` below about ``1.8e19 / sqrt(D)``; any activation of a working model).
-    Larger finite values give NaN similarities, which never merge (the reference gives 0).
+    Larger finite values give NaN similarities (no segment cut, no merge; the reference gives 0).
     """
     _ext.require()
     cfg = _check_cfg(cfg)
