@@ -735,6 +735,7 @@ def test_apply_with_llm_merge_generates_like_the_recomputation():
         with torch.no_grad():
             out = m.generate(**inputs, max_new_tokens=new, output_logits=True, return_dict_in_generate=True)
         merge_stats = handle.last_stats["llm_merge"]
+        summary = handle.summary()
     assert "forward" not in language_model(m).__dict__
     L0 = inputs["input_ids"].shape[1]
     tokens = out.sequences[:, L0:]
@@ -751,4 +752,8 @@ def test_apply_with_llm_merge_generates_like_the_recomputation():
         assert torch.equal(want.argmax(-1), tokens[b])
         n_keep = max(1, round(span[1] * (1 - ratio)))
         assert len(merge_stats[b]["kept"]) == n_keep
+        # summary(): one row per sample, the kept count (not the positions)
+        before, after = merge_stats[b]["prefill_len_before"], merge_stats[b]["prefill_len_after"]
+        row = [str(v) for v in (b, span[0], span[1], n_keep, before, after)]
+        assert row in [line.split() for line in summary.splitlines()], summary
         assert merge_stats[b]["prefill_len_after"] == merge_stats[b]["prefill_len_before"] - (span[1] - n_keep)

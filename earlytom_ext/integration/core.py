@@ -33,7 +33,8 @@ class EarlyTomHandle:
         last_stats: statistics of the last video batch (see :attr:`last_stats`).
         last_inputs: the compressed language-model inputs of the last patched ``forward`` /
             ``generate`` call (``input_ids``, ``attention_mask``, ``labels`` when given,
-            ``video_token_counts``).
+            ``video_token_counts``, ``video_spans``; Qwen2.5-VL also ``position_ids`` (5.x) and
+            ``mm_token_type_ids``).
     """
 
     def __init__(self, model: nn.Module, cfg: EarlyTomConfig, adapter: ModelAdapter, llm_merge=None):
@@ -115,7 +116,8 @@ class EarlyTomHandle:
         ``ops.merge_frames(x, frame_counts, handle.config, extras=extras)`` after every prune layer
         (``extras`` are the attention scores at the last prune layer, else ``None``; they must come
         back merged alike). ``refine(x, frame_counts) -> (segments [K, 2] int64 global frame indices,
-        segment_counts [B])`` replaces ``ops.segment_frames`` at the last prune layer. ``None``
+        segment_counts [B])`` replaces the refined segmentation (``ops.segment_frames_deferred``) at
+        the last prune layer. ``None``
         restores the default. Returns the handle.
         """
         for name, fn in (("stage1", stage1), ("refine", refine)):

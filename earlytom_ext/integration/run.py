@@ -84,7 +84,8 @@ class Decisions:
     ``stage1(x, frame_counts, layer_index, extras) -> ops.MergeResult`` replaces
     ``ops.merge_frames(x, frame_counts, cfg, extras=extras)`` at each prune layer;
     ``refine(x, frame_counts) -> (segments [K, 2] int64 global, segment_counts [B])`` replaces
-    ``ops.segment_frames(x, frame_counts, cfg)`` at the last prune layer.
+    the refined segmentation (``ops.segment_frames_deferred(x, frame_counts, cfg)``) at the last
+    prune layer.
     """
 
     stage1: Stage1Fn | None = None

@@ -110,7 +110,7 @@ def summary(stats: dict | None, cfg: EarlyTomConfig) -> str:
                     str(i),
                     str(span[0]),
                     str(span[1]),
-                    str(m.get("kept", "")),
+                    str(len(m.get("kept") or [])),
                     str(m.get("prefill_len_before", "")),
                     str(m.get("prefill_len_after", "")),
                 ]
