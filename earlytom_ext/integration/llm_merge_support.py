@@ -208,10 +208,13 @@ class _Call:
 
 
 def _is_merged(cache, k: int) -> bool:
-    """A cache whose layers >= k hold fewer tokens than layer 0: filled by a merged prefill."""
-    length = getattr(cache, "get_seq_length", None)
-    if not callable(length):
+    """A cache whose layers >= k hold fewer tokens than layer 0: filled by a merged prefill (always a
+    DynamicCache, whose lengths are host values; other caches are not read: no sync)."""
+    from transformers.cache_utils import DynamicCache
+
+    if not isinstance(cache, DynamicCache):
         return False
+    length = cache.get_seq_length
     try:
         return int(length(k)) != int(length(0))
     except (IndexError, TypeError, ValueError):  # fewer cached layers, or no per-layer lengths
