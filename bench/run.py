@@ -140,7 +140,7 @@ def parse_args(argv=None):
         type=float,
         nargs="*",
         default=None,
-        help="ratios run with the inner-LLM merge (default 0.1 0.2; none: leave them out)",
+        help="ratios run with the inner-LLM merge (default 0.1 0.2; the flag with no values leaves them out)",
     )
     ap.add_argument("--preset", default="videomme", help="benchmark preset of the paper's settings")
     ap.add_argument("--warmup", type=int, default=None, help="default 2 (1 with --quick)")

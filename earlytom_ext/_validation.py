@@ -9,11 +9,12 @@ On a GPU none of these read device values on the host, except where a docstring 
 
 from __future__ import annotations
 
-import math
 import numbers
 from collections.abc import Iterable, Sequence
 
 import torch
+
+from .config import finite_number
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -134,13 +135,9 @@ def check_real(name: str, v, expected: str = "a finite real number") -> float:
     """
     if isinstance(v, bool) or not isinstance(v, numbers.Real):
         raise TypeError(f"{name} must be {expected}, got {type(v).__name__} ({v!r})")
-    try:
-        f = float(v)
-    except OverflowError:  # an int beyond the float range
-        f = math.inf
-    if not math.isfinite(f):
+    if not finite_number(v):  # NaN, Inf, or an int beyond the float range
         raise ValueError(f"{name} must be {expected}, got {v!r}")
-    return f
+    return float(v)
 
 
 def check_ratio(name: str, v) -> float:

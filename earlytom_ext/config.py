@@ -11,7 +11,7 @@ from typing import Any
 __all__ = ["EarlyTomConfig", "PAPER_PRESETS", "PAPER_LLM_MERGE", "preset", "check_llm_merge"]
 
 
-def _finite(x) -> bool:
+def finite_number(x) -> bool:
     """``math.isfinite`` that is ``False`` (not an ``OverflowError``) for an int beyond the float range."""
     try:
         return math.isfinite(x)
@@ -43,7 +43,7 @@ def check_llm_merge(
     lname, rname = names
     if not _is_real(ratio):
         raise TypeError(f"{rname} must be a float in [0, 1) (the fraction of the video span removed), got {ratio!r}")
-    if not (_finite(ratio) and 0.0 <= ratio < 1.0):
+    if not (finite_number(ratio) and 0.0 <= ratio < 1.0):
         raise ValueError(f"{rname} must be in [0, 1) (the fraction of the video span removed), got {ratio!r}")
     if llm_num_layers is not None and (not _is_int(llm_num_layers) or llm_num_layers < 1):
         raise ValueError(f"llm_num_layers must be a positive int (the language model's depth), got {llm_num_layers!r}")
@@ -116,11 +116,11 @@ class EarlyTomConfig:
         r = self.retain_ratio
         if not _is_real(r):
             raise TypeError(f"EarlyTomConfig.retain_ratio must be a float in (0, 1], got {r!r}")
-        if not (_finite(r) and 0.0 < r <= 1.0):
+        if not (finite_number(r) and 0.0 < r <= 1.0):
             raise ValueError(f"EarlyTomConfig.retain_ratio must be in (0, 1], got {r!r}")
         if not _is_real(self.tau):
             raise TypeError(f"EarlyTomConfig.tau must be a float in [-1, 1], got {self.tau!r}")
-        if not (_finite(self.tau) and -1.0 <= self.tau <= 1.0):
+        if not (finite_number(self.tau) and -1.0 <= self.tau <= 1.0):
             raise ValueError(f"EarlyTomConfig.tau must be in [-1, 1], got {self.tau!r}")
         if not isinstance(self.max_window, int) or isinstance(self.max_window, bool):
             raise TypeError(f"EarlyTomConfig.max_window must be an int >= 2, got {self.max_window!r}")
@@ -128,7 +128,7 @@ class EarlyTomConfig:
             raise ValueError(f"EarlyTomConfig.max_window must be in [2, 2**63), got {self.max_window}")
         if not _is_real(self.ema):
             raise TypeError(f"EarlyTomConfig.ema must be a float in [0, 1], got {self.ema!r}")
-        if not (_finite(self.ema) and 0.0 <= self.ema <= 1.0):
+        if not (finite_number(self.ema) and 0.0 <= self.ema <= 1.0):
             raise ValueError(f"EarlyTomConfig.ema must be in [0, 1], got {self.ema!r}")
         if not isinstance(self.keep_last_interior, bool):
             raise TypeError(f"EarlyTomConfig.keep_last_interior must be a bool, got {self.keep_last_interior!r}")
@@ -239,6 +239,8 @@ def _preset(benchmark: str, retain_ratio: float) -> EarlyTomConfig:
     table = PAPER_PRESETS[key]
     if not _is_real(retain_ratio):
         raise TypeError(f"retain_ratio for preset must be one of {sorted(table)}, got {retain_ratio!r}")
+    if not finite_number(retain_ratio):
+        raise ValueError(f"retain_ratio for preset must be one of {sorted(table)}, got {retain_ratio!r}")
     for r, cfg in table.items():
         if abs(r - retain_ratio) < 1e-9:
             return cfg

@@ -192,3 +192,5 @@ def test_huge_ints_for_real_arguments_are_value_errors():
         ops.attention_received(q, q, scale=10**400)
     with pytest.raises(ValueError, match="retain_ratio"):
         ops.stage2_plan([[(0, 1)]], [2], 10**400, tokens_per_frame=4)
+    with pytest.raises(ValueError, match="retain_ratio for preset"):
+        preset("videomme", 10**400)

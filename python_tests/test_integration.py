@@ -564,6 +564,25 @@ def test_generation_config_lengths_stay_in_the_config(model, short_inputs, monke
     assert out.shape == (2, L + 2)
 
 
+def test_a_model_min_length_met_by_the_prompt_stays_met(model, short_inputs, monkeypatch):
+    """The model's min_length, already met by the caller's prompt, shifts to 0; with a
+    generation_config in the call it must stay 0 (4.x would refill a default 0 from the model's)."""
+    from transformers import GenerationConfig
+
+    inputs = short_inputs
+    eos = 7
+    with earlytom_ext.apply(model, CFG) as h:
+        model.generate(**inputs, max_new_tokens=1, do_sample=False)
+        L2 = h.last_inputs["input_ids"].shape[1]
+        assert L2 + 3 < inputs["input_ids"].shape[1]
+        monkeypatch.setattr(model.generation_config, "min_length", L2 + 3)  # met by the original prompt
+        gc = GenerationConfig(do_sample=False, max_new_tokens=3, min_new_tokens=None, pad_token_id=tm.PAD_ID)
+        out = model.generate(
+            **inputs, generation_config=gc, eos_token_id=eos, output_scores=True, return_dict_in_generate=True
+        )
+    assert not any(bool(torch.isinf(s[:, eos]).any()) for s in out.scores)
+
+
 def test_generate_infers_the_padding_mask_like_hugging_face(model, short_inputs):
     """Without attention_mask, generate masks the pad tokens of a padded prompt (input_ids !=
     pad_token_id), as Hugging Face does."""

@@ -95,17 +95,18 @@ def generation_setting(model, call: dict, name: str, defaults=None):
 
 
 def padding_mask(model, call: dict, input_ids: torch.Tensor) -> torch.Tensor | None:
-    """The attention mask ``generate`` infers when none is given: ``input_ids != pad_token_id`` if the
-    pad token occurs in the prompt and is not an end-of-sequence token, else ``None`` (all ones)."""
+    """The attention mask ``generate`` infers when none is given: ``input_ids != pad_token_id`` when
+    the pad token is not an end-of-sequence token, else ``None`` (all ones)."""
     pad = generation_setting(model, call, "pad_token_id")
     if pad is None:
         return None
     eos = generation_setting(model, call, "eos_token_id")
-    eos = [] if eos is None else torch.as_tensor(eos).reshape(-1).tolist()
-    if int(pad) in eos:
+    if isinstance(eos, torch.Tensor):
+        eos = eos.reshape(-1).tolist()
+    eos = [] if eos is None else list(eos) if isinstance(eos, (list, tuple)) else [eos]
+    if int(pad) in [int(e) for e in eos]:
         return None
-    mask = input_ids != int(pad)
-    return mask.long() if not bool(mask.all()) else None
+    return input_ids.ne(int(pad)).long()  # all ones when the pad token is absent (no host read)
 
 
 def shift_lengths(model, call: dict, prompt_len: int, compressed_len: int) -> None:
@@ -126,7 +127,9 @@ def shift_lengths(model, call: dict, prompt_len: int, compressed_len: int) -> No
         return generation_setting(model, call, name, defaults)
 
     def put(name, value):
-        if user_gc is None or call.get(name) is not None:
+        # A keyword also where the value equals the global default: 4.x fills a config's default
+        # values from the model's generation_config, which would undo the shift.
+        if user_gc is None or call.get(name) is not None or value == getattr(defaults, name, None):
             call[name] = value
             return
         if call["generation_config"] is user_gc:
