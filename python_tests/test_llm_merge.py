@@ -622,46 +622,57 @@ def test_unarmed_prefill_after_a_merged_generate_is_plain():
     assert torch.equal(again, plain)
 
 
+class _DecodeCase:
+    """Two left-padded samples (spans (3, 12) and (6, 10)), a 20-token prompt and one decoding
+    step, a merge at layer 2 (r_in 0.5) installed and armed, and the oracle's check of a step."""
+
+    spans = [(3, 12), (6, 10)]
+
+    def __init__(self):
+        m = qwen2_lm()
+        self.lm = m.model
+        self.oracle = Oracle(m, 2, 0.5)
+        emb, self.mask = batch_inputs(2, 21, 64, [0, 4], seed=7)
+        self.prompt, self.step = emb[:, :20], emb[:, 20:]
+        self.merge = LLMMerge(self.lm, 2, 0.5)
+        self.merge.install()
+        self.merge.arm(self.spans)
+
+    def prefill(self, prompt=None):
+        p = self.prompt if prompt is None else prompt
+        return out_cache(self.lm(inputs_embeds=p, attention_mask=self.mask[:, :20], use_cache=True))
+
+    def check(self, got):
+        for b, span in enumerate(self.spans):
+            e, sp = unpad(self.prompt, self.mask[:, :20], b, span)
+            want, _ = self.oracle.hidden(e, sp, gen=self.step[b])
+            torch.testing.assert_close(got[b, -1], want[-1], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("between", ["merged", "plain"])
 def test_a_merged_cache_decodes_after_other_prefills(between):
     """Each merged cache keeps its own decoding state: another merged prefill, or a plain one, in
     between does not change how the first cache decodes."""
-    m = qwen2_lm()
-    lm = m.model
-    oracle = Oracle(m, 2, 0.5)
-    spans = [(3, 12), (6, 10)]
-    emb, mask = batch_inputs(2, 21, 64, [0, 4], seed=7)
-    prompt, step = emb[:, :20], emb[:, 20:]
-    merge = LLMMerge(lm, 2, 0.5)
-    merge.install()
+    c = _DecodeCase()
     with torch.no_grad():
-        merge.arm(spans)
-        first = out_cache(lm(inputs_embeds=prompt, attention_mask=mask[:, :20], use_cache=True))
+        first = c.prefill()
         if between == "merged":
-            merge.arm(spans)
-        lm(inputs_embeds=prompt.flip(1), attention_mask=mask[:, :20], use_cache=True)  # another prompt
-        got = lm(inputs_embeds=step, attention_mask=mask, use_cache=True, **{CACHE_KW: first}).last_hidden_state
-    merge.remove()
-    for b, span in enumerate(spans):
-        e, sp = unpad(prompt, mask[:, :20], b, span)
-        want, _ = oracle.hidden(e, sp, gen=step[b])
-        torch.testing.assert_close(got[b, -1], want[-1], atol=1e-5, rtol=1e-5)
+            c.merge.arm(c.spans)
+        c.prefill(c.prompt.flip(1))  # another prompt
+        got = c.lm(inputs_embeds=c.step, attention_mask=c.mask, use_cache=True, **{CACHE_KW: first})
+    c.merge.remove()
+    c.check(got.last_hidden_state)
 
 
 def test_a_merged_cache_without_its_merge_is_refused():
-    m = qwen2_lm()
-    lm = m.model
-    emb, mask = batch_inputs(1, 21, 64, [0], seed=8)
-    merge = LLMMerge(lm, 2, 0.5)
-    merge.install()
+    c = _DecodeCase()
     with torch.no_grad():
-        merge.arm([(3, 12)])
-        cache = out_cache(lm(inputs_embeds=emb[:, :20], attention_mask=mask[:, :20], use_cache=True))
-        merge.remove()
-        merge.install()  # a new installation: the earlier one's decoding state is gone
+        cache = c.prefill()
+        c.merge.remove()
+        c.merge.install()  # a new installation: the earlier one's decoding state is gone
         with pytest.raises(RuntimeError, match="filled by a merged prefill"):
-            lm(inputs_embeds=emb[:, 20:], attention_mask=mask, **{CACHE_KW: cache})
-    merge.remove()
+            c.lm(inputs_embeds=c.step, attention_mask=c.mask, **{CACHE_KW: cache})
+    c.merge.remove()
 
 
 def test_modified_cache_is_detected():
@@ -690,26 +701,15 @@ def test_modified_cache_is_detected():
 def test_decoding_reads_the_cache_under_each_accepted_name(name):
     # A caller may still pass the cache as past_key_values where cache is the new name: the decoding
     # step must find it and build the shortened mask of layers >= k (left padding makes it matter).
-    m = qwen2_lm()
-    lm = m.model
-    oracle = Oracle(m, 2, 0.5)
-    spans = [(3, 12), (6, 10)]
-    emb, mask = batch_inputs(2, 21, 64, [0, 4], seed=7)
-    prompt, step = emb[:, :20], emb[:, 20:]
-    merge = LLMMerge(lm, 2, 0.5)
-    merge.install()
-    merge.arm(spans)
+    c = _DecodeCase()
     legacy = name != CACHE_KW
     with torch.no_grad():
-        cache = out_cache(lm(inputs_embeds=prompt, attention_mask=mask[:, :20], use_cache=True))
+        cache = c.prefill()
         with pytest.warns(FutureWarning, match="past_key_values") if legacy else contextlib.nullcontext():
-            got = lm(inputs_embeds=step, attention_mask=mask, use_cache=True, **{name: cache}).last_hidden_state
-    merge.remove()
+            got = c.lm(inputs_embeds=c.step, attention_mask=c.mask, use_cache=True, **{name: cache})
+    c.merge.remove()
     assert cache.get_seq_length(0) == 21 and cache.get_seq_length(2) == 21 - 5  # sample 1 removes 5 of 10
-    for b, span in enumerate(spans):
-        e, sp = unpad(prompt, mask[:, :20], b, span)
-        want, _ = oracle.hidden(e, sp, gen=step[b])
-        torch.testing.assert_close(got[b, -1], want[-1], rtol=1e-5, atol=1e-5)
+    c.check(got.last_hidden_state)
 
 
 # --------------------------------------------------------------------------------------------
