@@ -29,10 +29,14 @@ def _refuse_copy(*args: Any, **kwargs: Any) -> Any:
     )
 
 
-def set_attr(obj: object, name: str, value: Any) -> Any:
-    """``obj.<name> = value`` in the instance ``__dict__``; returns what was there (or :data:`MISSING`)."""
+def set_attr(obj: object, name: str, value: Any, guard: bool = True) -> Any:
+    """``obj.<name> = value`` in the instance ``__dict__``; returns what was there (or :data:`MISSING`).
+    ``guard=False`` for a patch undone within the same call (nothing can copy the object meanwhile):
+    no copy guard, no bookkeeping."""
     prev = obj.__dict__.get(name, MISSING)
     obj.__dict__[name] = value
+    if not guard:
+        return prev
     count = _active.get(obj, 0)
     if count == 0:
         for hook in _COPY_HOOKS:
@@ -41,12 +45,14 @@ def set_attr(obj: object, name: str, value: Any) -> Any:
     return prev
 
 
-def restore_attr(obj: object, name: str, prev: Any) -> None:
-    """Undo :func:`set_attr` given the value it returned."""
+def restore_attr(obj: object, name: str, prev: Any, guard: bool = True) -> None:
+    """Undo :func:`set_attr` given the value it returned (and the same ``guard``)."""
     if prev is MISSING:
         obj.__dict__.pop(name, None)
     else:
         obj.__dict__[name] = prev
+    if not guard:
+        return
     count = _active.get(obj, 0) - 1
     if count > 0:
         _active[obj] = count

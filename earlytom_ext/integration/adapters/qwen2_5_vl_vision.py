@@ -180,8 +180,8 @@ def _run_block(blk, x: torch.Tensor, kw: dict[str, Any], batches: WindowBatches 
     def forward(hidden_states, cu_seqlens=None, position_embeddings=None, **_):
         return window_attention(attn, hidden_states, batches, position_embeddings)
 
-    prev = set_attr(attn, "forward", forward)
+    prev = set_attr(attn, "forward", forward, guard=False)  # for this call only
     try:
         return blk(x, **kw)
     finally:
-        restore_attr(attn, "forward", prev)
+        restore_attr(attn, "forward", prev, guard=False)
