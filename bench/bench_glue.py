@@ -8,21 +8,38 @@ Per batch size (one video per sample, 16 text tokens on each side, the shorter s
 padded): ``runs_us`` finds every video's placeholder run (``prompt.placeholder_runs``),
 ``rewrite_us`` shortens the runs and re-pads (``prompt.rewrite_placeholders``, including its own
 run search), ``plan_us`` splits the refined segments per video and computes Stage II's plan
-(``ops.segments_per_video`` + ``ops.stage2_plan``). ``perf_counter``, warm-up, median.
+(``ops.segments_per_video`` + ``ops.stage2_plan``), ``config_check_hf_us`` / ``config_check_us``
+time the check of the model config that Hugging Face's ``generate`` runs on every call without a
+``generation_config`` (transformers 5; blank on 4.x), as Hugging Face runs it and inside the
+patched ``generate`` (the LLaVA-OneVision config class; the same figure in every row).
+``perf_counter``, warm-up, median.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
+import types
 
 import torch
 
 from bench.common import op_bench_main, segments_from_lengths
 from earlytom_ext import ops
 from earlytom_ext.integration.prompt import HostPrompt, placeholder_runs, rewrite_placeholders
+from earlytom_ext.integration.wrappers import quick_config_check
+from earlytom_ext.tiny_model import tiny_config
 
-COLUMNS = ["batch", "frames", "prompt_tokens", "compressed_tokens", "runs_us", "rewrite_us", "plan_us"]
+COLUMNS = [
+    "batch",
+    "frames",
+    "prompt_tokens",
+    "compressed_tokens",
+    "runs_us",
+    "rewrite_us",
+    "plan_us",
+    "config_check_hf_us",
+    "config_check_us",
+]
 VIDEO_ID, PAD_ID, P = 301, 0, 196
 
 
@@ -55,9 +72,23 @@ def make_prompt(batch: int, frames: int, seed: int = 0) -> tuple[HostPrompt, lis
     return HostPrompt(ids, mask, None), [n_video] * batch
 
 
+def config_check_us(*, warmup: int, iters: int) -> tuple[float | None, float | None]:
+    """Median microseconds of ``generate``'s model-config check: Hugging Face's, and inside the
+    patched ``generate``; ``(None, None)`` where transformers has no such check (4.x)."""
+    model = types.SimpleNamespace(config=tiny_config())
+    check = getattr(model.config, "_get_generation_parameters", None)
+    if check is None:
+        return None, None
+    hf = host_us(check, warmup=warmup, iters=iters)
+    with quick_config_check(model):
+        ours = host_us(model.config._get_generation_parameters, warmup=warmup, iters=iters)
+    return hf, ours
+
+
 def benchmark(device: str = "cpu", quick: bool = False) -> list[dict]:
     frames = 8 if quick else 32
     warmup, iters = (2, 5) if quick else (20, 200)
+    check_hf, check_ours = config_check_us(warmup=warmup, iters=iters)
     rows = []
     for batch in (1, 4):
         prompt, before = make_prompt(batch, frames)
@@ -86,6 +117,8 @@ def benchmark(device: str = "cpu", quick: bool = False) -> list[dict]:
                 ),
                 "rewrite_us": host_us(rewrite, warmup=warmup, iters=iters),
                 "plan_us": host_us(stage2, warmup=warmup, iters=iters),
+                "config_check_hf_us": check_hf,
+                "config_check_us": check_ours,
                 "device": "host",
             }
         )

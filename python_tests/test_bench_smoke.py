@@ -533,6 +533,9 @@ def test_bench_glue_quick():
         assert r["prompt_tokens"] == 8 * 196 + 1 + 32 + r["batch"] - 1
         assert 32 < r["compressed_tokens"] < r["prompt_tokens"]
         assert r["runs_us"] > 0 and r["rewrite_us"] > 0 and r["plan_us"] > 0
+        # generate's model-config check: transformers 5 only (4.x has none).
+        checks = (r["config_check_hf_us"], r["config_check_us"])
+        assert checks == (None, None) or min(checks) > 0
 
 
 def _x(cat, name, ts, dur, **args):

@@ -239,3 +239,76 @@ def test_patched_model_refuses_copy_and_pickle_until_removed(videos):
         with earlytom_ext.apply(model, CFG), torch.no_grad():
             b = model(**inputs).logits
     assert torch.equal(a, b)
+
+
+def _transformers_major() -> int:
+    import transformers
+
+    return int(transformers.__version__.split(".")[0])
+
+
+def test_quick_config_check_answers_as_the_original(model):
+    """Within the block, the check answers {} when the config sets no generation key, and what the
+    original check says (the key and its value) when it does; afterwards nothing is left behind."""
+    from earlytom_ext.integration.wrappers import _slow_config_check, quick_config_check
+
+    if _slow_config_check() is None:
+        pytest.skip("this transformers does not rebuild a config per check")
+    config = model.config
+    with quick_config_check(model):
+        assert config.__dict__["_get_generation_parameters"] is not None
+        assert config._get_generation_parameters() == {}
+        config.max_length = 50
+        try:
+            assert config._get_generation_parameters() == {"max_length": 50}
+        finally:
+            del config.max_length
+    assert "_get_generation_parameters" not in config.__dict__
+    with pytest.raises(RuntimeError, match="inside"):
+        with quick_config_check(model):
+            raise RuntimeError("inside")
+    assert "_get_generation_parameters" not in config.__dict__
+
+
+def test_generate_builds_no_default_config_per_call(model, videos, monkeypatch):
+    """transformers 5.0-5.19 build a default config of the model's class in every generate call
+    without a generation_config (several ms); the patched generate does not, with the same tokens."""
+    from earlytom_ext.integration.wrappers import _slow_config_check
+
+    if _slow_config_check() is None:
+        pytest.skip("this transformers does not rebuild a config per check")
+    built = []
+    cls = type(model.config)
+    post_init = cls.__post_init__
+    monkeypatch.setattr(cls, "__post_init__", lambda self, *a, **k: (built.append(1), post_init(self, *a, **k))[1])
+    inputs = tm.make_inputs(videos, seed=6)
+    with earlytom_ext.apply(model, CFG) as h:
+        fast = model.generate(**inputs, max_new_tokens=3)
+        assert built == []
+        # The same call through Hugging Face's generate on the compressed inputs builds one.
+        prep = h.prepare_inputs(inputs["input_ids"], inputs["pixel_values_videos"], attention_mask=inputs["attention_mask"])
+        h.remove()
+        stock = model.generate(
+            input_ids=prep["input_ids"],
+            attention_mask=prep["attention_mask"],
+            inputs_embeds=prep["inputs_embeds"],
+            max_new_tokens=3,
+        )
+    assert built != []
+    assert torch.equal(fast[:, inputs["input_ids"].shape[1] :], stock[:, prep["input_ids"].shape[1] :])
+
+
+def test_generate_keeps_the_legacy_config_check(model, videos, monkeypatch):
+    """A generation parameter set on model.config (not on its generation_config) is refused by
+    Hugging Face's generate (transformers 5): the patched generate refuses it alike."""
+    if _transformers_major() < 5:
+        pytest.skip("transformers 4 takes generation parameters from model.config")
+    monkeypatch.setattr(model.config, "max_length", 50, raising=False)
+    inputs = tm.make_inputs(videos, seed=6)
+    with pytest.raises(ValueError, match="modified the pretrained model configuration") as stock:
+        model.generate(**{k: v for k, v in inputs.items() if k != "pixel_values_videos"}, max_new_tokens=2)
+    with earlytom_ext.apply(model, CFG):
+        with pytest.raises(ValueError, match="modified the pretrained model configuration") as ours:
+            model.generate(**inputs, max_new_tokens=2)
+    assert str(ours.value) == str(stock.value)
+    assert "_get_generation_parameters" not in model.config.__dict__

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Mutation check of the Stage I / Stage II code, the attention score, the prompt rewriting and the
-window batching: do the CPU tests catch small realistic bugs?
+"""Mutation check of the Stage I / Stage II code, the attention score, the prompt rewriting, the
+window batching and the generate wrapper: do the CPU tests catch small realistic bugs?
 
 Run it before resolving an algorithm change (it is not part of CI; it takes a while on 2 cores):
 
@@ -51,6 +51,7 @@ DEFAULT_TESTS = [
     "python_tests/test_handwritten_cases.py",
     "python_tests/test_prompt.py",
     "python_tests/test_window_attention.py",
+    "python_tests/test_integration_glue.py",
 ]
 DEFAULT_PYTEST_ARGS = ["-x", "-q", "-p", "no:cacheprovider"]
 
@@ -60,6 +61,7 @@ DEFAULT_PYTEST_ARGS = ["-x", "-q", "-p", "no:cacheprovider"]
 CPP = ("csrc/*.cpp", "csrc/*.cc", "csrc/*.h", "csrc/*.hpp", "csrc/*.cuh")
 REF = ("earlytom_ext/reference.py",)
 PROMPT = ("earlytom_ext/integration/prompt.py",)
+WRAPPERS = ("earlytom_ext/integration/wrappers.py",)
 WINDOWS = ("earlytom_ext/integration/window_attention.py",)
 
 
@@ -288,6 +290,20 @@ MUTATIONS = [
         "pos = [a + int(torch.argmax(s[a:b])) for a, b in windows]",
         "pos = [b - 1 - int(torch.argmax(s[a:b].flip(0))) for a, b in windows]",
         "reference: a window's top-1 tie goes to the highest index",
+    ),
+    Mutation(
+        "generate-config-check-empty",
+        WRAPPERS,
+        "            return original(config)",
+        "            return {}",
+        "generate: the model config's generation parameters are no longer refused",
+    ),
+    Mutation(
+        "generate-config-check-off",
+        WRAPPERS,
+        "            with quick_config_check(core.model):",
+        "            with contextlib.nullcontext():",
+        "generate: Hugging Face's per-call config rebuild comes back",
     ),
 ]
 

@@ -3,12 +3,15 @@ caller sees the original prompt (lengths, streamer, returned sequences)."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import inspect
 from typing import Any, Callable
 
 import torch
+
+from .patches import restore_attr, set_attr
 
 __all__ = ["make_forward", "make_generate"]
 
@@ -151,6 +154,52 @@ def shift_lengths(model, call: dict, prompt_len: int, compressed_len: int) -> No
             put("min_length", max(0, min_length - shift))
 
 
+@functools.lru_cache(maxsize=None)
+def _slow_config_check() -> tuple[Callable, tuple[str, ...]] | None:
+    """Hugging Face's ``PreTrainedConfig._get_generation_parameters`` and the keys it looks at, in
+    the releases where it builds a default config of the class on every call (5.0 to 5.19: several
+    ms per ``generate`` call); ``None`` elsewhere (5.20 reads the dataclass fields, 4.x has none)."""
+    try:
+        import transformers
+        from packaging.version import Version
+        from transformers import GenerationConfig
+        from transformers.configuration_utils import PreTrainedConfig
+    except ImportError:
+        return None
+    if not ((5, 0) <= Version(transformers.__version__).release[:2] < (5, 20)):
+        return None
+    check = getattr(PreTrainedConfig, "_get_generation_parameters", None)
+    defaults = getattr(GenerationConfig, "_get_default_generation_params", None)
+    if check is None or defaults is None:
+        return None
+    return check, tuple(k for k in defaults() if k != "use_cache")
+
+
+@contextlib.contextmanager
+def quick_config_check(model):
+    """Within the block, ``generate``'s check that ``model.config`` holds no generation parameters
+    (run on every call without a ``generation_config``) answers from the config's own attributes:
+    empty when none of the keys it looks at is set (its result then, by its definition), else the
+    original check. Nothing else changes; outside the block the config is as it was."""
+    spec = _slow_config_check()
+    config = getattr(model, "config", None)
+    if spec is None or config is None or getattr(type(config), "_get_generation_parameters", None) is not spec[0]:
+        yield
+        return
+    original, keys = spec
+
+    def check() -> dict:
+        if any(getattr(config, k, None) is not None for k in keys):
+            return original(config)
+        return {}
+
+    prev = set_attr(config, "_get_generation_parameters", check, guard=False)
+    try:
+        yield
+    finally:
+        restore_attr(config, "_get_generation_parameters", prev, guard=False)
+
+
 def make_forward(core, orig: Callable) -> Callable:
     """``model.forward`` that compresses the videos of a call (``core.video_arg`` given) and runs the
     model on the rewritten inputs; any other call goes through unchanged."""
@@ -204,7 +253,8 @@ def make_generate(core, orig: Callable) -> Callable:
         if call.get("streamer") is not None:
             call["streamer"] = PromptStreamer(call["streamer"], input_ids, L2)
         try:
-            out = orig(ids, **call)
+            with quick_config_check(core.model):
+                out = orig(ids, **call)
         finally:
             core.end_call()
         return restore_prompt(out, L2, input_ids)
