@@ -268,6 +268,16 @@ def test_quick_config_check_answers_as_the_original(model):
         with quick_config_check(model):
             raise RuntimeError("inside")
     assert "_get_generation_parameters" not in config.__dict__
+    # Overlapping calls (threads) ending in either order leave nothing behind.
+    for first_ends_first in (True, False):
+        a, b = quick_config_check(model), quick_config_check(model)
+        a.__enter__()
+        installed = config.__dict__["_get_generation_parameters"]
+        b.__enter__()
+        assert config.__dict__["_get_generation_parameters"] is installed
+        for block in (a, b) if first_ends_first else (b, a):
+            block.__exit__(None, None, None)
+        assert "_get_generation_parameters" not in config.__dict__
 
 
 def test_generate_builds_no_default_config_per_call(model, videos, monkeypatch):

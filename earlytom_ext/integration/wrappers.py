@@ -11,8 +11,6 @@ from typing import Any, Callable
 
 import torch
 
-from .patches import restore_attr, set_attr
-
 __all__ = ["make_forward", "make_generate"]
 
 
@@ -180,10 +178,18 @@ def quick_config_check(model):
     """Within the block, ``generate``'s check that ``model.config`` holds no generation parameters
     (run on every call without a ``generation_config``) answers from the config's own attributes:
     empty when none of the keys it looks at is set (its result then, by its definition), else the
-    original check. Nothing else changes; outside the block the config is as it was."""
+    original check. Nothing else changes; outside the block the config is as it was. Calls that
+    overlap (threads, nesting) leave the config clean whatever order they end in: only the first
+    installs the quick check, and each removes only its own."""
     spec = _slow_config_check()
     config = getattr(model, "config", None)
-    if spec is None or config is None or getattr(type(config), "_get_generation_parameters", None) is not spec[0]:
+    name = "_get_generation_parameters"
+    if (
+        spec is None
+        or config is None
+        or getattr(type(config), name, None) is not spec[0]
+        or name in config.__dict__  # another call's quick check (or the caller's own attribute)
+    ):
         yield
         return
     original, keys = spec
@@ -193,11 +199,12 @@ def quick_config_check(model):
             return original(config)
         return {}
 
-    prev = set_attr(config, "_get_generation_parameters", check, guard=False)
+    config.__dict__[name] = check
     try:
         yield
     finally:
-        restore_attr(config, "_get_generation_parameters", prev, guard=False)
+        if config.__dict__.get(name) is check:
+            del config.__dict__[name]
 
 
 def make_forward(core, orig: Callable) -> Callable:
