@@ -247,63 +247,114 @@ def _transformers_major() -> int:
     return int(transformers.__version__.split(".")[0])
 
 
-def test_quick_config_check_answers_as_the_original(model):
-    """Within the block, the check answers {} when the config sets no generation key, and what the
-    original check says (the key and its value) when it does; afterwards nothing is left behind."""
-    from earlytom_ext.integration.wrappers import _slow_config_check, quick_config_check
-
-    if _slow_config_check() is None:
-        pytest.skip("this transformers does not rebuild a config per check")
-    config = model.config
-    with quick_config_check(model):
-        assert config.__dict__["_get_generation_parameters"] is not None
-        assert config._get_generation_parameters() == {}
-        config.max_length = 50
-        try:
-            assert config._get_generation_parameters() == {"max_length": 50}
-        finally:
-            del config.max_length
-    assert "_get_generation_parameters" not in config.__dict__
-    with pytest.raises(RuntimeError, match="inside"):
-        with quick_config_check(model):
-            raise RuntimeError("inside")
-    assert "_get_generation_parameters" not in config.__dict__
-    # Overlapping calls (threads) ending in either order leave nothing behind.
-    for first_ends_first in (True, False):
-        a, b = quick_config_check(model), quick_config_check(model)
-        a.__enter__()
-        installed = config.__dict__["_get_generation_parameters"]
-        b.__enter__()
-        assert config.__dict__["_get_generation_parameters"] is installed
-        for block in (a, b) if first_ends_first else (b, a):
-            block.__exit__(None, None, None)
-        assert "_get_generation_parameters" not in config.__dict__
-
-
-def test_generate_builds_no_default_config_per_call(model, videos, monkeypatch):
-    """transformers 5.0-5.19 build a default config of the model's class in every generate call
-    without a generation_config (several ms); the patched generate does not, with the same tokens."""
+def _needs_slow_check():
     from earlytom_ext.integration.wrappers import _slow_config_check
 
     if _slow_config_check() is None:
         pytest.skip("this transformers does not rebuild a config per check")
+
+
+def _count_default_builds(monkeypatch, cls) -> list:
     built = []
-    cls = type(model.config)
     post_init = cls.__post_init__
     monkeypatch.setattr(cls, "__post_init__", lambda self, *a, **k: (built.append(1), post_init(self, *a, **k))[1])
+    return built
+
+
+def test_quick_check_answers_as_the_original(model, monkeypatch):
+    """{} when the config sets no generation key, the key and its value when it sets one, and the
+    original's error where the class's default config cannot be built; one default build per class."""
+    from earlytom_ext.integration.wrappers import _quick_generation_parameters
+
+    _needs_slow_check()
+    config = model.config
+    _quick_generation_parameters(config)  # the class's first check may build its default config
+    built = _count_default_builds(monkeypatch, type(config))
+    assert _quick_generation_parameters(config) == {}
+    assert built == []
+    monkeypatch.setattr(config, "max_length", 50, raising=False)
+    assert _quick_generation_parameters(config) == {"max_length": 50}
+
+    class NoDefault(type(config)):  # a required field: the class cannot be built without arguments
+        extra: int
+
+    odd = NoDefault(extra=1)
+    with pytest.raises(TypeError) as stock:
+        odd._get_generation_parameters()
+    for _ in range(2):
+        with pytest.raises(TypeError) as quick:
+            _quick_generation_parameters(odd)
+        assert str(quick.value) == str(stock.value)
+
+
+def test_quick_check_only_inside_prepare_generation_config(model, monkeypatch):
+    """The config carries the quick check only while generate prepares its generation config;
+    overlapping calls ending in either order, and errors, leave model and config clean."""
+    from earlytom_ext.integration.wrappers import quick_config_check
+
+    _needs_slow_check()
+    config, seen = model.config, []
+    prepare = type(model)._prepare_generation_config
+
+    def spy(self, *args, **kwargs):
+        seen.append("_get_generation_parameters" in self.config.__dict__)
+        if kwargs.pop("fail", False):
+            raise RuntimeError("inside")
+        return prepare(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "_prepare_generation_config", spy)
+
+    def clean():
+        return "_get_generation_parameters" not in config.__dict__ and "_prepare_generation_config" not in vars(model)
+
+    with quick_config_check(model):
+        assert "_get_generation_parameters" not in config.__dict__
+        model._prepare_generation_config(None)
+        with pytest.raises(RuntimeError, match="inside"):
+            model._prepare_generation_config(None, fail=True)
+        assert "_get_generation_parameters" not in config.__dict__
+    assert seen == [True, True] and clean()
+    for first_ends_first in (True, False):
+        a, b = quick_config_check(model), quick_config_check(model)
+        a.__enter__()
+        b.__enter__()
+        model._prepare_generation_config(None)
+        for block in (a, b) if first_ends_first else (b, a):
+            block.__exit__(None, None, None)
+        assert clean()
+
+
+def test_generate_builds_no_default_config_per_call(model, videos, monkeypatch):
+    """transformers 5.0-5.19 build a default config of the model's class in every generate call
+    without a generation_config (several ms); the patched generate does not (after the class's
+    first check), gives the same tokens, and its logits processors see a clean config."""
+    import json
+
+    from transformers import LogitsProcessorList
+
+    _needs_slow_check()
     inputs = tm.make_inputs(videos, seed=6)
+    seen = []
+
+    def probe(input_ids, scores):
+        seen.append("_get_generation_parameters" in model.config.__dict__)
+        json.dumps(model.config.to_dict())  # serialisable while generate runs
+        return scores
+
     with earlytom_ext.apply(model, CFG) as h:
-        fast = model.generate(**inputs, max_new_tokens=3)
-        assert built == []
-        # The same call through Hugging Face's generate on the compressed inputs builds one.
-        prep = h.prepare_inputs(inputs["input_ids"], inputs["pixel_values_videos"], attention_mask=inputs["attention_mask"])
-        h.remove()
-        stock = model.generate(
-            input_ids=prep["input_ids"],
-            attention_mask=prep["attention_mask"],
-            inputs_embeds=prep["inputs_embeds"],
-            max_new_tokens=3,
-        )
+        model.generate(**inputs, max_new_tokens=1)
+        built = _count_default_builds(monkeypatch, type(model.config))
+        fast = model.generate(**inputs, max_new_tokens=3, logits_processor=LogitsProcessorList([probe]))
+        assert built == [] and seen == [False] * 3
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        prep = h.prepare_inputs(ids, inputs["pixel_values_videos"], attention_mask=mask)
+    # Hugging Face's generate on the compressed inputs builds one, and gives the same tokens.
+    stock = model.generate(
+        input_ids=prep["input_ids"],
+        attention_mask=prep["attention_mask"],
+        inputs_embeds=prep["inputs_embeds"],
+        max_new_tokens=3,
+    )
     assert built != []
     assert torch.equal(fast[:, inputs["input_ids"].shape[1] :], stock[:, prep["input_ids"].shape[1] :])
 

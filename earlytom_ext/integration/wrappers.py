@@ -7,6 +7,8 @@ import contextlib
 import copy
 import functools
 import inspect
+import types
+import weakref
 from typing import Any, Callable
 
 import torch
@@ -152,7 +154,7 @@ def shift_lengths(model, call: dict, prompt_len: int, compressed_len: int) -> No
             put("min_length", max(0, min_length - shift))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _slow_config_check() -> tuple[Callable, tuple[str, ...]] | None:
     """Hugging Face's ``PreTrainedConfig._get_generation_parameters`` and the keys it looks at, in
     the releases where it builds a default config of the class on every call (5.0 to 5.19: several
@@ -173,38 +175,63 @@ def _slow_config_check() -> tuple[Callable, tuple[str, ...]] | None:
     return check, tuple(k for k in defaults() if k != "use_cache")
 
 
+# Config classes whose default config was built once by the original check (so it can be built).
+_BUILDS: weakref.WeakSet = weakref.WeakSet()
+
+
+def _quick_generation_parameters(config) -> dict:
+    """The original check's result without building a default config: empty when none of its keys
+    is set on ``config`` (by its definition), once the class's default config is known to build
+    (the first check of a class runs the original, which raises where stock would)."""
+    original, keys = _slow_config_check()
+    if type(config) in _BUILDS and not any(getattr(config, k, None) is not None for k in keys):
+        return {}
+    result = original(config)
+    _BUILDS.add(type(config))
+    return result
+
+
 @contextlib.contextmanager
-def quick_config_check(model):
-    """Within the block, ``generate``'s check that ``model.config`` holds no generation parameters
-    (run on every call without a ``generation_config``) answers from the config's own attributes:
-    empty when none of the keys it looks at is set (its result then, by its definition), else the
-    original check. Nothing else changes; outside the block the config is as it was. Calls that
-    overlap (threads, nesting) leave the config clean whatever order they end in: only the first
-    installs the quick check, and each removes only its own."""
-    spec = _slow_config_check()
-    config = getattr(model, "config", None)
-    name = "_get_generation_parameters"
-    if (
-        spec is None
-        or config is None
-        or getattr(type(config), name, None) is not spec[0]
-        or name in config.__dict__  # another call's quick check (or the caller's own attribute)
-    ):
+def _swap(obj, name: str, value):
+    """``obj.<name> = value`` in the instance ``__dict__`` within the block, unless something is
+    there already (an overlapping call's swap, or the caller's own attribute: then nothing is done);
+    afterwards only this swap is removed, so overlapping calls end clean in any order."""
+    if name in obj.__dict__:
         yield
         return
-    original, keys = spec
-
-    def check() -> dict:
-        if any(getattr(config, k, None) is not None for k in keys):
-            return original(config)
-        return {}
-
-    config.__dict__[name] = check
+    obj.__dict__[name] = value
     try:
         yield
     finally:
-        if config.__dict__.get(name) is check:
-            del config.__dict__[name]
+        if obj.__dict__.get(name) is value:
+            del obj.__dict__[name]
+
+
+@contextlib.contextmanager
+def quick_config_check(model):
+    """Within the block, ``generate``'s check that ``model.config`` holds no generation parameters
+    (run in ``_prepare_generation_config`` on every call without a ``generation_config``) gives
+    the original's result without building a default config of the class. The config carries the
+    quick check only while ``_prepare_generation_config`` runs (no caller code runs then): logits
+    processors, streamers and stopping criteria see the config as it is."""
+    spec = _slow_config_check()
+    config = getattr(model, "config", None)
+    prepare = getattr(model, "_prepare_generation_config", None)
+    if (
+        spec is None
+        or config is None
+        or prepare is None
+        or getattr(type(config), "_get_generation_parameters", None) is not spec[0]
+    ):
+        yield
+        return
+
+    def quick_prepare(*args, **kwargs):
+        with _swap(config, "_get_generation_parameters", types.MethodType(_quick_generation_parameters, config)):
+            return prepare(*args, **kwargs)
+
+    with _swap(model, "_prepare_generation_config", quick_prepare):
+        yield
 
 
 def make_forward(core, orig: Callable) -> Callable:
