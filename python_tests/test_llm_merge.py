@@ -590,6 +590,46 @@ def test_generate_left_padded_batch_matches_recomputation(kind):
     _check_generate(m, emb, mask, [(2, 30), (9, 18), None], k, 0.6)
 
 
+def check_generate_on(device: str, kind: str) -> None:
+    """The merged prefill and its decoding run on ``device`` (fp32, a copy of a CPU model): the
+    kept positions and the logits of every step against the CPU layer-by-layer re-computation."""
+    cpu = qwen2_lm() if kind == "qwen2" else llava_lm()
+    k, ratio, new = (2 if kind == "qwen2" else 1), 0.6, 6
+    lead, spans = [0, 6, 3], [(2, 30), (9, 18), None]
+    emb, mask = batch_inputs(3, 36, language_model(cpu).config.hidden_size, lead, seed=5)
+    oracle = Oracle(cpu, k, ratio)
+    model = copy.deepcopy(cpu).to(device)
+    merge = LLMMerge(language_model(model), k, ratio)
+    merge.install()
+    merge.arm(spans)
+    with torch.no_grad():
+        g = model.generate(
+            inputs_embeds=emb.to(device),
+            attention_mask=mask.to(device),
+            max_new_tokens=new,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+    stats = merge.last_stats
+    merge.remove()
+    tokens = g.sequences[:, -new:].cpu()
+    for b, span in enumerate(spans):
+        e, sp = unpad(emb, mask, b, span)
+        _, kept = oracle.hidden(e, sp)
+        assert stats[b]["kept"] == ([] if kept is None else (kept + lead[b]).tolist())
+        want = oracle.logits(e, sp, tokens[b])
+        got = torch.stack([step[b] for step in g.logits]).cpu()
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        assert torch.equal(want.argmax(-1), tokens[b])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("kind", ["qwen2", "llava"])
+def test_cuda_generate_matches_cpu_recomputation(kind):
+    check_generate_on("cuda", kind)
+
+
 def test_merged_logits_differ_from_unmerged():
     # Guards the oracle comparison against a merge that silently does nothing.
     m = qwen2_lm()
