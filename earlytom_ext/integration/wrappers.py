@@ -1,5 +1,6 @@
 """The instance-level ``forward`` / ``generate`` wrappers and what ``generate`` needs so that the
-caller sees the original prompt (lengths, streamer, returned sequences)."""
+caller sees the original prompt (lengths, streamer, returned sequences), and the quick form of
+Hugging Face's per-call model-config check that the ``generate`` wrapper uses."""
 
 from __future__ import annotations
 
