@@ -544,31 +544,36 @@ def test_one_span_for_an_expanded_batch():
         torch.testing.assert_close(out[b], want, rtol=1e-5, atol=1e-5)
 
 
-def _check_generate(m, emb, mask, spans, k, ratio, new=8):
-    lm = language_model(m)
+def _check_generate(m, emb, mask, spans, k, ratio, new=8, device="cpu"):
+    """Merged generate (on a copy of ``m`` moved to ``device``) against the CPU re-computation:
+    the kept positions and every step's logits."""
     oracle = Oracle(m, k, ratio)
-    merge = LLMMerge(lm, k, ratio)
+    run = m if device == "cpu" else copy.deepcopy(m).to(device)
+    merge = LLMMerge(language_model(run), k, ratio)
     merge.install()
     merge.arm(spans)
-    kw = {} if mask is None else {"attention_mask": mask}
+    kw = {} if mask is None else {"attention_mask": mask.to(device)}
     with torch.no_grad():
-        g = m.generate(
-            inputs_embeds=emb,
+        g = run.generate(
+            inputs_embeds=emb.to(device),
             max_new_tokens=new,
             do_sample=False,
             output_logits=True,
             return_dict_in_generate=True,
             **kw,
         )
+    stats = merge.last_stats
     merge.remove()
-    tokens = g.sequences[:, -new:]
+    tokens = g.sequences[:, -new:].cpu()
     for b, span in enumerate(spans):
         if mask is None:
-            e, sp = emb[b], span
+            (e, sp), lead = (emb[b], span), 0
         else:
-            e, sp = unpad(emb, mask, b, span)
+            (e, sp), lead = unpad(emb, mask, b, span), int((mask[b] == 0).sum())
+        _, kept = oracle.hidden(e, sp)
+        assert stats[b]["kept"] == ([] if kept is None else (kept + lead).tolist())
         want = oracle.logits(e, sp, tokens[b])
-        got = torch.stack([step[b] for step in g.logits])
+        got = torch.stack([step[b] for step in g.logits]).cpu()
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
         assert torch.equal(want.argmax(-1), tokens[b])
     return tokens
@@ -590,44 +595,13 @@ def test_generate_left_padded_batch_matches_recomputation(kind):
     _check_generate(m, emb, mask, [(2, 30), (9, 18), None], k, 0.6)
 
 
-def check_generate_on(device: str, kind: str) -> None:
-    """The merged prefill and its decoding run on ``device`` (fp32, a copy of a CPU model): the
-    kept positions and the logits of every step against the CPU layer-by-layer re-computation."""
-    cpu = qwen2_lm() if kind == "qwen2" else llava_lm()
-    k, ratio, new = (2 if kind == "qwen2" else 1), 0.6, 6
-    lead, spans = [0, 6, 3], [(2, 30), (9, 18), None]
-    emb, mask = batch_inputs(3, 36, language_model(cpu).config.hidden_size, lead, seed=5)
-    oracle = Oracle(cpu, k, ratio)
-    model = copy.deepcopy(cpu).to(device)
-    merge = LLMMerge(language_model(model), k, ratio)
-    merge.install()
-    merge.arm(spans)
-    with torch.no_grad():
-        g = model.generate(
-            inputs_embeds=emb.to(device),
-            attention_mask=mask.to(device),
-            max_new_tokens=new,
-            do_sample=False,
-            output_logits=True,
-            return_dict_in_generate=True,
-        )
-    stats = merge.last_stats
-    merge.remove()
-    tokens = g.sequences[:, -new:].cpu()
-    for b, span in enumerate(spans):
-        e, sp = unpad(emb, mask, b, span)
-        _, kept = oracle.hidden(e, sp)
-        assert stats[b]["kept"] == ([] if kept is None else (kept + lead[b]).tolist())
-        want = oracle.logits(e, sp, tokens[b])
-        got = torch.stack([step[b] for step in g.logits]).cpu()
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-        assert torch.equal(want.argmax(-1), tokens[b])
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 @pytest.mark.parametrize("kind", ["qwen2", "llava"])
 def test_cuda_generate_matches_cpu_recomputation(kind):
-    check_generate_on("cuda", kind)
+    m = qwen2_lm() if kind == "qwen2" else llava_lm()
+    k = 2 if kind == "qwen2" else 1
+    emb, mask = batch_inputs(3, 36, language_model(m).config.hidden_size, [0, 6, 3], seed=5)
+    _check_generate(m, emb, mask, [(2, 30), (9, 18), None], k, 0.6, new=6, device="cuda")
 
 
 def test_merged_logits_differ_from_unmerged():
