@@ -345,6 +345,9 @@ def test_generate_builds_no_default_config_per_call(model, videos, monkeypatch):
         model.generate(**inputs, max_new_tokens=1)
         built = _count_default_builds(monkeypatch, type(model.config))
         fast = model.generate(**inputs, max_new_tokens=3, logits_processor=LogitsProcessorList([probe]))
+        text = {k: v for k, v in inputs.items() if k != "pixel_values_videos"}
+        text["input_ids"] = text["input_ids"].masked_fill(text["input_ids"] == tm.VIDEO_TOKEN_ID, 5)
+        model.generate(**text, max_new_tokens=1)  # a call without video goes through the same check
         assert built == [] and seen == [False] * 3
         ids, mask = inputs["input_ids"], inputs["attention_mask"]
         prep = h.prepare_inputs(ids, inputs["pixel_values_videos"], attention_mask=mask)

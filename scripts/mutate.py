@@ -306,6 +306,13 @@ MUTATIONS = [
         "generate: a config class whose default config cannot be built passes the check",
     ),
     Mutation(
+        "generate-config-check-text-off",
+        WRAPPERS,
+        "            with quick_config_check(core.model):\n                return orig(*args, **kwargs)",
+        "            return orig(*args, **kwargs)",
+        "generate: a call without video pays Hugging Face's per-call config rebuild again",
+    ),
+    Mutation(
         "generate-config-check-off",
         WRAPPERS,
         'with _swap(model, "_prepare_generation_config", quick_prepare):',

@@ -268,7 +268,8 @@ def make_generate(core, orig: Callable) -> Callable:
     @functools.wraps(orig)
     def generate(*args, **kwargs):
         if kwargs.get(video_arg) is None:
-            return orig(*args, **kwargs)
+            with quick_config_check(core.model):
+                return orig(*args, **kwargs)
         call = bind(args, kwargs)
         inputs, input_ids = call.pop(first, None), call.pop("input_ids", None)
         if inputs is not None and input_ids is not None:
