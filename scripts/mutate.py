@@ -315,7 +315,7 @@ MUTATIONS = [
     Mutation(
         "generate-config-check-off",
         WRAPPERS,
-        'with _swap(model, "_prepare_generation_config", quick_prepare):',
+        'with swap_attr(model, "_prepare_generation_config", quick_prepare):',
         "with contextlib.nullcontext():",
         "generate: Hugging Face's per-call config rebuild comes back",
     ),

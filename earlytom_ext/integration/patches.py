@@ -8,10 +8,11 @@ reference) and could never be restored."""
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from typing import Any
 
-__all__ = ["MISSING", "InstancePatches", "restore_attr", "set_attr"]
+__all__ = ["MISSING", "InstancePatches", "restore_attr", "set_attr", "swap_attr"]
 
 #: marks "the instance had no attribute of that name" (the class's one was used).
 MISSING: Any = object()
@@ -61,6 +62,23 @@ def restore_attr(obj: object, name: str, prev: Any, guard: bool = True) -> None:
     for hook in _COPY_HOOKS:
         if obj.__dict__.get(hook) is _refuse_copy:
             del obj.__dict__[hook]
+
+
+@contextlib.contextmanager
+def swap_attr(obj: object, name: str, value: Any):
+    """``obj.<name> = value`` in the instance ``__dict__`` within the block, for calls that may
+    overlap (threads): nothing is done when something is there already (an overlapping call's swap,
+    or the caller's own attribute), and afterwards only this swap is removed, so overlapping calls
+    end clean in any order. No copy guard (nothing outlives the block)."""
+    if name in obj.__dict__:
+        yield
+        return
+    obj.__dict__[name] = value
+    try:
+        yield
+    finally:
+        if obj.__dict__.get(name) is value:
+            del obj.__dict__[name]
 
 
 class InstancePatches:

@@ -14,6 +14,8 @@ from typing import Any, Callable
 
 import torch
 
+from .patches import swap_attr
+
 __all__ = ["make_forward", "make_generate"]
 
 
@@ -193,22 +195,6 @@ def _quick_generation_parameters(config) -> dict:
 
 
 @contextlib.contextmanager
-def _swap(obj, name: str, value):
-    """``obj.<name> = value`` in the instance ``__dict__`` within the block, unless something is
-    there already (an overlapping call's swap, or the caller's own attribute: then nothing is done);
-    afterwards only this swap is removed, so overlapping calls end clean in any order."""
-    if name in obj.__dict__:
-        yield
-        return
-    obj.__dict__[name] = value
-    try:
-        yield
-    finally:
-        if obj.__dict__.get(name) is value:
-            del obj.__dict__[name]
-
-
-@contextlib.contextmanager
 def quick_config_check(model):
     """Within the block, ``generate``'s check that ``model.config`` holds no generation parameters
     (run in ``_prepare_generation_config`` on every call without a ``generation_config``) gives
@@ -228,10 +214,10 @@ def quick_config_check(model):
         return
 
     def quick_prepare(*args, **kwargs):
-        with _swap(config, "_get_generation_parameters", types.MethodType(_quick_generation_parameters, config)):
+        with swap_attr(config, "_get_generation_parameters", types.MethodType(_quick_generation_parameters, config)):
             return prepare(*args, **kwargs)
 
-    with _swap(model, "_prepare_generation_config", quick_prepare):
+    with swap_attr(model, "_prepare_generation_config", quick_prepare):
         yield
 
 
