@@ -1,5 +1,6 @@
 """The glue around the ops: pooling (bit-identical to the model's), ``fast_pooling``, host reads of
-device values in the video path, ``summary()``."""
+device values in the video path, ``summary()``, the generate wrapper's refusals and its quick
+config check."""
 
 import os
 import sys
@@ -165,6 +166,44 @@ def test_unknown_or_repeated_video_arguments_raise(model, videos):
         inputs = tm.make_inputs(videos, seed=6)
         with pytest.raises(TypeError, match="padding_sid"):
             h.prepare_inputs(inputs["input_ids"], pv, padding_sid="right")
+
+
+def test_generate_refuses_assisted_decoding_on_videos(model, videos, monkeypatch):
+    """Assisted decoding runs the model on the prompt plus candidate tokens; with the prompt handed
+    over as inputs_embeds the candidates would be dropped (wrong tokens, or a failure in 4.57), so
+    a call with videos refuses it, whichever way it is asked for, before the vision tower runs."""
+    from transformers import GenerationConfig
+
+    one = tm.make_inputs([videos[0][:3]], seed=16)
+    L = one["input_ids"].shape[1]
+    assistant = tm.build_model(seed=1)
+    asks = [
+        ("assistant_model", dict(assistant_model=assistant)),
+        ("prompt_lookup_num_tokens", dict(prompt_lookup_num_tokens=2)),
+        ("assistant_early_exit", dict(assistant_early_exit=1)),
+        (
+            "prompt_lookup_num_tokens",
+            dict(generation_config=GenerationConfig(prompt_lookup_num_tokens=2, max_new_tokens=2, pad_token_id=0)),
+        ),
+    ]
+    with earlytom_ext.apply(model, CFG) as h:
+        stage1_calls = []
+        h.force_decisions(stage1=lambda *args, **kwargs: stage1_calls.append(args))
+        for name, kw in asks:
+            with pytest.raises(ValueError, match=rf"assisted decoding \({name}\)"):
+                model.generate(**one, max_new_tokens=2, do_sample=False, **kw)
+        with monkeypatch.context() as mp:  # set in the model's own generation_config
+            mp.setattr(model.generation_config, "prompt_lookup_num_tokens", 2)
+            with pytest.raises(ValueError, match="prompt_lookup_num_tokens"):
+                model.generate(**one, max_new_tokens=2, do_sample=False)
+        assert stage1_calls == [] and h.last_stats is None
+        h.force_decisions()
+        # Calls without videos pass through: assisted decoding works there as in stock.
+        text = {"input_ids": one["input_ids"][:, -6:], "attention_mask": one["attention_mask"][:, -6:]}
+        plain = model.generate(**text, max_new_tokens=3, do_sample=False)
+        assisted = model.generate(**text, max_new_tokens=3, do_sample=False, assistant_model=assistant)
+        assert torch.equal(assisted, plain)
+        assert model.generate(**one, max_new_tokens=2, do_sample=False).shape == (1, L + 2)
 
 
 def test_failed_remove_changes_nothing(model, videos):

@@ -574,6 +574,8 @@ def test_errors(model, videos):
         bad.pop("video_grid_thw")
         with pytest.raises(ValueError, match="video_grid_thw is required"):
             model(**bad)
+        with pytest.raises(ValueError, match=r"assisted decoding \(prompt_lookup_num_tokens\)"):
+            model.generate(**inputs, max_new_tokens=2, prompt_lookup_num_tokens=2)
         with pytest.raises(ValueError, match=r"pixel_values_videos must have shape \[patches, 24\]"):
             h.encode_videos(inputs["pixel_values_videos"][:, :10], video_grid_thw=inputs["video_grid_thw"])
         with pytest.raises(ValueError, match="pixel_values_videos has"):

@@ -319,6 +319,13 @@ MUTATIONS = [
         "with contextlib.nullcontext():",
         "generate: Hugging Face's per-call config rebuild comes back",
     ),
+    Mutation(
+        "generate-assisted-settings",
+        WRAPPERS,
+        'value = call.get(name) if name == "assistant_model" else generation_setting(model, call, name)',
+        "value = call.get(name)",
+        "generate: assisted decoding asked for in a generation_config is no longer refused",
+    ),
 ]
 
 

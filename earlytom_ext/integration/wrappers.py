@@ -115,6 +115,25 @@ def padding_mask(model, call: dict, input_ids: torch.Tensor) -> torch.Tensor | N
     return input_ids.ne(int(pad)).long()  # all ones when the pad token is absent (no host read)
 
 
+#: generate settings that select Hugging Face's assisted decoding (a candidate generator).
+ASSISTED_SETTINGS = ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit")
+
+
+def refuse_assisted_decoding(model, call: dict) -> None:
+    """Assisted decoding is refused on a call with videos: its first verification step runs the
+    model on the prompt plus the candidate tokens, but a compressed call hands the prompt over as
+    ``inputs_embeds``, which Hugging Face uses as they are (the candidates are dropped and the
+    output is wrong, or 4.57 fails inside)."""
+    for name in ASSISTED_SETTINGS:
+        value = call.get(name) if name == "assistant_model" else generation_setting(model, call, name)
+        if value is not None:
+            raise ValueError(
+                f"EarlyTom: assisted decoding ({name}) is not supported on a generate call with videos: the "
+                "compressed prompt reaches the model as inputs_embeds, which assisted decoding does not "
+                f"extend with its candidate tokens. Leave {name} unset, or call handle.remove() first."
+            )
+
+
 def shift_lengths(model, call: dict, prompt_len: int, compressed_len: int) -> None:
     """Keep ``max_length`` / ``min_length`` counting the caller's prompt: an explicit value (in the
     call, its ``generation_config`` or the model's) that is not overridden by ``max_new_tokens`` /
@@ -262,6 +281,7 @@ def make_generate(core, orig: Callable) -> Callable:
             raise ValueError(f"give the prompt once: as input_ids or as {first} (positionally), not both")
         if input_ids is None:
             input_ids = inputs
+        refuse_assisted_decoding(core.model, call)
         if call.get("attention_mask") is None and isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2:
             call["attention_mask"] = padding_mask(core.model, call, input_ids)
         with torch.no_grad():  # generate is inference only
