@@ -1,6 +1,7 @@
 """The instance-level ``forward`` / ``generate`` wrappers and what ``generate`` needs so that the
-caller sees the original prompt (lengths, streamer, returned sequences), and the quick form of
-Hugging Face's per-call model-config check that the ``generate`` wrapper uses."""
+caller sees the original prompt (lengths, streamer, returned sequences), the settings it refuses
+on a call with videos (assisted decoding), and the quick form of Hugging Face's per-call
+model-config check that the ``generate`` wrapper uses."""
 
 from __future__ import annotations
 
