@@ -168,29 +168,34 @@ def test_unknown_or_repeated_video_arguments_raise(model, videos):
             h.prepare_inputs(inputs["input_ids"], pv, padding_sid="right")
 
 
-def test_generate_refuses_assisted_decoding_on_videos(model, videos, monkeypatch):
-    """Assisted decoding runs the model on the prompt plus candidate tokens; with the prompt handed
-    over as inputs_embeds the candidates would be dropped (wrong tokens, or a failure in 4.57), so
-    a call with videos refuses it, whichever way it is asked for, before the vision tower runs."""
+def test_generate_refuses_settings_the_compressed_prompt_cannot_serve(model, videos, monkeypatch):
+    """The compressed prompt reaches Hugging Face's generate as inputs_embeds: assisted decoding
+    would drop its candidates (wrong tokens, or a failure in 4.57), chunked prefill does not split
+    it, the prompt penalties would be dropped with a warning. A call with videos refuses them,
+    whichever way they are asked for, before the vision tower runs; their off values pass."""
     from transformers import GenerationConfig
 
     one = tm.make_inputs([videos[0][:3]], seed=16)
     L = one["input_ids"].shape[1]
     assistant = tm.build_model(seed=1)
     asks = [
-        ("assistant_model", dict(assistant_model=assistant)),
-        ("prompt_lookup_num_tokens", dict(prompt_lookup_num_tokens=2)),
-        ("assistant_early_exit", dict(assistant_early_exit=1)),
+        ("assisted decoding", "assistant_model", dict(assistant_model=assistant)),
+        ("assisted decoding", "prompt_lookup_num_tokens", dict(prompt_lookup_num_tokens=2)),
+        ("assisted decoding", "assistant_early_exit", dict(assistant_early_exit=1)),
         (
+            "assisted decoding",
             "prompt_lookup_num_tokens",
             dict(generation_config=GenerationConfig(prompt_lookup_num_tokens=2, max_new_tokens=2, pad_token_id=0)),
         ),
+        ("chunked prefill", "prefill_chunk_size", dict(prefill_chunk_size=16)),
+        ("a prompt penalty", "encoder_repetition_penalty", dict(encoder_repetition_penalty=1.3)),
+        ("a prompt n-gram ban", "encoder_no_repeat_ngram_size", dict(encoder_no_repeat_ngram_size=2)),
     ]
     with earlytom_ext.apply(model, CFG) as h:
         stage1_calls = []
         h.force_decisions(stage1=lambda *args, **kwargs: stage1_calls.append(args))
-        for name, kw in asks:
-            with pytest.raises(ValueError, match=rf"assisted decoding \({name}\)"):
+        for what, name, kw in asks:
+            with pytest.raises(ValueError, match=rf"{what} \({name}\)"):
                 model.generate(**one, max_new_tokens=2, do_sample=False, **kw)
         with monkeypatch.context() as mp:  # set in the model's own generation_config
             mp.setattr(model.generation_config, "prompt_lookup_num_tokens", 2)
@@ -198,12 +203,70 @@ def test_generate_refuses_assisted_decoding_on_videos(model, videos, monkeypatch
                 model.generate(**one, max_new_tokens=2, do_sample=False)
         assert stage1_calls == [] and h.last_stats is None
         h.force_decisions()
+        ref = model.generate(**one, max_new_tokens=2, do_sample=False)
+        off = model.generate(
+            **one, max_new_tokens=2, do_sample=False, encoder_repetition_penalty=1.0, encoder_no_repeat_ngram_size=0
+        )
+        assert ref.shape == (1, L + 2) and torch.equal(off, ref)
         # Calls without videos pass through: assisted decoding works there as in stock.
         text = {"input_ids": one["input_ids"][:, -6:], "attention_mask": one["attention_mask"][:, -6:]}
         plain = model.generate(**text, max_new_tokens=3, do_sample=False)
         assisted = model.generate(**text, max_new_tokens=3, do_sample=False, assistant_model=assistant)
         assert torch.equal(assisted, plain)
-        assert model.generate(**one, max_new_tokens=2, do_sample=False).shape == (1, L + 2)
+
+
+def test_inner_llm_merge_refuses_a_cache_it_cannot_shorten(model, videos):
+    from transformers import DynamicCache
+
+    one = tm.make_inputs([videos[0][:3]], seed=16)
+    cfg = CFG.replace(llm_merge_layer=1, llm_merge_ratio=0.5)
+    with earlytom_ext.apply(model, cfg) as h:
+        stage1_calls = []
+        h.force_decisions(stage1=lambda *args, **kwargs: stage1_calls.append(args))
+        with pytest.raises(ValueError, match="cache_implementation='static'"):
+            model.generate(**one, max_new_tokens=2, do_sample=False, cache_implementation="static")
+        with pytest.raises(ValueError, match="DynamicCache .or none. as past_key_values, got list"):
+            model(**one, past_key_values=[])
+        assert stage1_calls == []
+        h.force_decisions()
+        out = model.generate(**one, max_new_tokens=2, do_sample=False, cache_implementation="dynamic")
+        assert out.shape[1] == one["input_ids"].shape[1] + 2
+        with torch.no_grad():
+            model(**one, past_key_values=DynamicCache())
+
+
+def test_caller_position_ids_with_videos(model, videos):
+    """Counting-up positions (arange, or the mask's cumulative sum: equal up to a shift per sample,
+    which rotary ignores up to rounding) give the logits of no position_ids; packed (restarting)
+    or scaled positions raise, before the encoder runs."""
+    inputs = tm.make_inputs([v[:3] for v in videos], seed=16)  # left-padded batch of 2
+    mask = inputs["attention_mask"]
+    B, L = mask.shape
+    arange = torch.arange(L).expand(B, L)
+    cumsum = (mask.cumsum(-1) - 1).clamp(min=0)
+    restart = arange.clone()
+    restart[:, L // 2 :] -= L // 2  # a second packed sequence in every row
+    with earlytom_ext.apply(model, CFG) as h:
+        with torch.no_grad():
+            base = model(**inputs).logits
+            for pos in (arange, cumsum, arange[:1] + 7):
+                torch.testing.assert_close(model(**inputs, position_ids=pos).logits, base, atol=2e-5, rtol=1e-4)
+            stage1_calls = []
+            h.force_decisions(stage1=lambda *args, **kwargs: stage1_calls.append(args))
+            for pos in (restart, arange * 2):
+                with pytest.raises(ValueError, match="count up by one"):
+                    model(**inputs, position_ids=pos)
+            with pytest.raises(ValueError, match="2-D tensor"):
+                model(**inputs, position_ids=arange[0])
+            with pytest.raises(ValueError, match="shape of attention_mask"):
+                model(**inputs, position_ids=arange[:, :-1])
+            assert stage1_calls == []
+    # Only the attended tokens count: a pad column may hold anything.
+    odd = cumsum.clone()
+    odd[mask == 0] = 99
+    assert (mask == 0).any()
+    with earlytom_ext.apply(model, CFG), torch.no_grad():
+        torch.testing.assert_close(model(**inputs, position_ids=odd).logits, base, atol=2e-5, rtol=1e-4)
 
 
 def test_failed_remove_changes_nothing(model, videos):

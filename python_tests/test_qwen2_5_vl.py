@@ -574,6 +574,9 @@ def test_errors(model, videos):
         bad.pop("video_grid_thw")
         with pytest.raises(ValueError, match="video_grid_thw is required"):
             model(**bad)
+        L = inputs["input_ids"].shape[1]
+        with pytest.raises(ValueError, match="position_ids cannot be given with videos"):
+            model(**inputs, position_ids=torch.arange(L).expand(3, *inputs["input_ids"].shape))
         with pytest.raises(ValueError, match=r"assisted decoding \(prompt_lookup_num_tokens\)"):
             model.generate(**inputs, max_new_tokens=2, prompt_lookup_num_tokens=2)
         with pytest.raises(ValueError, match=r"pixel_values_videos must have shape \[patches, 24\]"):

@@ -326,6 +326,27 @@ MUTATIONS = [
         "value = call.get(name)",
         "generate: assisted decoding asked for in a generation_config is no longer refused",
     ),
+    Mutation(
+        "generate-refused-off-values",
+        WRAPPERS,
+        "if value is not None and value not in off:",
+        "if value is not None:",
+        "generate: a prompt penalty at its off value (1.0, 0) is refused",
+    ),
+    Mutation(
+        "generate-merge-cache-implementation",
+        WRAPPERS,
+        "if impl not in MERGE_CACHES:",
+        "if impl not in MERGE_CACHES + (impl,):",
+        "generate: the inner-LLM merge with a static cache fails inside instead of up front",
+    ),
+    Mutation(
+        "position-ids-counting-up",
+        ("earlytom_ext/integration/adapters/base.py",),
+        "if not bool(((hi == lo) | ~attended.any(-1)).all()):",
+        "if not bool(((hi >= lo) | ~attended.any(-1)).all()):",
+        "forward: packed (restarting) caller position_ids pass and are silently renumbered",
+    ),
 ]
 
 

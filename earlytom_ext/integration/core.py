@@ -14,6 +14,7 @@ from .._validation import check_finite
 from ..config import EarlyTomConfig
 from . import stats as _stats
 from .adapters.base import ModelAdapter, VideoInputs
+from .llm_merge_support import check_merge_cache
 from .patches import MISSING, restore_attr, set_attr
 from .prompt import HostPrompt, placeholder_runs, rewrite_placeholders
 from .run import Clock, Decisions, RefineFn, Stage1Fn, VideoRun
@@ -57,6 +58,10 @@ class EarlyTomHandle:
     @property
     def model(self) -> nn.Module:
         return self._model
+
+    @property
+    def llm_merge_on(self) -> bool:
+        return self._llm_merge is not None
 
     @property
     def adapter(self) -> ModelAdapter:
@@ -322,6 +327,9 @@ class EarlyTomHandle:
                     f"{name} must be empty (or None) when {self.video_arg} is given under EarlyTom: a cache "
                     "that already holds tokens cannot line up with the compressed prompt"
                 )
+        if self._llm_merge is not None:
+            for name in ("cache", "past_key_values"):
+                check_merge_cache(call.get(name), name)
         if self._llm_merge is not None and call.get("labels") is not None:
             raise ValueError(
                 "labels cannot be used while the inner-LLM merge is on (EarlyTomConfig.llm_merge_layer): the "
@@ -329,6 +337,8 @@ class EarlyTomHandle:
             )
         call.pop("cache_position", None)
         adapter = self._adapter
+        if call.get("position_ids") is not None:
+            adapter.check_position_ids(call["position_ids"], call.get("attention_mask"))
         video_kwargs = {k: call[k] for k in adapter.video_kwargs if k in call}
         for k in adapter.consumed_kwargs:
             call.pop(k, None)

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import torch
 
-from .llm_merge_support import _Call, _mask_2d, _Plan, _ShortCacheView, _State, call_cache, merge_span
+from .llm_merge_support import (
+    _Call,
+    _mask_2d,
+    _Plan,
+    _ShortCacheView,
+    _State,
+    call_cache,
+    check_merge_cache,
+    merge_span,
+)
 
 
 class _MergePaths:
@@ -51,13 +60,9 @@ class _MergePaths:
         return plans
 
     def _prefill(self, orig, call: dict, spans: list, batch: int, n: int):
-        mask = _mask_2d(call, "the armed prefill")
         cache = call_cache(call)
-        if cache is not None:
-            from transformers.cache_utils import DynamicCache
-
-            if not isinstance(cache, DynamicCache):
-                raise ValueError(f"the inner-LLM merge needs a DynamicCache (or none), got {type(cache).__name__}")
+        check_merge_cache(cache)  # first: a static cache also makes the mask a dict
+        mask = _mask_2d(call, "the armed prefill")
         plans = self._plan(spans, batch, n, mask)
         self._stats = None
         if all(p.removed == 0 for p in plans):

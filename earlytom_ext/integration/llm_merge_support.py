@@ -207,6 +207,16 @@ class _Call:
         self.kept: list = []
 
 
+def check_merge_cache(cache, name: str = "cache") -> None:
+    """The inner-LLM merge shortens the cache of the layers after it: a ``DynamicCache`` or none."""
+    if cache is None:
+        return
+    from transformers.cache_utils import DynamicCache
+
+    if not isinstance(cache, DynamicCache):
+        raise ValueError(f"the inner-LLM merge needs a DynamicCache (or none) as {name}, got {type(cache).__name__}")
+
+
 def _is_merged(cache, k: int) -> bool:
     """A cache whose layers >= k hold fewer tokens than layer 0: filled by a merged prefill (always a
     DynamicCache, whose lengths are host values; other caches are not read: no sync)."""

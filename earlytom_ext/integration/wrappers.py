@@ -1,7 +1,7 @@
 """The instance-level ``forward`` / ``generate`` wrappers and what ``generate`` needs so that the
 caller sees the original prompt (lengths, streamer, returned sequences), the settings it refuses
-on a call with videos (assisted decoding), and the quick form of Hugging Face's per-call
-model-config check that the ``generate`` wrapper uses."""
+on a call with videos (assisted decoding, chunked prefill, prompt penalties), and the quick form
+of Hugging Face's per-call model-config check that the ``generate`` wrapper uses."""
 
 from __future__ import annotations
 
@@ -116,22 +116,38 @@ def padding_mask(model, call: dict, input_ids: torch.Tensor) -> torch.Tensor | N
     return input_ids.ne(int(pad)).long()  # all ones when the pad token is absent (no host read)
 
 
-#: generate settings that select Hugging Face's assisted decoding (a candidate generator).
-ASSISTED_SETTINGS = ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit")
+_EMBEDS = "the compressed prompt reaches the model as inputs_embeds"
+#: generate settings refused on a call with videos: (name, what it is, why, values that leave it off).
+REFUSED_SETTINGS = (
+    ("assistant_model", "assisted decoding", f"{_EMBEDS}, which it does not extend with its candidate tokens", ()),
+    ("prompt_lookup_num_tokens", "assisted decoding", f"{_EMBEDS}, which it does not extend with its candidates", ()),
+    ("assistant_early_exit", "assisted decoding", f"{_EMBEDS}, which it does not extend with its candidates", ()),
+    ("prefill_chunk_size", "chunked prefill", f"{_EMBEDS}, which Hugging Face does not split into chunks", ()),
+    ("encoder_repetition_penalty", "a prompt penalty", f"{_EMBEDS}; Hugging Face would drop the penalty", (1.0,)),
+    ("encoder_no_repeat_ngram_size", "a prompt n-gram ban", f"{_EMBEDS}; Hugging Face would drop the ban", (0,)),
+)
+#: with the inner-LLM merge, which shortens the cache of the layers after it.
+MERGE_CACHES = (None, "dynamic", "dynamic_full")
 
 
-def refuse_assisted_decoding(model, call: dict) -> None:
-    """Assisted decoding is refused on a call with videos: its first verification step runs the
-    model on the prompt plus the candidate tokens, but a compressed call hands the prompt over as
-    ``inputs_embeds``, which Hugging Face uses as they are (the candidates are dropped and the
-    output is wrong, or 4.57 fails inside)."""
-    for name in ASSISTED_SETTINGS:
+def refuse_unsupported_settings(model, call: dict, llm_merge: bool) -> None:
+    """``ValueError`` for a ``generate`` setting (keyword, the call's ``generation_config`` or the
+    model's) that cannot work on the compressed prompt, before anything runs: otherwise Hugging Face
+    returns wrong tokens without an error (assisted decoding's first step drops its candidates,
+    the prompt penalties are dropped with a warning) or fails inside (chunked prefill)."""
+    for name, what, why, off in REFUSED_SETTINGS:
         value = call.get(name) if name == "assistant_model" else generation_setting(model, call, name)
-        if value is not None:
+        if value is not None and value not in off:
             raise ValueError(
-                f"EarlyTom: assisted decoding ({name}) is not supported on a generate call with videos: the "
-                "compressed prompt reaches the model as inputs_embeds, which assisted decoding does not "
-                f"extend with its candidate tokens. Leave {name} unset, or call handle.remove() first."
+                f"EarlyTom: {what} ({name}) is not supported on a generate call with videos: {why}. "
+                f"Leave {name} unset, or call handle.remove() first."
+            )
+    if llm_merge:
+        impl = generation_setting(model, call, "cache_implementation")
+        if impl not in MERGE_CACHES:
+            raise ValueError(
+                f"the inner-LLM merge needs a dynamic cache; cache_implementation={impl!r} is not supported "
+                "(leave it unset or 'dynamic')"
             )
 
 
@@ -282,7 +298,7 @@ def make_generate(core, orig: Callable) -> Callable:
             raise ValueError(f"give the prompt once: as input_ids or as {first} (positionally), not both")
         if input_ids is None:
             input_ids = inputs
-        refuse_assisted_decoding(core.model, call)
+        refuse_unsupported_settings(core.model, call, core.llm_merge_on)
         if call.get("attention_mask") is None and isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2:
             call["attention_mask"] = padding_mask(core.model, call, input_ids)
         with torch.no_grad():  # generate is inference only

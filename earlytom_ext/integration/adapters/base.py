@@ -87,6 +87,38 @@ class ModelAdapter:
         return next(self.model.parameters()).device
 
     # ---------------------------------------------------------------- the video path
+    def check_position_ids(self, position_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+        """The caller's ``position_ids`` on a call with videos (checked before the encoder runs).
+        The compressed prompt is renumbered from its attention mask, which equals the caller's
+        positions up to a shift per sample (rotary is shift-invariant) when they count up by one
+        over each sample's attended tokens (``arange``, or the mask's cumulative sum); any other
+        layout (packed sequences that restart, scaled positions) raises ``ValueError``. One host
+        read, on this path only."""
+        ids_shape = tuple(attention_mask.shape) if attention_mask is not None else None
+        if not isinstance(position_ids, torch.Tensor) or position_ids.dim() != 2:
+            got = tuple(position_ids.shape) if isinstance(position_ids, torch.Tensor) else type(position_ids).__name__
+            raise ValueError(f"position_ids given with videos must be a 2-D tensor [batch, length], got {got}")
+        pos = position_ids.long()
+        if attention_mask is None:
+            attended = torch.ones_like(pos, dtype=torch.bool)
+        else:
+            try:
+                pos = pos.to(attention_mask.device).expand(ids_shape)
+            except RuntimeError:
+                raise ValueError(
+                    f"position_ids must have the shape of attention_mask {ids_shape}, got {tuple(position_ids.shape)}"
+                ) from None
+            attended = attention_mask != 0
+        offset = pos - (attended.long().cumsum(-1) - 1)  # constant per row for counting-up positions
+        hi = offset.masked_fill(~attended, torch.iinfo(torch.int64).min).amax(-1)
+        lo = offset.masked_fill(~attended, torch.iinfo(torch.int64).max).amin(-1)
+        if not bool(((hi == lo) | ~attended.any(-1)).all()):
+            raise ValueError(
+                "position_ids given with videos must count up by one over each sample's attended tokens "
+                "(EarlyTom renumbers the compressed prompt); packed or scaled positions are not supported: "
+                "leave position_ids unset"
+            )
+
     def video_inputs(self, call: dict[str, Any]) -> VideoInputs:
         """Parse and check this family's video arguments from ``call`` (``video_arg`` and
         ``video_kwargs`` by name); raise ``TypeError`` / ``ValueError`` naming the argument."""

@@ -233,6 +233,13 @@ class Qwen2_5_VLAdapter(_VisionForward, _RopePositions, ModelAdapter):
         return next(self.visual.parameters()).device
 
     # ---------------------------------------------------------------- the video path
+    def check_position_ids(self, position_ids, attention_mask) -> None:
+        raise ValueError(
+            "position_ids cannot be given with videos under EarlyTom on Qwen2.5-VL: the compressed prompt's "
+            "3-D positions are computed from it (the kept tokens keep their original positions); leave "
+            "position_ids unset"
+        )
+
     def video_inputs(self, call: dict[str, Any]) -> VideoInputs:
         pv = call["pixel_values_videos"]
         patch_dim = self.in_channels * self.temporal_patch_size * self.patch_size**2
