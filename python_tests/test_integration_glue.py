@@ -235,6 +235,65 @@ def test_inner_llm_merge_refuses_a_cache_it_cannot_shorten(model, videos):
             model(**one, past_key_values=DynamicCache())
 
 
+@pytest.mark.parametrize("batch", [1, 2])
+def test_generate_continues_from_the_cache_it_filled(model, videos, batch):
+    """Hugging Face's way to continue a conversation: the returned sequences plus new text, with the
+    returned (or passed-in) cache. The cache holds the compressed prompt, so the wrapper puts it in
+    place of the caller's prompt: the same tokens and logits as the second turn run from scratch
+    with the video given again, over two follow-up turns, and the caller's prompt in the output."""
+    from transformers import DynamicCache
+
+    inputs = tm.make_inputs([v[:3] for v in videos[:batch]], seed=16)  # batch 2 is left-padded
+    kw = dict(do_sample=False, return_dict_in_generate=True, output_logits=True)
+
+    def follow(out, mask, new_text):
+        ids = torch.cat([out.sequences, new_text], dim=1)
+        return ids, torch.cat([mask, torch.ones_like(ids[:, mask.shape[1] :])], dim=1)
+
+    text = torch.tensor([[11, 12, 13]]).expand(batch, 3)
+    with earlytom_ext.apply(model, CFG) as h:
+        for passed_in in (False, True):
+            cache = DynamicCache() if passed_in else None
+            out = model.generate(**inputs, max_new_tokens=3, past_key_values=cache, **kw)
+            cache = out.past_key_values
+            assert passed_in is False or cache is not None
+            ids, mask = inputs["input_ids"], inputs["attention_mask"]
+            for turn in range(2):
+                ids, mask = follow(out, mask, text + turn)
+                out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=3, **kw)
+                scratch = model.generate(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    pixel_values_videos=inputs["pixel_values_videos"],
+                    max_new_tokens=3,
+                    **kw,
+                )
+                assert torch.equal(out.sequences[:, : ids.shape[1]], ids)
+                assert torch.equal(out.sequences, scratch.sequences)
+                for a, b in zip(out.logits, scratch.logits):
+                    torch.testing.assert_close(a, b, atol=2e-4, rtol=1e-4)
+                assert out.past_key_values is cache
+        # A prompt that does not start with the caller's (here: the compressed one, by hand) is
+        # passed on as it is.
+        out = model.generate(**inputs, max_new_tokens=3, **kw)
+        L, compressed = inputs["input_ids"].shape[1], h.last_inputs
+        ids = torch.cat([compressed["input_ids"], out.sequences[:, L:], text], dim=1)
+        mask = torch.cat([compressed["attention_mask"], torch.ones_like(ids[:, compressed["input_ids"].shape[1] :])], 1)
+        by_hand = model.generate(
+            input_ids=ids, attention_mask=mask, past_key_values=out.past_key_values, max_new_tokens=3
+        )
+        full, full_mask = follow(out, inputs["attention_mask"], text)
+    assert torch.equal(by_hand[:, ids.shape[1] :], scratch_tokens(model, full, full_mask, inputs))
+
+
+def scratch_tokens(model, ids, mask, inputs):
+    with earlytom_ext.apply(model, CFG):
+        out = model.generate(
+            input_ids=ids, attention_mask=mask, pixel_values_videos=inputs["pixel_values_videos"], max_new_tokens=3
+        )
+    return out[:, ids.shape[1] :]
+
+
 def test_caller_position_ids_with_videos(model, videos):
     """Counting-up positions (arange, or the mask's cumulative sum: equal up to a shift per sample,
     which rotary ignores up to rounding) give the logits of no position_ids; packed (restarting)

@@ -567,6 +567,32 @@ def test_generate_beams(model, videos):
     assert out.shape[0] == 2 and torch.equal(out[:, : inputs["input_ids"].shape[1]], inputs["input_ids"].repeat(2, 1))
 
 
+def test_generate_continues_from_the_cache_it_filled(model, videos):
+    """The returned sequences plus new text with the returned cache (which holds the compressed
+    prompt) give what the compressed prompt plus the same tokens gives with that cache: the text
+    after the video continues the compressed 3-D positions (rope_deltas of the compressed prefill)."""
+    import copy
+
+    inputs = make_inputs(model, videos[:1], seed=10)
+    L = inputs["input_ids"].shape[1]
+    text = torch.tensor([[11, 12, 13, 14]])
+    with earlytom_ext.apply(model, CFG) as h:
+        out = model.generate(**inputs, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+        compressed = h.last_inputs["input_ids"]
+        by_hand_cache = copy.deepcopy(out.past_key_values)
+        ids = torch.cat([out.sequences, text], dim=1)
+        cont = model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=out.past_key_values, max_new_tokens=4
+        )
+        ids_c = torch.cat([compressed, out.sequences[:, L:], text], dim=1)
+        by_hand = model.generate(
+            input_ids=ids_c, attention_mask=torch.ones_like(ids_c), past_key_values=by_hand_cache, max_new_tokens=4
+        )
+    assert compressed.shape[1] < L
+    assert torch.equal(cont[:, : ids.shape[1]], ids)
+    assert torch.equal(cont[:, ids.shape[1] :], by_hand[:, ids_c.shape[1] :])
+
+
 def test_errors(model, videos):
     inputs = make_inputs(model, videos, seed=11)
     with earlytom_ext.apply(model, CFG) as h:

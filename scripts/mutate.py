@@ -341,6 +341,20 @@ MUTATIONS = [
         "generate: the inner-LLM merge with a static cache fails inside instead of up front",
     ),
     Mutation(
+        "generate-continuation-off",
+        WRAPPERS,
+        "        if not _FILLED:\n            return None",
+        "        if _FILLED is not None:\n            return None",
+        "generate: a returned cache continued with the caller's sequences sees the wrong tokens again",
+    ),
+    Mutation(
+        "generate-continuation-mask",
+        WRAPPERS,
+        "head = cont.mask if cont.mask is not None else torch.ones_like(cont.compressed)",
+        "head = torch.ones_like(cont.compressed)",
+        "generate: a continued padded prompt attends to its padding",
+    ),
+    Mutation(
         "position-ids-counting-up",
         ("earlytom_ext/integration/adapters/base.py",),
         "if not bool(((hi == lo) | ~attended.any(-1)).all()):",

@@ -11,7 +11,7 @@ import functools
 import inspect
 import types
 import weakref
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 
@@ -280,43 +280,113 @@ def make_forward(core, orig: Callable) -> Callable:
     return forward
 
 
+class Continuation(NamedTuple):
+    """What a cache filled by a wrapped ``generate`` call holds in place of the caller's prompt."""
+
+    prompt: torch.Tensor  # the caller's input_ids of that call
+    compressed: torch.Tensor  # the input_ids the model ran on
+    mask: torch.Tensor | None  # their attention mask
+
+
+# Caches filled by a wrapped generate call (any handle's): what they hold in place of the prompt.
+_FILLED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def call_cache(call: dict):
+    for name in ("cache", "past_key_values"):  # transformers 5.24 renamed past_key_values to cache
+        if call.get(name) is not None:
+            return call[name]
+    return None
+
+
+def continued_prompt(model, call: dict, input_ids, cont: Continuation):
+    """``input_ids`` that start with ``cont.prompt`` (Hugging Face's way to continue from a returned
+    cache: the previous sequences plus new text) -> the same with ``cont.compressed`` in its place,
+    and the attention mask to match (set in ``call``); ``None`` when they do not start with it (they
+    are then passed on as they are). One host read, on this path only."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        return None
+    rows, n = input_ids.shape
+    L = cont.prompt.shape[1]
+    if n < L or rows % cont.prompt.shape[0] != 0:
+        return None
+    if not torch.equal(input_ids[:, :L], expand_rows(cont.prompt.to(input_ids.device), rows)):
+        return None
+    ids = torch.cat([expand_rows(cont.compressed.to(input_ids.device), rows), input_ids[:, L:]], dim=1)
+    mask = call.get("attention_mask")
+    if mask is None:
+        mask = padding_mask(model, call, input_ids)
+    if mask is not None or cont.mask is not None:
+        head = cont.mask if cont.mask is not None else torch.ones_like(cont.compressed)
+        tail = mask[:, L:] if mask is not None else torch.ones_like(input_ids[:, L:])
+        call["attention_mask"] = torch.cat([expand_rows(head.to(tail.device), rows), tail.to(head.dtype)], dim=1)
+    return ids
+
+
 def make_generate(core, orig: Callable) -> Callable:
     """``model.generate`` on the compressed prompt, returning sequences that start with the caller's
-    original prompt."""
+    original prompt. A cache such a call filled (passed in, or returned with
+    ``return_dict_in_generate``) can be continued as Hugging Face documents it while a handle is
+    active: a later call with that cache whose ``input_ids`` start with the caller's prompt runs
+    on the compressed one."""
     bind = binder(orig)
     first = next(iter(inspect.signature(orig).parameters))  # "inputs"
     video_arg = core.video_arg
 
-    @functools.wraps(orig)
-    def generate(*args, **kwargs):
-        if kwargs.get(video_arg) is None:
-            with quick_config_check(core.model):
-                return orig(*args, **kwargs)
-        call = bind(args, kwargs)
+    def prompt_of(call: dict):
         inputs, input_ids = call.pop(first, None), call.pop("input_ids", None)
         if inputs is not None and input_ids is not None:
             raise ValueError(f"give the prompt once: as input_ids or as {first} (positionally), not both")
-        if input_ids is None:
-            input_ids = inputs
+        return input_ids if input_ids is not None else inputs
+
+    def run(call: dict, input_ids: torch.Tensor, ids: torch.Tensor):
+        """Hugging Face's generate on ``ids`` in place of the caller's ``input_ids``."""
+        L, L2 = input_ids.shape[1], ids.shape[1]
+        try:
+            shift_lengths(core.model, call, L, L2)
+            if call.get("streamer") is not None:
+                call["streamer"] = PromptStreamer(call["streamer"], input_ids, L2)
+            with quick_config_check(core.model):
+                out = orig(ids, **call)
+        finally:
+            core.end_call()
+        cache = call_cache(call)
+        if cache is None and not isinstance(out, torch.Tensor):
+            cache = getattr(out, "past_key_values", None)
+        if cache is not None:
+            with contextlib.suppress(TypeError):  # a cache that cannot be weakly referenced
+                _FILLED[cache] = Continuation(input_ids, ids, call.get("attention_mask"))
+        return restore_prompt(out, L2, input_ids)
+
+    def continuation(kwargs: dict):
+        if not _FILLED:
+            return None
+        cache = call_cache(kwargs)
+        try:
+            return _FILLED.get(cache) if cache is not None else None
+        except TypeError:
+            return None
+
+    @functools.wraps(orig)
+    def generate(*args, **kwargs):
+        if kwargs.get(video_arg) is None:
+            cont = continuation(kwargs)
+            if cont is not None:
+                call = bind(args, kwargs)
+                input_ids = prompt_of(call)
+                ids = continued_prompt(core.model, call, input_ids, cont)
+                if ids is not None:
+                    return run(call, input_ids, ids)
+            with quick_config_check(core.model):
+                return orig(*args, **kwargs)
+        call = bind(args, kwargs)
+        input_ids = prompt_of(call)
         refuse_unsupported_settings(core.model, call, core.llm_merge_on)
         if call.get("attention_mask") is None and isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2:
             call["attention_mask"] = padding_mask(core.model, call, input_ids)
         with torch.no_grad():  # generate is inference only
             ids = core.compress_call(call, input_ids)
-        L, L2 = input_ids.shape[1], ids.shape[1]
-        try:
-            shift_lengths(core.model, call, L, L2)
-        except BaseException:
-            core.end_call()
-            raise
-        if call.get("streamer") is not None:
-            call["streamer"] = PromptStreamer(call["streamer"], input_ids, L2)
-        try:
-            with quick_config_check(core.model):
-                out = orig(ids, **call)
-        finally:
-            core.end_call()
-        return restore_prompt(out, L2, input_ids)
+        return run(call, input_ids, ids)
 
     generate._earlytom_wrapper_of = core
     return generate
