@@ -294,6 +294,35 @@ def scratch_tokens(model, ids, mask, inputs):
     return out[:, ids.shape[1] :]
 
 
+def test_model_config_lengths_used_where_hugging_face_uses_them(model, videos, monkeypatch):
+    """A max_length in the model's generation_config shifts (it counts the caller's prompt) only
+    where Hugging Face applies it to a call that brings its own generation_config: always in 5.x;
+    in 4.x with use_model_defaults, whose default depends on the version that saved the model's
+    config. Expected: the new-token counts of the unpatched model, case by case."""
+    import transformers
+    from transformers import GenerationConfig
+
+    one = tm.make_inputs([videos[0][:3]], seed=16)
+    L = one["input_ids"].shape[1]
+    monkeypatch.setattr(model.generation_config, "max_length", L + 5)
+    monkeypatch.setattr(model.generation_config, "max_new_tokens", None)
+    cases = [({}, None), ({}, "4.45.0")]
+    if transformers.__version__.startswith("4."):
+        cases += [({"use_model_defaults": False}, None), ({"use_model_defaults": True}, "4.45.0")]
+    counts = []
+    for extra, saved_by in cases:
+        with monkeypatch.context() as mp:
+            if saved_by is not None:
+                mp.setattr(model.generation_config, "transformers_version", saved_by)
+            kw = dict(generation_config=GenerationConfig(do_sample=False, pad_token_id=tm.PAD_ID), **extra)
+            stock = model.generate(**one, **kw).shape[1] - L
+            with earlytom_ext.apply(model, CFG):
+                patched = model.generate(**one, **kw).shape[1] - L
+        counts.append((stock, patched))
+    assert all(stock == patched for stock, patched in counts), counts
+    assert counts[0][0] == 5  # the model's max_length applies in the default case
+
+
 def test_caller_position_ids_with_videos(model, videos):
     """Counting-up positions (arange, or the mask's cumulative sum: equal up to a shift per sample,
     which rotary ignores up to rounding) give the logits of no position_ids; packed (restarting)

@@ -88,13 +88,45 @@ def restore_prompt(out, compressed_len: int, original_ids: torch.Tensor):
     return out
 
 
+@functools.cache
+def _transformers_4() -> bool:
+    import transformers
+
+    return transformers.__version__.startswith("4.")
+
+
+_TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
+
+
+def _model_defaults_apply(model, call: dict, name: str) -> bool:
+    """Whether the model's generation config fills this setting when the call gives its own
+    ``generation_config``: always in 5.x; in 4.x only with ``use_model_defaults`` (default: on for
+    model configs saved by 4.50+), else only the special token ids."""
+    if call.get("generation_config") is None or not _transformers_4() or name in _TOKEN_IDS:
+        return True
+    use = call.get("use_model_defaults")
+    if use is not None:
+        return bool(use)
+    from packaging.version import Version
+
+    saved = getattr(getattr(model, "generation_config", None), "transformers_version", None)
+    try:
+        return Version(Version(saved).base_version) >= Version("4.50.0")
+    except (TypeError, ValueError):
+        return False
+
+
 def generation_setting(model, call: dict, name: str, defaults=None):
     """A ``generate`` setting as Hugging Face resolves it: the call's keyword, else the call's
-    ``generation_config``, else the model's (``None`` when none sets it). With ``defaults`` (a
-    ``GenerationConfig()``), a config value equal to the default does not count as set."""
+    ``generation_config``, else the model's where Hugging Face would use it (``None`` when none
+    sets it). With ``defaults`` (a ``GenerationConfig()``), a config value equal to the default
+    does not count as set."""
     if call.get(name) is not None:
         return call[name]
-    for gc in (call.get("generation_config"), getattr(model, "generation_config", None)):
+    sources = [call.get("generation_config")]
+    if _model_defaults_apply(model, call, name):
+        sources.append(getattr(model, "generation_config", None))
+    for gc in sources:
         v = getattr(gc, name, None)
         if v is not None and (defaults is None or v != getattr(defaults, name, None)):
             return v
