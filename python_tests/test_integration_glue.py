@@ -323,6 +323,63 @@ def test_model_config_lengths_used_where_hugging_face_uses_them(model, videos, m
     assert counts[0][0] == 5  # the model's max_length applies in the default case
 
 
+@pytest.mark.parametrize(
+    "mode", [dict(), dict(do_sample=True, num_return_sequences=2), dict(num_beams=2, num_return_sequences=2)]
+)
+def test_generate_callbacks_see_the_callers_prompt(model, videos, mode):
+    """Custom logits processors, stopping criteria and prefix_allowed_tokens_fn get the caller's
+    prompt followed by the new tokens, as in an unpatched generate: a criterion counting new tokens
+    from the caller's prompt length stops where it would, a constraint on the first new token holds
+    for every row, and each row's prompt is its sample's."""
+    from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+
+    inputs = tm.make_inputs([v[:3] for v in videos], seed=16)  # left-padded batch of 2
+    prompt = inputs["input_ids"]
+    L = prompt.shape[1]
+    seen, sents = [], []
+
+    class Record(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            seen.append(input_ids.clone())
+            return scores
+
+    class TwoNewTokens(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), input_ids.shape[1] - L >= 2, dtype=torch.bool)
+
+    def first_new_token_is_7(batch_id, sent):
+        sents.append((batch_id, sent.clone()))
+        return [7] if sent.shape[0] == L else list(range(tm.VOCAB))
+
+    torch.manual_seed(0)
+    with earlytom_ext.apply(model, CFG) as h:
+        out = model.generate(
+            **inputs,
+            max_new_tokens=5,
+            logits_processor=LogitsProcessorList([Record()]),
+            stopping_criteria=StoppingCriteriaList([TwoNewTokens()]),
+            prefix_allowed_tokens_fn=first_new_token_is_7,
+            **mode,
+        )
+        assert h.last_inputs["input_ids"].shape[1] < L - 100
+    rows = out.shape[0]
+    per_sample = rows // 2
+    assert out.shape[1] == L + 2 and bool((out[:, L] == 7).all())
+    assert [s.shape[1] for s in seen] == [L, L + 1]
+    for s in seen:
+        assert torch.equal(s[:, :L], prompt.repeat_interleave(s.shape[0] // 2, dim=0))
+    # prefix_allowed_tokens_fn's batch index: per sample, but per returned sequence without beams
+    # before transformers 5.24 (Hugging Face's grouping).
+    import transformers
+    from packaging.version import Version
+
+    grouped = mode.get("num_beams") or Version(transformers.__version__).release[:2] >= (5, 24)
+    per_batch_id = 1 if grouped else per_sample
+    assert {b for b, _ in sents} == set(range(2 * per_batch_id))
+    for b, sent in sents:
+        assert torch.equal(sent[:L], prompt[b // per_batch_id])
+
+
 def test_caller_position_ids_with_videos(model, videos):
     """Counting-up positions (arange, or the mask's cumulative sum: equal up to a shift per sample,
     which rotary ignores up to rounding) give the logits of no position_ids; packed (restarting)

@@ -355,6 +355,20 @@ MUTATIONS = [
         "generate: a continued padded prompt attends to its padding",
     ),
     Mutation(
+        "generate-callbacks-compressed",
+        WRAPPERS,
+        "return torch.cat([prompt, input_ids[:, self._compressed_len :]], dim=1)",
+        "return input_ids",
+        "generate: custom logits processors and stopping criteria see the compressed prompt",
+    ),
+    Mutation(
+        "generate-prefix-fn-row",
+        WRAPPERS,
+        "head = prompt[batch_id // per_sample].to(sent.device)",
+        "head = prompt[batch_id % prompt.shape[0]].to(sent.device)",
+        "generate: prefix_allowed_tokens_fn gets another sample's prompt with several returned sequences",
+    ),
+    Mutation(
         "position-ids-counting-up",
         ("earlytom_ext/integration/adapters/base.py",),
         "if not bool(((hi == lo) | ~attended.any(-1)).all()):",

@@ -65,6 +65,55 @@ class PromptStreamer:
         return getattr(self._streamer, name)
 
 
+class PromptView:
+    """A caller's logits processor or stopping criterion, called with the caller's prompt in place of
+    the compressed one (as in an unpatched ``generate``: lengths and slices of ``input_ids`` keep
+    their meaning)."""
+
+    def __init__(self, fn, prompt: torch.Tensor, compressed_len: int):
+        self._fn = fn
+        self._prompt = prompt
+        self._compressed_len = compressed_len
+
+    # Exactly two parameters: Hugging Face's processor list reads the signature to pass extras.
+    def __call__(self, input_ids, scores):
+        return self._fn(self.full(input_ids), scores)
+
+    def full(self, input_ids: torch.Tensor) -> torch.Tensor:
+        prompt = expand_rows(self._prompt.to(input_ids.device), input_ids.shape[0])
+        return torch.cat([prompt, input_ids[:, self._compressed_len :]], dim=1)
+
+    def __getattr__(self, name):
+        return getattr(self._fn, name)
+
+
+class CriterionView(PromptView):
+    def __call__(self, input_ids, scores, **kwargs):
+        return self._fn(self.full(input_ids), scores, **kwargs)
+
+
+def show_prompt_to_callbacks(model, call: dict, prompt: torch.Tensor, compressed_len: int) -> None:
+    """The caller's ``logits_processor``, ``stopping_criteria`` and ``prefix_allowed_tokens_fn``
+    see the caller's prompt (Hugging Face's own processors keep working on the compressed one)."""
+    for name, view in (("logits_processor", PromptView), ("stopping_criteria", CriterionView)):
+        if call.get(name):
+            call[name] = type(call[name])(view(f, prompt, compressed_len) for f in call[name])
+    allowed = call.get("prefix_allowed_tokens_fn")
+    if allowed is not None:
+        # Its batch index runs over the samples, except without beams before 5.24 (over the
+        # returned sequences: Hugging Face groups the rows by num_beams only).
+        beams = generation_setting(model, call, "num_beams") or 1
+        per_sample = 1
+        if beams == 1 and not _prefix_groups_by_sample():
+            per_sample = generation_setting(model, call, "num_return_sequences") or 1
+
+        def prefix_allowed_tokens_fn(batch_id: int, sent: torch.Tensor):
+            head = prompt[batch_id // per_sample].to(sent.device)
+            return allowed(batch_id, torch.cat([head, sent[compressed_len:]]))
+
+        call["prefix_allowed_tokens_fn"] = prefix_allowed_tokens_fn
+
+
 def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
     pos = mask.long().cumsum(-1) - 1
     return pos.masked_fill(mask == 0, 1)
@@ -93,6 +142,14 @@ def _transformers_4() -> bool:
     import transformers
 
     return transformers.__version__.startswith("4.")
+
+
+@functools.cache
+def _prefix_groups_by_sample() -> bool:
+    import transformers
+    from packaging.version import Version
+
+    return Version(transformers.__version__).release[:2] >= (5, 24)
 
 
 _TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
@@ -378,6 +435,7 @@ def make_generate(core, orig: Callable) -> Callable:
             shift_lengths(core.model, call, L, L2)
             if call.get("streamer") is not None:
                 call["streamer"] = PromptStreamer(call["streamer"], input_ids, L2)
+            show_prompt_to_callbacks(core.model, call, input_ids, L2)
             with quick_config_check(core.model):
                 out = orig(ids, **call)
         finally:
