@@ -658,19 +658,7 @@ def test_generate_beams_and_return_sequences_line_up(model, short_inputs):
     torch.testing.assert_close(out.sequences_scores, direct.sequences_scores)
 
 
-def _cache_names() -> tuple:
-    """The names the installed transformers takes the KV cache under, the current one first:
-    5.24 renamed past_key_values to cache (the old name still works there, with a FutureWarning)."""
-    import inspect
-
-    from transformers import LlavaOnevisionForConditionalGeneration
-
-    if "cache" in inspect.signature(LlavaOnevisionForConditionalGeneration.forward).parameters:
-        return ("cache", "past_key_values")
-    return ("past_key_values",)
-
-
-CACHE_NAMES = _cache_names()
+CACHE_NAMES = tm.cache_names()
 
 
 @pytest.mark.parametrize("name", CACHE_NAMES)

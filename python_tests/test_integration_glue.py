@@ -20,6 +20,12 @@ from earlytom_ext.integration.pooling import bilinear_pool  # noqa: E402
 
 CFG = EarlyTomConfig(retain_ratio=0.2, tau=0.5, max_window=6, ema=0.9, prune_layers=(1, 3, 4))
 T = 6
+CACHE = tm.cache_names()[0]  # the installed version's name of generate's cache argument
+
+
+def returned_cache(out):
+    """The cache a generate output returns, read by key (5.24's past_key_values property warns)."""
+    return out.get("cache") if out.get("cache") is not None else out.get("past_key_values")
 
 
 @pytest.fixture(scope="module")
@@ -225,14 +231,14 @@ def test_inner_llm_merge_refuses_a_cache_it_cannot_shorten(model, videos):
         h.force_decisions(stage1=lambda *args, **kwargs: stage1_calls.append(args))
         with pytest.raises(ValueError, match="cache_implementation='static'"):
             model.generate(**one, max_new_tokens=2, do_sample=False, cache_implementation="static")
-        with pytest.raises(ValueError, match="DynamicCache .or none. as past_key_values, got list"):
-            model(**one, past_key_values=[])
+        with pytest.raises(ValueError, match=f"DynamicCache .or none. as {CACHE}, got list"):
+            model(**one, **{CACHE: []})
         assert stage1_calls == []
         h.force_decisions()
         out = model.generate(**one, max_new_tokens=2, do_sample=False, cache_implementation="dynamic")
         assert out.shape[1] == one["input_ids"].shape[1] + 2
         with torch.no_grad():
-            model(**one, past_key_values=DynamicCache())
+            model(**one, **{CACHE: DynamicCache()})
 
 
 @pytest.mark.parametrize("batch", [1, 2])
@@ -254,13 +260,13 @@ def test_generate_continues_from_the_cache_it_filled(model, videos, batch):
     with earlytom_ext.apply(model, CFG) as h:
         for passed_in in (False, True):
             cache = DynamicCache() if passed_in else None
-            out = model.generate(**inputs, max_new_tokens=3, past_key_values=cache, **kw)
-            cache = out.past_key_values
+            out = model.generate(**inputs, max_new_tokens=3, **{CACHE: cache}, **kw)
+            cache = returned_cache(out)
             assert passed_in is False or cache is not None
             ids, mask = inputs["input_ids"], inputs["attention_mask"]
             for turn in range(2):
                 ids, mask = follow(out, mask, text + turn)
-                out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=3, **kw)
+                out = model.generate(input_ids=ids, attention_mask=mask, **{CACHE: cache}, max_new_tokens=3, **kw)
                 scratch = model.generate(
                     input_ids=ids,
                     attention_mask=mask,
@@ -272,16 +278,14 @@ def test_generate_continues_from_the_cache_it_filled(model, videos, batch):
                 assert torch.equal(out.sequences, scratch.sequences)
                 for a, b in zip(out.logits, scratch.logits):
                     torch.testing.assert_close(a, b, atol=2e-4, rtol=1e-4)
-                assert out.past_key_values is cache
+                assert returned_cache(out) is cache
         # A prompt that does not start with the caller's (here: the compressed one, by hand) is
         # passed on as it is.
         out = model.generate(**inputs, max_new_tokens=3, **kw)
         L, compressed = inputs["input_ids"].shape[1], h.last_inputs
         ids = torch.cat([compressed["input_ids"], out.sequences[:, L:], text], dim=1)
         mask = torch.cat([compressed["attention_mask"], torch.ones_like(ids[:, compressed["input_ids"].shape[1] :])], 1)
-        by_hand = model.generate(
-            input_ids=ids, attention_mask=mask, past_key_values=out.past_key_values, max_new_tokens=3
-        )
+        by_hand = model.generate(input_ids=ids, attention_mask=mask, **{CACHE: returned_cache(out)}, max_new_tokens=3)
         full, full_mask = follow(out, inputs["attention_mask"], text)
     assert torch.equal(by_hand[:, ids.shape[1] :], scratch_tokens(model, full, full_mask, inputs))
 
@@ -378,6 +382,35 @@ def test_generate_callbacks_see_the_callers_prompt(model, videos, mode):
     assert {b for b, _ in sents} == set(range(2 * per_batch_id))
     for b, sent in sents:
         assert torch.equal(sent[:L], prompt[b // per_batch_id])
+
+
+def test_a_callers_processor_still_replaces_the_built_in_one_of_its_type(model, videos):
+    """Hugging Face uses a caller's processor or criterion in place of the one it builds of the same
+    type: a MaxLengthCriteria beyond max_new_tokens, a neutral repetition penalty over a strong one.
+    Identity config: the unpatched model's sequences; compressing: the same lengths."""
+    from transformers import LogitsProcessorList, StoppingCriteriaList
+    from transformers.generation import MaxLengthCriteria, RepetitionPenaltyLogitsProcessor
+
+    identity = EarlyTomConfig(retain_ratio=1.0, tau=-1.0, max_window=2, prune_layers=(1, 3, 4))
+    inputs = tm.make_inputs([v[:3] for v in videos], seed=16)
+    L = inputs["input_ids"].shape[1]
+    cases = [
+        dict(max_new_tokens=2, stopping_criteria=StoppingCriteriaList([MaxLengthCriteria(max_length=L + 4)])),
+        dict(
+            max_new_tokens=4,
+            repetition_penalty=0.01,
+            logits_processor=LogitsProcessorList([RepetitionPenaltyLogitsProcessor(1.0)]),
+        ),
+    ]
+    plain = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    for kw in cases:
+        stock = model.generate(**inputs, do_sample=False, **kw)
+        with earlytom_ext.apply(model, identity):
+            same = model.generate(**inputs, do_sample=False, **kw)
+        with earlytom_ext.apply(model, CFG):
+            compressed = model.generate(**inputs, do_sample=False, **kw)
+        assert torch.equal(same, stock) and torch.equal(stock, plain)
+        assert compressed.shape == stock.shape == (2, L + 4)
 
 
 def test_caller_position_ids_with_videos(model, videos):

@@ -20,6 +20,7 @@ transformers = pytest.importorskip("transformers")
 if not hasattr(transformers, "Qwen2_5_VLForConditionalGeneration"):
     pytest.skip("this transformers has no Qwen2_5_VLForConditionalGeneration", allow_module_level=True)
 
+from tiny_models import cache_names  # noqa: E402
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration  # noqa: E402
 
 import earlytom_ext  # noqa: E402
@@ -579,14 +580,14 @@ def test_generate_continues_from_the_cache_it_filled(model, videos):
     with earlytom_ext.apply(model, CFG) as h:
         out = model.generate(**inputs, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
         compressed = h.last_inputs["input_ids"]
-        by_hand_cache = copy.deepcopy(out.past_key_values)
+        cache = out.get("cache") if out.get("cache") is not None else out.get("past_key_values")
+        name = cache_names()[0]
+        by_hand_cache = copy.deepcopy(cache)
         ids = torch.cat([out.sequences, text], dim=1)
-        cont = model.generate(
-            input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=out.past_key_values, max_new_tokens=4
-        )
+        cont = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **{name: cache}, max_new_tokens=4)
         ids_c = torch.cat([compressed, out.sequences[:, L:], text], dim=1)
         by_hand = model.generate(
-            input_ids=ids_c, attention_mask=torch.ones_like(ids_c), past_key_values=by_hand_cache, max_new_tokens=4
+            input_ids=ids_c, attention_mask=torch.ones_like(ids_c), **{name: by_hand_cache}, max_new_tokens=4
         )
     assert compressed.shape[1] < L
     assert torch.equal(cont[:, : ids.shape[1]], ids)

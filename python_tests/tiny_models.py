@@ -96,3 +96,15 @@ def spy_host_reads(monkeypatch, files) -> list:
     for name in _READS:
         monkeypatch.setattr(torch.Tensor, name, spy(name))
     return reads
+
+
+def cache_names() -> tuple:
+    """The names the installed transformers takes the KV cache under, the current one first:
+    5.24 renamed past_key_values to cache (the old name still works there, with a FutureWarning)."""
+    import inspect
+
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    if "cache" in inspect.signature(LlavaOnevisionForConditionalGeneration.forward).parameters:
+        return ("cache", "past_key_values")
+    return ("past_key_values",)

@@ -322,7 +322,7 @@ MUTATIONS = [
     Mutation(
         "generate-assisted-settings",
         WRAPPERS,
-        'value = call.get(name) if name == "assistant_model" else generation_setting(model, call, name)',
+        'value = call.get(name) if name == "assistant_model" else generation_setting(model, call, name, _defaults())',
         "value = call.get(name)",
         "generate: assisted decoding asked for in a generation_config is no longer refused",
     ),
@@ -360,6 +360,16 @@ MUTATIONS = [
         "return torch.cat([prompt, input_ids[:, self._compressed_len :]], dim=1)",
         "return input_ids",
         "generate: custom logits processors and stopping criteria see the compressed prompt",
+    ),
+    Mutation(
+        "generate-callbacks-before-merge",
+        WRAPPERS,
+        "    if not views or merge is None:\n        yield\n        return\n",
+        '    for name, view in (("logits_processor", PromptView), ("stopping_criteria", CriterionView)):\n'
+        "        if call.get(name):\n"
+        "            call[name] = type(call[name])(view(f, prompt, compressed_len) for f in call[name])\n"
+        "    if True:\n        yield\n        return\n",
+        "generate: the caller's processors are wrapped before Hugging Face merges them (no longer replace its own)",
     ),
     Mutation(
         "generate-prefix-fn-row",

@@ -11,6 +11,7 @@ import functools
 import inspect
 import types
 import weakref
+from collections.abc import Mapping
 from typing import Any, Callable, NamedTuple
 
 import torch
@@ -92,26 +93,39 @@ class CriterionView(PromptView):
         return self._fn(self.full(input_ids), scores, **kwargs)
 
 
-def show_prompt_to_callbacks(model, call: dict, prompt: torch.Tensor, compressed_len: int) -> None:
-    """The caller's ``logits_processor``, ``stopping_criteria`` and ``prefix_allowed_tokens_fn``
-    see the caller's prompt (Hugging Face's own processors keep working on the compressed one)."""
-    for name, view in (("logits_processor", PromptView), ("stopping_criteria", CriterionView)):
-        if call.get(name):
-            call[name] = type(call[name])(view(f, prompt, compressed_len) for f in call[name])
+@contextlib.contextmanager
+def callbacks_see_prompt(model, call: dict, prompt: torch.Tensor, compressed_len: int):
+    """Within the block, the caller's ``logits_processor``, ``stopping_criteria`` and
+    ``prefix_allowed_tokens_fn`` see the caller's prompt (Hugging Face's own processors keep
+    working on the compressed one). Processors and criteria are wrapped after Hugging Face merged
+    them with its own, so one of the caller's still replaces a built-in one of its type."""
     allowed = call.get("prefix_allowed_tokens_fn")
     if allowed is not None:
         # Its batch index runs over the samples, except without beams before 5.24 (over the
         # returned sequences: Hugging Face groups the rows by num_beams only).
-        beams = generation_setting(model, call, "num_beams") or 1
+        beams = generation_setting(model, call, "num_beams", _defaults()) or 1
         per_sample = 1
         if beams == 1 and not _prefix_groups_by_sample():
-            per_sample = generation_setting(model, call, "num_return_sequences") or 1
+            per_sample = generation_setting(model, call, "num_return_sequences", _defaults()) or 1
 
         def prefix_allowed_tokens_fn(batch_id: int, sent: torch.Tensor):
             head = prompt[batch_id // per_sample].to(sent.device)
             return allowed(batch_id, torch.cat([head, sent[compressed_len:]]))
 
         call["prefix_allowed_tokens_fn"] = prefix_allowed_tokens_fn
+    views = {id(f): PromptView for f in call.get("logits_processor") or ()}
+    views.update({id(f): CriterionView for f in call.get("stopping_criteria") or ()})
+    merge = getattr(model, "_merge_criteria_processor_list", None)
+    if not views or merge is None:
+        yield
+        return
+
+    def merge_with_views(default_list, custom_list):
+        merged = merge(default_list, custom_list)
+        return type(merged)(views[id(f)](f, prompt, compressed_len) if id(f) in views else f for f in merged)
+
+    with swap_attr(model, "_merge_criteria_processor_list", merge_with_views):
+        yield
 
 
 def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -142,6 +156,14 @@ def _transformers_4() -> bool:
     import transformers
 
     return transformers.__version__.startswith("4.")
+
+
+@functools.cache
+def _defaults():
+    """``GenerationConfig()``: Hugging Face's global defaults (read only)."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig()
 
 
 @functools.cache
@@ -225,18 +247,18 @@ def refuse_unsupported_settings(model, call: dict, llm_merge: bool) -> None:
     returns wrong tokens without an error (assisted decoding's first step drops its candidates,
     the prompt penalties are dropped with a warning) or fails inside (chunked prefill)."""
     for name, what, why, off in REFUSED_SETTINGS:
-        value = call.get(name) if name == "assistant_model" else generation_setting(model, call, name)
+        value = call.get(name) if name == "assistant_model" else generation_setting(model, call, name, _defaults())
         if value is not None and value not in off:
             raise ValueError(
                 f"EarlyTom: {what} ({name}) is not supported on a generate call with videos: {why}. "
                 f"Leave {name} unset, or call handle.remove() first."
             )
     if llm_merge:
-        impl = generation_setting(model, call, "cache_implementation")
+        impl = generation_setting(model, call, "cache_implementation", _defaults())
         if impl not in MERGE_CACHES:
             raise ValueError(
-                f"the inner-LLM merge needs a dynamic cache; cache_implementation={impl!r} is not supported "
-                "(leave it unset or 'dynamic')"
+                f"the inner-LLM merge runs on the default DynamicCache only; cache_implementation={impl!r} is not "
+                "supported (leave it unset or 'dynamic')"
             )
 
 
@@ -249,9 +271,7 @@ def shift_lengths(model, call: dict, prompt_len: int, compressed_len: int) -> No
     shift = prompt_len - compressed_len
     if shift == 0:
         return
-    from transformers import GenerationConfig
-
-    defaults = GenerationConfig()
+    defaults = _defaults()
     user_gc = call.get("generation_config")
 
     def explicit(name):
@@ -435,14 +455,13 @@ def make_generate(core, orig: Callable) -> Callable:
             shift_lengths(core.model, call, L, L2)
             if call.get("streamer") is not None:
                 call["streamer"] = PromptStreamer(call["streamer"], input_ids, L2)
-            show_prompt_to_callbacks(core.model, call, input_ids, L2)
-            with quick_config_check(core.model):
+            with quick_config_check(core.model), callbacks_see_prompt(core.model, call, input_ids, L2):
                 out = orig(ids, **call)
         finally:
             core.end_call()
         cache = call_cache(call)
-        if cache is None and not isinstance(out, torch.Tensor):
-            cache = getattr(out, "past_key_values", None)
+        if cache is None and isinstance(out, Mapping):  # by key: 5.24's past_key_values property warns
+            cache = call_cache(out)
         if cache is not None:
             with contextlib.suppress(TypeError):  # a cache that cannot be weakly referenced
                 _FILLED[cache] = Continuation(input_ids, ids, call.get("attention_mask"))
