@@ -16,6 +16,7 @@ from typing import Any, Callable, NamedTuple
 
 import torch
 
+from .llm_merge_support import call_cache
 from .patches import swap_attr
 
 __all__ = ["make_forward", "make_generate"]
@@ -401,13 +402,6 @@ class Continuation(NamedTuple):
 _FILLED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def call_cache(call: dict):
-    for name in ("cache", "past_key_values"):  # transformers 5.24 renamed past_key_values to cache
-        if call.get(name) is not None:
-            return call[name]
-    return None
-
-
 def continued_prompt(model, call: dict, input_ids, cont: Continuation):
     """``input_ids`` that start with ``cont.prompt`` (Hugging Face's way to continue from a returned
     cache: the previous sequences plus new text) -> the same with ``cont.compressed`` in its place,
@@ -419,9 +413,10 @@ def continued_prompt(model, call: dict, input_ids, cont: Continuation):
     L = cont.prompt.shape[1]
     if n < L or rows % cont.prompt.shape[0] != 0:
         return None
-    if not torch.equal(input_ids[:, :L], expand_rows(cont.prompt.to(input_ids.device), rows)):
+    like = dict(device=input_ids.device, dtype=input_ids.dtype)
+    if not torch.equal(input_ids[:, :L], expand_rows(cont.prompt.to(**like), rows)):
         return None
-    ids = torch.cat([expand_rows(cont.compressed.to(input_ids.device), rows), input_ids[:, L:]], dim=1)
+    ids = torch.cat([expand_rows(cont.compressed.to(**like), rows), input_ids[:, L:]], dim=1)
     mask = call.get("attention_mask")
     if mask is None:
         mask = padding_mask(model, call, input_ids)
