@@ -322,7 +322,7 @@ MUTATIONS = [
     Mutation(
         "generate-assisted-settings",
         WRAPPERS,
-        'value = call.get(name) if name == "assistant_model" else generation_setting(model, call, name, _defaults())',
+        "value = generation_setting(model, call, name, _defaults())",
         "value = call.get(name)",
         "generate: assisted decoding asked for in a generation_config is no longer refused",
     ),

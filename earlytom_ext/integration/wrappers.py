@@ -106,7 +106,7 @@ def callbacks_see_prompt(model, call: dict, prompt: torch.Tensor, compressed_len
         # returned sequences: Hugging Face groups the rows by num_beams only).
         beams = generation_setting(model, call, "num_beams", _defaults()) or 1
         per_sample = 1
-        if beams == 1 and not _prefix_groups_by_sample():
+        if beams == 1 and _transformers_release() < (5, 24):
             per_sample = generation_setting(model, call, "num_return_sequences", _defaults()) or 1
 
         def prefix_allowed_tokens_fn(batch_id: int, sent: torch.Tensor):
@@ -153,10 +153,12 @@ def restore_prompt(out, compressed_len: int, original_ids: torch.Tensor):
 
 
 @functools.cache
-def _transformers_4() -> bool:
+def _transformers_release() -> tuple[int, int]:
+    """(major, minor) of the installed transformers."""
     import transformers
+    from packaging.version import Version
 
-    return transformers.__version__.startswith("4.")
+    return Version(transformers.__version__).release[:2]
 
 
 @functools.cache
@@ -167,14 +169,6 @@ def _defaults():
     return GenerationConfig()
 
 
-@functools.cache
-def _prefix_groups_by_sample() -> bool:
-    import transformers
-    from packaging.version import Version
-
-    return Version(transformers.__version__).release[:2] >= (5, 24)
-
-
 _TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
 
 
@@ -182,7 +176,7 @@ def _model_defaults_apply(model, call: dict, name: str) -> bool:
     """Whether the model's generation config fills this setting when the call gives its own
     ``generation_config``: always in 5.x; in 4.x only with ``use_model_defaults`` (default: on for
     model configs saved by 4.50+), else only the special token ids."""
-    if call.get("generation_config") is None or not _transformers_4() or name in _TOKEN_IDS:
+    if call.get("generation_config") is None or _transformers_release() >= (5, 0) or name in _TOKEN_IDS:
         return True
     use = call.get("use_model_defaults")
     if use is not None:
@@ -248,7 +242,7 @@ def refuse_unsupported_settings(model, call: dict, llm_merge: bool) -> None:
     returns wrong tokens without an error (assisted decoding's first step drops its candidates,
     the prompt penalties are dropped with a warning) or fails inside (chunked prefill)."""
     for name, what, why, off in REFUSED_SETTINGS:
-        value = call.get(name) if name == "assistant_model" else generation_setting(model, call, name, _defaults())
+        value = generation_setting(model, call, name, _defaults())
         if value is not None and value not in off:
             raise ValueError(
                 f"EarlyTom: {what} ({name}) is not supported on a generate call with videos: {why}. "
@@ -309,13 +303,11 @@ def _slow_config_check() -> tuple[Callable, tuple[str, ...]] | None:
     the releases where it builds a default config of the class on every call (5.0 to 5.19: several
     ms per ``generate`` call); ``None`` elsewhere (5.20 reads the dataclass fields, 4.x has none)."""
     try:
-        import transformers
-        from packaging.version import Version
         from transformers import GenerationConfig
         from transformers.configuration_utils import PreTrainedConfig
     except ImportError:
         return None
-    if not ((5, 0) <= Version(transformers.__version__).release[:2] < (5, 20)):
+    if not ((5, 0) <= _transformers_release() < (5, 20)):
         return None
     check = getattr(PreTrainedConfig, "_get_generation_parameters", None)
     defaults = getattr(GenerationConfig, "_get_default_generation_params", None)
