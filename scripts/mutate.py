@@ -357,7 +357,7 @@ MUTATIONS = [
     Mutation(
         "generate-callbacks-compressed",
         WRAPPERS,
-        "return torch.cat([prompt, input_ids[:, self._compressed_len :]], dim=1)",
+        "return with_prompt(input_ids, self._compressed_len, self._prompt)",
         "return input_ids",
         "generate: custom logits processors and stopping criteria see the compressed prompt",
     ),

@@ -82,8 +82,7 @@ class PromptView:
         return self._fn(self.full(input_ids), scores)
 
     def full(self, input_ids: torch.Tensor) -> torch.Tensor:
-        prompt = expand_rows(self._prompt.to(input_ids.device), input_ids.shape[0])
-        return torch.cat([prompt, input_ids[:, self._compressed_len :]], dim=1)
+        return with_prompt(input_ids, self._compressed_len, self._prompt)
 
     def __getattr__(self, name):
         return getattr(self._fn, name)
@@ -139,13 +138,19 @@ def expand_rows(prompt: torch.Tensor, rows: int) -> torch.Tensor:
     return prompt if rows == prompt.shape[0] else prompt.repeat_interleave(rows // prompt.shape[0], dim=0)
 
 
+def with_prompt(seqs: torch.Tensor, compressed_len: int, prompt: torch.Tensor) -> torch.Tensor:
+    """``seqs`` (compressed prompt + new tokens) with the caller's ``prompt`` in place of the first
+    ``compressed_len`` columns."""
+    head = expand_rows(prompt.to(device=seqs.device, dtype=seqs.dtype), seqs.shape[0])
+    return torch.cat([head, seqs[:, compressed_len:]], dim=1)
+
+
 def restore_prompt(out, compressed_len: int, original_ids: torch.Tensor):
     """Replace the compressed prompt at the start of generated sequences by the original one."""
     seqs = out if isinstance(out, torch.Tensor) else getattr(out, "sequences", None)
     if not isinstance(seqs, torch.Tensor):
         return out
-    orig = expand_rows(original_ids.to(device=seqs.device, dtype=seqs.dtype), seqs.shape[0])
-    full = torch.cat([orig, seqs[:, compressed_len:]], dim=1)
+    full = with_prompt(seqs, compressed_len, original_ids)
     if isinstance(out, torch.Tensor):
         return full
     out.sequences = full
