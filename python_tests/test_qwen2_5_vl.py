@@ -624,6 +624,20 @@ def test_errors(model, videos):
                 video_grid_thw=inputs["video_grid_thw"],
                 second_per_grid_ts=torch.tensor([1.0]),
             )
+        # second_per_grid_ts as a column [n, 1] (the model's arithmetic accepts it) is the same call
+        column = dict(inputs, second_per_grid_ts=inputs["second_per_grid_ts"][:, None])
+        with torch.no_grad():
+            torch.testing.assert_close(model(**column).logits, model(**inputs).logits, rtol=0, atol=0)
+        with pytest.raises(ValueError, match=r"one value per video \(\[n\] or \[n, 1\]\), got shape \(2, 2\)"):
+            model(**dict(inputs, second_per_grid_ts=torch.ones(2, 2)))
+        # Two videos with no <|vision_start|> between them: one run where video 0 has fewer tokens.
+        n = [int(t * hh * ww) // 4 for t, hh, ww in inputs["video_grid_thw"].tolist()]
+        ids = torch.tensor([[5, VS] + [VID] * sum(n) + [VE, 9]])
+        adjacent = dict(inputs, input_ids=ids, attention_mask=torch.ones_like(ids))
+        if "mm_token_type_ids" in inputs:
+            adjacent["mm_token_type_ids"] = 2 * (ids == VID).long()
+        with pytest.raises(ValueError, match=r"is not one video .* a run of its own"):
+            model(**adjacent)
     with pytest.raises(ValueError, match="full-attention block"):
         earlytom_ext.apply(model, EarlyTomConfig(prune_layers=(1, 3)))
     with pytest.raises(ValueError, match="below the vision encoder depth"):

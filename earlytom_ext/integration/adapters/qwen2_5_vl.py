@@ -284,11 +284,13 @@ class Qwen2_5_VLAdapter(_VisionForward, _RopePositions, ModelAdapter):
         spg = call.get("second_per_grid_ts")
         if spg is not None:
             if isinstance(spg, torch.Tensor):
-                spg = spg.detach().cpu().reshape(-1) if spg.dim() <= 1 else spg
-                if spg.dim() != 1:
+                # [n] or [n, 1] (a column, which the model's arithmetic also accepts)
+                if spg.dim() > 2 or (spg.dim() == 2 and spg.shape[1] != 1):
                     raise ValueError(
-                        f"second_per_grid_ts must be 1-D (one value per video), got shape {tuple(spg.shape)}"
+                        f"second_per_grid_ts must hold one value per video ([n] or [n, 1]), got shape "
+                        f"{tuple(spg.shape)}"
                     )
+                spg = spg.detach().cpu().reshape(-1)
                 spg = list(spg)  # 0-d tensors: the model's arithmetic uses them as they are
             elif isinstance(spg, (list, tuple)):
                 spg = list(spg)

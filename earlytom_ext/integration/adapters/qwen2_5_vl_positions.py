@@ -188,9 +188,10 @@ class _RopePositions:
                     if tok == self.video_token_id:
                         if v >= len(counts) or n != counts[v]:
                             raise ValueError(
-                                f"the compressed prompt's video runs do not match the videos: sample {b} holds a run "
-                                f"of "
-                                f"{n} video tokens where video {v} has {counts[v] if v < len(counts) else 'none'}"
+                                f"input_ids: sample {b} has a run of video tokens that is not one video (after "
+                                f"compression {n} tokens where video {v} has "
+                                f"{counts[v] if v < len(counts) else 'none'}); each video needs a run of its own "
+                                f"(the processor writes <|vision_start|> before each video)"
                             )
                         runs.append((b, cols[j], n, cur, v))
                         cur += layouts[v].advance
