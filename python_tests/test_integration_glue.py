@@ -465,6 +465,61 @@ def test_failed_remove_changes_nothing(model, videos):
     assert "forward" not in lm.__dict__ and "_earlytom_handle" not in model.__dict__
 
 
+def test_remove_refuses_a_wrapper_that_copied_the_patched_forward(model, videos):
+    """A wrapper made with functools.wraps (as accelerate's hooks are) copies the patched forward's
+    attributes: remove() must still see that forward was replaced, and change nothing."""
+    import functools
+
+    h = earlytom_ext.apply(model, CFG)
+    inner = model.forward
+
+    @functools.wraps(inner)
+    def outer(*args, **kwargs):
+        return inner(*args, **kwargs)
+
+    model.forward = outer
+    with pytest.raises(RuntimeError, match=r"model.forward was replaced after earlytom_ext.apply\(\)"):
+        h.remove()
+    assert model.__dict__["forward"] is outer and "active" in repr(h)
+    model.forward = inner  # the caller undoes their wrapper first
+    h.remove()
+    assert "forward" not in model.__dict__ and "_earlytom_handle" not in model.__dict__
+
+
+def test_a_removed_handle_refuses_to_be_used_again(model, videos):
+    h = earlytom_ext.apply(model, CFG)
+    h.remove()
+    for use in (lambda: h.__enter__(), lambda: h.force_decisions(), lambda: h.encode_videos(torch.stack(videos))):
+        with pytest.raises(RuntimeError, match=r"handle was removed: call earlytom_ext.apply\(model, cfg\) again"):
+            use()
+    h.remove()  # still idempotent
+    assert h.summary() is not None  # the last statistics stay readable
+    with earlytom_ext.apply(model, CFG) as h2:
+        h2.remove()  # an explicit remove inside the block: leaving it is fine
+    p = earlytom_ext.fast_pooling(model)
+    p.remove()
+    with pytest.raises(RuntimeError, match=r"FastPoolingHandle was removed: call earlytom_ext.fast_pooling\(model\)"):
+        p.__enter__()
+
+
+def test_models_sharing_a_language_model_carry_one_inner_llm_merge(model, videos):
+    """Two merges on one decoder stack would clash in their decoding states: the second apply is
+    refused before it patches anything; without the merge the second model works."""
+    other = tm.build_model(seed=0)
+    other.model.language_model = model.model.language_model
+    cfg = CFG.replace(llm_merge_layer=1)
+    inputs = tm.make_inputs([videos[0][:3]], seed=16)
+    with earlytom_ext.apply(model, cfg):
+        expected = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        with pytest.raises(RuntimeError, match="already carries the inner-LLM merge of another EarlyTom handle"):
+            earlytom_ext.apply(other, cfg)
+        assert "_earlytom_handle" not in other.__dict__ and "forward" not in other.__dict__
+        with earlytom_ext.apply(other, CFG):
+            assert torch.equal(model.generate(**inputs, max_new_tokens=3, do_sample=False), expected)
+    with earlytom_ext.apply(other, cfg):  # free again once the first handle is removed
+        assert torch.equal(other.generate(**inputs, max_new_tokens=3, do_sample=False), expected)
+
+
 def test_default_prune_layers_are_a_valid_config(model):
     from earlytom_ext.integration.adapters import adapter_for
 

@@ -47,6 +47,7 @@ class EarlyTomHandle:
         self._raw_stats: dict | None = None
         self._stats_cache: dict | None = None
         self._prev_attrs: dict[str, Any] = {}
+        self._wrappers: dict[str, Any] = {}  # what install() put on the model (checked by identity)
         self._removed = False
         self.last_inputs: dict | None = None
 
@@ -125,6 +126,7 @@ class EarlyTomHandle:
         the last prune layer. ``None``
         restores the default. Returns the handle.
         """
+        self._check_active()
         for name, fn in (("stage1", stage1), ("refine", refine)):
             if fn is not None and not callable(fn):
                 raise TypeError(f"force_decisions: {name} must be callable or None, got {type(fn).__name__}")
@@ -136,9 +138,9 @@ class EarlyTomHandle:
         if self._removed:
             return
         model = self._model
-        for name in ("forward", "generate"):
-            cur = model.__dict__.get(name, MISSING)
-            if cur is not MISSING and getattr(cur, "_earlytom_wrapper_of", None) is not self:
+        for name, wrapper in self._wrappers.items():
+            # By identity: a wrapper made with functools.wraps (accelerate's hooks) copies attributes.
+            if model.__dict__.get(name, MISSING) is not wrapper:
                 raise RuntimeError(f"model.{name} was replaced after earlytom_ext.apply(); remove that wrapper first")
         if self._llm_merge is not None:
             self._llm_merge.remove()  # first: it raises, changing nothing, if its forward was wrapped since
@@ -146,11 +148,13 @@ class EarlyTomHandle:
         for name, prev in self._prev_attrs.items():
             restore_attr(model, name, prev)
         self._prev_attrs.clear()
+        self._wrappers.clear()
         model.__dict__.pop(MARKER, None)
         self._removed = True
         logger.info("EarlyTom removed from %s", type(model).__name__)
 
     def __enter__(self) -> EarlyTomHandle:
+        self._check_active()
         return self
 
     def __exit__(self, *exc) -> None:
@@ -168,16 +172,21 @@ class EarlyTomHandle:
             if self._llm_merge is not None:
                 self._llm_merge.install()
             for name, make in (("forward", make_forward), ("generate", make_generate)):
-                self._prev_attrs[name] = set_attr(model, name, make(self, getattr(model, name)))
+                wrapper = make(self, getattr(model, name))
+                self._prev_attrs[name] = set_attr(model, name, wrapper)
+                self._wrappers[name] = wrapper
         except BaseException:
             self.remove()  # undoes what was installed so far
             raise
         model.__dict__[MARKER] = self
 
     # ---------------------------------------------------------------- the video path
-    def _video_inputs(self, pixel_values_videos, kwargs: dict[str, Any]) -> VideoInputs:
+    def _check_active(self) -> None:
         if self._removed:
-            raise RuntimeError("this EarlyTom handle was removed")
+            raise RuntimeError("this EarlyTom handle was removed: call earlytom_ext.apply(model, cfg) again")
+
+    def _video_inputs(self, pixel_values_videos, kwargs: dict[str, Any]) -> VideoInputs:
+        self._check_active()
         unknown = sorted(set(kwargs) - set(self._adapter.video_kwargs))
         if unknown:
             raise TypeError(

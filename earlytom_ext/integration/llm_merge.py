@@ -43,6 +43,10 @@ __all__ = ["LLMMerge", "merge_span"]
 
 _NAMES = ("layer (EarlyTomConfig.llm_merge_layer)", "ratio (EarlyTomConfig.llm_merge_ratio)")
 
+# The installed merge of each decoder stack: models that share one (the same language_model object)
+# cannot carry two merges, whose decoding states would clash.
+_INSTALLED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
 
 # --------------------------------------------------------------------------------------------
 # The merge
@@ -78,6 +82,7 @@ class LLMMerge(_MergePaths):
     """
 
     def __init__(self, language_model: nn.Module, layer: int, ratio: float):
+        _check_not_merged(language_model)
         self._rope, self._heads, self._kv_heads, self._head_dim = _supported_decoder(language_model)
         depth = len(language_model.layers)
         check_llm_merge(layer, ratio, depth, names=_NAMES)
@@ -134,9 +139,10 @@ class LLMMerge(_MergePaths):
                 call.update(call.pop(varkw, {}))
             return merge._forward(orig, args, kwargs, call)
 
-        forward._earlytom_llm_merge = self
+        _check_not_merged(lm)
         self._wrapper = forward
         self._prev_forward = set_attr(lm, "forward", forward)
+        _INSTALLED[lm] = self
 
     def remove(self) -> None:
         """Restore the language model's ``forward`` and forget any armed or decoding state (idempotent)."""
@@ -146,6 +152,7 @@ class LLMMerge(_MergePaths):
         if lm.__dict__.get("forward") is not self._wrapper:
             raise RuntimeError("the language model's forward was replaced after LLMMerge.install(); remove that first")
         restore_attr(lm, "forward", self._prev_forward)
+        _INSTALLED.pop(lm, None)
         self._prev_forward = MISSING
         self._wrapper = None
         self._armed = None
@@ -238,3 +245,11 @@ class LLMMerge(_MergePaths):
                 "decode it with the merge installed, or start from a new cache"
             )
         return orig(*args, **kwargs)
+
+
+def _check_not_merged(language_model: nn.Module) -> None:
+    if language_model in _INSTALLED:
+        raise RuntimeError(
+            "this language model already carries the inner-LLM merge of another EarlyTom handle (models sharing "
+            "one language_model): remove that handle first, or use llm_merge_layer=None for this model"
+        )

@@ -85,6 +85,8 @@ class InstancePatches:
     """A removable set of instance-attribute patches; ``remove()`` (idempotent, also on leaving a
     ``with`` block) restores them in reverse order."""
 
+    made_by = ""  # the public function that returns this kind of handle (for messages)
+
     def __init__(self) -> None:
         self._saved: list[tuple[object, str, Any]] = []
         self._removed = False
@@ -101,6 +103,8 @@ class InstancePatches:
         self._removed = True
 
     def __enter__(self):
+        if self._removed:
+            raise RuntimeError(f"this {type(self).__name__} was removed: call earlytom_ext.{self.made_by}(model) again")
         return self
 
     def __exit__(self, *exc) -> None:

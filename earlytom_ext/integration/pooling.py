@@ -29,6 +29,8 @@ def bilinear_pool(x: torch.Tensor, grid: int) -> torch.Tensor:
 class FastPoolingHandle(InstancePatches):
     """Returned by :func:`fast_pooling`; ``remove()`` (or leaving a ``with`` block) restores the model."""
 
+    made_by = "fast_pooling"
+
     def __init__(self, inner: nn.Module, grid: int):
         super().__init__()
 

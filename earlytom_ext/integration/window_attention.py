@@ -133,6 +133,8 @@ class FastWindowAttentionHandle(InstancePatches):
     """Returned by :func:`fast_window_attention`; ``remove()`` (or leaving a ``with`` block) restores
     every block's attention."""
 
+    made_by = "fast_window_attention"
+
     def __init__(self, attns: Sequence[nn.Module]):
         super().__init__()
         cache = _BoundsCache()

@@ -383,7 +383,6 @@ def make_forward(core, orig: Callable) -> Callable:
         finally:
             core.end_call()
 
-    forward._earlytom_wrapper_of = core
     return forward
 
 
@@ -489,5 +488,4 @@ def make_generate(core, orig: Callable) -> Callable:
             ids = core.compress_call(call, input_ids)
         return run(call, input_ids, ids)
 
-    generate._earlytom_wrapper_of = core
     return generate
