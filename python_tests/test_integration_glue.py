@@ -520,6 +520,40 @@ def test_models_sharing_a_language_model_carry_one_inner_llm_merge(model, videos
         assert torch.equal(other.generate(**inputs, max_new_tokens=3, do_sample=False), expected)
 
 
+def test_compiled_model_runs_the_video_path_eagerly(videos):
+    """model.compile(): the compression (hooks, host reads, data-dependent sizes) runs eagerly and the
+    model call after it compiled; results equal the uncompiled patched model, call after call."""
+    model = tm.build_model(seed=0)
+    first = tm.make_inputs([v[:3] for v in videos], seed=16)
+    second = tm.make_inputs([videos[1][:5]], seed=17)
+    with earlytom_ext.apply(model, CFG), torch.no_grad():
+        expected = [model(**x).logits for x in (first, second)]
+        expected_ids = model.generate(**second, max_new_tokens=3, do_sample=False)
+        torch._dynamo.reset()
+        model.compile(backend="eager")
+        try:
+            for x, want in zip((first, second, first), expected + expected[:1]):
+                torch.testing.assert_close(model(**x).logits, want)
+            assert torch.equal(model.generate(**second, max_new_tokens=3, do_sample=False), expected_ids)
+        finally:
+            model._compiled_call_impl = None
+            torch._dynamo.reset()
+
+
+def test_a_hook_on_the_tower_sees_the_pixels_as_the_model_passes_them(model, videos):
+    seen = []
+    hook = model.model.vision_tower.register_forward_pre_hook(lambda mod, args: seen.append(tuple(args[0].shape)))
+    inputs = tm.make_inputs([videos[0][:3]], seed=16)
+    try:
+        with torch.no_grad():
+            model(**inputs)
+            with earlytom_ext.apply(model, CFG):
+                model(**inputs)
+    finally:
+        hook.remove()
+    assert len(seen) == 2 and seen[0] == seen[1] == (3, *inputs["pixel_values_videos"].shape[2:])
+
+
 def test_default_prune_layers_are_a_valid_config(model):
     from earlytom_ext.integration.adapters import adapter_for
 

@@ -644,6 +644,26 @@ def test_errors(model, videos):
         earlytom_ext.apply(model, EarlyTomConfig(prune_layers=(1, 7)))
 
 
+def test_compiled_model_runs_the_video_path_eagerly(videos):
+    """model.compile(): the compression runs eagerly, the model call after it compiled (4.57: the
+    positions handed to the prefill's get_rope_index differ call by call)."""
+    model = build_model()
+    first = make_inputs(model, videos, seed=14)
+    second = make_inputs(model, [videos[1][:8]], seed=15, spgt=(2.0,))
+    with earlytom_ext.apply(model, CFG), torch.no_grad():
+        expected = [model(**x).logits for x in (first, second)]
+        expected_ids = model.generate(**second, max_new_tokens=3, do_sample=False)
+        torch._dynamo.reset()
+        model.compile(backend="eager")
+        try:
+            for x, want in zip((first, second, first), expected + expected[:1]):
+                torch.testing.assert_close(model(**x).logits, want)
+            assert torch.equal(model.generate(**second, max_new_tokens=3, do_sample=False), expected_ids)
+        finally:
+            model._compiled_call_impl = None
+            torch._dynamo.reset()
+
+
 def test_published_geometry_runs_with_the_default_prune_layers():
     """32 blocks with full attention in 7/15/23/31, 14-px patches, 112-px windows (the 7B layout,
     narrow): 4 frames of 224x224 (2 groups of 16x16 patches)."""

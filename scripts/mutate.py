@@ -385,6 +385,34 @@ MUTATIONS = [
         "if not bool(((hi >= lo) | ~attended.any(-1)).all()):",
         "forward: packed (restarting) caller position_ids pass and are silently renumbered",
     ),
+    Mutation(
+        "remove-wrapper-identity",
+        ("earlytom_ext/integration/core.py",),
+        "if model.__dict__.get(name, MISSING) is not wrapper:",
+        "if getattr(model.__dict__.get(name, MISSING), '__name__', None) != wrapper.__name__:",
+        "remove: a functools.wraps wrapper over the patched forward passes the check and is dropped",
+    ),
+    Mutation(
+        "compile-video-path-traced",
+        ("earlytom_ext/integration/core.py",),
+        "    @torch.compiler.disable\n    def compress_call(",
+        "    def compress_call(",
+        "model.compile(): the compression is traced (its hooks do not run)",
+    ),
+    Mutation(
+        "llm-merge-shared-stack",
+        ("earlytom_ext/integration/llm_merge.py",),
+        "    if language_model in _INSTALLED:",
+        "    if False:",
+        "inner-LLM merge: a second merge on a shared language model is accepted",
+    ),
+    Mutation(
+        "handle-reentered-after-remove",
+        ("earlytom_ext/integration/core.py",),
+        "    def __enter__(self) -> EarlyTomHandle:\n        self._check_active()",
+        "    def __enter__(self) -> EarlyTomHandle:",
+        "handle: a removed handle re-entered as a context manager runs the unpatched model silently",
+    ),
 ]
 
 

@@ -324,6 +324,9 @@ class EarlyTomHandle:
         self.last_inputs = {k: v for k, v in result.items() if k != "inputs_embeds"}
         return result
 
+    # Under torch.compile (model.compile(), torch.compile(model.forward)) the video path runs eagerly:
+    # its hooks, host reads and data-dependent shapes are not traceable; the model call after it is.
+    @torch.compiler.disable
     def compress_call(self, call: dict, input_ids) -> torch.Tensor:
         """Shared by the ``forward`` and ``generate`` wrappers: compress the videos and rewrite the
         call's arguments in place. Returns the compressed ``input_ids``."""
@@ -370,6 +373,7 @@ class EarlyTomHandle:
             self._llm_merge.arm([s[0] if s else None for s in spans])
         return prep["input_ids"]
 
+    @torch.compiler.disable
     def end_call(self) -> None:
         """After the wrapped call: an armed inner-LLM merge that no prefill consumed (the call failed
         first) must not apply to the next, unrelated prefill."""

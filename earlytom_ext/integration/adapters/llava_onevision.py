@@ -236,7 +236,7 @@ class LlavaOnevisionAdapter(ModelAdapter):
         t0 = clock.now()
         self._run = run  # arms the hooks for this call only (images through the tower stay untouched)
         try:
-            self.tower(pixel_values=pix)
+            self.tower(pix)  # positionally, as the model calls it (hooks on the tower see the same args)
         finally:
             self._run = None
             self._qk = [None, None]
