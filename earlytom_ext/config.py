@@ -149,6 +149,8 @@ class EarlyTomConfig:
         the prune layers below the encoder depth ``num_layers``, ``llm_merge_layer`` below the language
         model's depth ``llm_num_layers``. Returns ``self``."""
         layers = self.prune_layers
+        if num_layers is not None and (not _is_int(num_layers) or num_layers < 1):
+            raise ValueError(f"num_layers must be a positive int (the vision encoder's depth), got {num_layers!r}")
         if num_layers is not None and layers[-1] >= num_layers:
             raise ValueError(
                 f"EarlyTomConfig.prune_layers must be below the vision encoder depth {num_layers} "

@@ -26,6 +26,8 @@ def _both(mode, fn, *tensors):
     if mode == "grad":
         with torch.enable_grad():
             out = fn(*[t.clone().requires_grad_(t.is_floating_point()) for t in tensors])
+        # Constants, like every op of the compression (no autograd fallback with its warning).
+        assert not any(t.requires_grad for t in _flat(out))
     else:
         with torch.inference_mode():
             out = fn(*[t.clone() for t in tensors])

@@ -89,6 +89,9 @@ def test_prune_layers_checked_against_depth():
         c.validate(num_layers=23)
     with pytest.raises(ValueError, match="encoder depth 20"):
         c.validate(num_layers=20)
+    for bad in (23.5, float("nan"), "26", True, 0):
+        with pytest.raises(ValueError, match=r"num_layers must be a positive int \(the vision encoder's depth\)"):
+            c.validate(num_layers=bad)
 
 
 @pytest.mark.parametrize("layers", [[1, 2], (1, 2), range(1, 3), (i for i in (1, 2))])

@@ -708,6 +708,16 @@ def test_deferred_cpu_raises_at_once_and_resolve_reads_the_flags():
         resolve_deferred_segments(segs, counts, torch.tensor([1, 0, 0]))
     s, c = resolve_deferred_segments(torch.tensor([[0, 2], [3, 5], [0, 0]]), torch.tensor([2]), torch.tensor([2, 0]))
     assert s.tolist() == [[0, 2], [3, 5]] and c.tolist() == [2]
+    # A status the op cannot have written: K outside [0, rows], unknown flags, K not the counts' sum.
+    for status in ([-1, 0], [7, 0], [1, 8], [1, -1]):
+        with pytest.raises(ValueError, match=r"status must be \(K, flags\) as segment_frames_deferred returns it"):
+            resolve_deferred_segments(segs, counts, torch.tensor(status))
+    with pytest.raises(ValueError, match=r"segment_counts must sum to K = 2 \(status\[0\]\), got 1"):
+        resolve_deferred_segments(segs, counts, torch.tensor([2, 0]))
+    with pytest.raises(TypeError, match="status must hold integers"):
+        resolve_deferred_segments(segs, counts, torch.tensor([1.0, 0.0]))
+    with pytest.raises(TypeError, match="segments must be a torch.Tensor"):
+        resolve_deferred_segments(None, counts, torch.tensor([1, 0]))
 
 
 @needs_cuda

@@ -220,6 +220,7 @@ def test_plan_ratio_forms():
     ref = stage2_plan(segs, [8, 3], 0.25)
     assert stage2_plan(segs, [8, 3], torch.tensor(0.25)) == ref
     assert stage2_plan(segs, [8, 3], np.float32(0.25)) == ref
+    assert stage2_plan(segs, [8, 3], np.array(0.25)) == ref  # a 0-d NumPy array
     assert stage2_plan(segs, [8, 3], torch.tensor([0.25, 0.25], dtype=torch.float64)) == ref
     assert stage2_plan(segs, [8, 3], (0.25, 0.25)) == ref
     assert stage2_plan(segs, torch.tensor([8, 3]), 0.25) == ref

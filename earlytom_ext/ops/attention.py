@@ -91,8 +91,9 @@ def attention_received(
         scale = d**-0.5 if d > 0 else 1.0  # d = 0 is rejected by the op
     else:
         scale = check_real("scale", scale)
-    out = torch.ops.earlytom.attention_received(qh, kh, scale)
-    if check_finite and out.numel():
+    with torch.no_grad():  # a constant, as the merge ops return (no autograd formula)
+        out = torch.ops.earlytom.attention_received(qh, kh, scale)
+    if check_finite and out.numel() and out.device.type != "meta":
         # One sync for all three flags. The op is safe on non-finite inputs (it only computes
         # NaN/Inf); finite inputs give a finite result unless the logits overflow float32.
         flags = torch.stack([all_finite(q), all_finite(k), all_finite(out)]).tolist()

@@ -30,6 +30,7 @@ from .._validation import (
     check_finite,
     check_int_list,
     check_int_pairs,
+    check_int_tensor,
     check_same_device,
     check_tensor,
     host_to_device,
@@ -290,14 +291,26 @@ def resolve_deferred_segments(
     """``(segments [K, 2], segment_counts)`` of a :func:`segment_frames_deferred` result (reads
     ``status``: give host copies to avoid a sync). Raises ``ValueError`` naming what the device
     flagged (bad ``frame_counts``, NaN/Inf in ``x``)."""
+    check_tensor("segments", segments)
     check_tensor("status", status)
     if status.numel() != 2:
         raise ValueError(f"status must hold 2 entries (K, flags), got shape {tuple(status.shape)}")
-    k, flags = (int(v) for v in status.tolist())
-    if flags & _FLAG_COUNTS_BAD:
-        raise ValueError("segment_frames: frame_counts are not valid (each >= 1, summing to the N of x)")
-    if flags & _FLAG_NON_FINITE:
-        raise ValueError("segment_frames: x contains NaN or Inf values")
+    check_int_tensor("status", status)
+    k, flags = (int(v) for v in status.reshape(-1).tolist())
+    known = _FLAG_COUNTS_BAD | _FLAG_NON_FINITE
+    if not flags & ~known:
+        if flags & _FLAG_COUNTS_BAD:
+            raise ValueError("segment_frames: frame_counts are not valid (each >= 1, summing to the N of x)")
+        if flags & _FLAG_NON_FINITE:
+            raise ValueError("segment_frames: x contains NaN or Inf values")
+    if flags & ~known or not 0 <= k <= segments.shape[0]:
+        raise ValueError(
+            f"status must be (K, flags) as segment_frames_deferred returns it (0 <= K <= {segments.shape[0]}, "
+            f"flags within {known}), got ({k}, {flags})"
+        )
+    check_tensor("segment_counts", segment_counts)
+    if segment_counts.device.type == "cpu" and int(segment_counts.sum()) != k:  # free on a host copy
+        raise ValueError(f"segment_counts must sum to K = {k} (status[0]), got {int(segment_counts.sum())}")
     return segments[:k], segment_counts
 
 

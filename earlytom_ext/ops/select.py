@@ -86,6 +86,8 @@ def _check_ratios(retain_ratio, B: int) -> list[float]:
                 f"got shape {tuple(retain_ratio.shape)}"
             )
         retain_ratio = retain_ratio.tolist()
+    elif getattr(retain_ratio, "ndim", None) == 0 and hasattr(retain_ratio, "item"):
+        retain_ratio = retain_ratio.item()  # a 0-d NumPy array
     if isinstance(retain_ratio, numbers.Real) and not isinstance(retain_ratio, bool):
         return [check_ratio("retain_ratio", retain_ratio)] * B
     if isinstance(retain_ratio, (str, bytes, bool)) or not hasattr(retain_ratio, "__len__"):
@@ -261,7 +263,8 @@ def select_tokens(
         # this ValueError, not an allocation failure); the CPU op checks them itself. A length
         # mismatch is left to the op's shape message.
         _check_keep_values(host_keep, feats.shape[1], num_out)
-    return torch.ops.earlytom.select_tokens(feats, scores, frame_keep, frame_static, num_out)
+    with torch.no_grad():  # constants, as the merge ops return (no autograd formula)
+        return torch.ops.earlytom.select_tokens(feats, scores, frame_keep, frame_static, num_out)
 
 
 if _ext.available():
