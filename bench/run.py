@@ -110,14 +110,49 @@ def collect_outcomes(results: dict) -> None:
         note(f"kernels {name}", res)
 
 
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an int, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    parse.__name__ = f"int >= {low}"
+    return parse
+
+
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return value
+
+
+def _device(text: str) -> str:
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"must be cpu or cuda (cuda:N), got {text!r}")
+    return text
+
+
 def parse_args(argv=None):
+    positive, non_negative = _int_at_least(1), _int_at_least(0)
     ap = argparse.ArgumentParser(
         prog="python -m bench.run", description="EarlyTom efficiency benchmarks (see bench/README.md)"
     )
     ap.add_argument("--all", action="store_true", help="every section")
     for name, _ in SECTIONS:
         ap.add_argument(f"--{name}", action="store_true")
-    ap.add_argument("--device", default="cuda", help="cuda (default) or cpu (smoke run)")
+    ap.add_argument("--device", type=_device, default="cuda", help="cuda (default) or cpu (smoke run)")
     ap.add_argument("--quick", action="store_true", help="tiny model, few frames, few iterations")
     ap.add_argument(
         "--model",
@@ -125,9 +160,9 @@ def parse_args(argv=None):
         default=None,
         help="default: llava-ov-7b on CUDA without --quick, tiny otherwise",
     )
-    ap.add_argument("--frames", type=int, default=None, help="default 32 (8 with --quick)")
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--ratios", type=float, nargs="+", default=None)
+    ap.add_argument("--frames", type=positive, default=None, help="default 32 (8 with --quick)")
+    ap.add_argument("--batch", type=positive, default=1)
+    ap.add_argument("--ratios", type=_ratio, nargs="+", default=None)
     ap.add_argument(
         "--patterns",
         nargs="+",
@@ -137,20 +172,22 @@ def parse_args(argv=None):
     )
     ap.add_argument(
         "--llm-merge-ratios",
-        type=float,
+        type=_ratio,
         nargs="*",
         default=None,
         help="ratios run with the inner-LLM merge (default 0.1 0.2; the flag with no values leaves them out)",
     )
     ap.add_argument("--preset", default="videomme", help="benchmark preset of the paper's settings")
-    ap.add_argument("--warmup", type=int, default=None, help="default 2 (1 with --quick)")
-    ap.add_argument("--iters", type=int, default=None, help="default 7 (3 with --quick)")
-    ap.add_argument("--scaling-frames", type=int, nargs="+", default=None)
-    ap.add_argument("--scaling-batch", type=int, nargs="+", default=None)
-    ap.add_argument("--throughput-batch", type=int, nargs="+", default=None, help="default 1 4 8 (1 2 with --quick)")
+    ap.add_argument("--warmup", type=non_negative, default=None, help="default 2 (1 with --quick)")
+    ap.add_argument("--iters", type=positive, default=None, help="default 7 (3 with --quick)")
+    ap.add_argument("--scaling-frames", type=positive, nargs="+", default=None)
+    ap.add_argument("--scaling-batch", type=positive, nargs="+", default=None)
+    ap.add_argument(
+        "--throughput-batch", type=positive, nargs="+", default=None, help="default 1 4 8 (1 2 with --quick)"
+    )
     ap.add_argument(
         "--new-tokens",
-        type=int,
+        type=positive,
         default=None,
         help="tokens generated per sample in the throughput section (default 64, 4 with --quick)",
     )
@@ -172,11 +209,15 @@ def parse_args(argv=None):
     ap.add_argument("--manifest", default=None, help="write the list of output files to this path")
     ap.add_argument(
         "--cpu-threads",
-        type=int,
+        type=positive,
         default=1,
         help="torch threads for CPU runs (default 1: steady smoke runs on a shared machine)",
     )
     args = ap.parse_args(argv)
+    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        ap.error(f"--out must be a folder, got the file {args.out}")
+    if args.manifest and not Path(args.manifest).resolve().parent.is_dir():
+        ap.error(f"--manifest: the folder of {args.manifest} does not exist")
     names = [n for n, _ in SECTIONS]
     if args.all:
         for n in names:
@@ -216,7 +257,10 @@ def main(argv=None) -> dict:
         out_dir = ROOT / "bench" / "results"
     else:
         out_dir = Path(tempfile.mkdtemp(prefix="earlytom-bench-cpu-"))
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"--out: cannot create {out_dir}: {e.strerror or e}") from None
     now = utc_now()
     stem = out_dir / f"{device_slug(device)}-{now.strftime('%Y-%m-%d')}"
     if any(Path(f"{stem}{s}").exists() for s in (".md", ".json", ".png")):

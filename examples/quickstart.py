@@ -19,15 +19,16 @@ def main(
     num_frames: int = 32,
     max_new_tokens: int = 64,
 ) -> str:
+    # A video is a list of frames: [H, W, 3] uint8 arrays (PIL images work too), from a file or synthetic.
+    # Decoded first, so that a wrong path fails before the download.
+    clip = load_video(video, num_frames) if video else synthetic_frames(num_frames)  # [T, 3, H, W] uint8
+    frames = [frame.permute(1, 2, 0).numpy() for frame in clip]
+
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     # `dtype=` works with transformers 4.57.x and 5.x (older releases called it `torch_dtype`).
     model = LlavaOnevisionForConditionalGeneration.from_pretrained(model_id, dtype=dtype).to(device).eval()
     processor = AutoProcessor.from_pretrained(model_id)
-
-    # A video is a list of frames: [H, W, 3] uint8 arrays (PIL images work too), from a file or synthetic.
-    clip = load_video(video, num_frames) if video else synthetic_frames(num_frames)  # [T, 3, H, W] uint8
-    frames = [frame.permute(1, 2, 0).numpy() for frame in clip]
     conversation = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "Describe the video."}]}]
     prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)
     inputs = processor(text=prompt, videos=[frames], return_tensors="pt").to(device, dtype=dtype)

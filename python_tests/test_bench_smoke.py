@@ -662,3 +662,24 @@ def test_forced_counts_of_without_device_reads():
     assert plans.counts_of(p["frame_counts"], int(p["frame_counts"].sum())) == tuple(p["frame_counts"].tolist())
     with pytest.raises(ValueError, match="videos of equal length: 15 frames in 2 videos"):
         plans.counts_of(torch.tensor([8, 7]), 15)
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--frames", "0"], "--frames: must be >= 1, got 0"),
+        (["--batch", "0"], "--batch: must be >= 1, got 0"),
+        (["--iters", "0"], "--iters: must be >= 1, got 0"),
+        (["--warmup", "-1"], "--warmup: must be >= 0, got -1"),
+        (["--ratios", "1.5"], "--ratios: must be in (0, 1], got 1.5"),
+        (["--device", "tpu"], "--device: must be cpu or cuda (cuda:N), got 'tpu'"),
+        (["--out", __file__], "--out must be a folder, got the file"),
+        (["--manifest", "/nonexistent/earlytom/m.txt"], "--manifest: the folder of /nonexistent/earlytom/m.txt"),
+    ],
+)
+def test_bench_arguments_are_checked_by_the_parser(argv, needle, capsys):
+    from bench import run
+
+    with pytest.raises(SystemExit) as e:
+        run.parse_args(["--flops", *argv])
+    assert e.value.code == 2 and needle in capsys.readouterr().err

@@ -152,6 +152,7 @@ def test_errors_leave_no_output_folder(tmp_path, capsys):
     _fails(capsys, ["--video", str(tmp_path)] + o, "--video:")
     _fails(capsys, ["--ratio", "0"] + o, "retain_ratio")
     _fails(capsys, ["--frames", "0", "--out", str(out)], "--frames")
+    _fails(capsys, ["--frames", "513", "--out", str(out)], "--frames must be an int in [1, 512], got 513")
     _fails(capsys, ["--repeats", "0"] + o, "--repeats")
     _fails(capsys, ["--max-new-tokens", "0"] + o, "--max-new-tokens")
     _fails(capsys, ["--device", "tpu0"] + o, "--device")
@@ -167,6 +168,14 @@ def test_errors_leave_no_output_folder(tmp_path, capsys):
     a_file.write_text("")
     _fails(capsys, ["--out", str(a_file)], "--out")
     _fails(capsys, ["--out", str(a_file / "sub")], "--out")
+    if os.path.isdir("/proc/self"):  # a folder that exists but takes no new entries
+        _fails(capsys, ["--out", "/proc/earlytom_out", "--frames", "2"], "--out: cannot write in /proc/earlytom_out")
+    # Another model family's checkpoint is refused from its config (no full-size random LLaVA-OV).
+    from transformers import Qwen2Config
+
+    other = tmp_path / "qwen2"
+    Qwen2Config(num_hidden_layers=1, hidden_size=8, intermediate_size=8, num_attention_heads=1).save_pretrained(other)
+    _fails(capsys, ["--model", str(other), "--no-png", "--frames", "2"], "is a 'qwen2' checkpoint; the demo runs LLaVA")
     assert not out.exists()
 
 

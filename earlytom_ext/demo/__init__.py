@@ -2,7 +2,7 @@
 model with EarlyTom and show what was kept.
 
 By default the model is small and has random weights (nothing is downloaded, it runs on a CPU in
-seconds) but the real LLaVA-OneVision frame geometry and encoder depth (SigLIP: 384x384 frames,
+about a minute) but the real LLaVA-OneVision frame geometry and encoder depth (SigLIP: 384x384 frames,
 14x14 patches, 27x27 = 729 tokens, 26 layers, so the paper's prune layers apply): the kept patches
 show the mechanism, not a trained model's choice. ``--model PATH_OR_ID`` runs the same demo on a
 real checkpoint (``LlavaOnevisionForConditionalGeneration`` and its processor). The frames are a
@@ -16,6 +16,8 @@ tokens before/after, time per stage as the median of several runs after a warm-u
 from __future__ import annotations
 
 import os
+import sys
+import tempfile
 from collections.abc import Sequence
 
 import torch
@@ -55,8 +57,12 @@ __all__ = [
 ]
 
 
+MAX_FRAMES = 512  # every frame's activations are held at once
+
+
 def _check_out(out: str) -> None:
-    # Checked before any work; the folder itself is created only once there is something to write.
+    # Checked before any work by writing a file there (access bits say yes to root everywhere);
+    # what this creates is removed again: the folder is made only when the PNG is written.
     if not isinstance(out, str) or not out:
         raise ValueError(f"--out must be a folder path, got {out!r}")
     if os.path.exists(out) and not os.path.isdir(out):
@@ -66,8 +72,23 @@ def _check_out(out: str) -> None:
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
         raise ValueError(f"--out: {parent} is a file, so {out} cannot be created")
-    if not os.access(parent, os.W_OK):
-        raise ValueError(f"--out: {parent} is not writable")
+    missing = []
+    path = os.path.abspath(out)
+    while path != parent:
+        missing.append(path)
+        path = os.path.dirname(path)
+    try:
+        os.makedirs(out, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise ValueError(f"--out: cannot write in {out}: {e.strerror or e}") from e
+    finally:
+        for path in missing:  # deepest first
+            try:
+                os.rmdir(path)
+            except OSError:
+                break
 
 
 def run(
@@ -95,13 +116,13 @@ def run(
     cold run is dominated by one-off costs and by whatever else the machine is doing). Default: 3
     on the CPU, 10 on a GPU. ``png=False`` writes nothing (``"png"`` is then None).
     Invalid arguments raise ValueError/TypeError before any work; the ``out`` folder is created
-    only when the PNG is written.
+    only when the PNG is written. Unless ``quiet``, a line on stderr says what runs.
     """
     from .._ext import has_cuda_kernels
     from ..integration import apply
 
-    if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
-        raise ValueError(f"--frames must be an int >= 1, got {frames!r}")
+    if isinstance(frames, bool) or not isinstance(frames, int) or not 1 <= frames <= MAX_FRAMES:
+        raise ValueError(f"--frames must be an int in [1, {MAX_FRAMES}], got {frames!r}")
     if repeats is not None and (isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1):
         raise ValueError(f"--repeats must be an int >= 1, got {repeats!r}")
     if max_new_tokens is not None and (
@@ -155,6 +176,14 @@ def run(
             raise ValueError("the demo's PNG needs matplotlib: pip install matplotlib (or run with --no-png)") from e
 
     random_weights = model is None
+    if not quiet:
+        print(
+            f"earlytom demo: {frames} frames ({source}), {'the small random model' if random_weights else model} on "
+            f"{dev}: {repeats} timed runs after a warm-up{', then generate' if generate else ''} (a minute or two on "
+            "a CPU; -v shows progress)",
+            file=sys.stderr,
+            flush=True,
+        )
     if random_weights:
         logger.info("building the small random LLaVA-OneVision model (seed %d)", seed)
         net = build_demo_model(seed=seed, device=dev)

@@ -21,14 +21,24 @@ def load_pretrained(model_id: str, device: torch.device):
     loaded.
     """
     try:
-        from transformers import AutoProcessor, LlavaOnevisionForConditionalGeneration
+        from transformers import AutoConfig, AutoProcessor, LlavaOnevisionForConditionalGeneration
     except ImportError as e:
         raise ValueError("--model needs transformers: pip install 'transformers>=4.57'") from e
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     logger.info("loading %s (%s on %s)", model_id, dtype, device)
     try:
+        # The config first: another family's weights would load into a full-size random LLaVA-OV.
+        config = AutoConfig.from_pretrained(model_id)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"--model: cannot load {model_id!r}: {_one_line(e)}") from e
+    if config.model_type != "llava_onevision":
+        raise ValueError(
+            f"--model: {model_id!r} is a {config.model_type!r} checkpoint; the demo runs LLaVA-OneVision "
+            "checkpoints (earlytom_ext.apply also takes Qwen2.5-VL models in Python)"
+        )
+    try:
         # `dtype` is the argument's name from transformers 4.56 on (4.57.x and 5.x).
-        model = LlavaOnevisionForConditionalGeneration.from_pretrained(model_id, dtype=dtype)
+        model = LlavaOnevisionForConditionalGeneration.from_pretrained(model_id, config=config, dtype=dtype)
         processor = AutoProcessor.from_pretrained(model_id)
     except ImportError as e:
         raise ValueError(
