@@ -523,21 +523,10 @@ def test_models_sharing_a_language_model_carry_one_inner_llm_merge(model, videos
 def test_compiled_model_runs_the_video_path_eagerly(videos):
     """model.compile(): the compression (hooks, host reads, data-dependent sizes) runs eagerly and the
     model call after it compiled; results equal the uncompiled patched model, call after call."""
-    model = tm.build_model(seed=0)
-    first = tm.make_inputs([v[:3] for v in videos], seed=16)
     second = tm.make_inputs([videos[1][:5]], seed=17)
-    with earlytom_ext.apply(model, CFG), torch.no_grad():
-        expected = [model(**x).logits for x in (first, second)]
-        expected_ids = model.generate(**second, max_new_tokens=3, do_sample=False)
-        torch._dynamo.reset()
-        model.compile(backend="eager")
-        try:
-            for x, want in zip((first, second, first), expected + expected[:1]):
-                torch.testing.assert_close(model(**x).logits, want)
-            assert torch.equal(model.generate(**second, max_new_tokens=3, do_sample=False), expected_ids)
-        finally:
-            model._compiled_call_impl = None
-            torch._dynamo.reset()
+    tm.check_compiled_model(
+        tm.build_model(seed=0), CFG, [tm.make_inputs([v[:3] for v in videos], seed=16), second], second
+    )
 
 
 def test_a_hook_on_the_tower_sees_the_pixels_as_the_model_passes_them(model, videos):

@@ -20,7 +20,7 @@ transformers = pytest.importorskip("transformers")
 if not hasattr(transformers, "Qwen2_5_VLForConditionalGeneration"):
     pytest.skip("this transformers has no Qwen2_5_VLForConditionalGeneration", allow_module_level=True)
 
-from tiny_models import cache_names  # noqa: E402
+from tiny_models import cache_names, check_compiled_model  # noqa: E402
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration  # noqa: E402
 
 import earlytom_ext  # noqa: E402
@@ -648,20 +648,8 @@ def test_compiled_model_runs_the_video_path_eagerly(videos):
     """model.compile(): the compression runs eagerly, the model call after it compiled (4.57: the
     positions handed to the prefill's get_rope_index differ call by call)."""
     model = build_model()
-    first = make_inputs(model, videos, seed=14)
     second = make_inputs(model, [videos[1][:8]], seed=15, spgt=(2.0,))
-    with earlytom_ext.apply(model, CFG), torch.no_grad():
-        expected = [model(**x).logits for x in (first, second)]
-        expected_ids = model.generate(**second, max_new_tokens=3, do_sample=False)
-        torch._dynamo.reset()
-        model.compile(backend="eager")
-        try:
-            for x, want in zip((first, second, first), expected + expected[:1]):
-                torch.testing.assert_close(model(**x).logits, want)
-            assert torch.equal(model.generate(**second, max_new_tokens=3, do_sample=False), expected_ids)
-        finally:
-            model._compiled_call_impl = None
-            torch._dynamo.reset()
+    check_compiled_model(model, CFG, [make_inputs(model, videos, seed=14), second], second)
 
 
 def test_published_geometry_runs_with_the_default_prune_layers():

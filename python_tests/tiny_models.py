@@ -1,8 +1,8 @@
 """Tiny random LLaVA-OneVision models and hand-built inputs for the tests.
 
 Everything is defined once, in ``earlytom_ext.tiny_model`` (shared with the demo and the
-benchmarks); this module re-exports it under the names the tests use, and holds the two helpers
-the tests that run the vision encoder layer by layer share.
+benchmarks); this module re-exports it under the names the tests use, and holds the helpers
+several test files share.
 """
 
 from earlytom_ext.tiny_model import (  # noqa: F401  (re-exported for the tests)
@@ -108,3 +108,24 @@ def cache_names() -> tuple:
     if "cache" in inspect.signature(LlavaOnevisionForConditionalGeneration.forward).parameters:
         return ("cache", "past_key_values")
     return ("past_key_values",)
+
+
+def check_compiled_model(model, cfg, calls: list, generate_inputs: dict) -> None:
+    """Under ``apply(model, cfg)``: forward over ``calls`` (then the first again) and a short greedy
+    generate after ``model.compile()`` equal the same calls uncompiled."""
+    import torch
+
+    import earlytom_ext
+
+    with earlytom_ext.apply(model, cfg), torch.no_grad():
+        expected = [model(**x).logits for x in calls]
+        expected_ids = model.generate(**generate_inputs, max_new_tokens=3, do_sample=False)
+        torch._dynamo.reset()
+        model.compile(backend="eager")
+        try:
+            for x, want in zip(calls + calls[:1], expected + expected[:1]):
+                torch.testing.assert_close(model(**x).logits, want)
+            assert torch.equal(model.generate(**generate_inputs, max_new_tokens=3, do_sample=False), expected_ids)
+        finally:
+            model._compiled_call_impl = None
+            torch._dynamo.reset()
