@@ -29,7 +29,7 @@ from .cli import DESCRIPTION, add_arguments, build_parser, main, prog_name, run_
 from .figure import _figure as _figure
 from .figure import plot, segment_colors, timeline_label_step
 from .models import build_demo_model, load_pretrained
-from .report import RANDOM_WEIGHTS_NOTE, markdown_table, summary
+from .report import RANDOM_WEIGHTS_NOTE, _count, markdown_table, summary
 from .timing import time_ms
 from .video import load_video, normalize_siglip, sample_video_path, synthetic_frames
 
@@ -177,10 +177,12 @@ def run(
 
     random_weights = model is None
     if not quiet:
+        what = "the small random model" if random_weights else model
+        then = ", then generate" if generate else ""
+        hint = "a minute or two on a CPU; " if dev.type == "cpu" else ""
         print(
-            f"earlytom demo: {frames} frames ({source}), {'the small random model' if random_weights else model} on "
-            f"{dev}: {repeats} timed runs after a warm-up{', then generate' if generate else ''} (a minute or two on "
-            "a CPU; -v shows progress)",
+            f"earlytom demo: {_count(frames, 'frame')} ({source}), {what} on {dev}: "
+            f"{_count(repeats, 'timed run')} after a warm-up{then} ({hint}-v shows progress)",
             file=sys.stderr,
             flush=True,
         )

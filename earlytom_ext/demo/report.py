@@ -10,6 +10,10 @@ from ..config import EarlyTomConfig
 RANDOM_WEIGHTS_NOTE = "random weights: kept patches show the mechanism, not a trained model's choice"
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def _one_line(e: BaseException) -> str:
     # Library messages (PyAV, Hugging Face) can span several lines; the command line prints one.
     text = " ".join(str(e).split())
@@ -39,7 +43,10 @@ def summary(
     tower's runs.
     """
     v = stats["videos"][0]
-    out = [f"EarlyTom demo: {v['frames_before']} frames ({source}), model: {model_name}, device {stats['device']}"]
+    out = [
+        f"EarlyTom demo: {_count(v['frames_before'], 'frame')} ({source}), model: {model_name}, "
+        f"device {stats['device']}"
+    ]
     if random_weights:
         out.append(RANDOM_WEIGHTS_NOTE)
     out += [
