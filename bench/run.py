@@ -37,6 +37,7 @@ from bench.common import Budget, free_memory, is_cuda
 from bench.env import ROOT, device_slug, environment, utc_now
 from bench.patterns import PATTERNS
 from bench.report import GOALS, PAPER, goals_section, write_markdown, write_plot
+from earlytom_ext.demo import cpu_or_cuda
 
 KERNEL_MODULES = ("bench_merge_frames", "bench_attention_received", "bench_select_tokens")
 #: sections in run order, with their weight in the time budget (a section gets its weight's share
@@ -120,7 +121,6 @@ def _int_at_least(low: int):
             raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
         return value
 
-    parse.__name__ = f"int >= {low}"
     return parse
 
 
@@ -135,11 +135,7 @@ def _ratio(text: str) -> float:
 
 
 def _device(text: str) -> str:
-    try:
-        dev = torch.device(text)
-    except (RuntimeError, TypeError):
-        dev = None
-    if dev is None or dev.type not in ("cpu", "cuda"):
+    if cpu_or_cuda(text) is None:
         raise argparse.ArgumentTypeError(f"must be cpu or cuda (cuda:N), got {text!r}")
     return text
 

@@ -39,6 +39,7 @@ __all__ = [
     "add_arguments",
     "build_demo_model",
     "build_parser",
+    "cpu_or_cuda",
     "load_pretrained",
     "load_video",
     "main",
@@ -58,6 +59,15 @@ __all__ = [
 
 
 MAX_FRAMES = 512  # every frame's activations are held at once
+
+
+def cpu_or_cuda(device) -> torch.device | None:
+    """``torch.device(device)`` when it names the CPU or a CUDA device, else ``None``."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        return None
+    return dev if dev.type in ("cpu", "cuda") else None
 
 
 def _check_out(out: str) -> None:
@@ -144,11 +154,8 @@ def run(
     cuda_ok = torch.cuda.is_available() and has_cuda_kernels()
     if device is None:
         device = "cuda" if cuda_ok else "cpu"
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        dev = None
-    if dev is None or dev.type not in ("cpu", "cuda"):
+    dev = cpu_or_cuda(device)
+    if dev is None:
         raise ValueError(f"--device must be cpu or cuda (cuda:N), got {device!r}")
     if dev.type == "cuda" and not cuda_ok:
         raise ValueError("--device cuda needs a CUDA GPU and earlytom_ext built with its CUDA kernels")
