@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import torch
 
 from bench.bench_ttft import config_label, measure
-from bench.common import Budget, free_memory, run_points
+from bench.common import Budget, free_memory, params_text, run_points
 from bench.patterns import apply_earlytom
 from earlytom_ext import tiny_model as tm
 from earlytom_ext.integration.window_attention import fast_window_attention
@@ -236,7 +236,7 @@ def benchmark(
         log(f"  qwen2.5-vl: skipped ({why})")
         return {"skipped": why}
     model, info = build_model(size, device=device, dtype=dtype, seed=seed)
-    log(f"  qwen2.5-vl: {size} built in {info['build_s']:.1f} s ({info['params'] / 1e9:.2f} B parameters)")
+    log(f"  qwen2.5-vl: {size} built in {info['build_s']:.1f} s ({params_text(info['params'])})")
     frames, image_size = SIZES[size][6], SIZES[size][7]
     try:
         inputs = make_inputs(

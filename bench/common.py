@@ -88,6 +88,15 @@ def gib(n_bytes: float | None) -> float | None:
     return None if n_bytes is None else n_bytes / 2**30
 
 
+def params_text(n: float | None) -> str:
+    """A parameter count as people write it: ``8.03 B parameters``, ``1.42 M parameters``."""
+    n = n or 0
+    for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit} parameters"
+    return f"{int(n)} parameters"
+
+
 def timed_calls(
     fn: Callable[[], object],
     device,

@@ -33,7 +33,7 @@ from typing import Callable
 import torch
 
 from bench import bench_encoder, bench_qwen25vl, bench_throughput, bench_ttft, flops, models, profile_ttft
-from bench.common import Budget, free_memory, is_cuda
+from bench.common import Budget, free_memory, is_cuda, params_text
 from bench.env import ROOT, device_slug, environment, utc_now
 from bench.patterns import PATTERNS
 from bench.report import GOALS, PAPER, goals_section, write_markdown, write_plot
@@ -52,6 +52,17 @@ SECTIONS = (
     ("kernels", 1.2),
     ("qwen", 1.0),
 )
+#: --help text of each section flag.
+SECTION_HELP = {
+    "ttft": "time to first token: stock, stock + fast pooling, EarlyTom per ratio and merge pattern",
+    "gaps": "where the device idles in one stock and one EarlyTom TTFT call (torch.profiler)",
+    "flops": "the paper's analytical FLOPs: the forced patterns (no model run) and the TTFT section's runs",
+    "throughput": "generate throughput (videos/s, tokens/s) per batch size",
+    "scaling": "TTFT against the number of frames and the batch size",
+    "encoder": "pixels to LLM-ready video tokens (the vision side alone)",
+    "kernels": "microbenchmarks of the earlytom:: ops",
+    "qwen": "the Qwen2.5-VL-7B configuration's TTFT (stock, fast window attention, EarlyTom)",
+}
 
 
 def run_kernels(device: str, quick: bool, budget: Budget, log) -> dict[str, object]:
@@ -147,7 +158,7 @@ def parse_args(argv=None):
     )
     ap.add_argument("--all", action="store_true", help="every section")
     for name, _ in SECTIONS:
-        ap.add_argument(f"--{name}", action="store_true")
+        ap.add_argument(f"--{name}", action="store_true", help=SECTION_HELP[name])
     ap.add_argument("--device", type=_device, default="cuda", help="cuda (default) or cpu (smoke run)")
     ap.add_argument("--quick", action="store_true", help="tiny model, few frames, few iterations")
     ap.add_argument(
@@ -267,6 +278,7 @@ def main(argv=None) -> dict:
         print(f"[bench {time.monotonic() - t_start:6.1f}s] {msg}", flush=True)
 
     spec = models.get_spec(model_name)
+    selected = [(n, w) for n, w in SECTIONS if getattr(args, n)]
     results: dict = {
         "meta": {
             "device": device,
@@ -287,6 +299,7 @@ def main(argv=None) -> dict:
             "throughput_batch": list(tp_batch),
             "new_tokens": new_tokens,
             "time_budget_s": args.time_budget,
+            "sections": [n for n, _ in selected],
             "spec": spec.to_dict(),
             "goals": GOALS,
             "paper": PAPER,
@@ -301,7 +314,6 @@ def main(argv=None) -> dict:
         f"batch {args.batch}, output {stem}.*"
     )
 
-    selected = [(n, w) for n, w in SECTIONS if getattr(args, n)]
     state: dict = {"model": None}
     if any(n in ("ttft", "gaps", "encoder", "scaling", "throughput") for n, _ in selected):
         try:
@@ -311,7 +323,7 @@ def main(argv=None) -> dict:
             if not info["weights_finite"]:
                 results["errors"].append("the random weights contain NaN/Inf")
             state["model"] = model
-            log(f"model built in {info['build_s']:.1f} s ({info['params'] / 1e9:.2f} B parameters)")
+            log(f"model built in {info['build_s']:.1f} s ({params_text(info['params'])})")
         except Exception as e:
             results["errors"].append(f"model build failed: {type(e).__name__}: {e}")
             log(f"model build FAILED: {type(e).__name__}: {e}")

@@ -37,7 +37,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     from . import demo
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # reported with the usage of the command they were given to
+        getattr(args, "command_parser", parser).error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.command == "demo":
         return demo.run_args(args, args.command_parser)
     parser.print_help(sys.stderr)

@@ -180,6 +180,21 @@ def test_llm_flops_with_inner_merge():
 
 
 @pytest.mark.parametrize(
+    "n, text",
+    [
+        (8.03e9, "8.03 B parameters"),
+        (1_420_000, "1.42 M parameters"),
+        (2500, "2.50 K parameters"),
+        (12, "12 parameters"),
+    ],
+)
+def test_params_text(n, text):
+    from bench.common import params_text
+
+    assert params_text(n) == text
+
+
+@pytest.mark.parametrize(
     "name, slug",
     [
         ("NVIDIA H100 80GB HBM3", "h100"),
@@ -372,6 +387,8 @@ def test_quick_run_writes_labelled_outputs(quick_run):
     assert md[0].name.startswith("cpu-smoke-") and md[0].stem == js[0].stem
     text = md[0].read_text()
     assert "CPU SMOKE RUN" in text and "NOT performance results" in text
+    assert " M parameters, random weights" in text or " K parameters, random weights" in text, text[:2000]
+    assert "CUDA-event" not in text and "host-clock spans" in text
     assert results["meta"]["label"].startswith("CPU smoke run")
     assert results["meta"]["complete"] is True
     assert results["meta"]["device"] == "cpu" and results["meta"]["model"] == "micro"
@@ -683,3 +700,27 @@ def test_bench_arguments_are_checked_by_the_parser(argv, needle, capsys):
     with pytest.raises(SystemExit) as e:
         run.parse_args(["--flops", *argv])
     assert e.value.code == 2 and needle in capsys.readouterr().err
+
+
+def test_goals_without_a_ttft_section():
+    """A FLOPs-only run states its analytical FLOPs goal line; a run that asked for TTFT and got no
+    headline row says so (hand-written results)."""
+    from bench import report
+
+    row = {"source": "analytical", "pattern": "forced-merge", "ratio": 0.1, "llm_merge": False}
+    results = {
+        "meta": {"headline_pattern": "forced-merge", "device": "cpu", "sections": ["flops"]},
+        "env": {},
+        "flops": [
+            dict(row, ratio=0.2, flops_reduction_pct=50.0),
+            dict(row, llm_merge=True, flops_reduction_pct=80.0),
+            dict(row, flops_reduction_pct=61.25),
+        ],
+    }
+    text = "\n".join(report.goals_section(results))
+    assert "- FLOPs at r = 0.10 (forced-merge, analytical; no TTFT section in this run): **-61.2%**" in text
+    assert "no result" not in text
+    results["meta"]["sections"] = ["ttft", "flops"]
+    text = "\n".join(report.goals_section(results))
+    assert "- TTFT speed-up at r = 0.10: no result (see Errors / Skipped)." in text
+    assert "analytical" not in text

@@ -133,6 +133,20 @@ def test_no_command_prints_help_and_fails(capsys):
     assert "demo" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "argv, usage",
+    [(["demo", "--no-such-option", "4"], "usage: earlytom demo "), (["--bogus"], "usage: earlytom [-h]")],
+)
+def test_unknown_option_shows_the_usage_of_its_command(capsys, monkeypatch, argv, usage):
+    monkeypatch.setattr(sys, "argv", ["earlytom"])
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    assert err.startswith(usage), err
+    assert f"unrecognized arguments: {' '.join(argv[1:] if argv[0] == 'demo' else argv)}" in err, err
+
+
 # ------------------------------------------------------------------------------------------------
 # Errors: one line, before any work, no output folder
 # ------------------------------------------------------------------------------------------------
