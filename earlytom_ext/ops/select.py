@@ -190,7 +190,10 @@ def _plan_tensors(plan, device: torch.device) -> tuple[torch.Tensor, torch.Tenso
             raise TypeError(f"plan.frame_static must hold bools, got dtype {static.dtype}")
     else:
         static = host_to_device(_check_bools("plan.frame_static", static), torch.bool, device)
-    return keep, static, check_int("plan.num_out", plan.num_out), host_keep
+    num_out = check_int("plan.num_out", plan.num_out)
+    if num_out >= 2**63:  # the op's int is int64; the op itself names negative counts
+        raise ValueError(f"select_tokens: num_out must equal sum(frame_keep), got {num_out} (beyond int64)")
+    return keep, static, num_out, host_keep
 
 
 def _check_keep_values(keep: list[int], P: int, num_out: int) -> None:
