@@ -486,6 +486,18 @@ def test_remove_refuses_a_wrapper_that_copied_the_patched_forward(model, videos)
     assert "forward" not in model.__dict__ and "_earlytom_handle" not in model.__dict__
 
 
+def test_patched_forward_has_the_model_signature(model):
+    """generate reads ``inspect.signature(model.forward)`` for its argument checks: the patched
+    forward answers with the model's own, without unwrapping on every call."""
+    import inspect
+
+    before = inspect.signature(model.forward)
+    with earlytom_ext.apply(model, CFG):
+        assert model.forward.__dict__.get("__signature__") == before
+        assert inspect.signature(model.forward) == before
+    assert inspect.signature(model.forward) == before and "forward" not in model.__dict__
+
+
 def test_a_removed_handle_refuses_to_be_used_again(model, videos):
     h = earlytom_ext.apply(model, CFG)
     h.remove()
