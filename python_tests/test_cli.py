@@ -173,6 +173,8 @@ def test_errors_leave_no_output_folder(tmp_path, capsys):
     _fails(capsys, ["--seed", str(10**23)] + o, "--seed")
     _fails(capsys, ["--seed", "-1"] + o, "--seed")
     _fails(capsys, ["--max-window", str(2**63)] + o, "max_window")
+    _fails(capsys, ["--preset", "nosuchbench"] + o, "--preset nosuchbench --ratio 0.1: benchmark must be one of")
+    _fails(capsys, ["--preset", "videomme", "--ratio", "0.3"] + o, "--preset videomme --ratio 0.3: retain_ratio")
     _fails(capsys, ["--model", str(tmp_path / "no" / "such" / "checkpoint"), "--no-png"] + o, "--model:")
     if not torch.cuda.is_available():
         _fails(capsys, ["--device", "cuda"] + o, "--device")
@@ -191,6 +193,22 @@ def test_errors_leave_no_output_folder(tmp_path, capsys):
     Qwen2Config(num_hidden_layers=1, hidden_size=8, intermediate_size=8, num_attention_heads=1).save_pretrained(other)
     _fails(capsys, ["--model", str(other), "--no-png", "--frames", "2"], "is a 'qwen2' checkpoint; the demo runs LLaVA")
     assert not out.exists()
+
+
+def test_demo_preset_gives_the_papers_settings_and_options_override_them():
+    def config_line(**kw):
+        kw = dict(frames=2, device="cpu", png=False, generate=False, quiet=True, repeats=1, **kw)
+        return next(line for line in demo.run(**kw)["summary"].splitlines() if line.startswith("config:"))
+
+    # The paper's VideoMME rows (M = 6, ema 0.9): r = 0.1 tau 0.3 layers 10,21,23; r = 0.2 tau 0.5 layers 8,21,23.
+    assert config_line(preset="videomme") == (
+        "config: retain_ratio=0.1 tau=0.3 max_window=6 ema=0.9 prune_layers=(10, 21, 23)"
+    )
+    assert config_line(preset="Video-MME", ratio=0.2, tau=0.9, prune_layers=(4, 7)) == (
+        "config: retain_ratio=0.2 tau=0.9 max_window=6 ema=0.9 prune_layers=(4, 7)"
+    )
+    with pytest.raises(TypeError, match="--preset must be a benchmark name"):
+        demo.run(preset=1, png=False, quiet=True)
 
 
 @needs_av

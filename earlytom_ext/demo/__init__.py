@@ -24,6 +24,7 @@ import torch
 
 from .._logging import logger
 from ..config import EarlyTomConfig
+from ..config import preset as paper_preset
 from ..tiny_model import TOKENS_PER_FRAME, VIDEO_TOKEN_ID
 from .cli import DESCRIPTION, add_arguments, build_parser, main, prog_name, run_args
 from .figure import _figure as _figure
@@ -117,11 +118,14 @@ def run(
     repeats: int | None = None,
     png: bool = True,
     max_new_tokens: int | None = None,
+    preset: str | None = None,
 ) -> dict:
     """Run the demo; returns ``{"png", "summary", "stats", "timings", "baseline_ms", "answer"}``.
 
-    ``model``: a LLaVA-OneVision checkpoint (folder or Hugging Face id) instead of the small random
-    model. ``repeats``: timed runs (after one warm-up) of the unpatched and the patched vision path,
+    ``preset``: the paper's settings for a benchmark at ``ratio`` (:func:`earlytom_ext.preset`);
+    ``tau``, ``max_window`` and ``prune_layers`` given too override them. ``model``: a
+    LLaVA-OneVision checkpoint (folder or Hugging Face id) instead of the small random model.
+    ``repeats``: timed runs (after one warm-up) of the unpatched and the patched vision path,
     interleaved so that load on the machine hits both alike; the summary shows medians (a single
     cold run is dominated by one-off costs and by whatever else the machine is doing). Default: 3
     on the CPU, 10 on a GPU. ``png=False`` writes nothing (``"png"`` is then None).
@@ -143,14 +147,24 @@ def run(
         raise ValueError(f"--seed must be an int in [0, 2**63), got {seed!r}")
     if model is not None and (not isinstance(model, str) or not model):
         raise ValueError(f"--model must be a folder or a Hugging Face model id, got {model!r}")
-    changes = {"retain_ratio": ratio}
+    changes = {}
+    if preset is None:
+        changes["retain_ratio"] = ratio
+        base = EarlyTomConfig()
+    else:
+        if not isinstance(preset, str):
+            raise TypeError(f"--preset must be a benchmark name, got {preset!r}")
+        try:
+            base = paper_preset(preset, ratio)
+        except (ValueError, TypeError) as e:
+            raise type(e)(f"--preset {preset} --ratio {ratio}: {e}") from None
     if tau is not None:
         changes["tau"] = tau
     if max_window is not None:
         changes["max_window"] = max_window
     if prune_layers is not None:
         changes["prune_layers"] = tuple(prune_layers)
-    cfg = EarlyTomConfig(**changes)
+    cfg = base.replace(**changes)
     cuda_ok = torch.cuda.is_available() and has_cuda_kernels()
     if device is None:
         device = "cuda" if cuda_ok else "cpu"

@@ -53,15 +53,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="folder for earlytom_demo.png, created when the PNG is written (default earlytom_demo)",
     )
     p.add_argument("--no-png", action="store_true", help="print the summary only (no PNG, no matplotlib needed)")
-    p.add_argument("--tau", type=float, default=None, help="segmentation threshold (default: EarlyTomConfig's 0.6)")
     p.add_argument(
-        "--max-window", type=int, default=None, metavar="M", help="max segment window M (default: EarlyTomConfig's 8)"
+        "--preset",
+        default=None,
+        metavar="BENCHMARK",
+        help="the paper's settings for a benchmark at --ratio (0.1, 0.15, 0.2 or 0.25), as "
+        "earlytom_ext.preset(BENCHMARK, R): mvbench, videomme, longvideobench or egoschema; "
+        "--tau, --max-window and --prune-layers override them",
+    )
+    p.add_argument(
+        "--tau",
+        type=float,
+        default=None,
+        help="segmentation threshold (default: the preset's, else EarlyTomConfig's 0.6)",
+    )
+    p.add_argument(
+        "--max-window",
+        type=int,
+        default=None,
+        metavar="M",
+        help="max segment window M (default: the preset's, else EarlyTomConfig's 8)",
     )
     p.add_argument(
         "--prune-layers",
         default=None,
         metavar="L1,L2,...",
-        help="comma-separated 0-based encoder layers (default: EarlyTomConfig's 6,21,23)",
+        help="comma-separated 0-based encoder layers (default: the preset's, else EarlyTomConfig's 6,21,23)",
     )
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument(
@@ -117,6 +134,7 @@ def run_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             frames=args.frames,
             ratio=args.ratio,
             out=args.out,
+            preset=args.preset,
             tau=args.tau,
             max_window=args.max_window,
             prune_layers=layers,

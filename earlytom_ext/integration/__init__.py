@@ -55,9 +55,11 @@ def apply(model: nn.Module, cfg: EarlyTomConfig | None = None) -> EarlyTomHandle
         ``last_inputs``, ``config``, ``encode_videos``, ``prepare_inputs``, ``force_decisions``).
 
     Raises:
-        TypeError: the model is not a supported model (or cfg is not an ``EarlyTomConfig``).
+        TypeError: the model is not a supported model (or cfg is not an ``EarlyTomConfig``); with
+            the inner-LLM merge, a language model it cannot wrap (e.g. Qwen2.5-VL on transformers 4.57).
         ValueError: the config does not fit the model.
-        RuntimeError: EarlyTom is already applied to this model.
+        RuntimeError: EarlyTom is already applied to this model, or its language model already
+            carries another handle's inner-LLM merge.
     """
     if cfg is not None and not isinstance(cfg, EarlyTomConfig):
         raise TypeError(f"cfg must be an earlytom_ext.EarlyTomConfig, got {type(cfg).__name__}")
