@@ -9,9 +9,11 @@
 #   test      pytest python_tests -n 8 (pytest-xdist; the CUDA == CPU == reference parity tests)
 #   cuda      cmake + ctest of the standalone cuda_tests/test_*.cu programs
 #   sanitize  compute-sanitizer memcheck on every cuda_tests program, then racecheck on as many
-#             as the stage's time allows ("refused" where the GPU runtime refuses the sanitizer)
+#             as the stage's time allows ("refused" where the GPU runtime refuses the sanitizer;
+#             the stage is skipped where the toolkit has no compute-sanitizer)
 #   bench     python -m bench.run --all (results <device>-<date>.{md,json,png})
-# "test" and "bench" build the extension first when it is not importable with CUDA kernels;
+# "test" and "bench" build the extension first when it is not importable with CUDA kernels
+# (not after a failed "build" stage);
 # "sanitize" builds the cuda_tests first when they are missing.
 #
 # Time: the whole run fits in --budget / GPU_CHECK_BUDGET seconds (default 480 = 8 minutes).
@@ -50,7 +52,7 @@ while [ "$#" -gt 0 ]; do
     --budget) BUDGET="${2:?--budget needs a number of seconds}"; shift 2 ;;
     --budget=*) BUDGET="${1#--budget=}"; shift ;;
     --cpu) CPU_ONLY=1; shift ;;
-    -h|--help) sed -n '2,40p' "$0"; exit 0 ;;
+    -h|--help) awk 'NR > 1 && !/^#/ {exit} NR > 1' "$0"; exit 0 ;;
     -*) echo "unknown option '$1'" >&2; exit 2 ;;
     *)
       case " $ALL_STAGES " in
@@ -156,6 +158,7 @@ EOF
 
 ensure_ext() {
   if ext_ready; then return 0; fi
+  if [ -f "$WORK/build_failed" ]; then echo "earlytom_ext did not build (see the build stage): not retried"; return 1; fi
   echo "earlytom_ext is not importable with its kernels yet: building it first"
   stage_build
 }
@@ -189,7 +192,8 @@ EOF
 stage_build() {
   if [ "$CPU_ONLY" = 1 ]; then export EARLYTOM_SKIP_CUDA=1; else export EARLYTOM_FORCE_CUDA=1; fi
   echo "TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS CUDA_HOME=$CUDA_HOME cpu_only=$CPU_ONLY"
-  "$PY" setup.py build_ext --inplace || return 1
+  # A failed build is not retried by the later stages (it would fail again, on their time).
+  "$PY" setup.py build_ext --inplace || { touch "$WORK/build_failed"; return 1; }
   "$PY" - "$CPU_ONLY" <<'EOF'
 import sys, torch, earlytom_ext
 from earlytom_ext import _ext
@@ -204,7 +208,8 @@ EOF
 
 stage_test() {
   ensure_ext || return 1
-  local args=(python_tests -q -rs -p no:cacheprovider --junitxml="$WORK/logs/pytest.xml" --durations=10)
+  # -v: a run stopped at its slice still shows which tests passed and failed.
+  local args=(python_tests -v -rs -p no:cacheprovider --junitxml="$WORK/logs/pytest.xml" --durations=10)
   # (pytest-benchmark, when installed, warns once per xdist worker that it is disabled: off.)
   if "$PY" -c "import xdist" >/dev/null 2>&1; then args+=(-n "$PYTEST_WORKERS" -p no:benchmark); else
     echo "pytest-xdist is missing: the tests run in one process"; fi
@@ -245,7 +250,7 @@ stage_sanitize() {
   if [ "$CPU_ONLY" = 1 ]; then echo "no GPU (--cpu): sanitizer not run"; return 77; fi
   local t_end=$((SECONDS + ${STAGE_LIMIT:-90} - 5))
   local cs
-  cs="$(sanitizer_bin)" || { echo "compute-sanitizer not found"; return 1; }
+  cs="$(sanitizer_bin)" || { echo "compute-sanitizer not found (a toolkit without it): not run"; return 77; }
   if ! ls "$CT_BUILD"/test_* >/dev/null 2>&1; then
     echo "cuda_tests not built yet: building them first (no ctest run here)"
     build_cuda_tests || return 1
@@ -312,9 +317,9 @@ stage_sanitize() {
 stage_bench() {
   local t0=$SECONDS
   ensure_ext || return 1
-  # The benchmark's own budget: what is left of the slice minus 30 s for the configuration that
-  # is running when it ends, the report and the figure.
-  local budget=$(( ${STAGE_LIMIT:-400} - (SECONDS - t0) - 30 ))
+  # The benchmark's own budget: what is left of the slice minus 45 s for the configuration that
+  # is running when it ends (a point runs to its end), the imports, the report and the figure.
+  local budget=$(( ${STAGE_LIMIT:-400} - (SECONDS - t0) - 45 ))
   [ "$budget" -lt 30 ] && budget=30
   local dev=(--device cuda)
   [ "$CPU_ONLY" = 1 ] && dev=(--device cpu --quick --model micro --frames 4 --iters 1 --warmup 0)
@@ -383,10 +388,11 @@ finalize() {
 }
 
 # ------------------------------------------------------------------------------------------
-# The stages run in child shells: export what they use.
+# The stages run in child shells: export what they use (every function, so a helper that a
+# stage calls cannot be missing there).
 export PY ROOT WORK CT_BUILD CUDA_ARCHS SANITIZE_TOOLS PYTEST_WORKERS CPU_ONLY NOTES
-export -f log ext_ready ensure_ext sanitizer_bin stage_env stage_build stage_test stage_cuda \
-  stage_sanitize stage_bench
+# shellcheck disable=SC2046
+export -f $(compgen -A function)
 
 set -- $STAGES
 while [ "$#" -gt 0 ]; do

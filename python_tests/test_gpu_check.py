@@ -1,0 +1,88 @@
+"""scripts/gpu_check.sh without a GPU: its stages run in child shells and must reach the helpers
+and tools they call there; a stage's outcome lands in the summary. Tools are stand-in scripts."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "gpu_check.sh"
+
+pytestmark = pytest.mark.skipif(
+    not all(shutil.which(t) for t in ("bash", "timeout", "tee", "tar")), reason="needs bash, timeout, tee and tar"
+)
+
+
+def _stub(folder: Path, name: str, rc: int) -> Path:
+    """A program that appends its name and arguments to ``calls.txt`` and exits with ``rc``."""
+    folder.mkdir(exist_ok=True)
+    p = folder / name
+    p.write_text(f'#!/bin/sh\necho "{name} $*" >> "{folder}/calls.txt"\necho "stub {name} $*"\nexit {rc}\n')
+    p.chmod(0o755)
+    return p
+
+
+def _run(tmp_path: Path, stages: list[str], path: str, **env) -> tuple[subprocess.CompletedProcess, str, list[str]]:
+    out = tmp_path / "out"
+    full_env = dict(os.environ, OUT=str(out), TMPDIR=str(tmp_path), PATH=path, PYTHON=sys.executable)
+    full_env.update(env)
+    r = subprocess.run(
+        ["bash", str(SCRIPT), "--budget", "300", *stages],
+        cwd=ROOT,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    calls = tmp_path / "stubs" / "calls.txt"
+    return r, (out / "summary.md").read_text(), calls.read_text().splitlines() if calls.exists() else []
+
+
+def test_cuda_stages_reach_cmake_in_their_shells(tmp_path):
+    stubs = tmp_path / "stubs"
+    _stub(stubs, "cmake", 1)
+    _stub(stubs, "compute-sanitizer", 0)
+    r, summary, calls = _run(tmp_path, ["cuda", "sanitize"], f"{stubs}:{os.environ['PATH']}")
+    log = r.stdout + r.stderr
+    assert "command not found" not in log, log
+    # Both stages configure the cuda_tests build (sanitize: no programs built yet), and fail with it.
+    assert [c.split(" -B ")[0] for c in calls] == ["cmake -S .", "cmake -S ."], calls
+    assert "| cuda | FAIL (rc 1) |" in summary, summary
+    assert "| sanitize | FAIL (rc 1) |" in summary, summary
+    assert r.returncode == 1
+
+
+def test_missing_sanitizer_is_a_skipped_stage(tmp_path):
+    stubs = tmp_path / "stubs"
+    _stub(stubs, "cmake", 1)
+    empty = tmp_path / "no_toolkit"
+    empty.mkdir()
+    # No compute-sanitizer on PATH nor under CUDA_HOME.
+    r, summary, calls = _run(tmp_path, ["sanitize"], f"{stubs}:/usr/bin:/bin", CUDA_HOME=str(empty))
+    assert calls == [], calls
+    assert "| sanitize | skipped (compute-sanitizer not found" in summary, summary
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_a_failed_build_is_not_built_again_by_later_stages(tmp_path):
+    stubs = tmp_path / "stubs"
+    python = _stub(stubs, "python", 1)
+    r, summary, calls = _run(tmp_path, ["build", "test", "bench"], os.environ["PATH"], PYTHON=str(python))
+    assert [c for c in calls if "setup.py" in c] == ["python setup.py build_ext --inplace"], calls
+    assert "earlytom_ext did not build (see the build stage): not retried" in r.stdout, r.stdout
+    for stage in ("build", "test", "bench"):
+        assert f"| {stage} | FAIL (rc 1) |" in summary, summary
+    assert r.returncode == 1
+
+
+def test_help_prints_the_whole_header():
+    r = subprocess.run(["bash", str(SCRIPT), "--help"], capture_output=True, text=True, timeout=30)
+    lines = r.stdout.splitlines()
+    assert r.returncode == 0
+    assert lines[0].startswith("# All GPU work of earlytom_ext in ONE run")
+    assert all(line.startswith("#") for line in lines), lines
+    assert "BENCH_ARGS" in r.stdout and lines[-1] == "# arguments of bench.run)."
