@@ -158,6 +158,8 @@ def goals_section(results: dict) -> list[str]:
                 f"- FLOPs at r = 0.10 ({hp}, analytical; no TTFT section in this run): "
                 f"**-{flops['flops_reduction_pct']:.1f}%** (paper: -{PAPER['flops_reduction_pct_r010']:.0f}%)."
             )
+        else:
+            L.append(f"- No TTFT section in this run, and no analytical FLOPs row at r = 0.10 for {hp}.")
     fast = next((r for r in ttft if r.get("baseline") == "fastpool" and r.get("when") == "before" and _ok(r)), None)
     if fast is not None and fast.get("speedup"):
         L.append(f"- The pooling fix alone (stock + fast pooling, uncompressed): {fast['speedup']:.2f}x vs stock.")

@@ -37,9 +37,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     from . import demo
 
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # reported with the usage of the command they were given to
-        getattr(args, "command_parser", parser).error(f"unrecognized arguments: {' '.join(unknown)}")
+        # The top level takes no option values: the first command name is the command.
+        cut = argv.index(args.command) if args.command in argv else len(argv)
+        before = set(argv[:cut])
+        owner = parser if any(u in before for u in unknown) else getattr(args, "command_parser", parser)
+        owner.error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.command == "demo":
         return demo.run_args(args, args.command_parser)
     parser.print_help(sys.stderr)

@@ -720,6 +720,9 @@ def test_goals_without_a_ttft_section():
     text = "\n".join(report.goals_section(results))
     assert "- FLOPs at r = 0.10 (forced-merge, analytical; no TTFT section in this run): **-61.2%**" in text
     assert "no result" not in text
+    natural = dict(results, meta=dict(results["meta"], headline_pattern="natural"))
+    text = "\n".join(report.goals_section(natural))
+    assert "- No TTFT section in this run, and no analytical FLOPs row at r = 0.10 for natural." in text
     results["meta"]["sections"] = ["ttft", "flops"]
     text = "\n".join(report.goals_section(results))
     assert "- TTFT speed-up at r = 0.10: no result (see Errors / Skipped)." in text

@@ -486,15 +486,18 @@ def test_remove_refuses_a_wrapper_that_copied_the_patched_forward(model, videos)
     assert "forward" not in model.__dict__ and "_earlytom_handle" not in model.__dict__
 
 
-def test_patched_forward_has_the_model_signature(model):
-    """generate reads ``inspect.signature(model.forward)`` for its argument checks: the patched
-    forward answers with the model's own, without unwrapping on every call."""
+def test_patched_forward_signatures(model):
+    """generate reads ``inspect.signature(model.forward)`` for its argument checks: the model's own.
+    torch.compile's frame capture binds a call to ``inspect.signature(fn, follow_wrapped=False)`` as
+    the function's locals: that must be the wrapper's own ``(*args, **kwargs)``."""
     import inspect
 
     before = inspect.signature(model.forward)
     with earlytom_ext.apply(model, CFG):
-        assert model.forward.__dict__.get("__signature__") == before
         assert inspect.signature(model.forward) == before
+        own = inspect.signature(model.forward, follow_wrapped=False)
+        code = model.forward.__code__
+        assert list(own.parameters) == list(code.co_varnames[: code.co_argcount + 2]) == ["args", "kwargs"]
     assert inspect.signature(model.forward) == before and "forward" not in model.__dict__
 
 

@@ -443,8 +443,11 @@ def test_bad_wrapper_inputs():
         select_tokens(feats, scores, plan._replace(frame_keep=[0, 2, 2, 2]))
     with pytest.raises(ValueError, match="num_out"):
         select_tokens(feats, scores, plan._replace(num_out=plan.num_out + 1))
-    with pytest.raises(ValueError, match="num_out must equal sum.*beyond int64"):
-        select_tokens(feats, scores, plan._replace(num_out=2**63))
+    for beyond in (2**63, -(2**63) - 1):
+        with pytest.raises(ValueError, match="num_out must equal sum.*beyond int64"):
+            select_tokens(feats, scores, plan._replace(num_out=beyond))
+    with pytest.raises(ValueError, match="num_out"):
+        select_tokens(feats, scores, plan._replace(num_out=-1))
     with pytest.raises(TypeError, match="plan"):
         select_tokens(feats, scores, (1, 2))
 

@@ -13,7 +13,7 @@
 #             the stage is skipped where the toolkit has no compute-sanitizer)
 #   bench     python -m bench.run --all (results <device>-<date>.{md,json,png})
 # "test" and "bench" build the extension first when it is not importable with CUDA kernels
-# (not after a failed "build" stage);
+# (not after a build that failed earlier in the run);
 # "sanitize" builds the cuda_tests first when they are missing.
 #
 # Time: the whole run fits in --budget / GPU_CHECK_BUDGET seconds (default 480 = 8 minutes).
@@ -40,6 +40,7 @@
 set -u
 set -o pipefail
 
+SELF="$(cd "$(dirname "$0")" && pwd)/$(basename "$0")"
 cd "$(dirname "$0")/.."
 ROOT="$(pwd)"
 
@@ -52,7 +53,7 @@ while [ "$#" -gt 0 ]; do
     --budget) BUDGET="${2:?--budget needs a number of seconds}"; shift 2 ;;
     --budget=*) BUDGET="${1#--budget=}"; shift ;;
     --cpu) CPU_ONLY=1; shift ;;
-    -h|--help) awk 'NR > 1 && !/^#/ {exit} NR > 1' "$0"; exit 0 ;;
+    -h|--help) awk 'NR > 1 && !/^#/ {exit} NR > 1' "$SELF"; exit 0 ;;
     -*) echo "unknown option '$1'" >&2; exit 2 ;;
     *)
       case " $ALL_STAGES " in
@@ -133,7 +134,7 @@ run_stage() {
   local t0=$SECONDS rc
   # Each stage runs in its own bash under `timeout`, so a hanging stage cannot eat the next
   # stages' time.
-  STAGE_LIMIT="$limit" timeout -k 10 "$limit" bash -c "$fn" 2>&1 | tee "$logf"
+  STAGE_NAME="$name" STAGE_LIMIT="$limit" timeout -k 10 "$limit" bash -c "$fn" 2>&1 | tee "$logf"
   rc=${PIPESTATUS[0]}
   local dt=$((SECONDS - t0)) status
   if [ "$rc" -eq 0 ]; then status=pass
@@ -158,7 +159,10 @@ EOF
 
 ensure_ext() {
   if ext_ready; then return 0; fi
-  if [ -f "$WORK/build_failed" ]; then echo "earlytom_ext did not build (see the build stage): not retried"; return 1; fi
+  if [ -f "$WORK/build_failed" ]; then
+    echo "earlytom_ext did not build earlier in this run (see $(cat "$WORK/build_failed").log): not retried"
+    return 1
+  fi
   echo "earlytom_ext is not importable with its kernels yet: building it first"
   stage_build
 }
@@ -192,9 +196,10 @@ EOF
 stage_build() {
   if [ "$CPU_ONLY" = 1 ]; then export EARLYTOM_SKIP_CUDA=1; else export EARLYTOM_FORCE_CUDA=1; fi
   echo "TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS CUDA_HOME=$CUDA_HOME cpu_only=$CPU_ONLY"
-  # A failed build is not retried by the later stages (it would fail again, on their time).
-  "$PY" setup.py build_ext --inplace || { touch "$WORK/build_failed"; return 1; }
-  "$PY" - "$CPU_ONLY" <<'EOF'
+  # A failed build is not retried by the later stages (it would fail again, on their time); one
+  # stopped at its slice is (ninja goes on where it stopped).
+  "$PY" setup.py build_ext --inplace || { echo "${STAGE_NAME:-build}" >"$WORK/build_failed"; return 1; }
+  "$PY" - "$CPU_ONLY" <<'EOF' || { echo "${STAGE_NAME:-build}" >"$WORK/build_failed"; return 1; }
 import sys, torch, earlytom_ext
 from earlytom_ext import _ext
 print("earlytom_ext", earlytom_ext.__version__, earlytom_ext.__file__)
@@ -391,8 +396,7 @@ finalize() {
 # The stages run in child shells: export what they use (every function, so a helper that a
 # stage calls cannot be missing there).
 export PY ROOT WORK CT_BUILD CUDA_ARCHS SANITIZE_TOOLS PYTEST_WORKERS CPU_ONLY NOTES
-# shellcheck disable=SC2046
-export -f $(compgen -A function)
+while read -r _ _ f; do export -f "$f"; done < <(declare -F)
 
 set -- $STAGES
 while [ "$#" -gt 0 ]; do

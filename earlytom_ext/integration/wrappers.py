@@ -22,9 +22,9 @@ from .patches import swap_attr
 __all__ = ["make_forward", "make_generate"]
 
 
-def binder(fn: Callable, sig: inspect.Signature | None = None) -> Callable[[tuple, dict], dict[str, Any]]:
+def binder(fn: Callable) -> Callable[[tuple, dict], dict[str, Any]]:
     """``bind(args, kwargs) -> dict`` of ``fn``'s arguments by name (``**kwargs`` flattened in)."""
-    sig = sig or inspect.signature(fn)
+    sig = inspect.signature(fn)
     varkw = next((n for n, prm in sig.parameters.items() if prm.kind is prm.VAR_KEYWORD), None)
 
     def bind(args, kwargs) -> dict:
@@ -367,8 +367,7 @@ def quick_config_check(model):
 def make_forward(core, orig: Callable) -> Callable:
     """``model.forward`` that compresses the videos of a call (``core.video_arg`` given) and runs the
     model on the rewritten inputs; any other call goes through unchanged."""
-    sig = inspect.signature(orig)
-    bind = binder(orig, sig)
+    bind = binder(orig)
     video_arg = core.video_arg
 
     @functools.wraps(orig)
@@ -384,9 +383,6 @@ def make_forward(core, orig: Callable) -> Callable:
         finally:
             core.end_call()
 
-    # generate reads the forward's signature several times per call; unwrapping it each time costs
-    # tens of microseconds (the answer is the same: the model's own).
-    forward.__signature__ = sig
     return forward
 
 

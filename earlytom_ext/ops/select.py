@@ -191,7 +191,7 @@ def _plan_tensors(plan, device: torch.device) -> tuple[torch.Tensor, torch.Tenso
     else:
         static = host_to_device(_check_bools("plan.frame_static", static), torch.bool, device)
     num_out = check_int("plan.num_out", plan.num_out)
-    if num_out >= 2**63:  # the op's int is int64; the op itself names negative counts
+    if not -(2**63) <= num_out < 2**63:  # the op's int is int64; the op itself names negative counts
         raise ValueError(f"select_tokens: num_out must equal sum(frame_keep), got {num_out} (beyond int64)")
     return keep, static, num_out, host_keep
 
