@@ -279,6 +279,10 @@ def test_generate_continues_from_the_cache_it_filled(model, videos, batch):
                 for a, b in zip(out.logits, scratch.logits):
                     torch.testing.assert_close(a, b, atol=2e-4, rtol=1e-4)
                 assert returned_cache(out) is cache
+            # The videos again with that cache (a processor run on the whole conversation): refused,
+            # saying how to continue.
+            with pytest.raises(ValueError, match="continue it without pixel_values_videos"):
+                model.generate(**dict(inputs, input_ids=ids, attention_mask=mask), **{CACHE: cache}, **kw)
         # A prompt that does not start with the caller's (here: the compressed one, by hand) is
         # passed on as it is.
         out = model.generate(**inputs, max_new_tokens=3, **kw)

@@ -132,13 +132,19 @@ def test_quickstart_default_model_id():
 def save_tiny_qwen2_5_vl_checkpoint(path: str) -> str:
     """A tiny random Qwen2.5-VL (32 vision blocks, full attention in 7, 15, 23, 31, as the published
     ones) and a real ``Qwen2_5_VLProcessor`` for it: 2-pixel patches, frames resized to 16 x 16 px
-    (16 merged tokens per temporal group), a word-level ``Qwen2TokenizerFast`` over the vocabulary."""
-    pytest.importorskip("transformers")
+    (16 merged tokens per temporal group), a word-level tokenizer over the vocabulary."""
+    transformers = pytest.importorskip("transformers")
     if importlib.util.find_spec("torchvision") is None:
         pytest.skip("the Qwen2-VL video processor needs torchvision")
     from test_qwen2_5_vl import IMG, VE, VID, VS, build_model
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import Qwen2_5_VLProcessor, Qwen2TokenizerFast, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+    from transformers import (
+        PreTrainedTokenizerFast,
+        Qwen2_5_VLProcessor,
+        Qwen2TokenizerFast,
+        Qwen2VLImageProcessor,
+        Qwen2VLVideoProcessor,
+    )
 
     special = {"<|endoftext|>": 0, "<|im_end|>": 2, "<unk>": 3}
     vision = {"<|image_pad|>": IMG, "<|video_pad|>": VID, "<|vision_start|>": VS, "<|vision_end|>": VE}
@@ -147,7 +153,10 @@ def save_tiny_qwen2_5_vl_checkpoint(path: str) -> str:
     vocab.update(vision)
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = Qwen2TokenizerFast(
+    # 4.x's processor takes only Qwen2's tokenizer class; 5.x reloads that class as a byte-level BPE
+    # (its own vocabulary model), which would drop the text words: the generic class there.
+    v4 = transformers.__version__.startswith("4.")
+    tokenizer = (Qwen2TokenizerFast if v4 else PreTrainedTokenizerFast)(
         tokenizer_object=tok,
         pad_token="<|endoftext|>",
         eos_token="<|im_end|>",
@@ -196,6 +205,8 @@ def test_qwen2_5_vl_example_runs_on_a_local_checkpoint(tmp_path, capsys, monkeyp
     # One video: 8 frames -> 4 temporal groups of 4 x 4 merged tokens; the frame rate reached the
     # processor (2 frames per group at 4 fps: 0.5 s per group, on 4.57 and 5.x alike).
     assert len(seen) == 1 and seen[0]["video_grid_thw"].tolist() == [[4, 8, 8]]
+    # "user:" <|vision_start|> 64 x <|video_pad|> <|vision_end|> "Describe the video." "assistant:"
+    assert seen[0]["input_ids"].shape == (1, 1 + 1 + 64 + 1 + 3 + 1)
     assert seen[0]["second_per_grid_ts"].tolist() == [0.5]
     assert "tokens before" in printed and " 64 " in printed, printed
 

@@ -479,6 +479,12 @@ def make_generate(core, orig: Callable) -> Callable:
                     return run(call, input_ids, ids)
             with quick_config_check(core.model):
                 return orig(*args, **kwargs)
+        if continuation(kwargs) is not None and cache_holds_tokens(call_cache(kwargs)):
+            raise ValueError(
+                f"this cache holds an earlier call's compressed prompt and its videos: continue it without "
+                f"{video_arg} (and the other video arguments); input_ids that start with the earlier prompt "
+                "run on the compressed one"
+            )
         call = bind(args, kwargs)
         input_ids = prompt_of(call)
         refuse_unsupported_settings(core.model, call, core.llm_merge_on)
