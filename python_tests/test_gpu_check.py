@@ -99,3 +99,15 @@ def test_help_prints_the_whole_header(where):
     assert lines[0].startswith("# All GPU work of earlytom_ext in ONE run")
     assert all(line.startswith("#") for line in lines), lines
     assert "BENCH_ARGS" in r.stdout and lines[-1] == "# arguments of bench.run)."
+
+
+def test_test_stage_pytest_lists_failures(tmp_path):
+    # pytest's short summary lists failures only when -r names them (a bare -rs drops them), and -v
+    # shows each result as it comes (a stage stopped at its slice writes no summary).
+    python = _stub(tmp_path / "stubs", "python", 0)
+    r, summary, calls = _run(tmp_path, ["test"], os.environ["PATH"], PYTHON=str(python))
+    runs = [c.split() for c in calls if " -m pytest " in c]
+    assert len(runs) == 1, calls
+    flags = runs[0]
+    assert "-v" in flags and any(f.startswith("-r") and {"f", "E"} <= set(f[2:]) for f in flags), flags
+    assert "| test | pass |" in summary, summary

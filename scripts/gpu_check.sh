@@ -213,8 +213,9 @@ EOF
 
 stage_test() {
   ensure_ext || return 1
-  # -v: a run stopped at its slice still shows which tests passed and failed.
-  local args=(python_tests -v -rs -p no:cacheprovider --junitxml="$WORK/logs/pytest.xml" --durations=10)
+  # -v: a run stopped at its slice still shows which tests passed and failed; -rfEs: the failures
+  # and errors are listed at the end too (a bare -rs would drop them from the short summary).
+  local args=(python_tests -v -rfEs -p no:cacheprovider --junitxml="$WORK/logs/pytest.xml" --durations=10)
   # (pytest-benchmark, when installed, warns once per xdist worker that it is disabled: off.)
   if "$PY" -c "import xdist" >/dev/null 2>&1; then args+=(-n "$PYTEST_WORKERS" -p no:benchmark); else
     echo "pytest-xdist is missing: the tests run in one process"; fi
