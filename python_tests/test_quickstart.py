@@ -33,6 +33,37 @@ def test_readme_shows_the_quickstart_file():
     assert readme_quickstart_block() == body, "README's Quick start block and examples/quickstart.py differ"
 
 
+def word_level_tokenizer(cls, vocab_size: int, special: dict, placeholders: dict, **roles):
+    """A ``cls`` fast tokenizer whose words are ``w<id>`` for every id below ``vocab_size`` that
+    ``special`` and ``placeholders`` (token -> id) leave free; any other word is ``<unk>``. The
+    placeholders are special tokens (matched inside runs such as ``<video><video>``); ``roles``
+    names the pad / bos / eos tokens."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {f"w{i}": i for i in range(vocab_size) if i not in {*special.values(), *placeholders.values()}}
+    vocab.update(special)
+    vocab.update(placeholders)
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return cls(
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        additional_special_tokens=list(placeholders),
+        model_input_names=["input_ids", "attention_mask"],  # like Qwen2's tokenizer: no token_type_ids
+        **roles,
+    )
+
+
+def chat_template(video: str, image: str) -> str:
+    """``role: <video> text ... assistant: `` with the model's placeholder text for a video / image."""
+    return (
+        "{% for m in messages %}{{ m['role'] }}: {% for c in m['content'] %}"
+        "{% if c['type'] == 'video' %}" + video + " {% elif c['type'] == 'image' %}" + image + " "
+        "{% elif c['type'] == 'text' %}{{ c['text'] }} {% endif %}{% endfor %}{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}"
+    )
+
+
 def save_tiny_checkpoint(path: str, vision_layers: int = 26, seed: int = 0) -> str:
     """Save a tiny random LLaVA-OneVision model and a working processor for it to ``path``.
 
@@ -43,7 +74,6 @@ def save_tiny_checkpoint(path: str, vision_layers: int = 26, seed: int = 0) -> s
     pytest.importorskip("transformers")
     if importlib.util.find_spec("torchvision") is None:
         pytest.skip("the LLaVA-OneVision video processor needs torchvision")
-    from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import (
         LlavaOnevisionImageProcessor,
         LlavaOnevisionProcessor,
@@ -53,33 +83,14 @@ def save_tiny_checkpoint(path: str, vision_layers: int = 26, seed: int = 0) -> s
 
     from earlytom_ext import tiny_model as tm
 
-    special = {
-        "<pad>": tm.PAD_ID,
-        "<s>": 1,
-        "</s>": 2,
-        "<unk>": 3,
-        "<image>": tm.IMAGE_TOKEN_ID,
-        "<video>": tm.VIDEO_TOKEN_ID,
-    }
-    taken = set(special.values())
-    vocab = {f"w{i}": i for i in range(tm.VOCAB) if i not in taken}
-    vocab.update(special)
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
+    tokenizer = word_level_tokenizer(
+        PreTrainedTokenizerFast,
+        tm.VOCAB,
+        {"<pad>": tm.PAD_ID, "<s>": 1, "</s>": 2, "<unk>": 3},
+        {"<image>": tm.IMAGE_TOKEN_ID, "<video>": tm.VIDEO_TOKEN_ID},
         pad_token="<pad>",
         bos_token="<s>",
         eos_token="</s>",
-        unk_token="<unk>",
-        additional_special_tokens=["<image>", "<video>"],
-        model_input_names=["input_ids", "attention_mask"],  # like Qwen2's tokenizer: no token_type_ids
-    )
-    template = (
-        "{% for m in messages %}{{ m['role'] }}: {% for c in m['content'] %}"
-        "{% if c['type'] == 'video' %}<video> {% elif c['type'] == 'image' %}<image> "
-        "{% elif c['type'] == 'text' %}{{ c['text'] }} {% endif %}{% endfor %}{% endfor %}"
-        "{% if add_generation_prompt %}assistant: {% endif %}"
     )
     processor = LlavaOnevisionProcessor(
         image_processor=LlavaOnevisionImageProcessor(),
@@ -87,7 +98,7 @@ def save_tiny_checkpoint(path: str, vision_layers: int = 26, seed: int = 0) -> s
         video_processor=LlavaOnevisionVideoProcessor(),
         num_image_tokens=tm.GRID * tm.GRID,
         vision_feature_select_strategy="full",
-        chat_template=template,
+        chat_template=chat_template("<video>", "<image>"),
     )
     tm.build_model(vision_layers=vision_layers, seed=seed).save_pretrained(path)
     processor.save_pretrained(path)
@@ -137,7 +148,6 @@ def save_tiny_qwen2_5_vl_checkpoint(path: str) -> str:
     if importlib.util.find_spec("torchvision") is None:
         pytest.skip("the Qwen2-VL video processor needs torchvision")
     from test_qwen2_5_vl import IMG, VE, VID, VS, build_model
-    from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import (
         PreTrainedTokenizerFast,
         Qwen2_5_VLProcessor,
@@ -146,37 +156,25 @@ def save_tiny_qwen2_5_vl_checkpoint(path: str) -> str:
         Qwen2VLVideoProcessor,
     )
 
-    special = {"<|endoftext|>": 0, "<|im_end|>": 2, "<unk>": 3}
-    vision = {"<|image_pad|>": IMG, "<|video_pad|>": VID, "<|vision_start|>": VS, "<|vision_end|>": VE}
-    vocab = {f"w{i}": i for i in range(128) if i not in {*special.values(), *vision.values()}}
-    vocab.update(special)
-    vocab.update(vision)
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     # 4.x's processor takes only Qwen2's tokenizer class; 5.x reloads that class as a byte-level BPE
     # (its own vocabulary model), which would drop the text words: the generic class there.
     v4 = transformers.__version__.startswith("4.")
-    tokenizer = (Qwen2TokenizerFast if v4 else PreTrainedTokenizerFast)(
-        tokenizer_object=tok,
+    tokenizer = word_level_tokenizer(
+        Qwen2TokenizerFast if v4 else PreTrainedTokenizerFast,
+        128,
+        {"<|endoftext|>": 0, "<|im_end|>": 2, "<unk>": 3},
+        {"<|image_pad|>": IMG, "<|video_pad|>": VID, "<|vision_start|>": VS, "<|vision_end|>": VE},
         pad_token="<|endoftext|>",
         eos_token="<|im_end|>",
-        unk_token="<unk>",
-        additional_special_tokens=list(vision),
-        model_input_names=["input_ids", "attention_mask"],
-    )
-    template = (
-        "{% for m in messages %}{{ m['role'] }}: {% for c in m['content'] %}"
-        "{% if c['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|> "
-        "{% elif c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|> "
-        "{% elif c['type'] == 'text' %}{{ c['text'] }} {% endif %}{% endfor %}{% endfor %}"
-        "{% if add_generation_prompt %}assistant: {% endif %}"
     )
     sizes = dict(patch_size=2, temporal_patch_size=2, merge_size=2, min_pixels=16 * 16, max_pixels=16 * 16)
     processor = Qwen2_5_VLProcessor(
         image_processor=Qwen2VLImageProcessor(**sizes),
         tokenizer=tokenizer,
         video_processor=Qwen2VLVideoProcessor(**sizes),
-        chat_template=template,
+        chat_template=chat_template(
+            "<|vision_start|><|video_pad|><|vision_end|>", "<|vision_start|><|image_pad|><|vision_end|>"
+        ),
     )
     build_model(depth=32, fullatt=(7, 15, 23, 31)).save_pretrained(path)
     processor.save_pretrained(path)
@@ -198,7 +196,7 @@ def test_qwen2_5_vl_example_runs_on_a_local_checkpoint(tmp_path, capsys, monkeyp
     example = _load_example(QWEN_EXAMPLE)
     answer = example.main(model_id=checkpoint, num_frames=8, fps=4.0, max_new_tokens=3)
     printed = capsys.readouterr().out
-    # Decoded new tokens only (the word-level vocabulary: "w<id>", joined without spaces on 5.x).
+    # Decoded new tokens only (the word-level vocabulary: "w<id>" words).
     assert isinstance(answer, str) and answer.strip(), printed
     assert re.fullmatch(r"(\s*(w\d+|<unk>))+\s*", answer), answer
     assert "user:" not in answer and answer in printed
