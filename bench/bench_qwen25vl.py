@@ -1,4 +1,5 @@
-"""TTFT of the Qwen2.5-VL-7B architecture (random weights, bf16, SDPA): stock, EarlyTom, and stock +
+"""TTFT of the Qwen2.5-VL-7B architecture (or Qwen2-VL-7B's: ``size="qwen2-vl-7b"``, ``bench.run
+--qwen-model qwen2-vl-7b``) with random weights, bf16, SDPA: stock, EarlyTom, and stock +
 ``earlytom_ext.fast_window_attention`` (the batched window attention EarlyTom's vision path uses,
 given to the uncompressed model: the algorithm's gain apart from that fix).
 
@@ -8,7 +9,9 @@ patches, 2 frames per temporal patch, 2x2 spatial merge, window attention over 1
 with full attention in blocks 7/15/23/31, merger to 3584) and the Qwen2.5-7B language model
 (hidden 3584, 28 layers, 28 heads / 4 KV heads, MLP 18944, vocabulary 152064, M-RoPE sections
 16/24/24). The video: 32 frames at 448x448 (the crossfade clip of ``tiny_model.make_video``),
-patchified as the Qwen2-VL processor does: 16 x 32 x 32 patches, 4096 video tokens.
+patchified as the Qwen2-VL processor does: 16 x 32 x 32 patches, 4096 video tokens. Qwen2-VL-7B
+(``Qwen/Qwen2-VL-7B-Instruct``): the same patching and language model, a 32-block vision
+transformer with full attention in every block (hidden 1280, 16 heads, MLP ratio 4, QuickGELU).
 
 Before building the 7B model the section checks, on a tiny model of the same family on the
 CPU, that ``earlytom_ext.apply`` accepts it; otherwise the section is skipped with the reason.
@@ -64,8 +67,22 @@ _TEXT_7B = dict(
     pad_token_id=151643,
 )
 _IDS_7B = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653)
-# The same family with tiny widths (and the full vision depth, so the paper's prune layers apply).
+# Qwen/Qwen2-VL-7B-Instruct's vision transformer (its language model is the one above).
+_QWEN2_VL_VISION_7B = dict(
+    depth=32,
+    embed_dim=1280,
+    hidden_size=3584,
+    mlp_ratio=4,
+    num_heads=16,
+    in_channels=3,
+    patch_size=14,
+    spatial_merge_size=2,
+    temporal_patch_size=2,
+    hidden_act="quick_gelu",
+)
+# The same families with tiny widths (and the full vision depth, so the paper's prune layers apply).
 _VISION_TINY = dict(_VISION_7B, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64)
+_QWEN2_VL_VISION_TINY = dict(_QWEN2_VL_VISION_7B, embed_dim=32, hidden_size=64, num_heads=2)
 _TEXT_TINY = dict(
     _TEXT_7B,
     vocab_size=320,
@@ -81,40 +98,78 @@ _TEXT_TINY = dict(
 _IDS_TINY = dict(image_token_id=300, video_token_id=301, vision_start_token_id=302, vision_end_token_id=303)
 
 SIZES = {
-    # name: (vision, text, ids, rope_theta, mrope_section, text id range, frames, image size)
-    "qwen2.5-vl-7b": (_VISION_7B, _TEXT_7B, _IDS_7B, 1000000.0, [16, 24, 24], (1000, 150000), 32, 448),
-    "tiny": (_VISION_TINY, _TEXT_TINY, _IDS_TINY, 1000000.0, [2, 3, 3], (3, 290), 4, 112),
+    # name: (vision, text, ids, rope_theta, mrope_section, text id range, frames, image size, family)
+    "qwen2.5-vl-7b": (_VISION_7B, _TEXT_7B, _IDS_7B, 1000000.0, [16, 24, 24], (1000, 150000), 32, 448, "qwen2_5_vl"),
+    "qwen2-vl-7b": (
+        _QWEN2_VL_VISION_7B,
+        dict(_TEXT_7B, max_position_embeddings=32768),
+        _IDS_7B,
+        1000000.0,
+        [16, 24, 24],
+        (1000, 150000),
+        32,
+        448,
+        "qwen2_vl",
+    ),
+    "tiny": (_VISION_TINY, _TEXT_TINY, _IDS_TINY, 1000000.0, [2, 3, 3], (3, 290), 4, 112, "qwen2_5_vl"),
+    "tiny-qwen2-vl": (_QWEN2_VL_VISION_TINY, _TEXT_TINY, _IDS_TINY, 1000000.0, [2, 3, 3], (3, 290), 4, 112, "qwen2_vl"),
+}
+#: The tiny size of each 7B size's family (what --quick runs).
+TINY = {"qwen2.5-vl-7b": "tiny", "qwen2-vl-7b": "tiny-qwen2-vl"}
+#: family -> (transformers class names: config, text config module and class, model; label)
+_FAMILIES = {
+    "qwen2_5_vl": (
+        "Qwen2_5_VLConfig",
+        "qwen2_5_vl",
+        "Qwen2_5_VLTextConfig",
+        "Qwen2_5_VLForConditionalGeneration",
+        "Qwen2.5-VL",
+    ),
+    "qwen2_vl": ("Qwen2VLConfig", "qwen2_vl", "Qwen2VLTextConfig", "Qwen2VLForConditionalGeneration", "Qwen2-VL"),
 }
 
 
-def qwen_config(size: str = "qwen2.5-vl-7b"):
-    """A ``Qwen2_5_VLConfig`` (transformers 5.x ``rope_parameters``, 4.x ``rope_scaling``)."""
-    from transformers import Qwen2_5_VLConfig
-    from transformers.models.qwen2_5_vl import configuration_qwen2_5_vl as conf
-
+def _size(size: str) -> tuple:
     if size not in SIZES:
         raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
-    vision, text, ids, theta, section = SIZES[size][:5]
+    return SIZES[size]
+
+
+def family_label(size: str) -> str:
+    """``"Qwen2.5-VL"`` or ``"Qwen2-VL"``: the family of ``size``."""
+    return _FAMILIES[_size(size)[8]][4]
+
+
+def qwen_config(size: str = "qwen2.5-vl-7b"):
+    """A ``Qwen2_5_VLConfig`` / ``Qwen2VLConfig`` (transformers 5.x ``rope_parameters``, 4.x ``rope_scaling``)."""
+    import importlib
+
+    import transformers
+
+    vision, text, ids, theta, section = _size(size)[:5]
+    config_name, module, text_config_name = _FAMILIES[_size(size)[8]][:3]
+    conf = importlib.import_module(f"transformers.models.{module}.configuration_{module}")
     text = dict(text)
-    if "rope_parameters" in inspect.signature(conf.Qwen2_5_VLTextConfig.__init__).parameters:
+    if "rope_parameters" in inspect.signature(getattr(conf, text_config_name).__init__).parameters:
         text["rope_parameters"] = {"rope_type": "default", "rope_theta": theta, "mrope_section": list(section)}
     else:
         text.update(rope_theta=theta, rope_scaling={"type": "mrope", "mrope_section": list(section)})
-    cfg = Qwen2_5_VLConfig(text_config=text, vision_config=dict(vision), **ids)
+    cfg = getattr(transformers, config_name)(text_config=text, vision_config=dict(vision), **ids)
     cfg.pad_token_id = text["pad_token_id"]
     return cfg
 
 
 def build_model(size: str = "qwen2.5-vl-7b", device="cuda", dtype=torch.bfloat16, seed: int = 0):
-    """Random-weight ``Qwen2_5_VLForConditionalGeneration`` built directly on ``device``;
-    ``(model, info)``."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
+    """Random-weight ``Qwen2_5_VLForConditionalGeneration`` (``Qwen2VLForConditionalGeneration`` for
+    the Qwen2-VL sizes) built directly on ``device``; ``(model, info)``."""
+    import transformers
 
+    model_cls = getattr(transformers, _FAMILIES[_size(size)[8]][3])
     device = torch.device(device)
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     with device:
-        model = tm.from_config(Qwen2_5_VLForConditionalGeneration, qwen_config(size), dtype, "sdpa")
+        model = tm.from_config(model_cls, qwen_config(size), dtype, "sdpa")
     model = model.to(device=device, dtype=dtype).eval()
     model.requires_grad_(False)
     gc = model.generation_config
@@ -194,21 +249,24 @@ def make_inputs(
     }
 
 
-def availability(benchmark_preset: str = "videomme", ratio: float = 0.10) -> tuple[bool, str]:
-    """Whether ``earlytom_ext.apply`` accepts a Qwen2.5-VL model (checked on a tiny one, CPU)."""
-    try:
-        from transformers import Qwen2_5_VLForConditionalGeneration  # noqa: F401
-    except ImportError as e:
-        return False, f"transformers has no Qwen2_5_VLForConditionalGeneration ({e})"
+def availability(
+    benchmark_preset: str = "videomme", ratio: float = 0.10, size: str = "qwen2.5-vl-7b"
+) -> tuple[bool, str]:
+    """Whether ``earlytom_ext.apply`` accepts a model of ``size``'s family (checked on a tiny one, CPU)."""
+    import transformers
+
+    model_name = _FAMILIES[_size(size)[8]][3]
+    if not hasattr(transformers, model_name):
+        return False, f"transformers {transformers.__version__} has no {model_name}"
     import earlytom_ext
     from earlytom_ext.config import preset
 
-    tiny, _ = build_model("tiny", device="cpu", dtype=torch.float32)
+    tiny, _ = build_model(TINY.get(size, size), device="cpu", dtype=torch.float32)
     try:
         handle = earlytom_ext.apply(tiny, preset(benchmark_preset, ratio))
     except Exception as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        return False, f"earlytom_ext.apply does not accept Qwen2_5_VLForConditionalGeneration in this version: {first}"
+        return False, f"earlytom_ext.apply does not accept {model_name} in this version: {first}"
     handle.remove()
     return True, ""
 
@@ -231,12 +289,14 @@ def benchmark(
     from earlytom_ext.config import preset
 
     budget = budget or Budget()
-    ok, why = availability(benchmark_preset, ratios[0])
+    tag = family_label(size).lower()
+    ok, why = availability(benchmark_preset, ratios[0], size)
     if not ok:
-        log(f"  qwen2.5-vl: skipped ({why})")
-        return {"skipped": why}
+        log(f"  {tag}: skipped ({why})")
+        return {"skipped": why, "model_info": {"model": size, "family": family_label(size)}}
     model, info = build_model(size, device=device, dtype=dtype, seed=seed)
-    log(f"  qwen2.5-vl: {size} built in {info['build_s']:.1f} s ({params_text(info['params'])})")
+    info["family"] = family_label(size)
+    log(f"  {tag}: {size} built in {info['build_s']:.1f} s ({params_text(info['params'])})")
     frames, image_size = SIZES[size][6], SIZES[size][7]
     try:
         inputs = make_inputs(
@@ -261,7 +321,7 @@ def benchmark(
                     row.update(measure(model, inputs, device, handle=handle, warmup=warmup, iters=iters))
                 finally:
                     handle.remove()
-            log(f"  qwen2.5-vl {config_label(row)}: TTFT {row['ttft_ms']:.2f} ms, prefill {row.get('prefill_tokens')}")
+            log(f"  {tag} {config_label(row)}: TTFT {row['ttft_ms']:.2f} ms, prefill {row.get('prefill_tokens')}")
 
         rows = run_points(
             points,
@@ -269,7 +329,7 @@ def benchmark(
             budget=budget,
             device=device,
             log=log,
-            label=lambda r: f"qwen2.5-vl {config_label(r)}",
+            label=lambda r: f"{tag} {config_label(r)}",
         )
     finally:
         model = None  # the 8B model's memory goes back before the next section

@@ -218,8 +218,9 @@ def goals_section(results: dict) -> list[str]:
     if q:
         fw = next((r for r in qrows if r.get("baseline") == "fastwin" and _ok(r)), None)
         fw_txt = f"; stock + fast window attention alone: {fw['speedup']:.2f}x" if fw and fw.get("speedup") else ""
+        family = ((results.get("qwen25vl") or {}).get("model_info") or {}).get("family") or "Qwen2.5-VL"
         L.append(
-            "- Qwen2.5-VL TTFT: "
+            f"- {family} TTFT: "
             + ", ".join(
                 f"r={r['ratio']:.2f}: {r['speedup']:.2f}x vs stock"
                 + (
@@ -619,7 +620,12 @@ def _qwen_section(results: dict) -> list[str]:
     q = results.get("qwen25vl")
     if not q:
         return []
-    L = ["## Qwen2.5-VL-7B architecture (random weights, 32 frames at 448x448)", ""]
+    info = q.get("model_info") or {}
+    family = info.get("family") or "Qwen2.5-VL"
+    if str(info.get("model", "")).startswith("tiny"):
+        L = [f"## {family} at tiny widths (random weights, 4 frames at 112x112)", ""]
+    else:
+        L = [f"## {family}-7B architecture (random weights, 32 frames at 448x448)", ""]
     if q.get("skipped"):
         return L + [f"_skipped: {q['skipped']}_", ""]
     view = _view(q.get("rows") or [])

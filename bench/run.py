@@ -9,8 +9,8 @@ the time goes, op share, peak memory, prefill tokens; inner-LLM merge when avail
 (where the GPU waits during one TTFT call, from a torch.profiler trace; with the profiler only),
 ``--flops`` (the paper's analytical count), ``--throughput`` (generation, batch 1/4/8, 64 new
 tokens), ``--scaling`` (vs frames and vs batch), ``--encoder`` (video features: time, memory),
-``--kernels`` (the op microbenchmarks), ``--qwen`` (Qwen2.5-VL-7B architecture, when
-``earlytom_ext.apply`` accepts it).
+``--kernels`` (the op microbenchmarks), ``--qwen`` (Qwen2.5-VL-7B architecture, or Qwen2-VL-7B's
+with ``--qwen-model qwen2-vl-7b``, when ``earlytom_ext.apply`` accepts it).
 
 Writes ``<out>/<device>-<date>.md`` (tables), ``.json`` (every number) and ``.png`` (one figure).
 GPU runs default to ``bench/results/``; CPU runs are labelled as smoke runs and default to a
@@ -61,7 +61,7 @@ SECTION_HELP = {
     "scaling": "TTFT against the number of frames and the batch size",
     "encoder": "pixels to LLM-ready video tokens (the vision side alone)",
     "kernels": "microbenchmarks of the earlytom:: ops",
-    "qwen": "the Qwen2.5-VL-7B configuration's TTFT (stock, fast window attention, EarlyTom)",
+    "qwen": "the Qwen2.5-VL-7B (or --qwen-model) configuration's TTFT (stock, fast window attention, EarlyTom)",
 }
 
 
@@ -114,10 +114,11 @@ def collect_outcomes(results: dict) -> None:
     for r in results.get("encoder") or []:
         note(f"encoder {r.get('baseline') or ''} r={r['ratio']} {r['pattern']}".replace("  ", " "), r)
     q = results.get("qwen25vl") or {}
+    tag = ((q.get("model_info") or {}).get("family") or "Qwen2.5-VL").lower()
     if q.get("skipped"):
-        results["skipped"].append(f"qwen2.5-vl: {q['skipped']}")
+        results["skipped"].append(f"{tag}: {q['skipped']}")
     for r in q.get("rows") or []:
-        note(f"qwen2.5-vl {config_label(r)}", r)
+        note(f"{tag} {config_label(r)}", r)
     for name, res in (results.get("kernels") or {}).items():
         note(f"kernels {name}", res)
 
@@ -166,6 +167,12 @@ def parse_args(argv=None):
         choices=sorted(models.SPECS),
         default=None,
         help="default: llava-ov-7b on CUDA without --quick, tiny otherwise",
+    )
+    ap.add_argument(
+        "--qwen-model",
+        choices=sorted(bench_qwen25vl.TINY),
+        default="qwen2.5-vl-7b",
+        help="the --qwen section's architecture (its tiny version with --quick)",
     )
     ap.add_argument("--frames", type=positive, default=None, help="default 32 (8 with --quick)")
     ap.add_argument("--batch", type=positive, default=1)
@@ -448,7 +455,7 @@ def main(argv=None) -> dict:
         "kernels": lambda b: run_kernels(device, quick, b, log),
         "qwen": lambda b: bench_qwen25vl.benchmark(
             device,
-            size="tiny" if quick else "qwen2.5-vl-7b",
+            size=bench_qwen25vl.TINY[args.qwen_model] if quick else args.qwen_model,
             ratios=(0.10, 0.25),
             pattern=patterns[0],
             warmup=warmup,

@@ -311,6 +311,33 @@ def test_qwen_patch_order():
     assert out.tolist() == expected
 
 
+def test_qwen2_vl_section_on_a_tiny_model():
+    """The --qwen section on Qwen2-VL (--qwen-model qwen2-vl-7b; its tiny version on the CPU): stock,
+    EarlyTom and stock + fast_window_attention rows, and the report names the family."""
+    pytest.importorskip("transformers")
+    if not _ops_ready():
+        pytest.skip("earlytom ops are not all built yet (CPU kernels missing)")
+    from bench import bench_qwen25vl
+    from bench.run import parse_args
+
+    assert parse_args(["--qwen", "--qwen-model", "qwen2-vl-7b"]).qwen_model == "qwen2-vl-7b"
+    assert bench_qwen25vl.qwen_config("qwen2-vl-7b").vision_config.embed_dim == 1280
+    q = bench_qwen25vl.benchmark("cpu", size="tiny-qwen2-vl", ratios=(0.25,), warmup=0, iters=1, log=lambda *a: None)
+    assert q["model_info"]["family"] == "Qwen2-VL"
+    rows = q["rows"]
+    assert [(r["config"], r.get("baseline")) for r in rows] == [
+        ("uncompressed", "stock"),
+        ("earlytom", None),
+        ("uncompressed", "fastwin"),
+    ]
+    assert all(not r.get("error") and r["ttft_ms"] > 0 for r in rows), rows
+    assert rows[1]["prefill_tokens"] < rows[0]["prefill_tokens"]
+    results = {"qwen25vl": q, "meta": {"headline_pattern": "forced-merge", "device": "cpu", "sections": ["qwen"]}}
+    results["env"] = {}
+    text = "\n".join(report._qwen_section(results) + report.goals_section(results))
+    assert "## Qwen2-VL at tiny widths" in text and "- Qwen2-VL TTFT: r=0.25: " in text
+
+
 def test_profile_op_time_counts_earlytom_ops():
     if not _ops_ready():
         pytest.skip("earlytom ops are not all built yet (CPU kernels missing)")

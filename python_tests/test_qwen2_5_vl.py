@@ -1,7 +1,8 @@
-"""earlytom_ext.apply on tiny random Hugging Face Qwen2.5-VL models (transformers 4.57.x / 5.x).
+"""earlytom_ext.apply on tiny random Hugging Face Qwen2.5-VL and Qwen2-VL models (transformers 4.57.x /
+5.x); every test that takes the ``family`` or ``model`` fixture runs on both.
 
 The compressed tokens are checked against the reference pipeline run by hand on the same model:
-patch embedding, the model's own window order, every vision block run group by group (one group
+patch embedding, the model's own window order (Qwen2.5-VL), every vision block run group by group (one group
 at a time, so no cu_seqlens tiling is shared with the adapter), Stage I / score / refined
 segmentation / Stage II from earlytom_ext.reference. Positions are checked against values written
 from the model's rope rules, and the uncompressed layout against the model's own get_rope_index.
@@ -21,13 +22,19 @@ if not hasattr(transformers, "Qwen2_5_VLForConditionalGeneration"):
     pytest.skip("this transformers has no Qwen2_5_VLForConditionalGeneration", allow_module_level=True)
 
 from tiny_models import cache_names, check_compiled_model  # noqa: E402
-from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration  # noqa: E402
+from transformers import (  # noqa: E402
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+)
 
 import earlytom_ext  # noqa: E402
 from earlytom_ext import EarlyTomConfig  # noqa: E402
 from earlytom_ext import reference as R  # noqa: E402
 from earlytom_ext._ext import has_cuda_kernels  # noqa: E402
 from earlytom_ext.integration.adapters.qwen2_5_vl import QWEN2_5_VL_PRUNE_LAYERS, default_prune_layers  # noqa: E402
+from earlytom_ext.integration.adapters.qwen2_vl import QWEN2_VL_PRUNE_LAYERS  # noqa: E402
 from earlytom_ext.tiny_model import make_video  # noqa: E402
 
 IMG, VID, VS, VE = 120, 121, 122, 123
@@ -40,22 +47,37 @@ FRAMES = 12  # video frames -> 6 temporal groups
 SIZE = 12  # pixels -> 6x6 patches -> 3x3 merged tokens (uneven windows: 2x2, 2x1, 1x2, 1x1)
 
 
+FAMILIES = ("qwen2_5_vl", "qwen2_vl")
+
+
 def build_model(
-    seed=0, attn_implementation="sdpa", depth=6, fullatt=(2, 5), hidden=32, patch=PATCH, window=8, dtype=torch.float32
+    seed=0,
+    attn_implementation="sdpa",
+    depth=6,
+    fullatt=(2, 5),
+    hidden=32,
+    patch=PATCH,
+    window=8,
+    dtype=torch.float32,
+    family="qwen2_5_vl",
 ):
-    vision = dict(
-        depth=depth,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_heads=2,
-        in_channels=3,
-        patch_size=patch,
-        spatial_merge_size=MS,
-        temporal_patch_size=TP,
-        tokens_per_second=TPS,
-        window_size=window,
-        out_hidden_size=32,
-        fullatt_block_indexes=list(fullatt),
+    """A tiny model of ``family``; ``fullatt`` and ``window`` are Qwen2.5-VL's (Qwen2-VL: full
+    attention in every block, no windows)."""
+    if family == "qwen2_vl":
+        vision = dict(embed_dim=hidden, hidden_size=32, mlp_ratio=2, hidden_act="quick_gelu")
+        config_cls, model_cls = Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    else:
+        vision = dict(
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            tokens_per_second=TPS,
+            window_size=window,
+            out_hidden_size=32,
+            fullatt_block_indexes=list(fullatt),
+        )
+        config_cls, model_cls = Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    vision.update(
+        depth=depth, num_heads=2, in_channels=3, patch_size=patch, spatial_merge_size=MS, temporal_patch_size=TP
     )
     text = dict(
         vocab_size=128,
@@ -71,7 +93,7 @@ def build_model(
         eos_token_id=2,
         pad_token_id=0,
     )
-    cfg = Qwen2_5_VLConfig(
+    cfg = config_cls(
         vision_config=vision,
         text_config=text,
         image_token_id=IMG,
@@ -83,7 +105,16 @@ def build_model(
     cfg.vision_config._attn_implementation = attn_implementation
     cfg.text_config._attn_implementation = attn_implementation
     torch.manual_seed(seed)
-    return Qwen2_5_VLForConditionalGeneration(cfg).to(dtype).eval()
+    return model_cls(cfg).to(dtype).eval()
+
+
+def family_of(model):
+    return model.config.model_type
+
+
+def full_attention_blocks(model):
+    vis = model.model.visual
+    return list(vis.fullatt_block_indexes) if family_of(model) == "qwen2_5_vl" else list(range(len(vis.blocks)))
 
 
 def v5_rope(model):
@@ -100,7 +131,8 @@ def patchify(frames, patch=PATCH):
 
 
 def make_inputs(model, videos, seed=0, images=None, spgt=(1.0, 0.5), padding_side="left", patch=PATCH):
-    """Left-padded prompts ``text <vs> video <ve> text`` (an image first where ``images[b]`` is given)."""
+    """Left-padded prompts ``text <vs> video <ve> text`` (an image first where ``images[b]`` is given);
+    ``second_per_grid_ts`` from ``spgt`` for Qwen2.5-VL (Qwen2-VL has none)."""
     g = torch.Generator().manual_seed(seed)
     pix, grids, rows = [], [], []
     img_pix, img_grids = [], []
@@ -129,8 +161,9 @@ def make_inputs(model, videos, seed=0, images=None, spgt=(1.0, 0.5), padding_sid
         attention_mask=am,
         pixel_values_videos=torch.cat(pix),
         video_grid_thw=torch.tensor(grids),
-        second_per_grid_ts=torch.tensor(list(spgt[: len(videos)])),
     )
+    if family_of(model) == "qwen2_5_vl":
+        out["second_per_grid_ts"] = torch.tensor(list(spgt[: len(videos)]))
     if img_pix:
         out["pixel_values"] = torch.cat(img_pix)
         out["image_grid_thw"] = torch.tensor(img_grids)
@@ -139,9 +172,14 @@ def make_inputs(model, videos, seed=0, images=None, spgt=(1.0, 0.5), padding_sid
     return out
 
 
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request):
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def model():
-    return build_model()
+def model(family):
+    return build_model(family=family)
 
 
 @pytest.fixture(scope="module")
@@ -165,6 +203,9 @@ def _no_leftover(model):
 # --------------------------------------------------------------------------------------------
 def _window_index(model, grid):
     vis = model.model.visual
+    if family_of(model) == "qwen2_vl":  # no windows: raster order of the merge units, one group
+        n = int(grid.prod())
+        return torch.arange(n // 4), torch.tensor([0, n], dtype=torch.int32)
     if hasattr(vis, "get_window_index"):  # 4.57
         idx, cu = vis.get_window_index(grid)
         return idx, torch.unique_consecutive(torch.tensor(cu, dtype=torch.int32))
@@ -213,7 +254,7 @@ def reference_video(model, pix, grid_row, cfg):
     rope = _rope_fn(model)
 
     def layer(i, h):
-        full = i in vis.fullatt_block_indexes
+        full = i in full_attention_blocks(model)
         cu = torch.tensor([0, S], dtype=torch.int32) if full else cu1
         kw = {} if hasattr(vis, "rot_pos_emb") else {"max_seqlen": None}
         return torch.stack(
@@ -272,6 +313,7 @@ def _positions(model, handle, inputs):
 # --------------------------------------------------------------------------------------------
 def test_default_prune_layers():
     assert QWEN2_5_VL_PRUNE_LAYERS == (7, 21, 23)
+    assert QWEN2_VL_PRUNE_LAYERS == (8, 26, 28)  # 6, 21, 23 of 26 at the same depths of 32 blocks
     assert default_prune_layers(32, [7, 15, 23, 31]) == (7, 21, 23)
     assert default_prune_layers(6, [2, 5]) == (0, 2)  # first full block is the last prune layer itself
     assert default_prune_layers(12, [3, 7, 11]) == (3, 5, 7)
@@ -315,9 +357,9 @@ def test_inference_mode_with_several_threads(model, videos):
     assert torch.equal(same, base)
 
 
-def test_geometry_follows_a_dtype_change(videos):
+def test_geometry_follows_a_dtype_change(family, videos):
     """The per-grid rotary tables are rebuilt when model.to(dtype) casts the encoder's inv_freq."""
-    model = build_model()
+    model = build_model(family=family)
     inputs = make_inputs(model, videos, seed=3)
     grid = inputs["video_grid_thw"]
     with torch.no_grad(), earlytom_ext.apply(model, IDENTITY) as h:
@@ -362,9 +404,9 @@ def _merge_oracle_logits(model, emb, position_ids, span, k, ratio):
     return model.lm_head(lm.norm(h)), kept
 
 
-def test_inner_llm_merge_matches_a_layer_by_layer_recomputation(videos):
-    """The merge keeps the kept tokens' 3-D rotary angles (Qwen2.5-VL's language model)."""
-    model = build_model()
+def test_inner_llm_merge_matches_a_layer_by_layer_recomputation(family, videos):
+    """The merge keeps the kept tokens' 3-D rotary angles (the Qwen language model)."""
+    model = build_model(family=family)
     k, ratio = 1, 0.5
     cfg = CFG.replace(llm_merge_layer=k, llm_merge_ratio=ratio)
     if not hasattr(
@@ -379,7 +421,7 @@ def test_inner_llm_merge_matches_a_layer_by_layer_recomputation(videos):
             if name.endswith(("q_proj.weight", "k_proj.weight")):
                 p.normal_(0.0, 2.0 / p.shape[1] ** 0.5)
     inputs = make_inputs(model, videos[:1], seed=10)
-    video_kw = {n: inputs[n] for n in ("video_grid_thw", "second_per_grid_ts")}
+    video_kw = {n: inputs[n] for n in ("video_grid_thw", "second_per_grid_ts") if n in inputs}
     with torch.no_grad(), earlytom_ext.apply(model, cfg) as h:
         logits = model(**inputs).logits
         stats = h.last_stats["llm_merge"][0]
@@ -441,10 +483,10 @@ def test_kept_tokens_equal_reference(model, videos):
     assert stats["tokens_per_frame"] == 9
 
 
-def test_eager_and_sdpa_keep_the_same_tokens(videos):
+def test_eager_and_sdpa_keep_the_same_tokens(family, videos):
     out = {}
     for impl in ("sdpa", "eager"):
-        m = build_model(attn_implementation=impl)
+        m = build_model(attn_implementation=impl, family=family)
         inputs = make_inputs(m, videos[1:], seed=6)
         with earlytom_ext.apply(m, CFG) as h:
             f = h.encode_videos(inputs["pixel_values_videos"], video_grid_thw=inputs["video_grid_thw"])
@@ -485,12 +527,10 @@ def test_positions_follow_the_original_grid(model, videos):
     inputs = make_inputs(model, videos, seed=8, spgt=(1.0, 1.5))
     v5 = v5_rope(model)
     kw = {"mm_token_type_ids": inputs["mm_token_type_ids"]} if v5 else {}
+    if "second_per_grid_ts" in inputs:
+        kw["second_per_grid_ts"] = inputs["second_per_grid_ts"]
     full_pos, full_delta = model.model.get_rope_index(
-        inputs["input_ids"],
-        video_grid_thw=inputs["video_grid_thw"],
-        second_per_grid_ts=inputs["second_per_grid_ts"],
-        attention_mask=inputs["attention_mask"],
-        **kw,
+        inputs["input_ids"], video_grid_thw=inputs["video_grid_thw"], attention_mask=inputs["attention_mask"], **kw
     )
     with earlytom_ext.apply(model, CFG) as h:
         prep, pos, delta = _positions(model, h, inputs)
@@ -540,11 +580,9 @@ def test_generate_batch_with_image_and_different_lengths(model, videos):
             names = ("input_ids", "attention_mask", "mm_token_type_ids")
             one = {k: v[b : b + 1] for k, v in inputs.items() if k in names}
             pix, grids = _split_pixels(inputs)
-            one.update(
-                pixel_values_videos=pix[b],
-                video_grid_thw=inputs["video_grid_thw"][b : b + 1],
-                second_per_grid_ts=inputs["second_per_grid_ts"][b : b + 1],
-            )
+            one.update(pixel_values_videos=pix[b], video_grid_thw=inputs["video_grid_thw"][b : b + 1])
+            if "second_per_grid_ts" in inputs:
+                one["second_per_grid_ts"] = inputs["second_per_grid_ts"][b : b + 1]
             if b == 0:
                 one.update(pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"])
             keep = one["attention_mask"][0].bool()
@@ -618,18 +656,24 @@ def test_errors(model, videos):
             h.encode_videos(inputs["pixel_values_videos"].long(), video_grid_thw=inputs["video_grid_thw"])
         with pytest.raises(ValueError, match="one spatial grid"):
             h.encode_videos(inputs["pixel_values_videos"], video_grid_thw=torch.tensor([[4, 6, 6], [3, 8, 6]]))
-        with pytest.raises(ValueError, match="second_per_grid_ts must have one value per video"):
-            h.encode_videos(
-                inputs["pixel_values_videos"],
-                video_grid_thw=inputs["video_grid_thw"],
-                second_per_grid_ts=torch.tensor([1.0]),
-            )
-        # second_per_grid_ts as a column [n, 1] (the model's arithmetic accepts it) is the same call
-        column = dict(inputs, second_per_grid_ts=inputs["second_per_grid_ts"][:, None])
-        with torch.no_grad():
-            torch.testing.assert_close(model(**column).logits, model(**inputs).logits, rtol=0, atol=0)
-        with pytest.raises(ValueError, match=r"one value per video \(\[n\] or \[n, 1\]\), got shape \(2, 2\)"):
-            model(**dict(inputs, second_per_grid_ts=torch.ones(2, 2)))
+        if family_of(model) == "qwen2_5_vl":
+            with pytest.raises(ValueError, match="second_per_grid_ts must have one value per video"):
+                h.encode_videos(
+                    inputs["pixel_values_videos"],
+                    video_grid_thw=inputs["video_grid_thw"],
+                    second_per_grid_ts=torch.tensor([1.0]),
+                )
+            # second_per_grid_ts as a column [n, 1] (the model's arithmetic accepts it) is the same call
+            column = dict(inputs, second_per_grid_ts=inputs["second_per_grid_ts"][:, None])
+            with torch.no_grad():
+                torch.testing.assert_close(model(**column).logits, model(**inputs).logits, rtol=0, atol=0)
+            with pytest.raises(ValueError, match=r"one value per video \(\[n\] or \[n, 1\]\), got shape \(2, 2\)"):
+                model(**dict(inputs, second_per_grid_ts=torch.ones(2, 2)))
+        else:  # Qwen2-VL's videos have no time step
+            with pytest.raises(TypeError, match=r"unexpected video argument\(s\) \['second_per_grid_ts'\]"):
+                h.encode_videos(
+                    inputs["pixel_values_videos"], video_grid_thw=inputs["video_grid_thw"], second_per_grid_ts=[1, 1]
+                )
         # Two videos with no <|vision_start|> between them: one run where video 0 has fewer tokens.
         n = [int(t * hh * ww) // 4 for t, hh, ww in inputs["video_grid_thw"].tolist()]
         ids = torch.tensor([[5, VS] + [VID] * sum(n) + [VE, 9]])
@@ -638,31 +682,35 @@ def test_errors(model, videos):
             adjacent["mm_token_type_ids"] = 2 * (ids == VID).long()
         with pytest.raises(ValueError, match=r"is not one video .* a run of its own"):
             model(**adjacent)
-    with pytest.raises(ValueError, match="full-attention block"):
-        earlytom_ext.apply(model, EarlyTomConfig(prune_layers=(1, 3)))
+    if family_of(model) == "qwen2_5_vl":
+        with pytest.raises(ValueError, match="full-attention block of the Qwen2.5-VL vision encoder"):
+            earlytom_ext.apply(model, EarlyTomConfig(prune_layers=(1, 3)))
+    else:  # every Qwen2-VL block attends over its whole group
+        earlytom_ext.apply(model, EarlyTomConfig(prune_layers=(1, 3))).remove()
     with pytest.raises(ValueError, match="below the vision encoder depth"):
         earlytom_ext.apply(model, EarlyTomConfig(prune_layers=(1, 7)))
 
 
-def test_compiled_model_runs_the_video_path_eagerly(videos):
+def test_compiled_model_runs_the_video_path_eagerly(family, videos):
     """model.compile(): the compression runs eagerly, the model call after it compiled (4.57: the
     positions handed to the prefill's get_rope_index differ call by call)."""
-    model = build_model()
+    model = build_model(family=family)
     second = make_inputs(model, [videos[1][:8]], seed=15, spgt=(2.0,))
     check_compiled_model(model, CFG, [make_inputs(model, videos, seed=14), second], second)
 
 
-def test_published_geometry_runs_with_the_default_prune_layers():
-    """32 blocks with full attention in 7/15/23/31, 14-px patches, 112-px windows (the 7B layout,
-    narrow): 4 frames of 224x224 (2 groups of 16x16 patches)."""
-    m = build_model(depth=32, fullatt=(7, 15, 23, 31), hidden=16, patch=14, window=112)
-    cfg = EarlyTomConfig(retain_ratio=0.25, tau=0.5, max_window=6, prune_layers=QWEN2_5_VL_PRUNE_LAYERS)
+def test_published_geometry_runs_with_the_default_prune_layers(family):
+    """32 blocks (Qwen2.5-VL: full attention in 7/15/23/31, 112-px windows), 14-px patches (the 7B
+    layout, narrow): 4 frames of 224x224 (2 groups of 16x16 patches)."""
+    m = build_model(depth=32, fullatt=(7, 15, 23, 31), hidden=16, patch=14, window=112, family=family)
+    layers = QWEN2_5_VL_PRUNE_LAYERS if family == "qwen2_5_vl" else QWEN2_VL_PRUNE_LAYERS
+    cfg = EarlyTomConfig(retain_ratio=0.25, tau=0.5, max_window=6, prune_layers=layers)
     vids = [make_video(4, seed=1, kind="static", image_size=224)]
     inputs = make_inputs(m, vids, seed=12, patch=14)
     with earlytom_ext.apply(m) as h:  # no config: the family's prune layers
-        assert h.config == EarlyTomConfig(prune_layers=QWEN2_5_VL_PRUNE_LAYERS)
+        assert h.config == EarlyTomConfig(prune_layers=layers)
     with earlytom_ext.apply(m, cfg) as h:
-        assert h.adapter.default_prune_layers() == QWEN2_5_VL_PRUNE_LAYERS
+        assert h.adapter.default_prune_layers() == layers
         with torch.no_grad():
             logits = m(**inputs).logits
         st = h.last_stats["videos"][0]
@@ -682,7 +730,7 @@ def test_cuda_matches_cpu(model, videos, monkeypatch):
         with torch.no_grad():
             cpu_logits = model(**inputs).logits
         cpu_gen = model.generate(**inputs, max_new_tokens=3, do_sample=False)
-    gm = build_model().cuda()
+    gm = build_model(family=family_of(model)).cuda()
     gi = {k: v.cuda() for k, v in inputs.items()}
     with earlytom_ext.apply(gm, CFG) as h:
         gpu = h.encode_videos(gi["pixel_values_videos"], video_grid_thw=gi["video_grid_thw"])
@@ -709,7 +757,7 @@ videos = [
     make_video(12, seed=1, kind="scenes", scene_length=4, image_size=16),
     make_video(12, seed=2, kind="static", image_size=16),
 ]
-m = build_model().cuda()
+m = build_model(family=sys.argv[2]).cuda()
 inputs = make_inputs(m, videos, seed=5)
 grid = inputs.pop("video_grid_thw")  # on the host, as the processor gives it
 inputs = {k: v.cuda() for k, v in inputs.items()}
@@ -727,10 +775,10 @@ print("=== done", file=sys.stderr, flush=True)
 
 
 @pytest.mark.skipif(not (torch.cuda.is_available() and has_cuda_kernels()), reason="needs CUDA and the CUDA kernels")
-def test_cuda_host_syncs_at_most_one_per_prune_layer(tmp_path):
+def test_cuda_host_syncs_at_most_one_per_prune_layer(family, tmp_path):
     from tiny_models import measured_cuda_syncs
 
-    syncs = measured_cuda_syncs(_SYNC_SCRIPT, tmp_path)
+    syncs = measured_cuda_syncs(_SYNC_SCRIPT, tmp_path, family)
     # Stage I's size read per prune layer; no per-block window-length read (the windows are
     # batched from the host geometry) and no read of the refined segments (an asynchronous copy).
     assert 1 <= len(syncs) <= len(CFG.prune_layers), "\n".join(syncs)

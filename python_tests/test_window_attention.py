@@ -1,6 +1,7 @@
-"""Batched window attention for Qwen2.5-VL's vision encoder: the window grouping (expected values
-written by hand), ``fast_window_attention`` on an uncompressed model (equal to the model's own
-per-window loop), its fallbacks and removal, and the EarlyTom adapter's batched path."""
+"""Batched window attention for Qwen2.5-VL's vision encoder (and Qwen2-VL's, one window per temporal
+group): the window grouping (expected values written by hand), ``fast_window_attention`` on an
+uncompressed model (equal to the model's own per-window loop), its fallbacks and removal, and the
+EarlyTom adapter's batched path."""
 
 import os
 import sys
@@ -10,7 +11,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from test_qwen2_5_vl import CFG, build_model, make_inputs, patchify  # noqa: E402  (skips without Qwen2.5-VL)
+from test_qwen2_5_vl import CFG, FAMILIES, build_model, make_inputs, patchify  # noqa: E402  (skips without Qwen2.5-VL)
 
 import earlytom_ext  # noqa: E402
 from earlytom_ext.integration import window_attention as W  # noqa: E402
@@ -112,10 +113,11 @@ class _Spy:
 GRIDS = [[(12, 12)], [(16, 16)], [(20, 12)], [(8, 8)], [(12, 12), (16, 8)]]
 
 
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("sizes", GRIDS, ids=lambda s: "+".join(f"{h}x{w}" for h, w in s))
-def test_equals_the_models_window_loop(dtype, sizes, monkeypatch):
-    model = build_model(dtype=dtype)
+def test_equals_the_models_window_loop(dtype, sizes, family, monkeypatch):
+    model = build_model(dtype=dtype, family=family)
     pix, grid = _pixels(sizes, dtype)
     with torch.no_grad():
         expected = _vision(model, pix, grid)
@@ -124,7 +126,8 @@ def test_equals_the_models_window_loop(dtype, sizes, monkeypatch):
             got = _vision(model, pix, grid)
     assert torch.equal(got, expected)  # CPU SDPA: per window the same arithmetic
     assert spy.calls == len(model.model.visual.blocks)
-    assert spy.built == 2  # one host read per cu_seqlens tensor (full and windowed), not per block
+    # One host read per cu_seqlens tensor (Qwen2.5-VL: full and windowed; Qwen2-VL: one), not per block.
+    assert spy.built == (2 if family == "qwen2_5_vl" else 1)
 
 
 def test_inference_mode(monkeypatch):
@@ -215,9 +218,10 @@ def _encode(model, inputs, batch_windows: bool):
         return feats, h.last_stats
 
 
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_adapter_batches_with_the_same_result(dtype, monkeypatch):
-    model = build_model(dtype=dtype)
+def test_adapter_batches_with_the_same_result(dtype, family, monkeypatch):
+    model = build_model(dtype=dtype, family=family)
     videos = [make_video(12, seed=s, kind="scenes", scene_length=4, image_size=12) for s in (1, 2)]
     inputs = make_inputs(model, videos, seed=5)
     expected, st0 = _encode(model, inputs, False)
@@ -259,12 +263,13 @@ def test_combines_with_apply(monkeypatch):
     assert not any("forward" in b.attn.__dict__ for b in model.model.visual.blocks)
 
 
-def test_adapter_vision_loop_reads_nothing_on_the_host(monkeypatch):
-    """After a grid's first call (its geometry is cached), the Qwen2.5-VL vision loop and the
+@pytest.mark.parametrize("family", FAMILIES)
+def test_adapter_vision_loop_reads_nothing_on_the_host(family, monkeypatch):
+    """After a grid's first call (its geometry is cached), the adapter's vision loop and the
     batched attention read no tensor values (Stage I's size read is inside the op)."""
     from tiny_models import spy_host_reads
 
-    model = build_model()
+    model = build_model(family=family)
     videos = [make_video(12, seed=s, kind="scenes", scene_length=4, image_size=16) for s in (1, 2)]
     inputs = make_inputs(model, videos, seed=5)
     with earlytom_ext.apply(model, CFG) as h, torch.no_grad():
@@ -276,11 +281,12 @@ def test_adapter_vision_loop_reads_nothing_on_the_host(monkeypatch):
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_equals_the_models_window_loop(dtype):
+def test_cuda_equals_the_models_window_loop(dtype, family):
     # Same math per window; the GPU kernels may pick another split for another batch size, so
     # rounding can differ (tolerances of the dtype).
-    model = build_model(dtype=dtype).cuda()
+    model = build_model(dtype=dtype, family=family).cuda()
     pix, grid = _pixels([(20, 12), (12, 12)], dtype, device="cuda")
     with torch.no_grad():
         expected = _vision(model, pix, grid)

@@ -41,8 +41,8 @@ def call_layer(layer, h):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def measured_cuda_syncs(script: str, tmp_path) -> list[str]:
-    """Run ``script`` in a subprocess (its ``sys.argv[1]`` is this folder) and return the
+def measured_cuda_syncs(script: str, tmp_path, *args: str) -> list[str]:
+    """Run ``script`` in a subprocess (its ``sys.argv[1]`` is this folder, then ``args``) and return the
     synchronising CUDA operations it reports between its ``=== measured`` and ``=== done`` lines
     on stderr (``torch.cuda.set_sync_debug_mode("warn")``). A subprocess, because syncs inside
     custom ops are reported by c10 on stderr, not as Python warnings."""
@@ -54,7 +54,11 @@ def measured_cuda_syncs(script: str, tmp_path) -> list[str]:
     path.write_text(script)
     env = dict(os.environ, PYTHONWARNINGS="always")
     proc = subprocess.run(
-        [sys.executable, str(path), os.path.dirname(__file__)], capture_output=True, text=True, env=env, timeout=600
+        [sys.executable, str(path), os.path.dirname(__file__), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     measured = proc.stderr.split("=== measured", 1)[1].split("=== done", 1)[0]

@@ -1,13 +1,14 @@
 """Qwen2.5-VL's vision attention with its windows batched, and :func:`fast_window_attention`, the
-same fix for an uncompressed model.
+same fix for an uncompressed model (Qwen2.5-VL and Qwen2-VL).
 
 Without flash attention, every Qwen2.5-VL vision block reads its window lengths on the host
 (``lengths.tolist()``, a sync) and calls the attention once per window in a Python loop: at
 448 x 448 that is 16 calls per temporal group in each of the 28 windowed blocks. Attention never
 crosses a window, so all windows of one length can go through one batched call with the same
-per-window result. Only SDPA is batched: eager attention would hold every window's (and, in the
-full-attention blocks, every group's) score matrix at once; flash attention already makes one
-variable-length call per block.
+per-window result. Qwen2-VL's blocks do the same with one "window" per temporal group (a sync and
+one call per group in each of its 32 blocks). Only SDPA is batched: eager attention would hold
+every window's (and, in the full-attention blocks, every group's) score matrix at once; flash
+attention already makes one variable-length call per block.
 """
 
 from __future__ import annotations
@@ -155,25 +156,28 @@ class FastWindowAttentionHandle(InstancePatches):
 
 
 def vision_attentions(model: nn.Module) -> list[nn.Module]:
-    """The attention modules of a Qwen2.5-VL model's vision blocks (``TypeError`` for other models)."""
+    """The attention modules of a Qwen2.5-VL or Qwen2-VL model's vision blocks (``TypeError`` for
+    other models)."""
     visual = getattr(getattr(model, "model", None), "visual", None)
     blocks = getattr(visual, "blocks", None)
-    if getattr(getattr(model, "config", None), "model_type", None) != "qwen2_5_vl" or not isinstance(
+    if getattr(getattr(model, "config", None), "model_type", None) not in ("qwen2_5_vl", "qwen2_vl") or not isinstance(
         blocks, nn.ModuleList
     ):
         raise TypeError(
-            "fast_window_attention supports Hugging Face Qwen2.5-VL models (config.model_type 'qwen2_5_vl' with "
-            f"model.model.visual.blocks), got {type(model).__name__}"
+            "fast_window_attention supports Hugging Face Qwen2.5-VL and Qwen2-VL models (config.model_type "
+            f"'qwen2_5_vl' or 'qwen2_vl' with model.model.visual.blocks), got {type(model).__name__}"
         )
     attns = [getattr(b, "attn", None) for b in blocks]
     if not all(isinstance(getattr(a, "qkv", None), nn.Linear) and hasattr(a, "proj") for a in attns):
-        raise TypeError("fast_window_attention: every vision block needs attn.qkv and attn.proj (Qwen2.5-VL)")
+        raise TypeError(
+            "fast_window_attention: every vision block needs attn.qkv and attn.proj (Qwen2-VL / Qwen2.5-VL)"
+        )
     return attns
 
 
 def fast_window_attention(model: nn.Module) -> FastWindowAttentionHandle:
-    """Batch the window attention of a Qwen2.5-VL model's vision encoder (SDPA only; other
-    attention implementations run as before).
+    """Batch the window attention of a Qwen2.5-VL model's vision encoder, or the per-group attention
+    of a Qwen2-VL model's (SDPA only; other attention implementations run as before).
 
     For an uncompressed model (EarlyTom's :func:`~earlytom_ext.apply` batches the windows of the
     videos it compresses already). Returns a handle whose ``remove()`` restores the model.

@@ -15,6 +15,7 @@ __all__ = ["ADAPTERS", "EncodedVideos", "ModelAdapter", "VideoInputs", "adapter_
 ADAPTERS: dict[str, tuple[str, str]] = {
     "llava_onevision": (".llava_onevision", "LlavaOnevisionAdapter"),
     "qwen2_5_vl": (".qwen2_5_vl", "Qwen2_5_VLAdapter"),
+    "qwen2_vl": (".qwen2_vl", "Qwen2VLAdapter"),
 }
 
 

@@ -12,7 +12,7 @@ import torch.nn as nn
 from ...config import EarlyTomConfig
 from ..run import VideoRun
 
-__all__ = ["EncodedVideos", "ModelAdapter", "VideoInputs"]
+__all__ = ["EncodedVideos", "ModelAdapter", "VideoInputs", "scaled_prune_layers"]
 
 
 @dataclass
@@ -186,6 +186,14 @@ class ModelAdapter:
         flat = torch.cat(list(features), dim=0).to(device=emb.device, dtype=emb.dtype)
         mask = (ids == self.video_token_id).unsqueeze(-1)
         return emb.masked_scatter(mask, flat)
+
+
+def scaled_prune_layers(depth: int) -> tuple[int, ...]:
+    """The paper's prune layers (6, 21, 23 of SigLIP's 26) at the same relative depths of an
+    encoder of ``depth`` layers (duplicates dropped)."""
+    if depth == 26:
+        return (6, 21, 23)
+    return tuple(sorted({min(depth - 1, round(depth * f)) for f in (0.25, 0.8, 0.88)}))
 
 
 def find_module(model: nn.Module, names: Sequence[str]) -> nn.Module | None:

@@ -20,7 +20,7 @@ import torch.nn as nn
 from ...config import EarlyTomConfig
 from ..pooling import bilinear_pool
 from ..run import VideoRun
-from .base import EncodedVideos, ModelAdapter, VideoInputs
+from .base import EncodedVideos, ModelAdapter, VideoInputs, scaled_prune_layers
 
 __all__ = ["LlavaOnevisionAdapter"]
 
@@ -92,9 +92,7 @@ class LlavaOnevisionAdapter(ModelAdapter):
 
     # ---------------------------------------------------------------- configuration
     def default_prune_layers(self) -> tuple[int, ...]:
-        if self.depth == 26:
-            return (6, 21, 23)
-        return tuple(sorted({min(self.depth - 1, round(self.depth * f)) for f in (0.25, 0.8, 0.88)}))
+        return scaled_prune_layers(self.depth)
 
     def check_config(self, cfg: EarlyTomConfig) -> None:
         self._cfg = cfg

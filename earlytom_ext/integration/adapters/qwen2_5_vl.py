@@ -92,6 +92,10 @@ def _as_int_rows(name: str, value, width: int) -> list[list[int]]:
 
 class Qwen2_5_VLAdapter(_VisionForward, _RopePositions, ModelAdapter):
     model_types = ("qwen2_5_vl",)
+    family = "Qwen2.5-VL"
+    model_class = "Qwen2_5_VLForConditionalGeneration"
+    #: Window attention in the blocks outside ``fullatt_block_indexes`` (Qwen2-VL: none).
+    windowed = True
     video_arg = "pixel_values_videos"
     video_kwargs = ("video_grid_thw", "second_per_grid_ts", "image_grid_thw", "mm_token_type_ids")
     # The compressed call carries the video as features and positions: the grid arguments would
@@ -106,20 +110,20 @@ class Qwen2_5_VLAdapter(_VisionForward, _RopePositions, ModelAdapter):
         visual = getattr(inner, "visual", None)
         if not isinstance(inner, nn.Module) or not isinstance(visual, nn.Module):
             raise TypeError(
-                "model must be a Hugging Face Qwen2_5_VLForConditionalGeneration (with `.model.visual` holding "
+                f"model must be a Hugging Face {self.model_class} (with `.model.visual` holding "
                 f"the vision encoder), got {name}"
             )
         missing = [a for a in ("patch_embed", "blocks", "merger") if not hasattr(visual, a)]
         if missing or not callable(getattr(model, "generate", None)) or not hasattr(inner, "get_rope_index"):
             raise TypeError(
-                "model must be a Qwen2_5_VLForConditionalGeneration-like model (model.model.visual needs "
+                f"model must be a {self.model_class}-like model (model.model.visual needs "
                 f"patch_embed, blocks, merger; model.model needs get_rope_index); {name} lacks "
                 f"{missing or ['generate / get_rope_index']}"
             )
         config = getattr(model, "config", None)
         vcfg = getattr(config, "vision_config", None)
         if vcfg is None or getattr(config, "video_token_id", None) is None:
-            raise TypeError(f"model.config must have vision_config and video_token_id (Qwen2.5-VL), got {name}")
+            raise TypeError(f"model.config must have vision_config and video_token_id ({self.family}), got {name}")
         blocks = visual.blocks
         if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
             raise TypeError(f"model.model.visual.blocks must be a non-empty nn.ModuleList, got {type(blocks).__name__}")
@@ -128,7 +132,7 @@ class Qwen2_5_VLAdapter(_VisionForward, _RopePositions, ModelAdapter):
             if not isinstance(getattr(attn, "qkv", None), nn.Linear) or not hasattr(blk, "norm1"):
                 raise TypeError(
                     "unsupported vision block: every block needs `norm1` and `attn.qkv` (a fused nn.Linear) as "
-                    f"in Qwen2.5-VL; block {i} is {type(blk).__name__}"
+                    f"in {self.family}; block {i} is {type(blk).__name__}"
                 )
         self.inner = inner
         self.config = config
@@ -138,14 +142,16 @@ class Qwen2_5_VLAdapter(_VisionForward, _RopePositions, ModelAdapter):
         self.video_token_id = int(config.video_token_id)
         image_token_id = getattr(config, "image_token_id", None)
         self.image_token_id = int(image_token_id) if image_token_id is not None else None
-        self.fullatt = tuple(int(i) for i in getattr(visual, "fullatt_block_indexes", vcfg.fullatt_block_indexes))
+        if self.windowed:
+            self.fullatt = tuple(int(i) for i in getattr(visual, "fullatt_block_indexes", vcfg.fullatt_block_indexes))
+        else:
+            self.fullatt = tuple(range(self.depth))
         self.merge = int(vcfg.spatial_merge_size)
         self.unit = self.merge * self.merge
         self.patch_size = int(vcfg.patch_size)
         self.temporal_patch_size = int(vcfg.temporal_patch_size)
         self.in_channels = int(getattr(vcfg, "in_channels", 3))
-        self.window_size = int(vcfg.window_size)
-        self.tokens_per_second = getattr(vcfg, "tokens_per_second", 1)
+        self.window_size = int(vcfg.window_size) if self.windowed else None
         attn = blocks[0].attn
         self.num_heads = int(attn.num_heads)
         self.head_dim = int(attn.head_dim)
@@ -157,7 +163,9 @@ class Qwen2_5_VLAdapter(_VisionForward, _RopePositions, ModelAdapter):
         self.batch_windows = True
         # transformers 5.x: rotary from position ids, vision_utils helpers, the processor's
         # mm_token_type_ids, get_rope_index per modality group; 4.57: rot_pos_emb / get_window_index.
-        self._legacy_vision = hasattr(visual, "rot_pos_emb") and hasattr(visual, "get_window_index")
+        self._legacy_vision = hasattr(visual, "rot_pos_emb") and (
+            not self.windowed or hasattr(visual, "get_window_index")
+        )
         self._v5_rope = "mm_token_type_ids" in inspect.signature(inner.get_rope_index).parameters
         self._geometry_cache: dict[tuple, _Geometry] = {}
         self._layout_cache: dict[tuple, _Layout] = {}
@@ -174,7 +182,7 @@ class Qwen2_5_VLAdapter(_VisionForward, _RopePositions, ModelAdapter):
         last = cfg.prune_layers[-1]
         if last not in self.fullatt:
             raise ValueError(
-                f"EarlyTomConfig.prune_layers must end with a full-attention block of the Qwen2.5-VL vision encoder "
+                f"EarlyTomConfig.prune_layers must end with a full-attention block of the {self.family} vision encoder "
                 f"(fullatt_block_indexes = {list(self.fullatt)}), got {tuple(cfg.prune_layers)}: the last prune layer "
                 f"scores every patch by the attention it receives from its whole frame group "
                 f"(default for this encoder: {self.default_prune_layers()})"
@@ -187,6 +195,8 @@ class Qwen2_5_VLAdapter(_VisionForward, _RopePositions, ModelAdapter):
             # 4.57's generate cannot carry 3-D position ids: hand them to the prefill's own call.
             orig = self.inner.get_rope_index
             self._orig_get_rope_index = orig
+
+            self._rope_params = tuple(inspect.signature(orig).parameters)
 
             @functools.wraps(orig)
             def get_rope_index(*args, **kwargs):
@@ -216,8 +226,9 @@ class Qwen2_5_VLAdapter(_VisionForward, _RopePositions, ModelAdapter):
         armed = self._armed
         if armed is None:
             return None
-        mask = kwargs.get("attention_mask")
-        ids = args[0] if args else kwargs.get("input_ids")
+        # By name: Qwen2-VL's forward passes the mask positionally, its generate by keyword.
+        named = {**dict(zip(self._rope_params, args)), **kwargs}
+        mask, ids = named.get("attention_mask"), named.get("input_ids")
         ref = mask if isinstance(mask, torch.Tensor) else ids
         pos, delta = armed
         B, L = pos.shape[1], pos.shape[2]
@@ -235,7 +246,7 @@ class Qwen2_5_VLAdapter(_VisionForward, _RopePositions, ModelAdapter):
     # ---------------------------------------------------------------- the video path
     def check_position_ids(self, position_ids, attention_mask) -> None:
         raise ValueError(
-            "position_ids cannot be given with videos under EarlyTom on Qwen2.5-VL: the compressed prompt's "
+            f"position_ids cannot be given with videos under EarlyTom on {self.family}: the compressed prompt's "
             "3-D positions are computed from it (the kept tokens keep their original positions); leave "
             "position_ids unset"
         )

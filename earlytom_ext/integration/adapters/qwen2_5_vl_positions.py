@@ -1,4 +1,5 @@
-"""The Qwen2.5-VL adapter's 3-D rotary positions: layouts read from get_rope_index, kept tokens, LLM inputs."""
+"""The Qwen2-VL / Qwen2.5-VL adapters' 3-D rotary positions: layouts read from get_rope_index, kept
+tokens, LLM inputs."""
 
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ class _Layout:
 
 class _RopePositions:
     """The multimodal rotary positions of the compressed prompt (the kept tokens keep their place in the
-    uncompressed video). Mixed into ``Qwen2_5_VLAdapter``, whose ``__init__`` sets the attributes read here."""
+    uncompressed video). Mixed into ``Qwen2_5_VLAdapter`` (and so ``Qwen2VLAdapter``), whose
+    ``__init__`` sets the attributes read here."""
 
     # ---------------------------------------------------------------- after Stage II
     def finish(
@@ -88,7 +90,7 @@ class _RopePositions:
         start_id = getattr(cfg, "vision_start_token_id", None)
         end_id = getattr(cfg, "vision_end_token_id", None)
         if start_id is None or end_id is None:
-            raise TypeError("model.config needs vision_start_token_id and vision_end_token_id (Qwen2.5-VL)")
+            raise TypeError(f"model.config needs vision_start_token_id and vision_end_token_id ({self.family})")
         ids = torch.tensor([[self.pad_token_id(), start_id] + [token] * n + [end_id]])
         mask = torch.ones_like(ids)
         mask[0, 0] = 0
@@ -96,7 +98,8 @@ class _RopePositions:
         grid_t = torch.tensor([list(grid)])
         if kind == "video":
             kw["video_grid_thw"] = grid_t
-            kw["second_per_grid_ts"] = [spg] if spg is not None else None
+            if "second_per_grid_ts" in self.video_kwargs:  # Qwen2-VL has no time step
+                kw["second_per_grid_ts"] = [spg] if spg is not None else None
         else:
             kw["image_grid_thw"] = grid_t
         if self._v5_rope:

@@ -1,4 +1,5 @@
-"""The Qwen2.5-VL adapter's own vision forward: per-grid window geometry and rotary, the block loop with Stage I."""
+"""The Qwen2-VL / Qwen2.5-VL adapters' own vision forward: per-grid (window) geometry and rotary, the
+block loop with Stage I."""
 
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ class _Geometry:
 
 class _VisionForward:
     """The video forward through the model's own vision blocks over temporal patch groups. Mixed into
-    ``Qwen2_5_VLAdapter``, whose ``__init__`` sets the encoder attributes read here."""
+    ``Qwen2_5_VLAdapter`` (and so ``Qwen2VLAdapter``), whose ``__init__`` sets the encoder attributes read here."""
 
     # ---------------------------------------------------------------- encoder geometry
     def _geometry(self, H: int, W: int, device: torch.device) -> _Geometry:
@@ -68,9 +69,12 @@ class _VisionForward:
         visual, unit = self.visual, self.unit
         S = H * W
         grid1 = torch.tensor([[1, H, W]], dtype=torch.int64)
+        if not self.windowed:  # Qwen2-VL: every block attends over the whole group, in raster order
+            perm, cu = torch.arange(S // unit), torch.tensor([0, S])
         if self._legacy_vision:  # transformers 4.57
-            perm, cu = visual.get_window_index(grid1)
-            cu = torch.unique_consecutive(torch.tensor(cu, dtype=torch.int32))
+            if self.windowed:
+                perm, cu = visual.get_window_index(grid1)
+                cu = torch.unique_consecutive(torch.tensor(cu, dtype=torch.int32))
             rot = visual.rot_pos_emb(grid1).to(device)
             rot = rot.reshape(S // unit, unit, -1)[perm.to(device)].reshape(S, -1)
             emb = torch.cat((rot, rot), dim=-1)
@@ -78,9 +82,10 @@ class _VisionForward:
         else:  # transformers 5.x
             from transformers.vision_utils import get_vision_position_ids, get_vision_window_index
 
-            perm, cu = get_vision_window_index(
-                grid1, spatial_merge_size=self.merge, window_size=self.window_size, patch_size=self.patch_size
-            )
+            if self.windowed:
+                perm, cu = get_vision_window_index(
+                    grid1, spatial_merge_size=self.merge, window_size=self.window_size, patch_size=self.patch_size
+                )
             pos = get_vision_position_ids(grid1, self.merge).to(device)
             probe = torch.empty(0, device=device)
             cos, sin = visual.rotary_pos_emb(probe, pos)
