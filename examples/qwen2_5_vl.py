@@ -1,17 +1,23 @@
-"""EarlyTom on Qwen2.5-VL-3B-Instruct: compress a video inside the vision encoder, then generate.
+"""EarlyTom on Qwen2.5-VL-3B-Instruct (or a Qwen2-VL checkpoint): compress a video inside the vision
+encoder, then generate.
 
 Run: python examples/qwen2_5_vl.py [--video clip.mp4]   (downloads the checkpoint once, ~7.5 GB)
+     python examples/qwen2_5_vl.py --model Qwen/Qwen2-VL-2B-Instruct
 """
 
 import argparse
 from typing import Optional
 
 import torch
-from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import earlytom_ext
 from earlytom_ext.demo import load_video, synthetic_frames
 from earlytom_ext.integration.adapters.qwen2_5_vl import QWEN2_5_VL_PRUNE_LAYERS
+from earlytom_ext.integration.adapters.qwen2_vl import QWEN2_VL_PRUNE_LAYERS
+
+# Each family's prune layers (the presets' own are SigLIP's).
+PRUNE_LAYERS = {"qwen2_5_vl": QWEN2_5_VL_PRUNE_LAYERS, "qwen2_vl": QWEN2_VL_PRUNE_LAYERS}
 
 
 def clip_seconds(path: str) -> Optional[float]:
@@ -42,18 +48,23 @@ def main(
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_id, dtype=dtype).to(device).eval()
+    model = AutoModelForImageTextToText.from_pretrained(model_id, dtype=dtype).to(device).eval()
+    if model.config.model_type not in PRUNE_LAYERS:
+        raise ValueError(
+            f"{model_id} is a {model.config.model_type!r} model; this example runs Qwen2.5-VL and Qwen2-VL"
+        )
     processor = AutoProcessor.from_pretrained(model_id)
     conversation = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "Describe the video."}]}]
     prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)
-    # The frame rate reaches the processor as `fps` (transformers 4.57) and as `video_metadata` (5.x).
+    # The frame rate reaches the processor as `fps` (transformers 4.57) and as `video_metadata` (5.x);
+    # Qwen2.5-VL places the frames in time from it, Qwen2-VL counts temporal groups.
     metadata = [{"fps": fps, "total_num_frames": len(frames)}]
     inputs = processor(text=prompt, videos=[frames], fps=fps, video_metadata=metadata, return_tensors="pt")
     inputs = inputs.to(device)  # pixels stay float32: the vision encoder casts them itself
 
-    # The paper's VideoMME settings at 10% of the video tokens, at Qwen2.5-VL's prune layers
-    # (the preset's are SigLIP's); earlytom_ext.apply(model) alone uses the same prune layers.
-    cfg = earlytom_ext.preset("videomme", 0.1).replace(prune_layers=QWEN2_5_VL_PRUNE_LAYERS)
+    # The paper's VideoMME settings at 10% of the video tokens, at the family's prune layers;
+    # earlytom_ext.apply(model) alone uses the same prune layers.
+    cfg = earlytom_ext.preset("videomme", 0.1).replace(prune_layers=PRUNE_LAYERS[model.config.model_type])
     with earlytom_ext.apply(model, cfg) as handle:
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
         print(handle.summary())  # temporal groups after each prune layer, tokens before/after, time per stage
@@ -64,7 +75,7 @@ def main(
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="EarlyTom quick start on Qwen2.5-VL")
+    parser = argparse.ArgumentParser(description="EarlyTom quick start on Qwen2.5-VL and Qwen2-VL")
     parser.add_argument("--model", default="Qwen/Qwen2.5-VL-3B-Instruct", help="checkpoint folder or id")
     parser.add_argument("--video", default=None, help="a video file (default: a synthetic clip)")
     parser.add_argument("--frames", type=int, default=32, help="frames sampled uniformly (default 32)")

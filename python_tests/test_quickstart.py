@@ -140,10 +140,11 @@ def test_quickstart_default_model_id():
     )
 
 
-def save_tiny_qwen2_5_vl_checkpoint(path: str) -> str:
+def save_tiny_qwen_checkpoint(path: str, family: str = "qwen2_5_vl") -> str:
     """A tiny random Qwen2.5-VL (32 vision blocks, full attention in 7, 15, 23, 31, as the published
-    ones) and a real ``Qwen2_5_VLProcessor`` for it: 2-pixel patches, frames resized to 16 x 16 px
-    (16 merged tokens per temporal group), a word-level tokenizer over the vocabulary."""
+    ones) or Qwen2-VL (32 blocks) and a real ``Qwen2_5_VLProcessor`` / ``Qwen2VLProcessor`` for it:
+    2-pixel patches, frames resized to 16 x 16 px (16 merged tokens per temporal group), a
+    word-level tokenizer over the vocabulary."""
     transformers = pytest.importorskip("transformers")
     if importlib.util.find_spec("torchvision") is None:
         pytest.skip("the Qwen2-VL video processor needs torchvision")
@@ -153,6 +154,7 @@ def save_tiny_qwen2_5_vl_checkpoint(path: str) -> str:
         Qwen2_5_VLProcessor,
         Qwen2TokenizerFast,
         Qwen2VLImageProcessor,
+        Qwen2VLProcessor,
         Qwen2VLVideoProcessor,
     )
 
@@ -168,7 +170,7 @@ def save_tiny_qwen2_5_vl_checkpoint(path: str) -> str:
         eos_token="<|im_end|>",
     )
     sizes = dict(patch_size=2, temporal_patch_size=2, merge_size=2, min_pixels=16 * 16, max_pixels=16 * 16)
-    processor = Qwen2_5_VLProcessor(
+    processor = (Qwen2_5_VLProcessor if family == "qwen2_5_vl" else Qwen2VLProcessor)(
         image_processor=Qwen2VLImageProcessor(**sizes),
         tokenizer=tokenizer,
         video_processor=Qwen2VLVideoProcessor(**sizes),
@@ -176,23 +178,25 @@ def save_tiny_qwen2_5_vl_checkpoint(path: str) -> str:
             "<|vision_start|><|video_pad|><|vision_end|>", "<|vision_start|><|image_pad|><|vision_end|>"
         ),
     )
-    build_model(depth=32, fullatt=(7, 15, 23, 31)).save_pretrained(path)
+    build_model(depth=32, fullatt=(7, 15, 23, 31), family=family).save_pretrained(path)
     processor.save_pretrained(path)
     return path
 
 
-def test_qwen2_5_vl_example_runs_on_a_local_checkpoint(tmp_path, capsys, monkeypatch):
-    from transformers import Qwen2_5_VLProcessor
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl"])
+def test_qwen_example_runs_on_a_local_checkpoint(family, tmp_path, capsys, monkeypatch):
+    checkpoint = save_tiny_qwen_checkpoint(str(tmp_path / f"tiny-{family}"), family)
+    import transformers
 
-    checkpoint = save_tiny_qwen2_5_vl_checkpoint(str(tmp_path / "tiny-qwen2.5-vl"))
+    processor_cls = getattr(transformers, "Qwen2_5_VLProcessor" if family == "qwen2_5_vl" else "Qwen2VLProcessor")
     seen = []
-    call = Qwen2_5_VLProcessor.__call__
+    call = processor_cls.__call__
 
     def spy(self, *args, **kwargs):
         seen.append(call(self, *args, **kwargs))
         return seen[-1]
 
-    monkeypatch.setattr(Qwen2_5_VLProcessor, "__call__", spy)
+    monkeypatch.setattr(processor_cls, "__call__", spy)
     example = _load_example(QWEN_EXAMPLE)
     answer = example.main(model_id=checkpoint, num_frames=8, fps=4.0, max_new_tokens=3)
     printed = capsys.readouterr().out
@@ -200,13 +204,17 @@ def test_qwen2_5_vl_example_runs_on_a_local_checkpoint(tmp_path, capsys, monkeyp
     assert isinstance(answer, str) and answer.strip(), printed
     assert re.fullmatch(r"(\s*(w\d+|<unk>))+\s*", answer), answer
     assert "user:" not in answer and answer in printed
-    # One video: 8 frames -> 4 temporal groups of 4 x 4 merged tokens; the frame rate reached the
-    # processor (2 frames per group at 4 fps: 0.5 s per group, on 4.57 and 5.x alike).
+    # One video: 8 frames -> 4 temporal groups of 4 x 4 merged tokens; on Qwen2.5-VL the frame rate
+    # reached the processor (2 frames per group at 4 fps: 0.5 s per group, on 4.57 and 5.x alike).
     assert len(seen) == 1 and seen[0]["video_grid_thw"].tolist() == [[4, 8, 8]]
     # "user:" <|vision_start|> 64 x <|video_pad|> <|vision_end|> "Describe the video." "assistant:"
     assert seen[0]["input_ids"].shape == (1, 1 + 1 + 64 + 1 + 3 + 1)
-    assert seen[0]["second_per_grid_ts"].tolist() == [0.5]
+    if family == "qwen2_5_vl":
+        assert seen[0]["second_per_grid_ts"].tolist() == [0.5]
     assert "tokens before" in printed and " 64 " in printed, printed
+    # The family's prune layers (the summary's header line).
+    layers = "(7, 21, 23)" if family == "qwen2_5_vl" else "(8, 26, 28)"
+    assert f"prune_layers={layers}" in printed, printed
 
 
 def test_qwen2_5_vl_example_reads_the_clip_duration():

@@ -8,9 +8,9 @@ each video's run of placeholders and feed the compressed features to the languag
 
 Layout: :mod:`.core` (the handle: model-independent), :mod:`.run` (one armed pass through the
 encoder), :mod:`.prompt` (placeholder rewriting), :mod:`.wrappers` (``forward`` / ``generate``),
-:mod:`.stats`, :mod:`.pooling`, :mod:`.window_attention` (Qwen2.5-VL's windows batched),
-:mod:`.llm_merge` (the optional inner-LLM merge), and :mod:`.adapters` (one per model family:
-LLaVA-OneVision, Qwen2.5-VL).
+:mod:`.stats`, :mod:`.pooling`, :mod:`.window_attention` (Qwen2.5-VL's windows and Qwen2-VL's
+groups batched), :mod:`.llm_merge` (the optional inner-LLM merge), and :mod:`.adapters` (one per
+model family: LLaVA-OneVision, Qwen2.5-VL, Qwen2-VL).
 
 ``generate`` returns sequences whose prompt part is the caller's *original* ``input_ids``;
 ``max_length`` / ``min_length`` count that prompt; a ``streamer`` receives it. ``forward`` returns the
@@ -42,13 +42,13 @@ def apply(model: nn.Module, cfg: EarlyTomConfig | None = None) -> EarlyTomHandle
     """Patch one Hugging Face video LLM with EarlyTom.
 
     Args:
-        model: a ``LlavaOnevisionForConditionalGeneration`` or ``Qwen2_5_VLForConditionalGeneration``
-            (transformers 4.57.x or 5.x).
+        model: a ``LlavaOnevisionForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration`` or
+            ``Qwen2VLForConditionalGeneration`` (transformers 4.57.x or 5.x).
         cfg: the :class:`EarlyTomConfig`; its prune layers must be below the vision encoder's depth
             and not after the feature layer. Default: ``EarlyTomConfig()`` with the model family's
             own prune layers (``handle.adapter.default_prune_layers()``: (6, 21, 23) for
-            LLaVA-OneVision's 26-layer SigLIP, (7, 21, 23) for Qwen2.5-VL's 32 blocks, scaled for
-            other depths).
+            LLaVA-OneVision's 26-layer SigLIP, (7, 21, 23) for Qwen2.5-VL's 32 blocks, (8, 26, 28) for
+            Qwen2-VL's 32 blocks, scaled for other depths).
 
     Returns:
         an :class:`EarlyTomHandle` (``remove()``, context manager, ``last_stats``, ``summary()``,
@@ -56,7 +56,7 @@ def apply(model: nn.Module, cfg: EarlyTomConfig | None = None) -> EarlyTomHandle
 
     Raises:
         TypeError: the model is not a supported model (or cfg is not an ``EarlyTomConfig``); with
-            the inner-LLM merge, a language model it cannot wrap (e.g. Qwen2.5-VL on transformers 4.57).
+            the inner-LLM merge, a language model it cannot wrap (e.g. the Qwen models on transformers 4.57).
         ValueError: the config does not fit the model.
         RuntimeError: EarlyTom is already applied to this model, or its language model already
             carries another handle's inner-LLM merge.
