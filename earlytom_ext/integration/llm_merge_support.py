@@ -123,7 +123,8 @@ def _supported_decoder(lm: nn.Module) -> tuple[Callable, int, int, int]:
         if callable(getattr(module, "apply_multimodal_rotary_pos_emb", None)):
             raise TypeError(
                 f"LLMMerge: {attn_name} applies its multimodal (3-D) rotary embedding inside the attention, as "
-                "transformers 4.x does for Qwen2.5-VL; the inner-LLM merge on Qwen2.5-VL needs transformers 5.x"
+                "transformers 4.x does for Qwen2.5-VL and Qwen2-VL; the inner-LLM merge on these models needs "
+                "transformers 5.x"
             )
         raise TypeError(f"LLMMerge: no apply_rotary_pos_emb next to {attn_name}")
     return rope, heads, kv_heads, head_dim
