@@ -195,7 +195,6 @@ class Qwen2_5_VLAdapter(_VisionForward, _RopePositions, ModelAdapter):
             # 4.57's generate cannot carry 3-D position ids: hand them to the prefill's own call.
             orig = self.inner.get_rope_index
             self._orig_get_rope_index = orig
-
             self._rope_params = tuple(inspect.signature(orig).parameters)
 
             @functools.wraps(orig)
