@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Mutation check of the Stage I / Stage II code, the attention score, the prompt rewriting, the
-window batching and the generate wrapper: do the CPU tests catch small realistic bugs?
+window batching, the generate wrapper and the Qwen adapters: do the CPU tests catch small
+realistic bugs?
 
 Run it before resolving an algorithm change (it is not part of CI; it takes a while on 2 cores):
 
@@ -52,6 +53,7 @@ DEFAULT_TESTS = [
     "python_tests/test_prompt.py",
     "python_tests/test_window_attention.py",
     "python_tests/test_integration_glue.py",
+    "python_tests/test_qwen2_5_vl.py",  # last: with -x, only what the earlier files pass reaches it
 ]
 DEFAULT_PYTEST_ARGS = ["-x", "-q", "-p", "no:cacheprovider"]
 
@@ -63,6 +65,7 @@ REF = ("earlytom_ext/reference.py",)
 PROMPT = ("earlytom_ext/integration/prompt.py",)
 WRAPPERS = ("earlytom_ext/integration/wrappers.py",)
 WINDOWS = ("earlytom_ext/integration/window_attention.py",)
+QWEN = ("earlytom_ext/integration/adapters/qwen2*.py",)
 
 
 @dataclass(frozen=True)
@@ -412,6 +415,28 @@ MUTATIONS = [
         "    def __enter__(self) -> EarlyTomHandle:\n        self._check_active()",
         "    def __enter__(self) -> EarlyTomHandle:",
         "handle: a removed handle re-entered as a context manager runs the unpatched model silently",
+    ),
+    # ---- Qwen2.5-VL / Qwen2-VL adapters
+    Mutation(
+        "qwen-merged-group-time",
+        QWEN,
+        "first = torch.minimum(first[plan_src[:, 0]], first[plan_src[:, 1]])",
+        "first = torch.maximum(first[plan_src[:, 0]], first[plan_src[:, 1]])",
+        "Qwen: a merged group takes the temporal position of its last (not first) source group",
+    ),
+    Mutation(
+        "qwen-score-pooling",
+        QWEN,
+        "scores = run.scores.view(n, P, unit).sum(dim=-1)[:, geo.inv]",
+        "scores = run.scores.view(n, P, unit).amax(dim=-1)[:, geo.inv]",
+        "Qwen: a merged token's score is its best patch's, not the sum of its 2x2 patches",
+    ),
+    Mutation(
+        "qwen-text-after-video",
+        QWEN,
+        "rel=rel, advance=int(row[0, 2 + n]) - begin,",
+        "rel=rel, advance=int(row[0, 2 + n]) - begin + 1,",
+        "Qwen: the text after a video starts one position later than in the uncompressed prompt",
     ),
 ]
 
