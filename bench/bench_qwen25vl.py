@@ -22,6 +22,7 @@ from __future__ import annotations
 import inspect
 import time
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -29,9 +30,24 @@ from bench.bench_ttft import config_label, measure
 from bench.common import Budget, free_memory, params_text, run_points
 from bench.patterns import apply_earlytom
 from earlytom_ext import tiny_model as tm
+from earlytom_ext.integration.adapters.qwen2_5_vl import QWEN2_5_VL_PRUNE_LAYERS
+from earlytom_ext.integration.adapters.qwen2_vl import QWEN2_VL_PRUNE_LAYERS
 from earlytom_ext.integration.window_attention import fast_window_attention
 
-__all__ = ["SIZES", "qwen_config", "build_model", "make_inputs", "availability", "benchmark"]
+__all__ = [
+    "FAMILIES",
+    "SIZES",
+    "TINY",
+    "Family",
+    "availability",
+    "benchmark",
+    "build_model",
+    "earlytom_config",
+    "family",
+    "family_label",
+    "make_inputs",
+    "qwen_config",
+]
 
 # Qwen/Qwen2.5-VL-7B-Instruct, written out by hand.
 _VISION_7B = dict(
@@ -116,16 +132,34 @@ SIZES = {
 }
 #: The tiny size of each 7B size's family (what --quick runs).
 TINY = {"qwen2.5-vl-7b": "tiny", "qwen2-vl-7b": "tiny-qwen2-vl"}
-#: family -> (transformers class names: config, text config module and class, model; label)
-_FAMILIES = {
-    "qwen2_5_vl": (
-        "Qwen2_5_VLConfig",
+
+
+class Family(NamedTuple):
+    label: str
+    module: str  # transformers.models.<module>
+    config: str
+    text_config: str
+    model: str
+    prune_layers: tuple[int, ...]  # the family's own (the presets' are SigLIP's)
+
+
+FAMILIES = {
+    "qwen2_5_vl": Family(
+        "Qwen2.5-VL",
         "qwen2_5_vl",
+        "Qwen2_5_VLConfig",
         "Qwen2_5_VLTextConfig",
         "Qwen2_5_VLForConditionalGeneration",
-        "Qwen2.5-VL",
+        QWEN2_5_VL_PRUNE_LAYERS,
     ),
-    "qwen2_vl": ("Qwen2VLConfig", "qwen2_vl", "Qwen2VLTextConfig", "Qwen2VLForConditionalGeneration", "Qwen2-VL"),
+    "qwen2_vl": Family(
+        "Qwen2-VL",
+        "qwen2_vl",
+        "Qwen2VLConfig",
+        "Qwen2VLTextConfig",
+        "Qwen2VLForConditionalGeneration",
+        QWEN2_VL_PRUNE_LAYERS,
+    ),
 }
 
 
@@ -135,9 +169,21 @@ def _size(size: str) -> tuple:
     return SIZES[size]
 
 
+def family(size: str) -> Family:
+    """The model family of ``size``."""
+    return FAMILIES[_size(size)[8]]
+
+
 def family_label(size: str) -> str:
     """``"Qwen2.5-VL"`` or ``"Qwen2-VL"``: the family of ``size``."""
-    return _FAMILIES[_size(size)[8]][4]
+    return family(size).label
+
+
+def earlytom_config(size: str, benchmark_preset: str, ratio: float):
+    """The paper's settings for ``benchmark_preset`` at ``ratio``, at the family's prune layers."""
+    from earlytom_ext.config import preset
+
+    return preset(benchmark_preset, ratio).replace(prune_layers=family(size).prune_layers)
 
 
 def qwen_config(size: str = "qwen2.5-vl-7b"):
@@ -147,14 +193,14 @@ def qwen_config(size: str = "qwen2.5-vl-7b"):
     import transformers
 
     vision, text, ids, theta, section = _size(size)[:5]
-    config_name, module, text_config_name = _FAMILIES[_size(size)[8]][:3]
-    conf = importlib.import_module(f"transformers.models.{module}.configuration_{module}")
+    fam = family(size)
+    conf = importlib.import_module(f"transformers.models.{fam.module}.configuration_{fam.module}")
     text = dict(text)
-    if "rope_parameters" in inspect.signature(getattr(conf, text_config_name).__init__).parameters:
+    if "rope_parameters" in inspect.signature(getattr(conf, fam.text_config).__init__).parameters:
         text["rope_parameters"] = {"rope_type": "default", "rope_theta": theta, "mrope_section": list(section)}
     else:
         text.update(rope_theta=theta, rope_scaling={"type": "mrope", "mrope_section": list(section)})
-    cfg = getattr(transformers, config_name)(text_config=text, vision_config=dict(vision), **ids)
+    cfg = getattr(transformers, fam.config)(text_config=text, vision_config=dict(vision), **ids)
     cfg.pad_token_id = text["pad_token_id"]
     return cfg
 
@@ -164,7 +210,7 @@ def build_model(size: str = "qwen2.5-vl-7b", device="cuda", dtype=torch.bfloat16
     the Qwen2-VL sizes) built directly on ``device``; ``(model, info)``."""
     import transformers
 
-    model_cls = getattr(transformers, _FAMILIES[_size(size)[8]][3])
+    model_cls = getattr(transformers, family(size).model)
     device = torch.device(device)
     t0 = time.perf_counter()
     torch.manual_seed(seed)
@@ -255,15 +301,14 @@ def availability(
     """Whether ``earlytom_ext.apply`` accepts a model of ``size``'s family (checked on a tiny one, CPU)."""
     import transformers
 
-    model_name = _FAMILIES[_size(size)[8]][3]
+    model_name = family(size).model
     if not hasattr(transformers, model_name):
         return False, f"transformers {transformers.__version__} has no {model_name}"
     import earlytom_ext
-    from earlytom_ext.config import preset
 
     tiny, _ = build_model(TINY.get(size, size), device="cpu", dtype=torch.float32)
     try:
-        handle = earlytom_ext.apply(tiny, preset(benchmark_preset, ratio))
+        handle = earlytom_ext.apply(tiny, earlytom_config(size, benchmark_preset, ratio))
     except Exception as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         return False, f"earlytom_ext.apply does not accept {model_name} in this version: {first}"
@@ -286,7 +331,6 @@ def benchmark(
     log=print,
 ) -> dict:
     """``{"rows": [...], "model_info": ...}`` or ``{"skipped": reason}``."""
-    from earlytom_ext.config import preset
 
     budget = budget or Budget()
     tag = family_label(size).lower()
@@ -296,6 +340,7 @@ def benchmark(
         return {"skipped": why, "model_info": {"model": size, "family": family_label(size)}}
     model, info = build_model(size, device=device, dtype=dtype, seed=seed)
     info["family"] = family_label(size)
+    info["prune_layers"] = list(family(size).prune_layers)
     log(f"  {tag}: {size} built in {info['build_s']:.1f} s ({params_text(info['params'])})")
     frames, image_size = SIZES[size][6], SIZES[size][7]
     try:
@@ -316,7 +361,7 @@ def benchmark(
                     if fix is not None:
                         fix.remove()
             else:
-                handle = apply_earlytom(model, preset(benchmark_preset, row["ratio"]), pattern)
+                handle = apply_earlytom(model, earlytom_config(size, benchmark_preset, row["ratio"]), pattern)
                 try:
                     row.update(measure(model, inputs, device, handle=handle, warmup=warmup, iters=iters))
                 finally:

@@ -7,7 +7,7 @@ from pathlib import Path
 from bench.bench_ttft import config_label
 from bench.common import is_cuda, markdown_table, params_text
 
-__all__ = ["GOALS", "PAPER", "breakdown", "goals_section", "write_markdown", "write_plot"]
+__all__ = ["GOALS", "PAPER", "breakdown", "goals_section", "qwen_family", "write_markdown", "write_plot"]
 
 #: our targets at r = 0.10, 32 frames, batch 1, bf16 on an H100/H200 (vs stock Hugging Face).
 GOALS = {
@@ -218,7 +218,7 @@ def goals_section(results: dict) -> list[str]:
     if q:
         fw = next((r for r in qrows if r.get("baseline") == "fastwin" and _ok(r)), None)
         fw_txt = f"; stock + fast window attention alone: {fw['speedup']:.2f}x" if fw and fw.get("speedup") else ""
-        family = ((results.get("qwen25vl") or {}).get("model_info") or {}).get("family") or "Qwen2.5-VL"
+        family = qwen_family(results)
         L.append(
             f"- {family} TTFT: "
             + ", ".join(
@@ -616,18 +616,25 @@ def _scaling_section(results: dict) -> list[str]:
     return L
 
 
+def qwen_family(results: dict) -> str:
+    """The model family of the --qwen section (results before it named one: Qwen2.5-VL)."""
+    return ((results.get("qwen25vl") or {}).get("model_info") or {}).get("family") or "Qwen2.5-VL"
+
+
 def _qwen_section(results: dict) -> list[str]:
     q = results.get("qwen25vl")
     if not q:
         return []
     info = q.get("model_info") or {}
-    family = info.get("family") or "Qwen2.5-VL"
+    family = qwen_family(results)
     if str(info.get("model", "")).startswith("tiny"):
         L = [f"## {family} at tiny widths (random weights, 4 frames at 112x112)", ""]
     else:
         L = [f"## {family}-7B architecture (random weights, 32 frames at 448x448)", ""]
     if q.get("skipped"):
         return L + [f"_skipped: {q['skipped']}_", ""]
+    if info.get("prune_layers"):
+        L += [f"EarlyTom at the {family} prune layers {tuple(info['prune_layers'])} (the preset's other settings).", ""]
     view = _view(q.get("rows") or [])
     return L + [
         markdown_table(

@@ -36,7 +36,7 @@ from bench import bench_encoder, bench_qwen25vl, bench_throughput, bench_ttft, f
 from bench.common import Budget, free_memory, is_cuda, params_text
 from bench.env import ROOT, device_slug, environment, utc_now
 from bench.patterns import PATTERNS
-from bench.report import GOALS, PAPER, goals_section, write_markdown, write_plot
+from bench.report import GOALS, PAPER, goals_section, qwen_family, write_markdown, write_plot
 from earlytom_ext.demo import cpu_or_cuda
 
 KERNEL_MODULES = ("bench_merge_frames", "bench_attention_received", "bench_select_tokens")
@@ -114,7 +114,7 @@ def collect_outcomes(results: dict) -> None:
     for r in results.get("encoder") or []:
         note(f"encoder {r.get('baseline') or ''} r={r['ratio']} {r['pattern']}".replace("  ", " "), r)
     q = results.get("qwen25vl") or {}
-    tag = ((q.get("model_info") or {}).get("family") or "Qwen2.5-VL").lower()
+    tag = qwen_family(results).lower()
     if q.get("skipped"):
         results["skipped"].append(f"{tag}: {q['skipped']}")
     for r in q.get("rows") or []:

@@ -336,6 +336,8 @@ def test_qwen2_vl_section_on_a_tiny_model():
     results["env"] = {}
     text = "\n".join(report._qwen_section(results) + report.goals_section(results))
     assert "## Qwen2-VL at tiny widths" in text and "- Qwen2-VL TTFT: r=0.25: " in text
+    # EarlyTom ran at the family's prune layers, not the preset's (SigLIP's).
+    assert q["model_info"]["prune_layers"] == [8, 26, 28] and "prune layers (8, 26, 28)" in text
 
 
 def test_profile_op_time_counts_earlytom_ops():
