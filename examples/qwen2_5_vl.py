@@ -9,7 +9,7 @@ import argparse
 from typing import Optional
 
 import torch
-from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
 import earlytom_ext
 from earlytom_ext.demo import load_video, synthetic_frames
@@ -48,11 +48,10 @@ def main(
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model_type = AutoConfig.from_pretrained(model_id).model_type  # checked before the weights download
+    if model_type not in PRUNE_LAYERS:
+        raise ValueError(f"{model_id} is a {model_type!r} model; this example runs Qwen2.5-VL and Qwen2-VL")
     model = AutoModelForImageTextToText.from_pretrained(model_id, dtype=dtype).to(device).eval()
-    if model.config.model_type not in PRUNE_LAYERS:
-        raise ValueError(
-            f"{model_id} is a {model.config.model_type!r} model; this example runs Qwen2.5-VL and Qwen2-VL"
-        )
     processor = AutoProcessor.from_pretrained(model_id)
     conversation = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "Describe the video."}]}]
     prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)
@@ -64,7 +63,7 @@ def main(
 
     # The paper's VideoMME settings at 10% of the video tokens, at the family's prune layers;
     # earlytom_ext.apply(model) alone uses the same prune layers.
-    cfg = earlytom_ext.preset("videomme", 0.1).replace(prune_layers=PRUNE_LAYERS[model.config.model_type])
+    cfg = earlytom_ext.preset("videomme", 0.1).replace(prune_layers=PRUNE_LAYERS[model_type])
     with earlytom_ext.apply(model, cfg) as handle:
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
         print(handle.summary())  # temporal groups after each prune layer, tokens before/after, time per stage

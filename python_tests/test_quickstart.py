@@ -183,7 +183,7 @@ def save_tiny_qwen_checkpoint(path: str, family: str = "qwen2_5_vl") -> str:
     return path
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl"])
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl"])  # test_qwen2_5_vl.FAMILIES
 def test_qwen_example_runs_on_a_local_checkpoint(family, tmp_path, capsys, monkeypatch):
     checkpoint = save_tiny_qwen_checkpoint(str(tmp_path / f"tiny-{family}"), family)
     import transformers
@@ -213,8 +213,20 @@ def test_qwen_example_runs_on_a_local_checkpoint(family, tmp_path, capsys, monke
         assert seen[0]["second_per_grid_ts"].tolist() == [0.5]
     assert "tokens before" in printed and " 64 " in printed, printed
     # The family's prune layers (the summary's header line).
-    layers = "(7, 21, 23)" if family == "qwen2_5_vl" else "(8, 26, 28)"
-    assert f"prune_layers={layers}" in printed, printed
+    assert f"prune_layers={example.PRUNE_LAYERS[family]}" in printed, printed
+    assert example.PRUNE_LAYERS == {"qwen2_5_vl": (7, 21, 23), "qwen2_vl": (8, 26, 28)}
+
+
+def test_qwen_example_refuses_another_family_before_loading_weights(checkpoint, monkeypatch):
+    import transformers
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("the weights were loaded")
+
+    monkeypatch.setattr(transformers.AutoModelForImageTextToText, "from_pretrained", no_weights)
+    example = _load_example(QWEN_EXAMPLE)
+    with pytest.raises(ValueError, match="is a 'llava_onevision' model; this example runs Qwen2.5-VL and Qwen2-VL"):
+        example.main(model_id=checkpoint, num_frames=2)
 
 
 def test_qwen2_5_vl_example_reads_the_clip_duration():

@@ -483,6 +483,58 @@ def test_kept_tokens_equal_reference(model, videos):
     assert stats["tokens_per_frame"] == 9
 
 
+@pytest.mark.parametrize("prune_layers", [(1, 3), (3, 5)])
+def test_qwen2_vl_scores_at_any_block(prune_layers, videos):
+    """Qwen2-VL: every block attends over its whole group, so any block is a score layer (blocks 3
+    and 5 are not full-attention blocks in the Qwen2.5-VL build; 5 is the last block)."""
+    model = build_model(family="qwen2_vl")
+    cfg = CFG.replace(prune_layers=prune_layers)
+    inputs = make_inputs(model, videos, seed=5)
+    with earlytom_ext.apply(model, cfg) as h:
+        feats = h.encode_videos(inputs["pixel_values_videos"], video_grid_thw=inputs["video_grid_thw"])
+        stats = h.last_stats
+    pix, grids = _split_pixels(inputs)
+    for b in range(2):
+        ref_tokens, ref_index, ref = reference_video(model, pix[b], grids[b], cfg)
+        assert stats["videos"][b]["kept"] == [tuple(x) for x in ref_index.tolist()]
+        assert [stats["videos"][b]["frames_after"][p] for p in prune_layers] == ref["counts"]
+        _close(feats[b], ref_tokens)
+
+
+def test_adapter_errors_name_the_family():
+    for family, cls, label in (
+        ("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", "Qwen2.5-VL"),
+        ("qwen2_vl", "Qwen2VLForConditionalGeneration", "Qwen2-VL"),
+    ):
+        model = build_model(family=family)
+        model.model.visual.blocks[1].norm1 = None
+        del model.model.visual.blocks[1].norm1
+        with pytest.raises(TypeError, match=f"as in {label}; block 1"):
+            earlytom_ext.apply(model, CFG)
+        del model.model.visual
+        with pytest.raises(TypeError, match=f"model must be a Hugging Face {cls}"):
+            earlytom_ext.apply(model, CFG)
+        assert "forward" not in model.__dict__ and "generate" not in model.__dict__  # nothing half-patched
+
+
+def test_rope_index_wrapped_before_apply(family, videos):
+    """transformers 4.57 (positions handed to the prefill's get_rope_index): a wrapper taking
+    ``*args`` installed on the model before ``apply`` still lets the prefill's call be matched."""
+    model = build_model(family=family)
+    if v5_rope(model):
+        pytest.skip("transformers 5.x: the positions go into forward / generate")
+    orig = model.model.get_rope_index
+    model.model.get_rope_index = lambda *args, **kwargs: orig(*args, **kwargs)
+    inputs = make_inputs(model, videos, seed=3)
+    with torch.no_grad():
+        base = model(**inputs).logits
+    base_gen = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    with earlytom_ext.apply(model, IDENTITY):
+        with torch.no_grad():
+            assert torch.equal(model(**inputs).logits, base)
+        assert torch.equal(model.generate(**inputs, max_new_tokens=3, do_sample=False), base_gen)
+
+
 def test_eager_and_sdpa_keep_the_same_tokens(family, videos):
     out = {}
     for impl in ("sdpa", "eager"):

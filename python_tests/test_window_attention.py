@@ -130,9 +130,10 @@ def test_equals_the_models_window_loop(dtype, sizes, family, monkeypatch):
     assert spy.built == (2 if family == "qwen2_5_vl" else 1)
 
 
-def test_inference_mode(monkeypatch):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_inference_mode(family, monkeypatch):
     """Inference tensors have no version counter: the bounds cache keys them by identity."""
-    model = build_model()
+    model = build_model(family=family)
     pix, grid = _pixels([(12, 12), (16, 8)], torch.float32)
     with torch.inference_mode():
         expected = _vision(model, pix, grid)
@@ -140,12 +141,13 @@ def test_inference_mode(monkeypatch):
         with fast_window_attention(model):
             got = _vision(model, pix, grid)
     assert torch.equal(got, expected)
-    assert spy.calls == len(model.model.visual.blocks) and spy.built == 2
+    assert spy.calls == len(model.model.visual.blocks) and spy.built == (2 if family == "qwen2_5_vl" else 1)
 
 
-def test_falls_back_to_the_model(monkeypatch):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_falls_back_to_the_model(family, monkeypatch):
     pix, grid = _pixels([(12, 12)], torch.float32)
-    for model in (build_model(attn_implementation="eager"), build_model().train()):
+    for model in (build_model(attn_implementation="eager", family=family), build_model(family=family).train()):
         with torch.no_grad():
             expected = _vision(model, pix, grid)
             spy = _Spy(monkeypatch)
@@ -196,9 +198,9 @@ def test_keeps_and_restores_an_earlier_instance_patch():
 def test_rejects_other_models():
     from earlytom_ext.tiny_model import build_model as build_llava
 
-    with pytest.raises(TypeError, match="Qwen2.5-VL"):
+    with pytest.raises(TypeError, match="supports Hugging Face Qwen2.5-VL and Qwen2-VL models"):
         fast_window_attention(build_llava())
-    with pytest.raises(TypeError, match="Qwen2.5-VL"):
+    with pytest.raises(TypeError, match="supports Hugging Face Qwen2.5-VL and Qwen2-VL models"):
         fast_window_attention(torch.nn.Linear(2, 2))
     assert earlytom_ext.fast_window_attention is fast_window_attention
     model = build_model()
@@ -235,8 +237,9 @@ def test_adapter_batches_with_the_same_result(dtype, family, monkeypatch):
     assert not any("forward" in b.attn.__dict__ for b in model.model.visual.blocks)  # restored after the call
 
 
-def test_adapter_keeps_the_models_attention_without_sdpa(monkeypatch):
-    model = build_model(attn_implementation="eager")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_adapter_keeps_the_models_attention_without_sdpa(family, monkeypatch):
+    model = build_model(attn_implementation="eager", family=family)
     videos = [make_video(12, seed=1, kind="scenes", scene_length=4, image_size=12)]
     inputs = make_inputs(model, videos, seed=5)
     spy = _Spy(monkeypatch)
@@ -244,10 +247,11 @@ def test_adapter_keeps_the_models_attention_without_sdpa(monkeypatch):
     assert spy.calls == 0
 
 
-def test_combines_with_apply(monkeypatch):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_combines_with_apply(family, monkeypatch):
     """Images go through the model's own vision forward under EarlyTom: fast_window_attention
     batches them; the videos' compressed features and logits are unchanged by it."""
-    model = build_model()
+    model = build_model(family=family)
     videos = [make_video(12, seed=1, kind="scenes", scene_length=4, image_size=12)]
     img = make_video(1, seed=9, image_size=12)[0]
     inputs = make_inputs(model, videos, seed=6, images=[img])

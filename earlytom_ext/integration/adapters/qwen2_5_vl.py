@@ -195,7 +195,10 @@ class Qwen2_5_VLAdapter(_VisionForward, _RopePositions, ModelAdapter):
             # 4.57's generate cannot carry 3-D position ids: hand them to the prefill's own call.
             orig = self.inner.get_rope_index
             self._orig_get_rope_index = orig
-            self._rope_params = tuple(inspect.signature(orig).parameters)
+            # The model's own parameter names (a wrapper installed before apply may hide them).
+            positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+            params = list(inspect.signature(type(self.inner).get_rope_index).parameters.items())[1:]  # no self
+            self._rope_params = tuple(n for n, p in params if p.kind in positional)
 
             @functools.wraps(orig)
             def get_rope_index(*args, **kwargs):

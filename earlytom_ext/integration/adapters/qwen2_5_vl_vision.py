@@ -39,7 +39,9 @@ class _Geometry:
         b = self._batches.get(n)
         if b is None:
             S = self.S
-            b = (WindowBatches.tiled([0, S], n, S, device), WindowBatches.tiled(self.window_bounds, n, S, device))
+            full = WindowBatches.tiled([0, S], n, S, device)
+            windows = full if self.window_bounds == [0, S] else WindowBatches.tiled(self.window_bounds, n, S, device)
+            b = (full, windows)
             self._batches[n] = b
         return b
 
@@ -71,21 +73,23 @@ class _VisionForward:
         grid1 = torch.tensor([[1, H, W]], dtype=torch.int64)
         if not self.windowed:  # Qwen2-VL: every block attends over the whole group, in raster order
             perm, cu = torch.arange(S // unit), torch.tensor([0, S])
+        elif self._legacy_vision:  # transformers 4.57
+            perm, cu = visual.get_window_index(grid1)
+            cu = torch.unique_consecutive(torch.tensor(cu, dtype=torch.int32))
+        else:
+            from transformers.vision_utils import get_vision_window_index
+
+            perm, cu = get_vision_window_index(
+                grid1, spatial_merge_size=self.merge, window_size=self.window_size, patch_size=self.patch_size
+            )
         if self._legacy_vision:  # transformers 4.57
-            if self.windowed:
-                perm, cu = visual.get_window_index(grid1)
-                cu = torch.unique_consecutive(torch.tensor(cu, dtype=torch.int32))
             rot = visual.rot_pos_emb(grid1).to(device)
             rot = rot.reshape(S // unit, unit, -1)[perm.to(device)].reshape(S, -1)
             emb = torch.cat((rot, rot), dim=-1)
             cos, sin = emb.cos(), emb.sin()
         else:  # transformers 5.x
-            from transformers.vision_utils import get_vision_position_ids, get_vision_window_index
+            from transformers.vision_utils import get_vision_position_ids
 
-            if self.windowed:
-                perm, cu = get_vision_window_index(
-                    grid1, spatial_merge_size=self.merge, window_size=self.window_size, patch_size=self.patch_size
-                )
             pos = get_vision_position_ids(grid1, self.merge).to(device)
             probe = torch.empty(0, device=device)
             cos, sin = visual.rotary_pos_emb(probe, pos)
