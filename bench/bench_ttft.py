@@ -111,12 +111,12 @@ def llm_merge_config(benchmark_preset: str, ratio: float, text_layers: int | Non
 
 
 def timers_for(model, device) -> HookTimers:
-    """Hook timers on the parts of a LLaVA-OneVision (or Qwen2.5-VL) model: ``vision`` (every
+    """Hook timers on the parts of a LLaVA-OneVision (or Qwen2.5-VL / Qwen2-VL) model: ``vision`` (every
     tower call), ``llm`` (its first call: the prefill), ``projector``, ``pooling``."""
     inner = model.model
     tower = getattr(inner, "vision_tower", None)
     if tower is None:
-        tower = inner.visual  # Qwen2.5-VL: its merger (projector) runs inside the tower
+        tower = inner.visual  # Qwen: its merger (projector) runs inside the tower
     modules = {"vision": tower, "llm": inner.language_model}
     proj = getattr(inner, "multi_modal_projector", None)
     if proj is not None:

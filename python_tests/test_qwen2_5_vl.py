@@ -313,7 +313,7 @@ def _positions(model, handle, inputs):
 # --------------------------------------------------------------------------------------------
 def test_default_prune_layers():
     assert QWEN2_5_VL_PRUNE_LAYERS == (7, 21, 23)
-    assert QWEN2_VL_PRUNE_LAYERS == (8, 26, 28)  # 6, 21, 23 of 26 at the same depths of 32 blocks
+    assert QWEN2_VL_PRUNE_LAYERS == (8, 26, 28)  # round(32 * f) for f = 0.25, 0.8, 0.88
     assert default_prune_layers(32, [7, 15, 23, 31]) == (7, 21, 23)
     assert default_prune_layers(6, [2, 5]) == (0, 2)  # first full block is the last prune layer itself
     assert default_prune_layers(12, [3, 7, 11]) == (3, 5, 7)

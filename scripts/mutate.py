@@ -438,6 +438,13 @@ MUTATIONS = [
         "rel=rel, advance=int(row[0, 2 + n]) - begin + 1,",
         "Qwen: the text after a video starts one position later than in the uncompressed prompt",
     ),
+    Mutation(
+        "qwen2-vl-patch-order",
+        QWEN,
+        "perm, cu = torch.arange(S // unit), torch.tensor([0, S])",
+        "perm, cu = torch.arange(S // unit).flip(0), torch.tensor([0, S])",
+        "Qwen2-VL: the patches of a group run in reverse order through the blocks (rounding differs)",
+    ),
 ]
 
 

@@ -34,7 +34,7 @@ class EarlyTomHandle:
         last_stats: statistics of the last video batch (see :attr:`last_stats`).
         last_inputs: the compressed language-model inputs of the last patched ``forward`` /
             ``generate`` call (``input_ids``, ``attention_mask``, ``labels`` when given,
-            ``video_token_counts``, ``video_spans``; Qwen2.5-VL also ``position_ids`` (5.x) and
+            ``video_token_counts``, ``video_spans``; Qwen2.5-VL / Qwen2-VL also ``position_ids`` (5.x) and
             ``mm_token_type_ids``).
     """
 
@@ -230,7 +230,7 @@ class EarlyTomHandle:
         encoded = adapter.encode(run, videos)
         t2 = clock.now()
         segs_local = run.refined_segments()  # copied while the encoder ran
-        P = adapter.tokens_per_frame  # of this call (Qwen2.5-VL: set by video_inputs from the grid)
+        P = adapter.tokens_per_frame  # of this call (Qwen: set by video_inputs from the grid)
         plan = ops.stage2_plan(segs_local, videos.frames, self._cfg.retain_ratio, tokens_per_frame=P)
         tokens, index = ops.select_tokens(encoded.feats, encoded.scores, plan)
         sizes = list(plan.tokens_per_video)
@@ -276,7 +276,7 @@ class EarlyTomHandle:
 
         Returns ``{"input_ids", "attention_mask", "inputs_embeds", "labels" (when given),
         "video_token_counts", "video_spans"}`` (spans: per sample, ``(start, length)`` of each compressed
-        video run) plus what the model family needs (Qwen2.5-VL: position ids, ``mm_token_type_ids``): every video's
+        video run) plus what the model family needs (Qwen: position ids, ``mm_token_type_ids``): every video's
         run of placeholders becomes a run of its compressed length, the batch is re-padded on the
         side the inputs used (``padding_side`` when the inputs had no padding; default ``"left"``), and
         the compressed video features are written into ``inputs_embeds`` at the placeholders. The video

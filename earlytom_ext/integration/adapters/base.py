@@ -20,7 +20,7 @@ class VideoInputs:
     """The video arguments of one call, parsed and checked by the adapter."""
 
     pixels: torch.Tensor  # model-specific layout
-    frames: list[int]  # Stage I frames per video (LLaVA-OneVision: T; Qwen2.5-VL: temporal groups)
+    frames: list[int]  # Stage I frames per video (LLaVA-OneVision: T; Qwen: temporal groups)
     placeholders: list[int]  # video placeholder tokens per video in input_ids before compression
     extra: dict[str, Any] = field(default_factory=dict)  # model-specific (grid sizes, feature layer, ...)
     #: set by the core before ``build_llm_inputs``: the rewritten prompt on the host
@@ -189,8 +189,8 @@ class ModelAdapter:
 
 
 def scaled_prune_layers(depth: int) -> tuple[int, ...]:
-    """The paper's prune layers (6, 21, 23 of SigLIP's 26) at the same relative depths of an
-    encoder of ``depth`` layers (duplicates dropped)."""
+    """The paper's prune layers (6, 21, 23 of SigLIP's 26) at about the same depths of an encoder of
+    ``depth`` layers: ``round(depth * f)`` for f = 0.25, 0.8, 0.88 (duplicates dropped)."""
     if depth == 26:
         return (6, 21, 23)
     return tuple(sorted({min(depth - 1, round(depth * f)) for f in (0.25, 0.8, 0.88)}))

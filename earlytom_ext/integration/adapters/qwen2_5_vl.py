@@ -158,8 +158,8 @@ class Qwen2_5_VLAdapter(_VisionForward, _RopePositions, ModelAdapter):
         self.scale = float(getattr(attn, "scaling", self.head_dim**-0.5))
         #: P of the last call (the LLM tokens per temporal group; it depends on the video's grid).
         self.tokens_per_frame = 0
-        #: With SDPA, run the windowed blocks' attention as one call per window length (the same
-        #: result as the model's loop over windows); False runs the model's own attention.
+        #: With SDPA, run each block's attention as one call per window length (Qwen2-VL: per group
+        #: length; the same result as the model's loop); False runs the model's own attention.
         self.batch_windows = True
         # transformers 5.x: rotary from position ids, vision_utils helpers, the processor's
         # mm_token_type_ids, get_rope_index per modality group; 4.57: rot_pos_emb / get_window_index.

@@ -17,7 +17,7 @@ from .base import EncodedVideos, VideoInputs
 class _Geometry:
     """Per-group tensors of one spatial grid: the window permutation of the merge units, its
     inverse, the window boundaries (also on the host) and the rotary (cos, sin) of one group, in
-    window order."""
+    window order (Qwen2-VL: the identity and one window, the whole group)."""
 
     def __init__(
         self,
