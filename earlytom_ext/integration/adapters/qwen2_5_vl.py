@@ -166,7 +166,8 @@ class Qwen2_5_VLAdapter(_VisionForward, _RopePositions, ModelAdapter):
         self._legacy_vision = hasattr(visual, "rot_pos_emb") and (
             not self.windowed or hasattr(visual, "get_window_index")
         )
-        self._v5_rope = "mm_token_type_ids" in inspect.signature(inner.get_rope_index).parameters
+        # The class's method: a wrapper installed on the instance may hide the parameter names.
+        self._v5_rope = "mm_token_type_ids" in inspect.signature(type(inner).get_rope_index).parameters
         self._geometry_cache: dict[tuple, _Geometry] = {}
         self._layout_cache: dict[tuple, _Layout] = {}
         self._armed: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -195,7 +196,6 @@ class Qwen2_5_VLAdapter(_VisionForward, _RopePositions, ModelAdapter):
             # 4.57's generate cannot carry 3-D position ids: hand them to the prefill's own call.
             orig = self.inner.get_rope_index
             self._orig_get_rope_index = orig
-            # The model's own parameter names (a wrapper installed before apply may hide them).
             positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
             params = list(inspect.signature(type(self.inner).get_rope_index).parameters.items())[1:]  # no self
             self._rope_params = tuple(n for n, p in params if p.kind in positional)
