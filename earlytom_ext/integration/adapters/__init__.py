@@ -14,6 +14,7 @@ __all__ = ["ADAPTERS", "EncodedVideos", "ModelAdapter", "VideoInputs", "adapter_
 #: nothing when another family is patched.
 ADAPTERS: dict[str, tuple[str, str]] = {
     "llava_onevision": (".llava_onevision", "LlavaOnevisionAdapter"),
+    "llava_next_video": (".llava_next_video", "LlavaNextVideoAdapter"),
     "qwen2_5_vl": (".qwen2_5_vl", "Qwen2_5_VLAdapter"),
     "qwen2_vl": (".qwen2_vl", "Qwen2VLAdapter"),
 }

@@ -27,6 +27,10 @@ __all__ = ["LlavaOnevisionAdapter"]
 
 class LlavaOnevisionAdapter(ModelAdapter):
     model_types = ("llava_onevision",)
+    family = "LLaVA-OneVision"
+    model_class = "LlavaOnevisionForConditionalGeneration"
+    #: what ``model.model`` must hold (the modules the video path calls)
+    required_modules: tuple[str, ...] = ("vision_tower", "multi_modal_projector", "image_newline")
     video_arg = "pixel_values_videos"
     video_kwargs = ("vision_feature_layer", "vision_feature_select_strategy", "image_sizes_videos")
     consumed_kwargs = ("image_sizes_videos",)  # only the unpatched video path reads it
@@ -38,15 +42,15 @@ class LlavaOnevisionAdapter(ModelAdapter):
         inner = getattr(model, "model", None)
         if not isinstance(model, nn.Module) or not isinstance(inner, nn.Module):
             raise TypeError(
-                "model must be a Hugging Face LlavaOnevisionForConditionalGeneration (with a `.model` "
+                f"model must be a Hugging Face {self.model_class} (with a `.model` "
                 f"holding the vision tower and the language model), got {name}"
             )
         config = getattr(model, "config", None)
-        missing = [a for a in ("vision_tower", "multi_modal_projector", "image_newline") if not hasattr(inner, a)]
+        missing = [a for a in self.required_modules if not hasattr(inner, a)]
         if missing or not callable(getattr(model, "generate", None)):
             raise TypeError(
-                "model must be a Hugging Face LlavaOnevisionForConditionalGeneration-like model "
-                "(model.model needs vision_tower, multi_modal_projector, image_newline; the model needs "
+                f"model must be a Hugging Face {self.model_class}-like model "
+                f"(model.model needs {', '.join(self.required_modules)}; the model needs "
                 f"generate); {name} lacks {missing or ['generate']}"
             )
         vcfg = getattr(config, "vision_config", None)
@@ -54,7 +58,7 @@ class LlavaOnevisionAdapter(ModelAdapter):
         if video_token_id is None:
             video_token_id = getattr(config, "video_token_index", None)
         if vcfg is None or video_token_id is None:
-            raise TypeError(f"model.config must have vision_config and video_token_id (LLaVA-OneVision), got {name}")
+            raise TypeError(f"model.config must have vision_config and video_token_id ({self.family}), got {name}")
         self.inner = inner
         self.config = config
         self.video_token_id = int(video_token_id)
@@ -63,7 +67,7 @@ class LlavaOnevisionAdapter(ModelAdapter):
         layers = getattr(getattr(vm, "encoder", None), "layers", None)
         if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
             raise TypeError(
-                "unsupported vision tower: expected a SigLIP-like encoder with `encoder.layers` "
+                "unsupported vision tower: expected a SigLIP- or CLIP-like encoder with `encoder.layers` "
                 f"(nn.ModuleList), got {type(vm).__name__}"
             )
         for i, layer in enumerate(layers):
@@ -71,7 +75,7 @@ class LlavaOnevisionAdapter(ModelAdapter):
             if not all(isinstance(getattr(attn, p, None), nn.Linear) for p in ("q_proj", "k_proj")):
                 raise TypeError(
                     "unsupported vision tower: every encoder layer needs `self_attn` with separate "
-                    f"`q_proj` and `k_proj` linears (SigLIP); layer {i} is {type(layer).__name__}"
+                    f"`q_proj` and `k_proj` linears (SigLIP, CLIP); layer {i} is {type(layer).__name__}"
                 )
         self.layers = layers
         self.depth = len(layers)
@@ -82,7 +86,7 @@ class LlavaOnevisionAdapter(ModelAdapter):
         self.image_size = image_size
         self.num_channels = getattr(vcfg, "num_channels", 3)
         self.grid = image_size // patch_size  # as HF's apply_pooling
-        self.tokens_per_frame = math.ceil(self.grid / 2) ** 2
+        self.tokens_per_frame = self.pooled_tokens()
         self._hooks: list[Any] = []
         self._run: VideoRun | None = None
         self._captured: dict[int, torch.Tensor] = {}
@@ -90,9 +94,15 @@ class LlavaOnevisionAdapter(ModelAdapter):
         self._qk: list[torch.Tensor | None] = [None, None]
         self._cfg: EarlyTomConfig | None = None
 
+    def pooled_tokens(self) -> int:
+        """Tokens per frame after the model's video pooling (2x2 bilinear: ceil(grid / 2) ** 2)."""
+        return math.ceil(self.grid / 2) ** 2
+
     # ---------------------------------------------------------------- configuration
     def default_prune_layers(self) -> tuple[int, ...]:
-        return scaled_prune_layers(self.depth)
+        """The paper's layers scaled to the layers the features come from (the model config's
+        ``vision_feature_layer``; all 26 of SigLIP for LLaVA-OneVision)."""
+        return scaled_prune_layers(min(self.feature_layers(getattr(self.config, "vision_feature_layer", -1))) + 1)
 
     def check_config(self, cfg: EarlyTomConfig) -> None:
         self._cfg = cfg
@@ -217,9 +227,8 @@ class LlavaOnevisionAdapter(ModelAdapter):
                 f"num_channels and image_size), got shape {tuple(pv.shape)}"
             )
         plan = self.feature_plan(call.get("vision_feature_layer"), call.get("vision_feature_select_strategy"))
-        return VideoInputs(
-            pixels=pv, frames=[T] * B, placeholders=[T * self.tokens_per_frame + 1] * B, extra={"feature_plan": plan}
-        )
+        per_video = T * self.tokens_per_frame + self.extra_tokens_per_video
+        return VideoInputs(pixels=pv, frames=[T] * B, placeholders=[per_video] * B, extra={"feature_plan": plan})
 
     def encode(self, run: VideoRun, videos: VideoInputs) -> EncodedVideos:
         feat_layers, strategy = videos.extra["feature_plan"]
@@ -261,13 +270,20 @@ class LlavaOnevisionAdapter(ModelAdapter):
                 f"EarlyTom needs a square {self.grid}x{self.grid} token grid per frame for pooling, got {S} tokens "
                 f"(vision_feature_select_strategy={strategy!r})"
             )
+        pooled, pooled_scores = self.to_llm(feats, scores, clock, t1)
+        return EncodedVideos(feats=pooled, scores=pooled_scores)
+
+    def to_llm(self, feats: torch.Tensor, scores: torch.Tensor, clock, t0) -> tuple[torch.Tensor, torch.Tensor]:
+        """The selected features ``[N', grid*grid, D]`` and their scores -> ``(features [N', P, C] on
+        the LLM's side, scores [N', P] fp32)``: the model's projector, then 2x2 bilinear pooling of
+        both (channels-last, bit-identical to the model's ``apply_pooling``)."""
         proj = self.inner.multi_modal_projector(feats)
-        t2 = clock.now()
-        clock.span("projector", t1, t2)
+        t1 = clock.now()
+        clock.span("projector", t0, t1)
         pooled = bilinear_pool(proj, self.grid)
         pooled_scores = bilinear_pool(scores.unsqueeze(-1).to(torch.float32), self.grid).squeeze(-1)
-        clock.span("pooling", t2, clock.now())
-        return EncodedVideos(feats=pooled, scores=pooled_scores)
+        clock.span("pooling", t1, clock.now())
+        return pooled, pooled_scores
 
     def finish(
         self,
