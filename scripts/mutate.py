@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Mutation check of the Stage I / Stage II code, the attention score, the prompt rewriting, the
-window batching, the generate wrapper and the Qwen adapters: do the CPU tests catch small
+window batching, the generate wrapper and the Qwen and LLaVA-NeXT-Video adapters: do the CPU tests catch small
 realistic bugs?
 
 Run it before resolving an algorithm change (it is not part of CI; it takes a while on 2 cores):
@@ -53,6 +53,7 @@ DEFAULT_TESTS = [
     "python_tests/test_prompt.py",
     "python_tests/test_window_attention.py",
     "python_tests/test_integration_glue.py",
+    "python_tests/test_llava_next_video.py",
     "python_tests/test_qwen2_5_vl.py",  # last: with -x, only what the earlier files pass reaches it
 ]
 DEFAULT_PYTEST_ARGS = ["-x", "-q", "-p", "no:cacheprovider"]
@@ -66,6 +67,7 @@ PROMPT = ("earlytom_ext/integration/prompt.py",)
 WRAPPERS = ("earlytom_ext/integration/wrappers.py",)
 WINDOWS = ("earlytom_ext/integration/window_attention.py",)
 QWEN = ("earlytom_ext/integration/adapters/qwen2*.py",)
+LLAVA = ("earlytom_ext/integration/adapters/llava_*.py",)
 
 
 @dataclass(frozen=True)
@@ -444,6 +446,28 @@ MUTATIONS = [
         "perm, cu = torch.arange(S // unit), torch.tensor([0, S])",
         "perm, cu = torch.arange(S // unit).flip(0), torch.tensor([0, S])",
         "Qwen2-VL: the patches of a group run in reverse order through the blocks (rounding differs)",
+    ),
+    # ---- LLaVA-NeXT-Video adapter
+    Mutation(
+        "next-video-score-pool-mode",
+        LLAVA,
+        'pool = F.max_pool2d if self.pool_mode == "max" else F.avg_pool2d',
+        'pool = F.avg_pool2d if self.pool_mode == "max" else F.max_pool2d',
+        "LLaVA-NeXT-Video: the scores pooled by the maximum where the model averages (and vice versa)",
+    ),
+    Mutation(
+        "next-video-class-token-kept",
+        LLAVA,
+        '        if strategy == "default":\n            feats = feats[:, 1:]\n            scores = scores[:, 1:]',
+        '        if strategy == "default":\n            feats = feats[:, :-1]\n            scores = scores[:, :-1]',
+        "LLaVA: the 'default' strategy drops the last patch instead of the class token",
+    ),
+    Mutation(
+        "next-video-prune-depth",
+        LLAVA,
+        'return scaled_prune_layers(min(self.feature_layers(getattr(self.config, "vision_feature_layer", -1))) + 1)',
+        "return scaled_prune_layers(self.depth)",
+        "LLaVA: default prune layers scaled to the whole encoder, not to the layers that feed the features",
     ),
 ]
 

@@ -79,6 +79,8 @@ class LlavaOnevisionAdapter(ModelAdapter):
                 )
         self.layers = layers
         self.depth = len(layers)
+        # CLIP puts a class token before the patches; only the 'default' strategy drops it.
+        self.class_token = isinstance(getattr(getattr(vm, "embeddings", None), "class_embedding", None), torch.Tensor)
         image_size = getattr(vcfg, "image_size", None)
         patch_size = getattr(vcfg, "patch_size", None)
         if not isinstance(image_size, int) or not isinstance(patch_size, int):
@@ -149,6 +151,11 @@ class LlavaOnevisionAdapter(ModelAdapter):
         )
         if strategy not in ("default", "full"):
             raise ValueError(f"vision_feature_select_strategy must be 'default' or 'full', got {strategy!r}")
+        if strategy == "full" and self.class_token:
+            raise ValueError(
+                "vision_feature_select_strategy 'full' keeps the encoder's class token, so a frame's tokens form "
+                "no square grid to pool: use 'default'"
+            )
         layers = self.feature_layers(layer)
         last = self._cfg.prune_layers[-1]
         if min(layers) < last:

@@ -1,0 +1,400 @@
+"""earlytom_ext.apply on tiny random Hugging Face LLaVA-NeXT-Video models (transformers 4.57.x / 5.x).
+
+The compressed tokens are checked against the reference pipeline run by hand on the same model:
+CLIP embeddings, every encoder layer one at a time, Stage I / score / refined segmentation / Stage
+II from earlytom_ext.reference, the model's own resampler and projector, and the scores pooled by
+hand (the mean, or the maximum, of each 2x2 window). The identity configuration must give the
+unpatched model's logits and generated tokens bit for bit.
+"""
+
+import inspect
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+transformers = pytest.importorskip("transformers")
+if not hasattr(transformers, "LlavaNextVideoForConditionalGeneration"):
+    pytest.skip("this transformers has no LlavaNextVideoForConditionalGeneration", allow_module_level=True)
+
+from test_llm_merge import Oracle, _sharpen, unpad  # noqa: E402
+from tiny_models import cache_names, check_compiled_model  # noqa: E402
+from transformers import LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration  # noqa: E402
+
+import earlytom_ext  # noqa: E402
+from earlytom_ext import EarlyTomConfig  # noqa: E402
+from earlytom_ext import reference as R  # noqa: E402
+from earlytom_ext._ext import has_cuda_kernels  # noqa: E402
+from earlytom_ext.integration.adapters.llava_next_video import LLAVA_NEXT_VIDEO_PRUNE_LAYERS  # noqa: E402
+from earlytom_ext.tiny_model import make_video  # noqa: E402
+
+VID, IMG = 120, 121
+SIZE, PATCH = 16, 2  # an 8x8 patch grid (+ the class token) -> 4x4 = 16 tokens per frame after the resampler
+GRID, P = 8, 16
+T = 8
+# 6 CLIP layers; the features come from the second-to-last (layer 4), so the last prune layer is 4 at most.
+CFG = EarlyTomConfig(retain_ratio=0.3, tau=0.5, max_window=6, ema=0.9, prune_layers=(1, 3, 4))
+IDENTITY = EarlyTomConfig(retain_ratio=1.0, tau=-1.0, max_window=2, prune_layers=(1, 2))
+TOL = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+needs_cuda = pytest.mark.skipif(
+    not torch.cuda.is_available() or not has_cuda_kernels(), reason="needs a CUDA device and the CUDA kernels"
+)
+
+
+def build_model(seed=0, dtype=torch.float32, depth=6, pool_mode="average", attn="sdpa", **config):
+    vision = dict(
+        model_type="clip_vision_model",
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=depth,
+        num_attention_heads=2,
+        image_size=SIZE,
+        patch_size=PATCH,
+        projection_dim=16,
+    )
+    text = dict(
+        model_type="llama",
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=4096,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    cfg = LlavaNextVideoConfig(
+        vision_config=vision,
+        text_config=text,
+        video_token_index=VID,
+        image_token_index=IMG,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        spatial_pool_mode=pool_mode,
+        image_grid_pinpoints=[[SIZE, SIZE]],
+        **config,
+    )
+    for c in (cfg, cfg.vision_config, cfg.text_config):
+        c._attn_implementation = attn
+    torch.manual_seed(seed)
+    m = LlavaNextVideoForConditionalGeneration(cfg).to(dtype).eval()
+    m.generation_config.pad_token_id = 0
+    return m
+
+
+def make_inputs(videos, seed=0, padding_side="left", image_tokens=None):
+    """Prompts ``text, video placeholders, text`` (sample b has b extra text tokens); where
+    ``image_tokens[b]`` is set, sample b has that many image placeholders and no video."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for b, v in enumerate(videos):
+        row = torch.randint(3, 100, (2 + b,), generator=g).tolist()
+        if image_tokens is not None and image_tokens[b]:
+            row += [IMG] * image_tokens[b]
+        else:
+            row += [VID] * (v.shape[0] * P)
+        rows.append(row + torch.randint(3, 100, (3,), generator=g).tolist())
+    L = max(map(len, rows))
+    ids = torch.zeros(len(rows), L, dtype=torch.long)
+    am = torch.zeros_like(ids)
+    for b, r in enumerate(rows):
+        sl = slice(L - len(r), L) if padding_side == "left" else slice(0, len(r))
+        ids[b, sl] = torch.tensor(r)
+        am[b, sl] = 1
+    with_video = [v for b, v in enumerate(videos) if image_tokens is None or not image_tokens[b]]
+    return dict(input_ids=ids, attention_mask=am, pixel_values_videos=torch.stack(with_video))
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_model()
+
+
+@pytest.fixture(scope="module")
+def videos():
+    # A crossfade (merges at the later prune layers) and a static shot (merges at every one).
+    return [
+        make_video(T, seed=5, kind="crossfade", scene_length=3, image_size=SIZE),
+        make_video(T, seed=2, kind="static", image_size=SIZE),
+    ]
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover(model):
+    yield
+    h = model.__dict__.get("_earlytom_handle")
+    if h is not None:
+        h.remove()
+
+
+def vision_model(model):
+    vt = model.model.vision_tower
+    return getattr(vt, "vision_model", vt)  # 4.57 wraps the transformer; 5.x is it
+
+
+def _call_layer(layer, h):
+    # transformers 4.57's CLIP layer also takes a causal mask; 5.x's does not.
+    extra = (None,) if "causal_attention_mask" in inspect.signature(layer.forward).parameters else ()
+    out = layer(h, None, *extra)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _qk(layer, h):
+    attn = layer.self_attn
+    x = layer.layer_norm1(h)
+    n, s, _ = x.shape
+    q = attn.q_proj(x).view(n, s, attn.num_heads, -1).transpose(1, 2)
+    k = attn.k_proj(x).view(n, s, attn.num_heads, -1).transpose(1, 2)
+    return q, k, attn.scale
+
+
+def pool_scores(scores, mode):
+    """Each 2x2 window of the 8x8 grid -> its mean ('average', 'conv') or maximum ('max'), raster order."""
+    n = scores.shape[0]
+    w = scores.float().reshape(n, GRID // 2, 2, GRID // 2, 2)
+    out = w.amax(dim=(2, 4)) if mode == "max" else w.mean(dim=(2, 4))
+    return out.reshape(n, P)
+
+
+@torch.no_grad()
+def reference_video(model, video, cfg):
+    """``(tokens, index, segments, frames after each prune layer, r')`` of one video ``[T, 3, H, W]``."""
+    vm = vision_model(model)
+    layers = vm.encoder.layers
+    hidden = vm.pre_layrnorm(vm.embeddings(video.to(dtype=model.dtype)))
+    last = cfg.prune_layers[-1]
+    scores, segs, counts = None, None, []
+    for i, layer in enumerate(layers[: len(layers) - 1]):  # vision_feature_layer -2: all but the last
+        if i == last:
+            scores = R.attention_received(*_qk(layer, hidden))
+        hidden = _call_layer(layer, hidden)
+        if i in cfg.prune_layers:
+            plan = R.merge_plan(hidden, cfg)[0]
+            hidden = R.apply_plan(hidden, plan)
+            if i == last:
+                scores = R.apply_plan(scores, plan)
+                segs = R.segment(hidden, cfg)
+            counts.append(hidden.shape[0])
+    feats, scores = hidden[:, 1:], scores[:, 1:]  # 'default': no class token
+    tokens = model.model.multi_modal_projector(model.model.vision_resampler(feats))
+    pooled = pool_scores(scores, model.config.spatial_pool_mode)
+    r_adj = R.adjusted_ratio(cfg.retain_ratio, video.shape[0], tokens.shape[0], P=P)
+    kept, index = R.select_tokens(tokens, pooled, segs, r_adj)
+    return kept, index, [tuple(s) for s in segs], counts, r_adj
+
+
+def check_against_reference(model, videos, cfg=CFG, tol=1e-4):
+    with earlytom_ext.apply(model, cfg) as h:
+        feats = h.encode_videos(torch.stack(videos))
+        stats = h.last_stats
+    for b, v in enumerate(videos):
+        tokens, index, segs, counts, r_adj = reference_video(model, v, cfg)
+        st = stats["videos"][b]
+        assert st["segments"] == segs
+        assert [st["frames_after"][p] for p in cfg.prune_layers] == counts
+        assert st["kept"] == [tuple(x) for x in index.tolist()]
+        assert st["ratio"] == r_adj
+        assert st["tokens_before"] == T * P and st["tokens_after"] == tokens.shape[0]  # nothing appended
+        assert feats[b].dtype == model.dtype
+        torch.testing.assert_close(feats[b].float(), tokens.float(), atol=tol, rtol=tol)
+    return stats
+
+
+# --------------------------------------------------------------------------------------------
+# Values
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_identity_config_equals_the_unpatched_model(model, videos, padding_side):
+    x = make_inputs(videos, padding_side=padding_side)
+    with torch.no_grad():
+        logits = model(**x).logits
+        seqs = model.generate(**x, max_new_tokens=4, do_sample=False)
+        with earlytom_ext.apply(model, IDENTITY) as h:
+            got = model(**x).logits
+            got_seqs = model.generate(**x, max_new_tokens=4, do_sample=False)
+        assert [v["tokens_after"] for v in h.last_stats["videos"]] == [T * P] * 2
+    assert torch.equal(got, logits)
+    assert torch.equal(got_seqs, seqs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_kept_tokens_equal_the_reference(videos, dtype):
+    m = build_model(dtype=dtype)
+    stats = check_against_reference(m, videos, tol=TOL[dtype])
+    frames = [[v["frames_after"][p] for p in CFG.prune_layers] for v in stats["videos"]]
+    assert any(f[-1] < f[0] for f in frames), f"the videos should merge after the first prune layer too: {frames}"
+    assert stats["videos"][1]["frames_after"][4] < T
+
+
+@pytest.mark.parametrize("mode", ["max", "conv"])
+def test_other_pooling_modes(videos, mode):
+    m = build_model(pool_mode=mode)
+    check_against_reference(m, videos)
+    x = make_inputs(videos)
+    with torch.no_grad():
+        want = m(**x).logits
+        with earlytom_ext.apply(m, IDENTITY):
+            assert torch.equal(m(**x).logits, want)
+
+
+def test_scores_pooled_by_the_mode_hand_written():
+    # One frame of scores on the 8x8 grid: window (0, 0) holds 1, 2, 3, 6; the rest are zeros.
+    s = torch.zeros(1, GRID * GRID)
+    s[0, [0, 1, GRID, GRID + 1]] = torch.tensor([1.0, 2.0, 3.0, 6.0])
+    assert pool_scores(s, "average")[0, 0] == 3.0 and pool_scores(s, "max")[0, 0] == 6.0
+    from earlytom_ext.integration.run import Clock
+
+    for mode, want in (("average", 3.0), ("max", 6.0), ("conv", 3.0)):
+        adapter = earlytom_ext.integration.adapters.adapter_for(build_model(pool_mode=mode))
+        feats = torch.zeros(1, GRID * GRID, 32)
+        _, pooled = adapter.to_llm(feats, s, Clock(torch.device("cpu")), 0.0)
+        assert pooled.shape == (1, P) and pooled.dtype == torch.float32
+        assert pooled[0, 0] == want and torch.count_nonzero(pooled) == 1
+
+
+def test_generate_returns_the_prompt_with_beams(model, videos):
+    x = make_inputs(videos)
+    L = x["input_ids"].shape[1]
+    with earlytom_ext.apply(model, CFG) as h, torch.no_grad():
+        out = model.generate(**x, max_new_tokens=3, do_sample=False, num_beams=2, num_return_sequences=2)
+        n_after = [v["tokens_after"] for v in h.last_stats["videos"]]
+        compressed = h.last_inputs["input_ids"]
+    assert out.shape == (4, L + 3)
+    assert torch.equal(out[:, :L], x["input_ids"].repeat_interleave(2, dim=0))
+    assert all(n < T * P for n in n_after)
+    assert [int((row == VID).sum()) for row in compressed] == n_after
+
+
+def test_cache_continuation(model, videos):
+    x = make_inputs(videos[:1])
+    name = cache_names()[0]
+    with earlytom_ext.apply(model, CFG), torch.no_grad():
+        out = model.generate(**x, max_new_tokens=2, do_sample=False, return_dict_in_generate=True)
+        follow = torch.cat([out.sequences, torch.tensor([[9, 10]])], dim=1)
+        cache = out[name] if name in out else out["past_key_values"]
+        more = model.generate(
+            input_ids=follow, attention_mask=torch.ones_like(follow), max_new_tokens=2, do_sample=False, **{name: cache}
+        )
+    assert more.shape == (1, follow.shape[1] + 2) and torch.equal(more[:, : follow.shape[1]], follow)
+
+
+def test_an_image_sample_next_to_a_video_sample(model, videos):
+    image = make_video(1, seed=7, kind="static", image_size=SIZE)[0]
+    pixel_values = torch.stack([image, image])[None]  # anyres: the base view and one 16x16 tile
+    image_sizes = torch.tensor([[SIZE, SIZE]])
+    with torch.no_grad():
+        feats = model.model.get_image_features(pixel_values, image_sizes)
+    feats = getattr(feats, "pooler_output", feats)
+    n_img = sum(f.shape[0] for f in feats)
+    x = make_inputs(videos, image_tokens=[n_img, 0])
+    x.update(pixel_values=pixel_values, image_sizes=image_sizes)
+    with torch.no_grad():
+        want = model(**x).logits
+        with earlytom_ext.apply(model, IDENTITY) as h:
+            assert torch.equal(model(**x).logits, want)
+            assert len(h.last_stats["videos"]) == 1
+        with earlytom_ext.apply(model, CFG) as h:
+            got = model(**x).logits
+            assert h.last_stats["videos"][0]["tokens_after"] < T * P
+    # Sample 0 (the image, left of the shortened video prompt) is unchanged by the compression.
+    n0 = int(x["attention_mask"][0].sum())
+    torch.testing.assert_close(got[0, -n0:], want[0, -n0:], rtol=1e-5, atol=1e-5)
+
+
+def test_remove_restores_the_model(model, videos):
+    x = make_inputs(videos)
+    vm = vision_model(model)
+    hooks = lambda: [list(layer._forward_hooks.values()) for layer in vm.encoder.layers]  # noqa: E731
+    with torch.no_grad():
+        want = model(**x).logits
+        before = hooks()  # transformers 5.x adds its own on the first call
+        h = earlytom_ext.apply(model, CFG)
+        assert model(**x).logits.shape[1] < want.shape[1]
+        assert hooks() != before
+        h.remove()
+        assert hooks() == before
+        assert torch.equal(model(**x).logits, want)
+    assert "forward" not in model.__dict__ and "generate" not in model.__dict__
+
+
+def test_compiled_model(model, videos):
+    calls = [make_inputs(videos), make_inputs(videos[:1], seed=3)]
+    check_compiled_model(model, CFG, calls, calls[0])
+
+
+def test_llm_merge_generates_like_the_recomputation(videos):
+    m = build_model(seed=1)
+    _sharpen(m)
+    k, ratio, new = 1, 0.5, 4
+    cfg = CFG.replace(llm_merge_layer=k, llm_merge_ratio=ratio)
+    x = make_inputs(videos, seed=2)
+    with earlytom_ext.apply(m, CFG) as plain:
+        prep = plain.prepare_inputs(x["input_ids"], x["pixel_values_videos"], attention_mask=x["attention_mask"])
+    with earlytom_ext.apply(m, cfg) as h, torch.no_grad():
+        out = m.generate(**x, max_new_tokens=new, do_sample=False, output_logits=True, return_dict_in_generate=True)
+        merge_stats = h.last_stats["llm_merge"]
+    oracle = Oracle(m, k, ratio)
+    L0 = x["input_ids"].shape[1]
+    for b in range(2):
+        (span,) = prep["video_spans"][b]
+        assert merge_stats[b]["span"] == tuple(span)
+        assert len(merge_stats[b]["kept"]) == max(1, round(span[1] * (1 - ratio)))
+        e, sp = unpad(prep["inputs_embeds"], prep["attention_mask"], b, tuple(span))
+        want = oracle.logits(e, sp, out.sequences[b, L0:])
+        torch.testing.assert_close(torch.stack([s[b] for s in out.logits]), want, rtol=1e-4, atol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration and errors
+# --------------------------------------------------------------------------------------------
+def test_default_prune_layers():
+    # The paper's (6, 21, 23) of 26 at 25 / 80 / 88 % of the layers that feed the features.
+    assert LLAVA_NEXT_VIDEO_PRUNE_LAYERS == (6, 18, 20)
+    with earlytom_ext.apply(build_model(depth=24)) as h:
+        assert h.config.prune_layers == (6, 18, 20)
+    with earlytom_ext.apply(build_model(depth=6)) as h:  # features from layer 4: 5 layers
+        assert h.config.prune_layers == (1, 4)
+
+
+def test_errors(model, videos):
+    with pytest.raises(ValueError, match=r"vision_feature_layer -2 selects encoder layer 4, before the last prune layer 5"):
+        earlytom_ext.apply(model, CFG.replace(prune_layers=(1, 5)))
+    x = make_inputs(videos)
+    short = x["input_ids"].clone()
+    short[1, int((short[1] == VID).nonzero()[0])] = 5  # one video placeholder fewer in sample 1
+    calls = {
+        "strategy": (dict(x, vision_feature_select_strategy="full"), ValueError, "'full' keeps the encoder's class token"),
+        "frame size": (dict(x, pixel_values_videos=x["pixel_values_videos"][..., :8, :8]), ValueError, "image_size"),
+        "dims": (dict(x, pixel_values_videos=x["pixel_values_videos"][0]), ValueError, "5 dimensions"),
+        "placeholders": (dict(x, input_ids=short), ValueError, "placeholder"),
+    }
+    with earlytom_ext.apply(model, CFG) as h:
+        for name, (call, exc, needle) in calls.items():
+            with pytest.raises(exc, match=needle), torch.no_grad():
+                model(**call)
+            assert h.last_stats is None, name  # refused before the vision encoder ran
+    with pytest.raises(TypeError, match="LlavaNextVideoForConditionalGeneration .*got LlavaNextVideoModel"):
+        earlytom_ext.integration.adapters.llava_next_video.LlavaNextVideoAdapter(model.model)
+
+
+# --------------------------------------------------------------------------------------------
+# CUDA
+# --------------------------------------------------------------------------------------------
+@needs_cuda
+def test_cuda_equals_cpu(videos):
+    m = build_model()
+    with earlytom_ext.apply(m, CFG) as h:
+        want = h.encode_videos(torch.stack(videos))
+        want_stats = h.last_stats["videos"]
+    m = m.cuda()
+    with earlytom_ext.apply(m, CFG) as h:
+        got = h.encode_videos(torch.stack(videos).cuda())
+        stats = h.last_stats["videos"]
+    for b in range(2):
+        assert stats[b]["kept"] == want_stats[b]["kept"] and stats[b]["segments"] == want_stats[b]["segments"]
+        torch.testing.assert_close(got[b].cpu(), want[b], rtol=1e-4, atol=1e-4)
