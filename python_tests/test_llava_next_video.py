@@ -362,13 +362,14 @@ def test_default_prune_layers():
 
 
 def test_errors(model, videos):
-    with pytest.raises(ValueError, match=r"vision_feature_layer -2 selects encoder layer 4, before the last prune layer 5"):
+    needle = r"vision_feature_layer -2 selects encoder layer 4, before the last prune layer 5"
+    with pytest.raises(ValueError, match=needle):
         earlytom_ext.apply(model, CFG.replace(prune_layers=(1, 5)))
     x = make_inputs(videos)
     short = x["input_ids"].clone()
     short[1, int((short[1] == VID).nonzero()[0])] = 5  # one video placeholder fewer in sample 1
     calls = {
-        "strategy": (dict(x, vision_feature_select_strategy="full"), ValueError, "'full' keeps the encoder's class token"),
+        "strategy": (dict(x, vision_feature_select_strategy="full"), ValueError, "'full' keeps the encoder's class"),
         "frame size": (dict(x, pixel_values_videos=x["pixel_values_videos"][..., :8, :8]), ValueError, "image_size"),
         "dims": (dict(x, pixel_values_videos=x["pixel_values_videos"][0]), ValueError, "5 dimensions"),
         "placeholders": (dict(x, input_ids=short), ValueError, "placeholder"),
