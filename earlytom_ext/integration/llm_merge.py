@@ -55,7 +55,8 @@ class LLMMerge(_MergePaths):
     """Inner-LLM token merge on one Hugging Face decoder stack (``model.model.language_model``).
 
     Args:
-        language_model: a Qwen2-style ``Qwen2Model`` (transformers 4.57.x or 5.x), full attention.
+        language_model: a Qwen2- or Llama-style decoder stack (``Qwen2Model``, ``LlamaModel``;
+            transformers 4.57.x or 5.x), full attention.
         layer: k, the 0-based decoder layer before which the merge runs, in ``[1, depth - 1]``.
         ratio: r_in, the fraction of each video span removed, in [0, 1).
 

@@ -72,7 +72,7 @@ def call_cache(call: dict) -> Any:
 
 
 def _supported_decoder(lm: nn.Module) -> tuple[Callable, int, int, int]:
-    """``(apply_rotary_pos_emb, heads, kv_heads, head_dim)`` of a Qwen2-style decoder, else TypeError."""
+    """``(apply_rotary_pos_emb, heads, kv_heads, head_dim)`` of a Qwen2- or Llama-style decoder, else TypeError."""
     name = type(lm).__name__
     layers = getattr(lm, "layers", None)
     config = getattr(lm, "config", None)
@@ -84,7 +84,8 @@ def _supported_decoder(lm: nn.Module) -> tuple[Callable, int, int, int]:
         or config is None
     ):
         raise TypeError(
-            "LLMMerge supports Hugging Face Qwen2-style decoder stacks (a Qwen2Model with `layers`, `rotary_emb` "
+            "LLMMerge supports Hugging Face Qwen2- or Llama-style decoder stacks (a Qwen2Model or LlamaModel with "
+            "`layers`, `rotary_emb` "
             f"and `config`, e.g. LLaVA-OneVision's model.model.language_model), got {name}"
         )
     sig = inspect.signature(lm.forward).parameters
