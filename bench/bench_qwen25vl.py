@@ -26,9 +26,8 @@ from typing import NamedTuple
 
 import torch
 
-from bench.bench_ttft import config_label, measure
-from bench.common import Budget, free_memory, params_text, run_points
-from bench.patterns import apply_earlytom
+from bench.common import Budget
+from bench.family import family_benchmark, ready_model
 from earlytom_ext import tiny_model as tm
 from earlytom_ext.integration.adapters.qwen2_5_vl import QWEN2_5_VL_PRUNE_LAYERS
 from earlytom_ext.integration.adapters.qwen2_vl import QWEN2_VL_PRUNE_LAYERS
@@ -216,20 +215,7 @@ def build_model(size: str = "qwen2.5-vl-7b", device="cuda", dtype=torch.bfloat16
     torch.manual_seed(seed)
     with device:
         model = tm.from_config(model_cls, qwen_config(size), dtype, "sdpa")
-    model = model.to(device=device, dtype=dtype).eval()
-    model.requires_grad_(False)
-    gc = model.generation_config
-    gc.pad_token_id, gc.eos_token_id, gc.do_sample = model.config.pad_token_id, None, False
-    for k in ("temperature", "top_p", "top_k"):
-        if hasattr(gc, k):
-            setattr(gc, k, None)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return model, {
-        "model": size,
-        "build_s": time.perf_counter() - t0,
-        "params": sum(p.numel() for p in model.parameters()),
-    }
+    return ready_model(model, size, device, dtype, t0)
 
 
 def _patchify(frames: torch.Tensor, patch: int, temporal: int, merge: int) -> tuple[torch.Tensor, list[int]]:
@@ -330,63 +316,27 @@ def benchmark(
     budget: Budget | None = None,
     log=print,
 ) -> dict:
-    """``{"rows": [...], "model_info": ...}`` or ``{"skipped": reason}``."""
-
-    budget = budget or Budget()
-    tag = family_label(size).lower()
-    ok, why = availability(benchmark_preset, ratios[0], size)
-    if not ok:
-        log(f"  {tag}: skipped ({why})")
-        return {"skipped": why, "model_info": {"model": size, "family": family_label(size)}}
-    model, info = build_model(size, device=device, dtype=dtype, seed=seed)
-    info["family"] = family_label(size)
-    info["prune_layers"] = list(family(size).prune_layers)
-    log(f"  {tag}: {size} built in {info['build_s']:.1f} s ({params_text(info['params'])})")
+    """``{"rows": [...], "model_info": ...}`` or ``{"skipped": reason}``: stock, EarlyTom per ratio,
+    stock + ``fast_window_attention`` (baseline ``"fastwin"``)."""
     frames, image_size = SIZES[size][6], SIZES[size][7]
-    try:
-        inputs = make_inputs(
+    return family_benchmark(
+        device,
+        tag=family_label(size).lower(),
+        family=family_label(size),
+        model_name=size,
+        prune_layers=family(size).prune_layers,
+        available=lambda: availability(benchmark_preset, ratios[0], size),
+        build=lambda: build_model(size, device=device, dtype=dtype, seed=seed),
+        make_inputs=lambda model: make_inputs(
             model, frames, image_size, device=device, dtype=dtype, seed=seed, text_id_range=SIZES[size][5]
-        )
-        points = [dict(config="uncompressed", baseline="stock", ratio=1.0)]
-        points += [dict(config="earlytom", pattern=pattern, ratio=r, llm_merge=False) for r in ratios]
-        points.append(dict(config="uncompressed", baseline="fastwin", ratio=1.0))
-
-        def measure_point(row: dict) -> None:
-            row.update(frames=frames, image_size=image_size, batch=1)
-            if row["config"] == "uncompressed":
-                fix = fast_window_attention(model) if row["baseline"] == "fastwin" else None
-                try:
-                    row.update(measure(model, inputs, device, warmup=warmup, iters=iters))
-                finally:
-                    if fix is not None:
-                        fix.remove()
-            else:
-                handle = apply_earlytom(model, earlytom_config(size, benchmark_preset, row["ratio"]), pattern)
-                try:
-                    row.update(measure(model, inputs, device, handle=handle, warmup=warmup, iters=iters))
-                finally:
-                    handle.remove()
-            log(f"  {tag} {config_label(row)}: TTFT {row['ttft_ms']:.2f} ms, prefill {row.get('prefill_tokens')}")
-
-        rows = run_points(
-            points,
-            measure_point,
-            budget=budget,
-            device=device,
-            log=log,
-            label=lambda r: f"{tag} {config_label(r)}",
-        )
-    finally:
-        model = None  # the 8B model's memory goes back before the next section
-        free_memory(device)
-    base = {
-        r["baseline"]: r["ttft_ms"] for r in rows if r.get("config") == "uncompressed" and r.get("ttft_ms") is not None
-    }
-    for r in rows:
-        if (r.get("config") == "uncompressed" and r.get("baseline") == "stock") or not r.get("ttft_ms"):
-            continue
-        if base.get("stock"):
-            r["speedup"] = base["stock"] / r["ttft_ms"]
-        if base.get("fastwin") and r.get("config") == "earlytom":
-            r["speedup_vs_fastwin"] = base["fastwin"] / r["ttft_ms"]
-    return {"rows": rows, "model_info": info}
+        ),
+        earlytom_config=lambda ratio: earlytom_config(size, benchmark_preset, ratio),
+        geometry=dict(frames=frames, image_size=image_size, batch=1),
+        ratios=ratios,
+        pattern=pattern,
+        baselines={"fastwin": fast_window_attention},
+        warmup=warmup,
+        iters=iters,
+        budget=budget,
+        log=log,
+    )

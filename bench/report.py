@@ -213,12 +213,13 @@ def goals_section(results: dict) -> list[str]:
             + (f"; ms per decoding step, EarlyTom / stock: {', '.join(steps)}" if steps else "")
             + "."
         )
-    qrows = (results.get("qwen25vl") or {}).get("rows") or []
-    q = [r for r in qrows if r.get("config") == "earlytom" and _ok(r) and r.get("speedup")]
-    if q:
+    for key, family in (("qwen25vl", qwen_family(results)), ("llava_next_video", "LLaVA-NeXT-Video")):
+        qrows = (results.get(key) or {}).get("rows") or []
+        q = [r for r in qrows if r.get("config") == "earlytom" and _ok(r) and r.get("speedup")]
+        if not q:
+            continue
         fw = next((r for r in qrows if r.get("baseline") == "fastwin" and _ok(r)), None)
         fw_txt = f"; stock + fast window attention alone: {fw['speedup']:.2f}x" if fw and fw.get("speedup") else ""
-        family = qwen_family(results)
         L.append(
             f"- {family} TTFT: "
             + ", ".join(
@@ -622,54 +623,46 @@ def qwen_family(results: dict) -> str:
 
 
 def _qwen_section(results: dict) -> list[str]:
-    q = results.get("qwen25vl")
+    return _family_section(results, "qwen25vl", qwen_family(results))
+
+
+def _next_video_section(results: dict) -> list[str]:
+    return _family_section(results, "llava_next_video", "LLaVA-NeXT-Video")
+
+
+def _family_section(results: dict, key: str, family: str) -> list[str]:
+    """The TTFT table of one more model family (``bench.family``), under ``results[key]``."""
+    q = results.get(key)
     if not q:
         return []
     info = q.get("model_info") or {}
-    family = qwen_family(results)
+    rows = q.get("rows") or []
+    geo = next((r for r in rows if r.get("frames") and r.get("image_size")), None)
+    where = f", {geo['frames']} frames at {geo['image_size']}x{geo['image_size']}" if geo else ""
     if str(info.get("model", "")).startswith("tiny"):
-        L = [f"## {family} at tiny widths (random weights, 4 frames at 112x112)", ""]
+        L = [f"## {family} at tiny widths (random weights{where})", ""]
     else:
-        L = [f"## {family}-7B architecture (random weights, 32 frames at 448x448)", ""]
+        L = [f"## {family}-7B architecture (random weights{where})", ""]
     if q.get("skipped"):
         return L + [f"_skipped: {q['skipped']}_", ""]
     if info.get("prune_layers"):
         L += [f"EarlyTom at the {family} prune layers {tuple(info['prune_layers'])} (the preset's other settings).", ""]
-    view = _view(q.get("rows") or [])
-    return L + [
-        markdown_table(
-            view,
-            [
-                "name",
-                "prefill_tokens",
-                "ttft_ms",
-                "speedup",
-                "speedup_vs_fastwin",
-                "vision_ms",
-                "llm_ms",
-                "setup_ms",
-                "overhead_ms",
-                "ops_ms",
-                "peak_mem_gib",
-                "outcome",
-            ],
-            [
-                "configuration",
-                "prefill tokens",
-                "TTFT ms",
-                "x vs stock",
-                "x vs stock+fast window attention",
-                "vision ms",
-                "LLM ms",
-                "setup before the prefill ms",
-                "generate overhead ms",
-                "ops ms",
-                "peak GiB",
-                "",
-            ],
-        ),
+    keys = ["name", "prefill_tokens", "ttft_ms", "speedup"]
+    titles = ["configuration", "prefill tokens", "TTFT ms", "x vs stock"]
+    if any(r.get("speedup_vs_fastwin") for r in rows):
+        keys.append("speedup_vs_fastwin")
+        titles.append("x vs stock+fast window attention")
+    keys += ["vision_ms", "llm_ms", "setup_ms", "overhead_ms", "ops_ms", "peak_mem_gib", "outcome"]
+    titles += [
+        "vision ms",
+        "LLM ms",
+        "setup before the prefill ms",
+        "generate overhead ms",
+        "ops ms",
+        "peak GiB",
         "",
     ]
+    return L + [markdown_table(_view(rows), keys, titles), ""]
 
 
 def _kernels_section(results: dict) -> list[str]:
@@ -741,6 +734,7 @@ def write_markdown(path: Path, results: dict) -> None:
         _encoder_section,
         _flops_section,
         _qwen_section,
+        _next_video_section,
         _kernels_section,
     ):
         L += part(results)

@@ -10,7 +10,8 @@ the time goes, op share, peak memory, prefill tokens; inner-LLM merge when avail
 ``--flops`` (the paper's analytical count), ``--throughput`` (generation, batch 1/4/8, 64 new
 tokens), ``--scaling`` (vs frames and vs batch), ``--encoder`` (video features: time, memory),
 ``--kernels`` (the op microbenchmarks), ``--qwen`` (Qwen2.5-VL-7B architecture, or Qwen2-VL-7B's
-with ``--qwen-model qwen2-vl-7b``, when ``earlytom_ext.apply`` accepts it).
+with ``--qwen-model qwen2-vl-7b``, when ``earlytom_ext.apply`` accepts it), ``--next-video``
+(LLaVA-NeXT-Video-7B architecture).
 
 Writes ``<out>/<device>-<date>.md`` (tables), ``.json`` (every number) and ``.png`` (one figure).
 GPU runs default to ``bench/results/``; CPU runs are labelled as smoke runs and default to a
@@ -32,7 +33,16 @@ from typing import Callable
 
 import torch
 
-from bench import bench_encoder, bench_qwen25vl, bench_throughput, bench_ttft, flops, models, profile_ttft
+from bench import (
+    bench_encoder,
+    bench_next_video,
+    bench_qwen25vl,
+    bench_throughput,
+    bench_ttft,
+    flops,
+    models,
+    profile_ttft,
+)
 from bench.common import Budget, free_memory, is_cuda, params_text
 from bench.env import ROOT, device_slug, environment, utc_now
 from bench.patterns import PATTERNS
@@ -51,6 +61,7 @@ SECTIONS = (
     ("encoder", 1.0),
     ("kernels", 1.2),
     ("qwen", 1.0),
+    ("next_video", 0.6),
 )
 #: --help text of each section flag.
 SECTION_HELP = {
@@ -62,6 +73,7 @@ SECTION_HELP = {
     "encoder": "pixels to LLM-ready video tokens (the vision side alone)",
     "kernels": "microbenchmarks of the earlytom:: ops",
     "qwen": "the Qwen2.5-VL-7B (or --qwen-model) configuration's TTFT (stock, fast window attention, EarlyTom)",
+    "next_video": "the LLaVA-NeXT-Video-7B configuration's TTFT (stock, EarlyTom)",
 }
 
 
@@ -113,12 +125,12 @@ def collect_outcomes(results: dict) -> None:
         note(f"scaling B={r['batch']} T={r['frames']} ({r['axis']} axis)", r)
     for r in results.get("encoder") or []:
         note(f"encoder {r.get('baseline') or ''} r={r['ratio']} {r['pattern']}".replace("  ", " "), r)
-    q = results.get("qwen25vl") or {}
-    tag = qwen_family(results).lower()
-    if q.get("skipped"):
-        results["skipped"].append(f"{tag}: {q['skipped']}")
-    for r in q.get("rows") or []:
-        note(f"{tag} {config_label(r)}", r)
+    for key, tag in (("qwen25vl", qwen_family(results).lower()), ("llava_next_video", "llava-next-video")):
+        q = results.get(key) or {}
+        if q.get("skipped"):
+            results["skipped"].append(f"{tag}: {q['skipped']}")
+        for r in q.get("rows") or []:
+            note(f"{tag} {config_label(r)}", r)
     for name, res in (results.get("kernels") or {}).items():
         note(f"kernels {name}", res)
 
@@ -152,6 +164,11 @@ def _device(text: str) -> str:
     return text
 
 
+def flag(section: str) -> str:
+    """The command-line flag of a section (``next_video`` -> ``--next-video``)."""
+    return "--" + section.replace("_", "-")
+
+
 def parse_args(argv=None):
     positive, non_negative = _int_at_least(1), _int_at_least(0)
     ap = argparse.ArgumentParser(
@@ -159,7 +176,7 @@ def parse_args(argv=None):
     )
     ap.add_argument("--all", action="store_true", help="every section")
     for name, _ in SECTIONS:
-        ap.add_argument(f"--{name}", action="store_true", help=SECTION_HELP[name])
+        ap.add_argument(flag(name), dest=name, action="store_true", help=SECTION_HELP[name])
     ap.add_argument("--device", type=_device, default="cuda", help="cuda (default) or cpu (smoke run)")
     ap.add_argument("--quick", action="store_true", help="tiny model, few frames, few iterations")
     ap.add_argument(
@@ -237,7 +254,7 @@ def parse_args(argv=None):
         for n in names:
             setattr(args, n, True)
     if not any(getattr(args, n) for n in names):
-        ap.error("choose --all or at least one of " + " ".join(f"--{n}" for n in names))
+        ap.error("choose --all or at least one of " + " ".join(flag(n) for n in names))
     return args
 
 
@@ -463,15 +480,25 @@ def main(argv=None) -> dict:
             budget=b,
             **common,
         ),
+        "next_video": lambda b: bench_next_video.benchmark(
+            device,
+            size="tiny" if quick else "llava-next-video-7b",
+            ratios=(0.10, 0.25),
+            pattern=patterns[0],
+            warmup=warmup,
+            iters=iters,
+            budget=b,
+            **common,
+        ),
     }
-    result_key = {"qwen": "qwen25vl"}
+    result_key = {"qwen": "qwen25vl", "next_video": "llava_next_video"}
 
     def section(i: int, name: str, weight: float) -> None:
         if name != "flops" and budget.expired():
             results["skipped"].append(f"section {name}: the time budget of {args.time_budget:.0f} s is used up")
             log(f"section {name}: skipped (time budget)")
             return
-        if name == "qwen" and state["model"] is not None:
+        if name in ("qwen", "next_video") and state["model"] is not None:
             state["model"] = None  # the LLaVA model's memory goes back before the next 8B model
             free_memory(device)
         share = budget.share(weight, sum(w for _, w in selected[i:]))

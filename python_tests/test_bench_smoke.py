@@ -340,6 +340,35 @@ def test_qwen2_vl_section_on_a_tiny_model():
     assert q["model_info"]["prune_layers"] == [8, 26, 28] and "prune layers (8, 26, 28)" in text
 
 
+def test_next_video_section_on_a_tiny_model():
+    """The --next-video section (its tiny version on the CPU): stock and EarlyTom rows at the family's
+    prune layers, the architecture written as the checkpoint's, and the report's table and goal line."""
+    pytest.importorskip("transformers")
+    if not _ops_ready():
+        pytest.skip("earlytom ops are not all built yet (CPU kernels missing)")
+    from bench import bench_next_video
+    from bench.run import parse_args
+
+    assert parse_args(["--next-video"]).next_video and parse_args(["--all"]).next_video
+    cfg = bench_next_video.next_video_config()
+    vc, tc = cfg.vision_config, cfg.text_config
+    assert (vc.num_hidden_layers, vc.hidden_size, vc.image_size, vc.patch_size) == (24, 1024, 336, 14)
+    assert (tc.num_hidden_layers, tc.hidden_size, tc.vocab_size, cfg.video_token_index) == (32, 4096, 32064, 32000)
+    q = bench_next_video.benchmark("cpu", size="tiny", ratios=(0.25,), warmup=0, iters=1, log=lambda *a: None)
+    assert q["model_info"]["family"] == "LLaVA-NeXT-Video" and q["model_info"]["prune_layers"] == [6, 18, 20]
+    rows = q["rows"]
+    assert [(r["config"], r.get("baseline")) for r in rows] == [("uncompressed", "stock"), ("earlytom", None)]
+    assert all(not r.get("error") and r["ttft_ms"] > 0 for r in rows), rows
+    # 4 frames x 144 tokens of 336 px frames (+ 32 text tokens) before compression.
+    assert rows[0]["prefill_tokens"] == 4 * 144 + 32 and rows[1]["prefill_tokens"] < rows[0]["prefill_tokens"]
+    assert rows[1]["speedup"] == pytest.approx(rows[0]["ttft_ms"] / rows[1]["ttft_ms"])
+    results = {"llava_next_video": q, "meta": {"headline_pattern": "forced-merge", "device": "cpu"}, "env": {}}
+    text = "\n".join(report._next_video_section(results) + report.goals_section(results))
+    assert "## LLaVA-NeXT-Video at tiny widths (random weights, 4 frames at 336x336)" in text, text
+    assert "prune layers (6, 18, 20)" in text and "- LLaVA-NeXT-Video TTFT: r=0.25: " in text
+    assert "fast window attention" not in text
+
+
 def test_profile_op_time_counts_earlytom_ops():
     if not _ops_ready():
         pytest.skip("earlytom ops are not all built yet (CPU kernels missing)")
@@ -541,6 +570,10 @@ def test_quick_run_measured_sections(quick_run):
         for r in q["rows"]:
             if r["config"] == "earlytom":
                 assert r["speedup_vs_fastwin"] > 0 and r["speedup"] > 0, r
+    nv = results["llava_next_video"]
+    assert nv.get("skipped") or all(not r.get("error") and r.get("ttft_ms") for r in nv["rows"]), nv
+    if not nv.get("skipped"):
+        assert "- LLaVA-NeXT-Video TTFT: r=0.10: " in "\n".join(report.goals_section(results))
 
 
 def test_measure_keeps_timings_when_the_profiler_fails(monkeypatch):
