@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import torch
 
 from bench.common import Budget
-from bench.family import family_benchmark, ready_model
+from bench.family import apply_accepted, family_benchmark, ready_model
 from earlytom_ext import tiny_model as tm
 
 __all__ = ["SIZES", "availability", "benchmark", "build_model", "earlytom_config", "make_inputs", "next_video_config"]
@@ -165,17 +165,8 @@ def availability(benchmark_preset: str = "videomme", ratio: float = 0.10) -> tup
 
     if not hasattr(transformers, "LlavaNextVideoForConditionalGeneration"):
         return False, f"transformers {transformers.__version__} has no LlavaNextVideoForConditionalGeneration"
-    import earlytom_ext
-
     tiny, _ = build_model("tiny", device="cpu", dtype=torch.float32)
-    try:
-        handle = earlytom_ext.apply(tiny, earlytom_config(benchmark_preset, ratio))
-    except Exception as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        name = "LlavaNextVideoForConditionalGeneration"
-        return False, f"earlytom_ext.apply does not accept {name} in this version: {first}"
-    handle.remove()
-    return True, ""
+    return apply_accepted(tiny, earlytom_config(benchmark_preset, ratio), "LlavaNextVideoForConditionalGeneration")
 
 
 def benchmark(

@@ -27,7 +27,7 @@ from typing import NamedTuple
 import torch
 
 from bench.common import Budget
-from bench.family import family_benchmark, ready_model
+from bench.family import apply_accepted, family_benchmark, ready_model
 from earlytom_ext import tiny_model as tm
 from earlytom_ext.integration.adapters.qwen2_5_vl import QWEN2_5_VL_PRUNE_LAYERS
 from earlytom_ext.integration.adapters.qwen2_vl import QWEN2_VL_PRUNE_LAYERS
@@ -290,16 +290,8 @@ def availability(
     model_name = family(size).model
     if not hasattr(transformers, model_name):
         return False, f"transformers {transformers.__version__} has no {model_name}"
-    import earlytom_ext
-
     tiny, _ = build_model(TINY.get(size, size), device="cpu", dtype=torch.float32)
-    try:
-        handle = earlytom_ext.apply(tiny, earlytom_config(size, benchmark_preset, ratio))
-    except Exception as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        return False, f"earlytom_ext.apply does not accept {model_name} in this version: {first}"
-    handle.remove()
-    return True, ""
+    return apply_accepted(tiny, earlytom_config(size, benchmark_preset, ratio), model_name)
 
 
 def benchmark(

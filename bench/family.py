@@ -14,7 +14,21 @@ from bench.bench_ttft import config_label, measure
 from bench.common import Budget, free_memory, params_text, run_points
 from bench.patterns import apply_earlytom
 
-__all__ = ["family_benchmark", "ready_model"]
+__all__ = ["apply_accepted", "family_benchmark", "ready_model"]
+
+
+def apply_accepted(tiny_model, cfg, model_name: str) -> tuple[bool, str]:
+    """Whether ``earlytom_ext.apply(tiny_model, cfg)`` succeeds (the section's check on the CPU
+    before it builds a 7B model); ``(False, reason)`` otherwise."""
+    import earlytom_ext
+
+    try:
+        handle = earlytom_ext.apply(tiny_model, cfg)
+    except Exception as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        return False, f"earlytom_ext.apply does not accept {model_name} in this version: {first}"
+    handle.remove()
+    return True, ""
 
 
 def ready_model(model, size: str, device: torch.device, dtype, t0: float) -> tuple[Any, dict]:

@@ -12,14 +12,11 @@ The scores are pooled like the features: the mean (``average``, also for ``conv`
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..run import VideoRun
-from .base import EncodedVideos, VideoInputs, scaled_prune_layers
+from .base import scaled_prune_layers
 from .llava_onevision import LlavaOnevisionAdapter
 
 __all__ = ["LLAVA_NEXT_VIDEO_PRUNE_LAYERS", "LlavaNextVideoAdapter"]
@@ -67,13 +64,3 @@ class LlavaNextVideoAdapter(LlavaOnevisionAdapter):
         proj = self.inner.multi_modal_projector(pooled)
         clock.span("projector", t1, clock.now())
         return proj, pooled_scores
-
-    def finish(
-        self,
-        tokens: Sequence[torch.Tensor],
-        index: Sequence[torch.Tensor],
-        run: VideoRun,
-        videos: VideoInputs,
-        encoded: EncodedVideos,
-    ) -> list[torch.Tensor]:
-        return list(tokens)

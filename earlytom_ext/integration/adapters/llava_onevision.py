@@ -300,8 +300,8 @@ class LlavaOnevisionAdapter(ModelAdapter):
         videos: VideoInputs,
         encoded: EncodedVideos,
     ) -> list[torch.Tensor]:
-        if not tokens:
-            return []
+        if not tokens or not self.extra_tokens_per_video:
+            return list(tokens)
         newline = self.inner.image_newline.to(device=tokens[0].device, dtype=tokens[0].dtype)[None, :]
         return [torch.cat([t, newline], dim=0) for t in tokens]
 
