@@ -362,9 +362,12 @@ def test_default_prune_layers():
 
 
 def test_errors(model, videos):
-    needle = r"vision_feature_layer -2 selects encoder layer 4, before the last prune layer 5"
+    needle = r"vision_feature_layer -2 selects encoder layer 4, before the last prune layer 5.*default: \(1, 4\)"
     with pytest.raises(ValueError, match=needle):
         earlytom_ext.apply(model, CFG.replace(prune_layers=(1, 5)))
+    # The paper's presets are SigLIP's (26 layers): on CLIP's 24 the message names the family's layers.
+    with pytest.raises(ValueError, match=r"last prune layer 23.*default: \(6, 18, 20\)"):
+        earlytom_ext.apply(build_model(depth=24), earlytom_ext.preset("videomme", 0.1))
     x = make_inputs(videos)
     short = x["input_ids"].clone()
     short[1, int((short[1] == VID).nonzero()[0])] = 5  # one video placeholder fewer in sample 1

@@ -162,7 +162,7 @@ class LlavaOnevisionAdapter(ModelAdapter):
             raise ValueError(
                 f"vision_feature_layer {layer!r} selects encoder layer {min(layers)}, before the "
                 f"last prune layer {last}: EarlyTom needs the features from the last prune layer on "
-                f"(lower EarlyTomConfig.prune_layers)"
+                f"(lower EarlyTomConfig.prune_layers; this model's default: {self.default_prune_layers()})"
             )
         return layers, strategy
 
