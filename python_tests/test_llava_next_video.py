@@ -362,11 +362,11 @@ def test_default_prune_layers():
 
 
 def test_errors(model, videos):
-    needle = r"vision_feature_layer -2 selects encoder layer 4, before the last prune layer 5.*default: \(1, 4\)"
+    needle = r"vision_feature_layer -2 selects encoder layer 4, before the last prune layer 5.*e\.g\. to \(1, 4\)"
     with pytest.raises(ValueError, match=needle):
         earlytom_ext.apply(model, CFG.replace(prune_layers=(1, 5)))
     # The paper's presets are SigLIP's (26 layers): on CLIP's 24 the message names the family's layers.
-    with pytest.raises(ValueError, match=r"last prune layer 23.*default: \(6, 18, 20\)"):
+    with pytest.raises(ValueError, match=r"last prune layer 23.*e\.g\. to \(6, 18, 20\)"):
         earlytom_ext.apply(build_model(depth=24), earlytom_ext.preset("videomme", 0.1))
     x = make_inputs(videos)
     short = x["input_ids"].clone()
@@ -377,11 +377,24 @@ def test_errors(model, videos):
         "dims": (dict(x, pixel_values_videos=x["pixel_values_videos"][0]), ValueError, "5 dimensions"),
         "placeholders": (dict(x, input_ids=short), ValueError, "placeholder"),
     }
+    vfl = r"vision_feature_layer must be an int or a non-empty list of ints in \[-7, 6\], got "
+    calls.update(
+        {
+            "layer float": (dict(x, vision_feature_layer=-2.0), ValueError, vfl + "-2.0"),
+            "layer list empty": (dict(x, vision_feature_layer=[]), ValueError, vfl + r"\[\]"),
+            "layer early": (dict(x, vision_feature_layer=2), ValueError, r"layer 1, .*e\.g\. to \(0, 1\)"),
+            "projector": (dict(x, vision_feature_layer=[-2, -1]), ValueError, "64 channels, but the model's projector"),
+        }
+    )
     with earlytom_ext.apply(model, CFG) as h:
         for name, (call, exc, needle) in calls.items():
             with pytest.raises(exc, match=needle), torch.no_grad():
                 model(**call)
             assert h.last_stats is None, name  # refused before the vision encoder ran
+    embedding = build_model()
+    embedding.config.vision_feature_layer = 0
+    with pytest.raises(ValueError, match="config.vision_feature_layer 0 selects the embedding output"):
+        earlytom_ext.apply(embedding)
     with pytest.raises(TypeError, match="LlavaNextVideoForConditionalGeneration .*got LlavaNextVideoModel"):
         earlytom_ext.integration.adapters.llava_next_video.LlavaNextVideoAdapter(model.model)
 

@@ -383,6 +383,13 @@ def test_sliding_window_decoders_are_rejected():
     )
     with pytest.raises(TypeError, match="full-attention"):
         LLMMerge(Qwen2Model(cfg), 1, 0.5)
+    # Mistral (LLaVA-NeXT-Video-32K's decoder) says it with sliding_window alone; None is full attention.
+    from transformers import MistralConfig, MistralModel
+
+    small = dict(vocab_size=32, hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2)
+    with pytest.raises(TypeError, match="full-attention.*sliding_window=8"):
+        LLMMerge(MistralModel(MistralConfig(**small, num_key_value_heads=2, sliding_window=8)), 1, 0.5)
+    LLMMerge(MistralModel(MistralConfig(**small, num_key_value_heads=2, sliding_window=None)), 1, 0.5)
 
 
 def test_install_remove_and_arm_errors():

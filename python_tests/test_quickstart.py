@@ -276,6 +276,7 @@ def save_tiny_next_video_checkpoint(path: str) -> str:
         tokenizer=tokenizer,
         patch_size=2,
         vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # CLIP's class token (images keep it in their count)
         chat_template=chat_template("<video>", "<image>"),
     )
     build_model(depth=24).save_pretrained(path)
@@ -306,6 +307,37 @@ def test_next_video_example_runs_on_a_local_checkpoint(tmp_path, capsys, monkeyp
     assert seen[0]["input_ids"].shape == (1, 1 + 6 * 16 + 3 + 1)
     assert "tokens before" in printed and " 96 " in printed, printed
     assert "prune_layers=(6, 18, 20)" in printed, printed
+
+
+def test_next_video_image_and_video_prompt_through_the_processor(tmp_path):
+    """One prompt with an image (anyres) and a video from the real processor: under the identity
+    configuration the patched model's logits equal the unpatched model's; compressed, only the
+    video's placeholders shrink."""
+    import numpy as np
+    import torch
+    from test_llava_next_video import IDENTITY, IMG, SIZE, VID, build_model
+    from transformers import AutoProcessor
+
+    import earlytom_ext
+
+    processor = AutoProcessor.from_pretrained(save_tiny_next_video_checkpoint(str(tmp_path / "ckpt")))
+    model = build_model(depth=24)  # the checkpoint's weights (same seed)
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8) for _ in range(6)]
+    image = rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+    content = [{"type": "image"}, {"type": "video"}, {"type": "text", "text": "What changes?"}]
+    prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    inputs = processor(text=prompt, images=[image], videos=[frames], return_tensors="pt")
+    n_img = int((inputs["input_ids"] == IMG).sum())
+    assert int((inputs["input_ids"] == VID).sum()) == 6 * 16 and n_img > 0
+    with torch.no_grad():
+        want = model(**inputs).logits
+        with earlytom_ext.apply(model, IDENTITY):
+            assert torch.equal(model(**inputs).logits, want)
+        with earlytom_ext.apply(model, earlytom_ext.EarlyTomConfig(retain_ratio=0.25, prune_layers=(6, 18, 20))) as h:
+            model(**inputs)
+            ids = h.last_inputs["input_ids"]
+    assert int((ids == IMG).sum()) == n_img and 0 < int((ids == VID).sum()) < 6 * 16
 
 
 def test_next_video_example_refuses_another_family_before_loading_weights(checkpoint, monkeypatch):

@@ -99,10 +99,15 @@ def _supported_decoder(lm: nn.Module) -> tuple[Callable, int, int, int]:
     if not isinstance(heads, int) or not isinstance(kv_heads, int) or heads % kv_heads:
         raise TypeError(f"LLMMerge: cannot read num_attention_heads / num_key_value_heads of {name}'s config")
     types = getattr(config, "layer_types", None) or ["full_attention"] * len(layers)
-    if any(t != "full_attention" for t in types) or getattr(config, "use_sliding_window", False):
+    # Qwen2 says use_sliding_window; Mistral has only sliding_window (None: full attention).
+    sliding = getattr(config, "use_sliding_window", None)
+    if sliding is None:
+        sliding = getattr(config, "sliding_window", None) is not None
+    if any(t != "full_attention" for t in types) or sliding:
         raise TypeError(
             f"LLMMerge supports full-attention decoders only; {name} has layer types {sorted(set(types))} "
-            f"(use_sliding_window={getattr(config, 'use_sliding_window', False)})"
+            f"(use_sliding_window={getattr(config, 'use_sliding_window', None)}, "
+            f"sliding_window={getattr(config, 'sliding_window', None)})"
         )
     head_dim = None
     for i, layer in enumerate(layers):

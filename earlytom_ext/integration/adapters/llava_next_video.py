@@ -52,6 +52,10 @@ class LlavaNextVideoAdapter(LlavaOnevisionAdapter):
         self.stride = stride
         return (self.grid // stride) ** 2
 
+    def projector_input(self, n_layers: int) -> int | None:
+        # The 'conv' resampler sets its own channel count.
+        return None if self.pool_mode == "conv" else super().projector_input(n_layers)
+
     def to_llm(self, feats: torch.Tensor, scores: torch.Tensor, clock, t0) -> tuple[torch.Tensor, torch.Tensor]:
         """The model's resampler, then its projector (its order); the scores pooled alike."""
         pooled = self.inner.vision_resampler(feats)

@@ -104,7 +104,14 @@ class LlavaOnevisionAdapter(ModelAdapter):
     def default_prune_layers(self) -> tuple[int, ...]:
         """The paper's layers scaled to the layers the features come from (the model config's
         ``vision_feature_layer``; all 26 of SigLIP for LLaVA-OneVision)."""
-        return scaled_prune_layers(min(self.feature_layers(getattr(self.config, "vision_feature_layer", -1))) + 1)
+        layer = getattr(self.config, "vision_feature_layer", -1)
+        first = min(self.feature_layers(layer))
+        if first < 0:
+            raise ValueError(
+                f"config.vision_feature_layer {layer!r} selects the embedding output: no encoder layer runs "
+                "before the features, so EarlyTom has nowhere to prune"
+            )
+        return scaled_prune_layers(first + 1)
 
     def check_config(self, cfg: EarlyTomConfig) -> None:
         self._cfg = cfg
@@ -127,8 +134,16 @@ class LlavaOnevisionAdapter(ModelAdapter):
     def feature_layers(self, vision_feature_layer) -> list[int]:
         """Encoder layer indices whose outputs form the features (``hidden_states[j]`` is the output
         of layer ``j - 1``; ``hidden_states[0]`` is the embedding output)."""
-        idx = [vision_feature_layer] if isinstance(vision_feature_layer, int) else list(vision_feature_layer)
         n = self.depth + 1
+        v = vision_feature_layer
+        if isinstance(v, int) and not isinstance(v, bool):
+            idx = [v]
+        elif isinstance(v, (list, tuple)) and len(v) > 0:
+            idx = list(v)
+        else:
+            raise ValueError(
+                f"vision_feature_layer must be an int or a non-empty list of ints in [-{n}, {n - 1}], got {v!r}"
+            )
         out = []
         for j in idx:
             if not isinstance(j, int) or isinstance(j, bool) or not -n <= j < n:
@@ -157,14 +172,30 @@ class LlavaOnevisionAdapter(ModelAdapter):
                 "no square grid to pool: use 'default'"
             )
         layers = self.feature_layers(layer)
-        last = self._cfg.prune_layers[-1]
-        if min(layers) < last:
+        first, last = min(layers), self._cfg.prune_layers[-1]
+        if first < last:
+            fits = (
+                f"lower EarlyTomConfig.prune_layers, e.g. to {scaled_prune_layers(first + 1)}"
+                if first >= 0
+                else "no prune layer comes before the embedding output"
+            )
             raise ValueError(
-                f"vision_feature_layer {layer!r} selects encoder layer {min(layers)}, before the "
-                f"last prune layer {last}: EarlyTom needs the features from the last prune layer on "
-                f"(lower EarlyTomConfig.prune_layers; this model's default: {self.default_prune_layers()})"
+                f"vision_feature_layer {layer!r} selects encoder layer {first}, before the last prune layer "
+                f"{last}: EarlyTom needs the features from the last prune layer on ({fits})"
+            )
+        width = self.projector_input(len(layers))
+        lin = getattr(self.inner.multi_modal_projector, "linear_1", None)
+        if width is not None and isinstance(lin, nn.Linear) and lin.in_features != width:
+            raise ValueError(
+                f"vision_feature_layer {layer!r} gives {len(layers)} layer(s) of features, {width} channels, but "
+                f"the model's projector takes {lin.in_features}: give as many layers as the model was built for"
             )
         return layers, strategy
+
+    def projector_input(self, n_layers: int) -> int | None:
+        """Channels the projector receives from ``n_layers`` feature layers (``None``: not known)."""
+        hidden = getattr(self.config.vision_config, "hidden_size", None)
+        return hidden * n_layers if isinstance(hidden, int) else None
 
     # ---------------------------------------------------------------- hooks
     def install(self, core) -> None:
