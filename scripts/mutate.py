@@ -465,8 +465,8 @@ MUTATIONS = [
     Mutation(
         "next-video-prune-depth",
         LLAVA,
-        'return scaled_prune_layers(min(self.feature_layers(getattr(self.config, "vision_feature_layer", -1))) + 1)',
-        "return scaled_prune_layers(self.depth)",
+        "        return scaled_prune_layers(first + 1)\n",
+        "        return scaled_prune_layers(self.depth)\n",
         "LLaVA: default prune layers scaled to the whole encoder, not to the layers that feed the features",
     ),
 ]
