@@ -79,9 +79,9 @@ def family_benchmark(
     ok, why = available()
     if not ok:
         log(f"  {tag}: skipped ({why})")
-        return {"skipped": why, "model_info": {"model": model_name, "family": family}}
+        return {"skipped": why, "model_info": {"model": model_name, "family": family, "geometry": dict(geometry)}}
     model, info = build()
-    info.update(family=family, prune_layers=list(prune_layers))
+    info.update(family=family, prune_layers=list(prune_layers), geometry=dict(geometry))
     log(f"  {tag}: {info['model']} built in {info['build_s']:.1f} s ({params_text(info['params'])})")
     try:
         inputs = make_inputs(model)

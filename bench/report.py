@@ -637,7 +637,7 @@ def _family_section(results: dict, key: str, family: str) -> list[str]:
         return []
     info = q.get("model_info") or {}
     rows = q.get("rows") or []
-    geo = next((r for r in rows if r.get("frames") and r.get("image_size")), None)
+    geo = info.get("geometry") or next((r for r in rows if r.get("frames") and r.get("image_size")), None)
     where = f", {geo['frames']} frames at {geo['image_size']}x{geo['image_size']}" if geo else ""
     if str(info.get("model", "")).startswith("tiny"):
         L = [f"## {family} at tiny widths (random weights{where})", ""]
@@ -649,7 +649,7 @@ def _family_section(results: dict, key: str, family: str) -> list[str]:
         L += [f"EarlyTom at the {family} prune layers {tuple(info['prune_layers'])} (the preset's other settings).", ""]
     keys = ["name", "prefill_tokens", "ttft_ms", "speedup"]
     titles = ["configuration", "prefill tokens", "TTFT ms", "x vs stock"]
-    if any(r.get("speedup_vs_fastwin") for r in rows):
+    if any(r.get("baseline") == "fastwin" for r in rows):
         keys.append("speedup_vs_fastwin")
         titles.append("x vs stock+fast window attention")
     keys += ["vision_ms", "llm_ms", "setup_ms", "overhead_ms", "ops_ms", "peak_mem_gib", "outcome"]

@@ -16,7 +16,7 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog=prog or demo.prog_name(),
-        description="EarlyTom video-token compression inside the vision encoder of LLaVA-OneVision video LLMs.",
+        description="EarlyTom video-token compression inside the vision encoder of video LLMs.",
         epilog="Run '%(prog)s demo --help' for the demo's options.",
     )
     parser.add_argument("--version", action="version", version=f"earlytom_ext {__version__}")

@@ -367,6 +367,18 @@ def test_next_video_section_on_a_tiny_model():
     assert "## LLaVA-NeXT-Video at tiny widths (random weights, 4 frames at 336x336)" in text, text
     assert "prune layers (6, 18, 20)" in text and "- LLaVA-NeXT-Video TTFT: r=0.25: " in text
     assert "fast window attention" not in text
+    # A skipped section still names the geometry it would have run.
+    from bench.family import family_benchmark
+
+    skipped = family_benchmark(
+        "cpu", tag="t", family="LLaVA-NeXT-Video", model_name="llava-next-video-7b", prune_layers=(6, 18, 20),
+        available=lambda: (False, "not here"), build=None, make_inputs=None, earlytom_config=None,
+        geometry=dict(frames=32, image_size=336, batch=1), ratios=(0.1,), pattern="forced-merge", warmup=0, iters=1,
+        log=lambda *a: None,
+    )  # fmt: skip
+    text = "\n".join(report._next_video_section({"llava_next_video": skipped}))
+    assert "## LLaVA-NeXT-Video-7B architecture (random weights, 32 frames at 336x336)" in text, text
+    assert "_skipped: not here_" in text
 
 
 def test_profile_op_time_counts_earlytom_ops():

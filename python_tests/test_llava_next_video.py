@@ -21,7 +21,7 @@ if not hasattr(transformers, "LlavaNextVideoForConditionalGeneration"):
     pytest.skip("this transformers has no LlavaNextVideoForConditionalGeneration", allow_module_level=True)
 
 from test_llm_merge import Oracle, _sharpen, unpad  # noqa: E402
-from tiny_models import cache_names, check_compiled_model  # noqa: E402
+from tiny_models import cache_names, check_compiled_model, measured_cuda_syncs, spy_host_reads  # noqa: E402
 from transformers import LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration  # noqa: E402
 
 import earlytom_ext  # noqa: E402
@@ -399,9 +399,54 @@ def test_errors(model, videos):
         earlytom_ext.integration.adapters.llava_next_video.LlavaNextVideoAdapter(model.model)
 
 
+def test_video_path_reads_no_tensor_values_on_the_host(model, videos, monkeypatch):
+    # The integration's own files read nothing from tensors on this path (on a GPU each read syncs).
+    files = ("core.py", "run.py", "wrappers.py", "base.py", "llava_onevision.py", "llava_next_video.py")
+    reads = spy_host_reads(monkeypatch, files)
+    x = make_inputs(videos)
+    with earlytom_ext.apply(model, CFG) as h:
+        with torch.no_grad():
+            model(**x)
+        model.generate(**x, max_new_tokens=2)
+        h.encode_videos(torch.stack(videos))
+    monkeypatch.undo()
+    assert reads == []
+
+
 # --------------------------------------------------------------------------------------------
 # CUDA
 # --------------------------------------------------------------------------------------------
+_SYNC_SCRIPT = r"""
+import sys
+import torch
+sys.path.insert(0, sys.argv[1])
+import earlytom_ext
+from test_llava_next_video import CFG, SIZE, T, build_model, make_inputs
+from earlytom_ext.tiny_model import make_video
+
+videos = [make_video(T, seed=5, kind="crossfade", scene_length=3, image_size=SIZE),
+          make_video(T, seed=2, kind="static", image_size=SIZE)]
+m = build_model().cuda()
+x = {k: v.cuda() for k, v in make_inputs(videos).items()}
+h = earlytom_ext.apply(m, CFG)
+with torch.no_grad():
+    for i in range(2):  # the first call initialises lazily (cuBLAS, pinned allocator)
+        torch.cuda.synchronize()
+        if i:
+            print("=== measured", file=sys.stderr, flush=True)
+            torch.cuda.set_sync_debug_mode("warn")
+        h.prepare_inputs(x["input_ids"], x["pixel_values_videos"], attention_mask=x["attention_mask"])
+        torch.cuda.set_sync_debug_mode(0)
+print("=== done", file=sys.stderr, flush=True)
+"""
+
+
+@needs_cuda
+def test_cuda_host_syncs_at_most_one_per_prune_layer(tmp_path):
+    syncs = measured_cuda_syncs(_SYNC_SCRIPT, tmp_path)
+    assert 1 <= len(syncs) <= len(CFG.prune_layers), "\n".join(syncs)
+
+
 @needs_cuda
 def test_cuda_equals_cpu(videos):
     m = build_model()

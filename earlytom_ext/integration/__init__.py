@@ -50,7 +50,8 @@ def apply(model: nn.Module, cfg: EarlyTomConfig | None = None) -> EarlyTomHandle
             own prune layers (``handle.adapter.default_prune_layers()``: (6, 21, 23) for
             LLaVA-OneVision's 26-layer SigLIP, (6, 18, 20) for LLaVA-NeXT-Video's CLIP (23 of its 24
             layers feed the features), (7, 21, 23) for Qwen2.5-VL's 32 blocks, (8, 26, 28) for
-            Qwen2-VL's 32 blocks, scaled for other depths).
+            Qwen2-VL's 32 blocks; scaled for other depths and, on the LLaVA families, to the layers
+            that feed the features, ``config.vision_feature_layer``).
 
     Returns:
         an :class:`EarlyTomHandle` (``remove()``, context manager, ``last_stats``, ``summary()``,

@@ -59,7 +59,7 @@ class ModelAdapter:
     video_token_id: int
     depth: int  # vision encoder layers (prune layers index them)
     tokens_per_frame: int  # P: tokens per frame the LLM sees without compression
-    extra_tokens_per_video: int = 0  # tokens appended per video after Stage II (LLaVA: image_newline)
+    extra_tokens_per_video: int = 0  # tokens appended per video after Stage II (LLaVA-OneVision: image_newline)
 
     def __init__(self, model: nn.Module):
         self.model = model
