@@ -112,10 +112,7 @@ def test_video_path_reads_no_tensor_values_outside_the_designated_places(model, 
     assert reads == []
 
 
-_SYNC_SCRIPT = r"""
-import os, sys, warnings
-import torch
-sys.path.insert(0, sys.argv[1])
+_SYNC_SETUP = """
 import tiny_models as tm
 import earlytom_ext
 from earlytom_ext import EarlyTomConfig
@@ -125,21 +122,15 @@ videos = [tm.make_video(6, seed=1, kind="scenes", scene_length=3), tm.make_video
 m = tm.build_model(seed=0).cuda()
 inputs = {k: v.cuda() for k, v in tm.make_inputs(videos, seed=5).items()}
 h = earlytom_ext.apply(m, cfg)
-with torch.no_grad():
-    for i in range(2):  # the first call initialises lazily (cuBLAS, pinned allocator)
-        torch.cuda.synchronize()
-        if i:
-            print("=== measured", file=sys.stderr, flush=True)
-            torch.cuda.set_sync_debug_mode("warn")
-        h.prepare_inputs(inputs["input_ids"], inputs["pixel_values_videos"], attention_mask=inputs["attention_mask"])
-        torch.cuda.set_sync_debug_mode(0)
-print("=== done", file=sys.stderr, flush=True)
 """
+_SYNC_CALL = (
+    'h.prepare_inputs(inputs["input_ids"], inputs["pixel_values_videos"], attention_mask=inputs["attention_mask"])'
+)
 
 
 @pytest.mark.skipif(not (torch.cuda.is_available() and has_cuda_kernels()), reason="needs a GPU and the CUDA kernels")
 def test_cuda_host_syncs_at_most_one_per_prune_layer(tmp_path):
-    syncs = tm.measured_cuda_syncs(_SYNC_SCRIPT, tmp_path)
+    syncs = tm.call_syncs(_SYNC_SETUP, _SYNC_CALL, tmp_path)
     # One size read per prune layer (frames after Stage I); the refined segments are read from an
     # asynchronous host copy.
     assert 1 <= len(syncs) <= len(CFG.prune_layers), "\n".join(syncs)

@@ -21,7 +21,7 @@ if not hasattr(transformers, "LlavaNextVideoForConditionalGeneration"):
     pytest.skip("this transformers has no LlavaNextVideoForConditionalGeneration", allow_module_level=True)
 
 from test_llm_merge import Oracle, _sharpen, unpad  # noqa: E402
-from tiny_models import cache_names, check_compiled_model, measured_cuda_syncs, spy_host_reads  # noqa: E402
+from tiny_models import cache_names, call_syncs, check_compiled_model, spy_host_reads  # noqa: E402
 from transformers import LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration  # noqa: E402
 
 import earlytom_ext  # noqa: E402
@@ -416,10 +416,7 @@ def test_video_path_reads_no_tensor_values_on_the_host(model, videos, monkeypatc
 # --------------------------------------------------------------------------------------------
 # CUDA
 # --------------------------------------------------------------------------------------------
-_SYNC_SCRIPT = r"""
-import sys
-import torch
-sys.path.insert(0, sys.argv[1])
+_SYNC_SETUP = """
 import earlytom_ext
 from test_llava_next_video import CFG, SIZE, T, build_model, make_inputs
 from earlytom_ext.tiny_model import make_video
@@ -429,21 +426,13 @@ videos = [make_video(T, seed=5, kind="crossfade", scene_length=3, image_size=SIZ
 m = build_model().cuda()
 x = {k: v.cuda() for k, v in make_inputs(videos).items()}
 h = earlytom_ext.apply(m, CFG)
-with torch.no_grad():
-    for i in range(2):  # the first call initialises lazily (cuBLAS, pinned allocator)
-        torch.cuda.synchronize()
-        if i:
-            print("=== measured", file=sys.stderr, flush=True)
-            torch.cuda.set_sync_debug_mode("warn")
-        h.prepare_inputs(x["input_ids"], x["pixel_values_videos"], attention_mask=x["attention_mask"])
-        torch.cuda.set_sync_debug_mode(0)
-print("=== done", file=sys.stderr, flush=True)
 """
 
 
 @needs_cuda
 def test_cuda_host_syncs_at_most_one_per_prune_layer(tmp_path):
-    syncs = measured_cuda_syncs(_SYNC_SCRIPT, tmp_path)
+    call = 'h.prepare_inputs(x["input_ids"], x["pixel_values_videos"], attention_mask=x["attention_mask"])'
+    syncs = call_syncs(_SYNC_SETUP, call, tmp_path)
     assert 1 <= len(syncs) <= len(CFG.prune_layers), "\n".join(syncs)
 
 

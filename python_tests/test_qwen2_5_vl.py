@@ -796,10 +796,7 @@ def test_cuda_matches_cpu(model, videos, monkeypatch):
     assert torch.equal(cpu_gen, gpu_gen.cpu())
 
 
-_SYNC_SCRIPT = r"""
-import sys
-import torch
-sys.path.insert(0, sys.argv[1])
+_SYNC_SETUP = """
 from test_qwen2_5_vl import CFG, build_model, make_inputs
 from earlytom_ext.tiny_model import make_video
 import earlytom_ext
@@ -813,23 +810,16 @@ inputs = make_inputs(m, videos, seed=5)
 grid = inputs.pop("video_grid_thw")  # on the host, as the processor gives it
 inputs = {k: v.cuda() for k, v in inputs.items()}
 h = earlytom_ext.apply(m, CFG)
-with torch.no_grad():
-    for i in range(2):  # the first call fills the per-grid caches and initialises lazily
-        torch.cuda.synchronize()
-        if i:
-            print("=== measured", file=sys.stderr, flush=True)
-            torch.cuda.set_sync_debug_mode("warn")
-        h.encode_videos(inputs["pixel_values_videos"], video_grid_thw=grid)
-        torch.cuda.set_sync_debug_mode(0)
-print("=== done", file=sys.stderr, flush=True)
 """
 
 
 @pytest.mark.skipif(not (torch.cuda.is_available() and has_cuda_kernels()), reason="needs CUDA and the CUDA kernels")
 def test_cuda_host_syncs_at_most_one_per_prune_layer(family, tmp_path):
-    from tiny_models import measured_cuda_syncs
+    from tiny_models import call_syncs
 
-    syncs = measured_cuda_syncs(_SYNC_SCRIPT, tmp_path, family)
+    syncs = call_syncs(
+        _SYNC_SETUP, 'h.encode_videos(inputs["pixel_values_videos"], video_grid_thw=grid)', tmp_path, family
+    )
     # Stage I's size read per prune layer; no per-block window-length read (the windows are
     # batched from the host geometry) and no read of the refined segments (an asynchronous copy).
     assert 1 <= len(syncs) <= len(CFG.prune_layers), "\n".join(syncs)

@@ -65,6 +65,29 @@ def measured_cuda_syncs(script: str, tmp_path, *args: str) -> list[str]:
     return [line for line in measured.splitlines() if "synchronizing CUDA operation" in line]
 
 
+_MEASURE_LOOP = """
+with torch.no_grad():
+    for i in range(2):  # the first call initialises lazily (cuBLAS, pinned allocator, per-grid caches)
+        torch.cuda.synchronize()
+        if i:
+            print("=== measured", file=sys.stderr, flush=True)
+            torch.cuda.set_sync_debug_mode("warn")
+        {call}
+        torch.cuda.set_sync_debug_mode(0)
+print("=== done", file=sys.stderr, flush=True)
+"""
+
+
+def call_syncs(setup: str, call: str, tmp_path, *args: str) -> list[str]:
+    """The synchronising CUDA operations of the second of two runs of ``call`` (one line of Python)
+    after ``setup`` (Python code; ``sys`` and ``torch`` are imported and this folder is on the path),
+    in a subprocess that gets ``args`` after this folder (see :func:`measured_cuda_syncs`)."""
+    import textwrap
+
+    head = "import sys\nimport torch\nsys.path.insert(0, sys.argv[1])\n"
+    return measured_cuda_syncs(head + textwrap.dedent(setup) + _MEASURE_LOOP.format(call=call), tmp_path, *args)
+
+
 _READS = ("item", "tolist", "__bool__", "__int__", "__index__", "__float__", "nonzero", "cpu", "numpy")
 
 
