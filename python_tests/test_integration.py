@@ -63,16 +63,7 @@ def reference_video(model, video, cfg, feature_layer=-1):
     fl = (feature_layer % (depth + 1)) - 1
     used = [(lambda h, layer=layer: _call_layer(layer, h)) for layer in layers[: fl + 1]]
 
-    def qk(i, h):
-        attn = layers[i].self_attn
-        x = layers[i].layer_norm1(h)
-        n, s, _ = x.shape
-        H = attn.num_heads
-        q = attn.q_proj(x).view(n, s, H, -1).transpose(1, 2)
-        k = attn.k_proj(x).view(n, s, H, -1).transpose(1, 2)
-        return q, k, attn.scale
-
-    hidden, scores, refined, counts = R.run_encoder(hidden, used, cfg, qk)
+    hidden, scores, refined, counts = R.run_encoder(hidden, used, cfg, lambda i, h: tm.layer_qk(layers[i], h))
     proj = model.model.multi_modal_projector(hidden)
     tokens, index, r_adj = R.compress_after_encoder(proj, scores, refined, cfg.retain_ratio, video.shape[0])
     tokens = torch.cat([tokens, model.model.image_newline[None].to(tokens.dtype)])

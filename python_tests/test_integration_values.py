@@ -51,13 +51,7 @@ _layers = tm.vision_layers
 _call_layer = tm.call_layer
 
 
-def _qk(layer, h):
-    attn = layer.self_attn
-    x = layer.layer_norm1(h)
-    n, s, _ = x.shape
-    q = attn.q_proj(x).view(n, s, attn.num_heads, -1).transpose(1, 2)
-    k = attn.k_proj(x).view(n, s, attn.num_heads, -1).transpose(1, 2)
-    return q, k, attn.scale
+_qk = tm.layer_qk
 
 
 @torch.no_grad()

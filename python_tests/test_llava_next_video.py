@@ -7,7 +7,6 @@ hand (the mean, or the maximum, of each 2x2 window). The identity configuration 
 unpatched model's logits and generated tokens bit for bit.
 """
 
-import inspect
 import os
 import sys
 
@@ -21,7 +20,15 @@ if not hasattr(transformers, "LlavaNextVideoForConditionalGeneration"):
     pytest.skip("this transformers has no LlavaNextVideoForConditionalGeneration", allow_module_level=True)
 
 from test_llm_merge import Oracle, _sharpen, unpad  # noqa: E402
-from tiny_models import cache_names, call_syncs, check_compiled_model, spy_host_reads  # noqa: E402
+from tiny_models import (  # noqa: E402
+    cache_names,
+    call_layer,
+    call_syncs,
+    check_compiled_model,
+    layer_qk,
+    spy_host_reads,
+    vision_layers,
+)
 from transformers import LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration  # noqa: E402
 
 import earlytom_ext  # noqa: E402
@@ -132,27 +139,6 @@ def _no_leftover(model):
         h.remove()
 
 
-def vision_model(model):
-    vt = model.model.vision_tower
-    return getattr(vt, "vision_model", vt)  # 4.57 wraps the transformer; 5.x is it
-
-
-def _call_layer(layer, h):
-    # transformers 4.57's CLIP layer also takes a causal mask; 5.x's does not.
-    extra = (None,) if "causal_attention_mask" in inspect.signature(layer.forward).parameters else ()
-    out = layer(h, None, *extra)
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
-def _qk(layer, h):
-    attn = layer.self_attn
-    x = layer.layer_norm1(h)
-    n, s, _ = x.shape
-    q = attn.q_proj(x).view(n, s, attn.num_heads, -1).transpose(1, 2)
-    k = attn.k_proj(x).view(n, s, attn.num_heads, -1).transpose(1, 2)
-    return q, k, attn.scale
-
-
 def pool_scores(scores, mode):
     """Each 2x2 window of the 8x8 grid -> its mean ('average', 'conv') or maximum ('max'), raster order."""
     n = scores.shape[0]
@@ -164,15 +150,14 @@ def pool_scores(scores, mode):
 @torch.no_grad()
 def reference_video(model, video, cfg):
     """``(tokens, index, segments, frames after each prune layer, r')`` of one video ``[T, 3, H, W]``."""
-    vm = vision_model(model)
-    layers = vm.encoder.layers
+    vm, layers = vision_layers(model)
     hidden = vm.pre_layrnorm(vm.embeddings(video.to(dtype=model.dtype)))
     last = cfg.prune_layers[-1]
     scores, segs, counts = None, None, []
     for i, layer in enumerate(layers[: len(layers) - 1]):  # vision_feature_layer -2: all but the last
         if i == last:
-            scores = R.attention_received(*_qk(layer, hidden))
-        hidden = _call_layer(layer, hidden)
+            scores = R.attention_received(*layer_qk(layer, hidden))
+        hidden = call_layer(layer, hidden)
         if i in cfg.prune_layers:
             plan = R.merge_plan(hidden, cfg)[0]
             hidden = R.apply_plan(hidden, plan)
@@ -308,7 +293,7 @@ def test_an_image_sample_next_to_a_video_sample(model, videos):
 
 def test_remove_restores_the_model(model, videos):
     x = make_inputs(videos)
-    vm = vision_model(model)
+    vm, _ = vision_layers(model)
     hooks = lambda: [list(layer._forward_hooks.values()) for layer in vm.encoder.layers]  # noqa: E731
     with torch.no_grad():
         want = model(**x).logits

@@ -29,16 +29,32 @@ from earlytom_ext.tiny_model import (  # noqa: F401  (re-exported for the tests)
 
 
 def vision_layers(model):
-    """``(vision model, its encoder layers)`` of a LLaVA-OneVision model (transformers 4.57 and 5.x)."""
+    """``(vision model, its encoder layers)`` of a LLaVA-OneVision or LLaVA-NeXT-Video model
+    (transformers 4.57 wraps the transformer in the tower, 5.x's tower is it)."""
     vt = model.model.vision_tower
     vm = getattr(vt, "vision_model", vt)
     return vm, vm.encoder.layers
 
 
 def call_layer(layer, h):
-    """One SigLIP encoder layer on ``h`` (it returns a tensor or a tuple, by version)."""
-    out = layer(h, None)
+    """One SigLIP or CLIP encoder layer on ``h`` (it returns a tensor or a tuple, by version;
+    transformers 4.57's CLIP layer also takes a causal mask)."""
+    import inspect
+
+    extra = (None,) if "causal_attention_mask" in inspect.signature(layer.forward).parameters else ()
+    out = layer(h, None, *extra)
     return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def layer_qk(layer, h):
+    """``(q, k, scale)`` of a SigLIP / CLIP encoder layer's attention on its input ``h [N, S, D]``
+    (``q``, ``k``: ``[N, heads, S, head_dim]``), as the layer computes them."""
+    attn = layer.self_attn
+    x = layer.layer_norm1(h)
+    n, s, _ = x.shape
+    q = attn.q_proj(x).view(n, s, attn.num_heads, -1).transpose(1, 2)
+    k = attn.k_proj(x).view(n, s, attn.num_heads, -1).transpose(1, 2)
+    return q, k, attn.scale
 
 
 def measured_cuda_syncs(script: str, tmp_path, *args: str) -> list[str]:
