@@ -76,7 +76,9 @@ class EarlyTomConfig:
         ema: EMA factor alpha of the running similarity, in [0, 1].
         prune_layers: 0-based encoder layers after which Stage I (frame merging) runs; strictly
             increasing, non-negative, and below the encoder depth. The last one also supplies
-            the attention scores used by Stage II.
+            the attention scores used by Stage II. ``None`` (default): the model family's own
+            layers, chosen by :func:`~earlytom_ext.apply` for the model it patches ((6, 21, 23)
+            on LLaVA-OneVision's SigLIP; ``handle.config`` holds the layers in use).
         keep_last_interior: ``False`` (default) reproduces the published code, which never
             emits the last interior frame of a segment; ``True`` emits it and uses the plain
             average when the last interior pair is merged.
@@ -93,7 +95,7 @@ class EarlyTomConfig:
     tau: float = 0.6
     max_window: int = 8
     ema: float = 0.9
-    prune_layers: tuple[int, ...] = (6, 21, 23)
+    prune_layers: tuple[int, ...] | None = None
     keep_last_interior: bool = False
     llm_merge_layer: int | None = None
     llm_merge_ratio: float = 0.5
@@ -101,9 +103,12 @@ class EarlyTomConfig:
     def __post_init__(self):
         # Accept any sequence of ints for prune_layers; store a tuple (hashable, immutable).
         layers = self.prune_layers
-        if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__"):
-            raise TypeError(f"EarlyTomConfig.prune_layers must be a sequence of ints, got {type(layers).__name__}")
-        object.__setattr__(self, "prune_layers", tuple(layers))
+        if layers is not None:
+            if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__"):
+                raise TypeError(
+                    f"EarlyTomConfig.prune_layers must be None or a sequence of ints, got {type(layers).__name__}"
+                )
+            object.__setattr__(self, "prune_layers", tuple(layers))
         self.validate()
 
     def validate(self, num_layers: int | None = None, llm_num_layers: int | None = None) -> EarlyTomConfig:
@@ -133,6 +138,8 @@ class EarlyTomConfig:
         if not isinstance(self.keep_last_interior, bool):
             raise TypeError(f"EarlyTomConfig.keep_last_interior must be a bool, got {self.keep_last_interior!r}")
         layers = self.prune_layers
+        if layers is None:  # the model family's layers, set by apply
+            return self.check_depths(num_layers, llm_num_layers)
         if len(layers) == 0:
             raise ValueError("EarlyTomConfig.prune_layers must name at least one encoder layer")
         for p in layers:
@@ -151,7 +158,7 @@ class EarlyTomConfig:
         layers = self.prune_layers
         if num_layers is not None and (not _is_int(num_layers) or num_layers < 1):
             raise ValueError(f"num_layers must be a positive int (the vision encoder's depth), got {num_layers!r}")
-        if num_layers is not None and layers[-1] >= num_layers:
+        if num_layers is not None and layers is not None and layers[-1] >= num_layers:
             raise ValueError(
                 f"EarlyTomConfig.prune_layers must be below the vision encoder depth {num_layers} "
                 f"(layers 0..{num_layers - 1}), got {layers}"
@@ -164,9 +171,11 @@ class EarlyTomConfig:
         return replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        """Every field by name; ``prune_layers`` as a list (JSON-ready). ``from_dict`` inverts it."""
+        """Every field by name; ``prune_layers`` as a list or ``None`` (JSON-ready). ``from_dict``
+        inverts it."""
         d = {f.name: getattr(self, f.name) for f in fields(self)}
-        d["prune_layers"] = list(self.prune_layers)
+        if self.prune_layers is not None:
+            d["prune_layers"] = list(self.prune_layers)
         return d
 
     @classmethod

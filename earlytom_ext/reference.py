@@ -366,6 +366,8 @@ def run_encoder(hidden: torch.Tensor, layers, cfg: EarlyTomConfig, qk_fn):
     d]``), called for the last prune layer only. Returns ``(hidden, scores, refined_segments,
     frames_after_each_prune_layer)``.
     """
+    if cfg.prune_layers is None:
+        raise ValueError("run_encoder needs EarlyTomConfig.prune_layers (None is resolved per model by apply)")
     cfg.validate(num_layers=len(layers))
     last = cfg.prune_layers[-1]
     scores, refined, counts = None, None, []

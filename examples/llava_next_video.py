@@ -11,7 +11,6 @@ from transformers import AutoConfig, AutoProcessor, LlavaNextVideoForConditional
 
 import earlytom_ext
 from earlytom_ext.demo import load_video, synthetic_frames
-from earlytom_ext.integration.adapters.llava_next_video import LLAVA_NEXT_VIDEO_PRUNE_LAYERS
 
 
 def main(
@@ -35,9 +34,9 @@ def main(
     prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)
     inputs = processor(text=prompt, videos=[frames], return_tensors="pt").to(device, dtype=dtype)
 
-    # The paper's VideoMME settings at 10% of the video tokens, at this family's prune layers
-    # (the presets' own are SigLIP's); earlytom_ext.apply(model) alone uses the same prune layers.
-    cfg = earlytom_ext.preset("videomme", 0.1).replace(prune_layers=LLAVA_NEXT_VIDEO_PRUNE_LAYERS)
+    # The paper's VideoMME settings at 10% of the video tokens; prune_layers=None lets apply choose this
+    # family's own layers (the presets' are SigLIP's), as earlytom_ext.apply(model) alone does.
+    cfg = earlytom_ext.preset("videomme", 0.1).replace(prune_layers=None)
     with earlytom_ext.apply(model, cfg) as handle:
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
         print(handle.summary())  # frames after each prune layer, tokens before/after, time per stage

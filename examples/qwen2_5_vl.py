@@ -13,11 +13,8 @@ from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
 import earlytom_ext
 from earlytom_ext.demo import load_video, synthetic_frames
-from earlytom_ext.integration.adapters.qwen2_5_vl import QWEN2_5_VL_PRUNE_LAYERS
-from earlytom_ext.integration.adapters.qwen2_vl import QWEN2_VL_PRUNE_LAYERS
 
-# Each family's prune layers (the presets' own are SigLIP's).
-PRUNE_LAYERS = {"qwen2_5_vl": QWEN2_5_VL_PRUNE_LAYERS, "qwen2_vl": QWEN2_VL_PRUNE_LAYERS}
+FAMILIES = ("qwen2_5_vl", "qwen2_vl")
 
 
 def clip_seconds(path: str) -> Optional[float]:
@@ -49,7 +46,7 @@ def main(
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model_type = AutoConfig.from_pretrained(model_id).model_type  # checked before the weights download
-    if model_type not in PRUNE_LAYERS:
+    if model_type not in FAMILIES:
         raise ValueError(f"{model_id} is a {model_type!r} model; this example runs Qwen2.5-VL and Qwen2-VL")
     model = AutoModelForImageTextToText.from_pretrained(model_id, dtype=dtype).to(device).eval()
     processor = AutoProcessor.from_pretrained(model_id)
@@ -61,9 +58,9 @@ def main(
     inputs = processor(text=prompt, videos=[frames], fps=fps, video_metadata=metadata, return_tensors="pt")
     inputs = inputs.to(device)  # pixels stay float32: the vision encoder casts them itself
 
-    # The paper's VideoMME settings at 10% of the video tokens, at the family's prune layers;
-    # earlytom_ext.apply(model) alone uses the same prune layers.
-    cfg = earlytom_ext.preset("videomme", 0.1).replace(prune_layers=PRUNE_LAYERS[model_type])
+    # The paper's VideoMME settings at 10% of the video tokens; prune_layers=None lets apply choose the
+    # family's own layers (the presets' are SigLIP's), as earlytom_ext.apply(model) alone does.
+    cfg = earlytom_ext.preset("videomme", 0.1).replace(prune_layers=None)
     with earlytom_ext.apply(model, cfg) as handle:
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
         print(handle.summary())  # temporal groups after each prune layer, tokens before/after, time per stage

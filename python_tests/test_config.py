@@ -10,7 +10,7 @@ def test_defaults_are_the_specs():
         0.6,
         8,
         0.9,
-        (6, 21, 23),
+        None,  # the model family's own, chosen by apply
         False,
     )
 
@@ -73,7 +73,7 @@ def test_edges_are_valid_and_stored():
         "tau": 1.0,
         "max_window": 8,
         "ema": 1.0,
-        "prune_layers": (6, 21, 23),
+        "prune_layers": None,
         "keep_last_interior": True,
     }
     # ints are accepted for the real-valued fields and stored as given
@@ -92,6 +92,18 @@ def test_prune_layers_checked_against_depth():
     for bad in (23.5, float("nan"), "26", True, 0):
         with pytest.raises(ValueError, match=r"num_layers must be a positive int \(the vision encoder's depth\)"):
             c.validate(num_layers=bad)
+
+
+def test_prune_layers_none_is_left_to_the_model():
+    c = EarlyTomConfig(retain_ratio=0.25, prune_layers=None)
+    assert c.prune_layers is None and c == EarlyTomConfig(retain_ratio=0.25)
+    assert c.validate(num_layers=2) is c  # no depth to check before a model chooses the layers
+    with pytest.raises(ValueError, match="num_layers must be a positive int"):
+        c.validate(num_layers=0)
+    assert c.to_dict()["prune_layers"] is None
+    assert EarlyTomConfig.from_dict(c.to_dict()) == c
+    assert preset("videomme", 0.1).replace(prune_layers=None).prune_layers is None
+    assert EarlyTomConfig(prune_layers=(6, 21, 23)).replace(prune_layers=None) == EarlyTomConfig()
 
 
 @pytest.mark.parametrize("layers", [[1, 2], (1, 2), range(1, 3), (i for i in (1, 2))])

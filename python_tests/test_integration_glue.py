@@ -573,6 +573,17 @@ def test_apply_without_a_config_uses_the_encoders_prune_layers(model, videos):
         earlytom_ext.apply(model, {"retain_ratio": 0.1})
 
 
+def test_config_without_prune_layers_gets_the_encoders(model, videos):
+    # Only the prune layers are left to the model; explicit ones are kept as given.
+    cfg = EarlyTomConfig(retain_ratio=0.25, tau=0.3, max_window=6)
+    with earlytom_ext.apply(model, cfg) as h:
+        assert h.config == cfg.replace(prune_layers=(2, 5))
+        h.encode_videos(torch.stack(videos))
+        assert h.last_stats["prune_layers"] == (2, 5)
+    with earlytom_ext.apply(model, cfg.replace(prune_layers=(1, 3))) as h:
+        assert h.config.prune_layers == (1, 3)
+
+
 def test_patched_model_refuses_copy_and_pickle_until_removed(videos):
     """A copy of a patched model would run the original model's weights (the patches are closures
     over it): copying and pickling raise a TypeError that says what to do, while any patch is on."""

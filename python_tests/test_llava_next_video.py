@@ -344,6 +344,12 @@ def test_default_prune_layers():
         assert h.config.prune_layers == (6, 18, 20)
     with earlytom_ext.apply(build_model(depth=6)) as h:  # features from layer 4: 5 layers
         assert h.config.prune_layers == (1, 4)
+    # A config or preset without prune layers gets the family's; its other settings stay.
+    videomme = earlytom_ext.preset("videomme", 0.1).replace(prune_layers=None)
+    with earlytom_ext.apply(build_model(depth=24), videomme) as h:
+        assert (h.config.prune_layers, h.config.tau, h.config.max_window) == ((6, 18, 20), 0.3, 6)
+    with earlytom_ext.apply(build_model(depth=24), EarlyTomConfig(retain_ratio=0.25)) as h:
+        assert (h.config.prune_layers, h.config.retain_ratio) == ((6, 18, 20), 0.25)
 
 
 def test_errors(model, videos):

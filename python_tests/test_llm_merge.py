@@ -65,7 +65,7 @@ def test_config_llm_fields_validated(kwargs, exc, needle):
 
 
 def test_config_llm_layer_checked_against_depth():
-    c = EarlyTomConfig(llm_merge_layer=18, llm_merge_ratio=0.0)
+    c = EarlyTomConfig(prune_layers=(6, 21, 23), llm_merge_layer=18, llm_merge_ratio=0.0)
     assert c.validate(num_layers=26, llm_num_layers=28) is c
     c.validate(llm_num_layers=19)  # k = depth - 1 is the last valid layer
     with pytest.raises(ValueError, match=r"llm_merge_layer must be in \[1, 17\].*18 decoder layers"):

@@ -215,8 +215,9 @@ def test_qwen_example_runs_on_a_local_checkpoint(family, tmp_path, capsys, monke
         assert seen[0]["second_per_grid_ts"].tolist() == [0.5]
     assert "tokens before" in printed and " 64 " in printed, printed
     # The family's prune layers (the summary's header line).
-    assert f"prune_layers={example.PRUNE_LAYERS[family]}" in printed, printed
-    assert example.PRUNE_LAYERS == {"qwen2_5_vl": (7, 21, 23), "qwen2_vl": (8, 26, 28)}
+    layers = {"qwen2_5_vl": (7, 21, 23), "qwen2_vl": (8, 26, 28)}[family]
+    assert f"prune_layers={layers}" in printed, printed
+    assert "tau=0.3" in printed, printed  # the preset's other settings
 
 
 def test_qwen_example_refuses_another_family_before_loading_weights(checkpoint, monkeypatch):
@@ -306,7 +307,7 @@ def test_next_video_example_runs_on_a_local_checkpoint(tmp_path, capsys, monkeyp
     assert len(seen) == 1 and seen[0]["pixel_values_videos"].shape == (1, 6, 3, 16, 16)
     assert seen[0]["input_ids"].shape == (1, 1 + 6 * 16 + 3 + 1)
     assert "tokens before" in printed and " 96 " in printed, printed
-    assert "prune_layers=(6, 18, 20)" in printed, printed
+    assert "prune_layers=(6, 18, 20)" in printed and "tau=0.3" in printed, printed
 
 
 def test_next_video_image_and_video_prompt_through_the_processor(tmp_path):

@@ -760,6 +760,8 @@ def test_published_geometry_runs_with_the_default_prune_layers(family):
     inputs = make_inputs(m, vids, seed=12, patch=14)
     with earlytom_ext.apply(m) as h:  # no config: the family's prune layers
         assert h.config == EarlyTomConfig(prune_layers=layers)
+    with earlytom_ext.apply(m, cfg.replace(prune_layers=None)) as h:  # a config without them: the same
+        assert h.config == cfg
     with earlytom_ext.apply(m, cfg) as h:
         assert h.adapter.default_prune_layers() == layers
         with torch.no_grad():

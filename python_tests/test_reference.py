@@ -465,6 +465,8 @@ def test_run_encoder_shrinks_frames_and_merges_scores():
     expected[4:, :, 1] = 1.0
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
     torch.testing.assert_close(scores, torch.full((7, S_), 1.0 / 9.0), rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="run_encoder needs EarlyTomConfig.prune_layers"):
+        R.run_encoder(hidden, layers, c.replace(prune_layers=None), qk)  # no model to choose them
 
 
 def test_apply_plan_weight_one_is_a_copy():

@@ -469,6 +469,13 @@ MUTATIONS = [
         "        return scaled_prune_layers(self.depth)\n",
         "LLaVA: default prune layers scaled to the whole encoder, not to the layers that feed the features",
     ),
+    Mutation(
+        "apply-config-without-layers",
+        ("earlytom_ext/integration/__init__.py",),
+        "        cfg = cfg.replace(prune_layers=adapter.default_prune_layers())",
+        "        cfg = EarlyTomConfig(prune_layers=adapter.default_prune_layers())",
+        "apply: a config without prune layers gets the family's layers but loses its other settings",
+    ),
 ]
 
 

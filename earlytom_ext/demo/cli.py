@@ -78,7 +78,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--prune-layers",
         default=None,
         metavar="L1,L2,...",
-        help="comma-separated 0-based encoder layers (default: the preset's, else EarlyTomConfig's 6,21,23)",
+        help="comma-separated 0-based encoder layers (default: the preset's, else the model's own: 6,21,23 on SigLIP)",
     )
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument(

@@ -43,6 +43,7 @@ def summary(
     tower's runs.
     """
     v = stats["videos"][0]
+    layers = tuple(stats["prune_layers"])  # the layers the run used (a config may leave them to the model)
     out = [
         f"EarlyTom demo: {_count(v['frames_before'], 'frame')} ({source}), model: {model_name}, "
         f"device {stats['device']}"
@@ -51,11 +52,11 @@ def summary(
         out.append(RANDOM_WEIGHTS_NOTE)
     out += [
         f"config: retain_ratio={cfg.retain_ratio} tau={cfg.tau} max_window={cfg.max_window} "
-        f"ema={cfg.ema} prune_layers={tuple(cfg.prune_layers)}",
+        f"ema={cfg.ema} prune_layers={layers}",
         "",
     ]
     rows = [["input", v["frames_before"]]]
-    rows += [[f"after Stage I at layer {p}", v["frames_after"][p]] for p in cfg.prune_layers]
+    rows += [[f"after Stage I at layer {p}", v["frames_after"][p]] for p in layers]
     out += [markdown_table(["encoder stage", "frames"], rows), ""]
     segs = v["segments"]
     out.append(f"refined segments ({len(segs)}): " + ", ".join(f"[{s}-{e}]" for s, e in segs))
@@ -79,7 +80,7 @@ def summary(
     runs = max((len(t) for t in timings.values()), default=1)
     order = (
         ["vision_tower"]
-        + [f"stage1_layer{p}" for p in cfg.prune_layers]
+        + [f"stage1_layer{p}" for p in layers]
         + ["attention_score", "refine_segments", "projector", "pooling", "stage2", "total"]
     )
 

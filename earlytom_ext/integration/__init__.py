@@ -46,8 +46,9 @@ def apply(model: nn.Module, cfg: EarlyTomConfig | None = None) -> EarlyTomHandle
             ``Qwen2_5_VLForConditionalGeneration`` or ``Qwen2VLForConditionalGeneration`` (transformers
             4.57.x or 5.x).
         cfg: the :class:`EarlyTomConfig`; its prune layers must be below the vision encoder's depth
-            and not after the feature layer. Default: ``EarlyTomConfig()`` with the model family's
-            own prune layers (``handle.adapter.default_prune_layers()``: (6, 21, 23) for
+            and not after the feature layer. Default: ``EarlyTomConfig()``. Prune layers ``None`` (the
+            config's default) become the model family's own (``handle.adapter.default_prune_layers()``,
+            ``handle.config`` shows them: (6, 21, 23) for
             LLaVA-OneVision's 26-layer SigLIP, (6, 18, 20) for LLaVA-NeXT-Video's CLIP (23 of its 24
             layers feed the features), (7, 21, 23) for Qwen2.5-VL's 32 blocks, (8, 26, 28) for
             Qwen2-VL's 32 blocks; scaled for other depths and, on the LLaVA families, to the layers
@@ -70,7 +71,9 @@ def apply(model: nn.Module, cfg: EarlyTomConfig | None = None) -> EarlyTomHandle
         raise RuntimeError("EarlyTom is already applied to this model; call handle.remove() first")
     adapter = adapter_for(model)
     if cfg is None:
-        cfg = EarlyTomConfig(prune_layers=adapter.default_prune_layers())
+        cfg = EarlyTomConfig()
+    if cfg.prune_layers is None:
+        cfg = cfg.replace(prune_layers=adapter.default_prune_layers())
     cfg.check_depths(num_layers=adapter.depth)
     adapter.check_config(cfg)
     llm_merge = None
