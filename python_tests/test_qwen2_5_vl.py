@@ -720,6 +720,10 @@ def test_errors(model, videos):
                 torch.testing.assert_close(model(**column).logits, model(**inputs).logits, rtol=0, atol=0)
             with pytest.raises(ValueError, match=r"one value per video \(\[n\] or \[n, 1\]\), got shape \(2, 2\)"):
                 model(**dict(inputs, second_per_grid_ts=torch.ones(2, 2)))
+            with pytest.raises(TypeError, match=r"second_per_grid_ts must hold one real number per video .*got 'a'"):
+                model(**dict(inputs, second_per_grid_ts=[1.0, "a"]))
+            with pytest.raises(TypeError, match=r"hold real numbers \(seconds\), got torch.bool"):
+                model(**dict(inputs, second_per_grid_ts=torch.tensor([True, False])))
         else:  # Qwen2-VL's videos have no time step
             with pytest.raises(TypeError, match=r"unexpected video argument\(s\) \['second_per_grid_ts'\]"):
                 h.encode_videos(
@@ -740,6 +744,35 @@ def test_errors(model, videos):
         earlytom_ext.apply(model, EarlyTomConfig(prune_layers=(1, 3))).remove()
     with pytest.raises(ValueError, match="below the vision encoder depth"):
         earlytom_ext.apply(model, EarlyTomConfig(prune_layers=(1, 7)))
+
+
+@pytest.mark.parametrize("check", ["before the encoder", "after it (the GPU path)"])
+def test_image_placeholders_checked_against_image_grid_thw(model, videos, check, monkeypatch):
+    """On the CPU the image runs are checked before the encoder; on a GPU (which would have to wait for
+    the prompt) after it, from the host copy: the same errors either way."""
+    img = make_video(1, seed=9, image_size=8)[0]  # one 8x8 image: grid (1, 4, 4), 4 placeholders
+    inputs = make_inputs(model, videos, seed=9, images=[img, None])
+    grid = inputs["image_grid_thw"]
+    assert grid.tolist() == [[1, 4, 4]]
+    no_image = {k: v for k, v in inputs.items() if k not in ("image_grid_thw", "pixel_values")}
+    cases = [
+        (no_image, r"more image placeholder runs than images: no image_grid_thw"),
+        (dict(inputs, image_grid_thw=grid.repeat(2, 1)), r"image_grid_thw describes 2 images, input_ids hold 1 image"),
+        (dict(inputs, image_grid_thw=torch.tensor([[1, 8, 4]])), r"image 0: 4 placeholders .* = \(1, 8, 4\) needs 8"),
+    ]
+    with earlytom_ext.apply(model, CFG) as h:
+        if check != "before the encoder":
+            monkeypatch.setattr(h.adapter, "check_prompt", lambda *args: None)
+        ran = []
+        hook = h.adapter.visual.patch_embed.register_forward_hook(lambda *args: ran.append(1))
+        try:
+            for call, needle in cases:
+                ran.clear()
+                with pytest.raises(ValueError, match=needle), torch.no_grad():
+                    model(**call)
+                assert bool(ran) == (check != "before the encoder")
+        finally:
+            hook.remove()
 
 
 def test_compiled_model_runs_the_video_path_eagerly(family, videos):

@@ -302,6 +302,7 @@ class EarlyTomHandle:
         if input_ids.device.type != "cuda":
             # Placeholder counts checked before the vision tower runs (free on the CPU).
             placeholder_runs(input_ids, adapter.video_token_id, videos.placeholders)
+            adapter.check_prompt(input_ids, attention_mask, videos)
         with torch.no_grad():
             features = self._encode(videos)
         clock = self._raw_stats["clock"]

@@ -87,6 +87,10 @@ class ModelAdapter:
         return next(self.model.parameters()).device
 
     # ---------------------------------------------------------------- the video path
+    def check_prompt(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, videos: VideoInputs) -> None:
+        """Checks of the prompt beyond the video placeholder counts, before the encoder runs (host
+        ``input_ids``: the core calls it on the CPU path only, where it reads nothing from a device)."""
+
     def check_position_ids(self, position_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
         """The caller's ``position_ids`` on a call with videos (checked before the encoder runs).
         The compressed prompt is renumbered from its attention mask, which equals the caller's

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -303,10 +304,22 @@ class Qwen2_5_VLAdapter(_VisionForward, _RopePositions, ModelAdapter):
                         f"second_per_grid_ts must hold one value per video ([n] or [n, 1]), got shape "
                         f"{tuple(spg.shape)}"
                     )
+                if spg.dtype == torch.bool or spg.is_complex():
+                    raise TypeError(f"second_per_grid_ts must hold real numbers (seconds), got {spg.dtype}")
                 spg = spg.detach().cpu().reshape(-1)
                 spg = list(spg)  # 0-d tensors: the model's arithmetic uses them as they are
             elif isinstance(spg, (list, tuple)):
                 spg = list(spg)
+                for x in spg:
+                    if isinstance(x, torch.Tensor):
+                        real = x.numel() == 1 and x.dtype != torch.bool and not x.is_complex()
+                    else:
+                        real = isinstance(x, numbers.Real) and not isinstance(x, bool)
+                    if not real:
+                        raise TypeError(
+                            f"second_per_grid_ts must hold one real number per video (seconds per temporal group), "
+                            f"got {x!r}"
+                        )
             else:
                 raise TypeError(
                     f"second_per_grid_ts must be a tensor or a list (one value per video), got {type(spg).__name__}"

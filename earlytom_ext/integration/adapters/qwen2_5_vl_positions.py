@@ -172,7 +172,6 @@ class _RopePositions:
         positions = torch.full((3, B, L), rules.pad, dtype=torch.int64)
         image_grid = videos.extra["image_grid"]
         counts = [int(k.shape[1]) for k in videos.extra["kept_thw"]]
-        m = self.merge
         vision = {self.video_token_id} | ({self.image_token_id} if self.image_token_id is not None else set())
         runs = []
         v = img = 0
@@ -200,18 +199,7 @@ class _RopePositions:
                         cur += layouts[v].advance
                         v += 1
                     else:
-                        if image_grid is None or img >= len(image_grid):
-                            raise ValueError(
-                                "image_grid_thw is required for the image placeholders in input_ids "
-                                "(one (t, h, w) row per image)"
-                            )
-                        t, h, w = image_grid[img]
-                        if n != t * (h // m) * (w // m):
-                            raise ValueError(
-                                f"image {img}: {n} placeholders in input_ids, image_grid_thw[{img}] = "
-                                f"{(t, h, w)} needs {t * (h // m) * (w // m)}"
-                            )
-                        lay = self._layout("image", (t, h, w), None)
+                        lay = self._layout("image", self._image_grid_of(img, n, image_grid), None)
                         positions[:, b, torch.tensor(cols[j:e])] = lay.rel.reshape(3, -1) + cur
                         cur += lay.advance
                         img += 1
@@ -227,4 +215,46 @@ class _RopePositions:
             raise ValueError(
                 f"input_ids hold {v} video placeholder runs, video_grid_thw describes {len(counts)} videos"
             )
+        self._check_image_count(img, image_grid)
         return positions, runs, rules
+
+    def check_prompt(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, videos: VideoInputs) -> None:
+        """The image placeholder runs against ``image_grid_thw`` (host tensors, before the encoder)."""
+        if self.image_token_id is None:
+            return
+        image_grid = videos.extra["image_grid"]
+        mask = None if attention_mask is None else attention_mask.cpu() != 0
+        edge = torch.zeros(1, dtype=torch.int8)
+        img = 0
+        for b in range(input_ids.shape[0]):
+            row = input_ids[b] if mask is None else input_ids[b][mask[b]]
+            edges = torch.diff((row == self.image_token_id).to(torch.int8), prepend=edge, append=edge)
+            lengths = (edges == -1).nonzero().flatten() - (edges == 1).nonzero().flatten()
+            for n in lengths.tolist():
+                self._image_grid_of(img, n, image_grid)
+                img += 1
+        self._check_image_count(img, image_grid)
+
+    def _image_grid_of(self, img: int, n: int, image_grid) -> tuple[int, int, int]:
+        """``image_grid_thw``'s row of image ``img``, whose run in ``input_ids`` holds ``n`` placeholders."""
+        if image_grid is None or img >= len(image_grid):
+            have = "no image_grid_thw" if image_grid is None else f"image_grid_thw has {len(image_grid)} row(s)"
+            raise ValueError(
+                f"input_ids hold more image placeholder runs than images: {have}; image_grid_thw needs one "
+                f"(t, h, w) row per image"
+            )
+        t, h, w = image_grid[img]
+        m = self.merge
+        if n != t * (h // m) * (w // m):
+            raise ValueError(
+                f"image {img}: {n} placeholders in input_ids, image_grid_thw[{img}] = {(t, h, w)} needs "
+                f"{t * (h // m) * (w // m)}"
+            )
+        return t, h, w
+
+    @staticmethod
+    def _check_image_count(runs: int, image_grid) -> None:
+        if image_grid is not None and runs != len(image_grid):
+            raise ValueError(
+                f"image_grid_thw describes {len(image_grid)} images, input_ids hold {runs} image placeholder runs"
+            )
