@@ -187,6 +187,7 @@ def test_generate_refuses_settings_the_compressed_prompt_cannot_serve(model, vid
         ("chunked prefill", "prefill_chunk_size", dict(prefill_chunk_size=16)),
         ("a prompt penalty", "encoder_repetition_penalty", dict(encoder_repetition_penalty=1.3)),
         ("a prompt n-gram ban", "encoder_no_repeat_ngram_size", dict(encoder_no_repeat_ngram_size=2)),
+        ("continuous batching", "cache_implementation='paged'", dict(cache_implementation="paged")),
     ]
     with earlytom_ext.apply(model, CFG) as h:
         stage1_calls = []
@@ -230,6 +231,38 @@ def test_inner_llm_merge_refuses_a_cache_it_cannot_shorten(model, videos):
         assert out.shape[1] == one["input_ids"].shape[1] + 2
         with torch.no_grad():
             model(**one, **{CACHE: DynamicCache()})
+
+
+def test_inner_llm_merge_refuses_before_the_encoder_what_its_prefill_cannot_take(model, videos):
+    """Two videos in one sample, right padding (both read from the caller's prompt on the CPU) and
+    gradient checkpointing under grad mode (its backward would recompute the layers without the merge)."""
+    two = tm.make_inputs([videos[0][:3], videos[1][:3]], seed=16)
+    rows = [two["input_ids"][b][two["attention_mask"][b].bool()] for b in range(2)]
+    ids = torch.cat(rows)[None]
+    one_sample = dict(two, input_ids=ids, attention_mask=torch.ones_like(ids))
+    right = tm.make_inputs([videos[0][:3], videos[1][:3]], seed=16, prefix_lengths=[2, 5], padding_side="right")
+    assert not bool(right["attention_mask"][:, -1].all())
+    one = tm.make_inputs([videos[0][:3]], seed=16)
+    with earlytom_ext.apply(model, CFG.replace(llm_merge_layer=1, llm_merge_ratio=0.5)) as h:
+        stage1_calls = []
+        h.force_decisions(stage1=lambda *args, **kwargs: stage1_calls.append(args))
+        with pytest.raises(ValueError, match="one video per sample; a sample holds several"):
+            model.generate(**one_sample, max_new_tokens=2, do_sample=False)
+        with pytest.raises(ValueError, match="needs left padding"):
+            model.generate(**right, max_new_tokens=2, do_sample=False)
+        model.gradient_checkpointing_enable()
+        model.train()
+        try:
+            with pytest.raises(ValueError, match="cannot run under gradient checkpointing with gradients on"):
+                model(**one)
+            assert stage1_calls == []
+            h.force_decisions()
+            with torch.no_grad():  # no backward, no recomputation
+                model(**one)
+        finally:
+            model.gradient_checkpointing_disable()
+            model.eval()
+        model(**one)  # grad mode without checkpointing
 
 
 @pytest.mark.parametrize("batch", [1, 2])

@@ -14,7 +14,7 @@ from .._validation import check_finite
 from ..config import EarlyTomConfig
 from . import stats as _stats
 from .adapters.base import ModelAdapter, VideoInputs
-from .llm_merge_support import check_merge_cache
+from .llm_merge_support import MERGE_LEFT_PADDING, MERGE_ONE_VIDEO, check_merge_cache
 from .patches import MISSING, restore_attr, set_attr
 from .prompt import HostPrompt, placeholder_runs, rewrite_placeholders
 from .run import Clock, Decisions, RefineFn, Stage1Fn, VideoRun
@@ -282,6 +282,18 @@ class EarlyTomHandle:
         the compressed video features are written into ``inputs_embeds`` at the placeholders. The video
         features carry no gradient; the input embeddings follow the caller's grad mode.
         """
+        return self._prepare(input_ids, pixel_values_videos, attention_mask, labels, padding_side, video_kwargs)
+
+    def _prepare(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values_videos: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        labels: torch.Tensor | None,
+        padding_side: str | None,
+        video_kwargs: dict[str, Any],
+        for_merge: bool = False,
+    ) -> dict:
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
             raise ValueError(
                 f"input_ids must be an integer tensor [batch, seq_len] when {self.video_arg} is given, got "
@@ -301,8 +313,13 @@ class EarlyTomHandle:
         host = HostPrompt(input_ids, attention_mask, labels)  # copies start now, read after the encoder
         if input_ids.device.type != "cuda":
             # Placeholder counts checked before the vision tower runs (free on the CPU).
-            placeholder_runs(input_ids, adapter.video_token_id, videos.placeholders)
+            runs = placeholder_runs(input_ids, adapter.video_token_id, videos.placeholders)
             adapter.check_prompt(input_ids, attention_mask, videos)
+            if for_merge:  # what the armed prefill would refuse, known from the caller's prompt
+                if any(len(r) > 1 for r in runs.values()):
+                    raise ValueError(MERGE_ONE_VIDEO)
+                if attention_mask is not None and not bool(attention_mask[:, -1].all()):
+                    raise ValueError(MERGE_LEFT_PADDING)
         with torch.no_grad():
             features = self._encode(videos)
         clock = self._raw_stats["clock"]
@@ -355,12 +372,20 @@ class EarlyTomHandle:
         video_kwargs = {k: call[k] for k in adapter.video_kwargs if k in call}
         for k in adapter.consumed_kwargs:
             call.pop(k, None)
-        prep = self.prepare_inputs(
+        if self._llm_merge is not None and torch.is_grad_enabled() and self._llm_merge.checkpointed():
+            raise ValueError(
+                "the inner-LLM merge cannot run under gradient checkpointing with gradients on: the backward pass "
+                "recomputes the decoder layers without the merge; call under torch.no_grad() (or "
+                "torch.inference_mode()), or model.gradient_checkpointing_disable()"
+            )
+        prep = self._prepare(
             input_ids,
             call.pop(self.video_arg),
-            attention_mask=call.pop("attention_mask", None),
-            labels=call.pop("labels", None),
-            **video_kwargs,
+            call.pop("attention_mask", None),
+            call.pop("labels", None),
+            None,
+            video_kwargs,
+            for_merge=self._llm_merge is not None,
         )
         if call.get("position_ids") is not None:
             call["position_ids"] = positions_from_mask(prep["attention_mask"]).to(call["position_ids"].device)
@@ -370,7 +395,7 @@ class EarlyTomHandle:
         if self._llm_merge is not None:
             spans = prep["video_spans"]
             if any(len(s) > 1 for s in spans):
-                raise ValueError("the inner-LLM merge supports one video per sample; a sample holds several")
+                raise ValueError(MERGE_ONE_VIDEO)
             self._llm_merge.arm([s[0] if s else None for s in spans])
         return prep["input_ids"]
 

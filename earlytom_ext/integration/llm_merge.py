@@ -123,6 +123,13 @@ class LLMMerge(_MergePaths):
     def installed(self) -> bool:
         return self._wrapper is not None
 
+    def checkpointed(self) -> bool:
+        """Whether Hugging Face's gradient checkpointing would recompute a decoder layer the merge runs
+        around (it does so in training mode): the recomputation would run it without the merge."""
+        lm = self._lm
+        layers = lm.layers[self._k - 1 :]
+        return any(m.training and getattr(m, "gradient_checkpointing", False) is True for m in (lm, *layers))
+
     def install(self) -> None:
         """Replace the language model's ``forward`` on the instance (idempotent)."""
         if self._wrapper is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .llm_merge_support import (
+    MERGE_LEFT_PADDING,
     _Call,
     _mask_2d,
     _Plan,
@@ -42,7 +43,7 @@ class _MergePaths:
         spans = [sp for sp in spans for _ in range(rep)]
         rows = mask.tolist() if mask is not None else None
         if rows is not None and not all(r[-1] for r in rows):
-            raise ValueError("the inner-LLM merge needs left padding: every sample's last column must be a real token")
+            raise ValueError(MERGE_LEFT_PADDING)
         plans = []
         for b, sp in enumerate(spans):
             real = int(sum(1 for v in rows[b] if v)) if rows is not None else n

@@ -57,6 +57,11 @@ def merge_span(x: torch.Tensor, scores: torch.Tensor, n_keep: int) -> tuple[torc
 # --------------------------------------------------------------------------------------------
 # The KV cache argument: transformers 5.24 renamed ``past_key_values`` to ``cache`` (the old name is
 # still accepted there, with a FutureWarning); 4.57 - 5.23 know only ``past_key_values``.
+MERGE_ONE_VIDEO = "the inner-LLM merge supports one video per sample; a sample holds several"
+MERGE_LEFT_PADDING = (
+    "the inner-LLM merge needs left padding: every sample's last column must be a real token "
+    "(tokenizer.padding_side = 'left')"
+)
 CACHE_ARGS = ("cache", "past_key_values")
 
 
