@@ -470,6 +470,20 @@ MUTATIONS = [
         "LLaVA: default prune layers scaled to the whole encoder, not to the layers that feed the features",
     ),
     Mutation(
+        "merge-prompt-checked-late",
+        ("earlytom_ext/integration/core.py",),
+        "            for_merge=self._llm_merge is not None,",
+        "            for_merge=False,",
+        "inner-LLM merge: several videos per sample / right padding caught only after the encoder ran",
+    ),
+    Mutation(
+        "merge-checkpointing-accepted",
+        ("earlytom_ext/integration/llm_merge.py",),
+        'm.training and getattr(m, "gradient_checkpointing", False) is True',
+        'm.training and getattr(m, "gradient_checkpointing", False) is None',
+        "inner-LLM merge: gradient checkpointing under grad mode accepted (backward recomputes without the merge)",
+    ),
+    Mutation(
         "apply-config-without-layers",
         ("earlytom_ext/integration/__init__.py",),
         "        cfg = cfg.replace(prune_layers=adapter.default_prune_layers())",
