@@ -467,6 +467,11 @@ def test_kept_tokens_equal_reference(model, videos):
     with earlytom_ext.apply(model, CFG) as h:
         feats = h.encode_videos(inputs["pixel_values_videos"], video_grid_thw=inputs["video_grid_thw"])
         stats = h.last_stats
+        # The grid by position, as the model's get_video_features takes it: the same call.
+        for a, b in zip(feats, h.encode_videos(inputs["pixel_values_videos"], inputs["video_grid_thw"])):
+            assert torch.equal(a, b)
+        with pytest.raises(TypeError, match=r"at most 3 positional argument\(s\) after the videos \(video_grid_thw,"):
+            h.encode_videos(inputs["pixel_values_videos"], inputs["video_grid_thw"], None, None, None)
     pix, grids = _split_pixels(inputs)
     merged_somewhere = False
     for b in range(2):
@@ -493,6 +498,11 @@ def test_qwen2_vl_scores_at_any_block(prune_layers, videos):
     with earlytom_ext.apply(model, cfg) as h:
         feats = h.encode_videos(inputs["pixel_values_videos"], video_grid_thw=inputs["video_grid_thw"])
         stats = h.last_stats
+        # The grid by position, as the model's get_video_features takes it: the same call.
+        for a, b in zip(feats, h.encode_videos(inputs["pixel_values_videos"], inputs["video_grid_thw"])):
+            assert torch.equal(a, b)
+        with pytest.raises(TypeError, match=r"at most 3 positional argument\(s\) after the videos \(video_grid_thw,"):
+            h.encode_videos(inputs["pixel_values_videos"], inputs["video_grid_thw"], None, None, None)
     pix, grids = _split_pixels(inputs)
     for b in range(2):
         ref_tokens, ref_index, ref = reference_video(model, pix[b], grids[b], cfg)

@@ -205,12 +205,15 @@ class EarlyTomHandle:
     def encode_videos(self, pixel_values_videos: torch.Tensor, *args: Any, **kwargs: Any) -> list[torch.Tensor]:
         """Compressed LLM features of a batch of videos: a list of one ``[n_v, hidden]`` tensor per
         video (kept tokens, then what the model appends per video, e.g. LLaVA-OneVision's
-        ``image_newline``) in the projector's dtype. Further arguments are the model's video
-        arguments (LLaVA-OneVision: ``vision_feature_layer``, ``vision_feature_select_strategy``).
-        Statistics go to :attr:`last_stats`."""
-        names = ("vision_feature_layer", "vision_feature_select_strategy")
+        ``image_newline``) in the projector's dtype. Further arguments, by position or keyword, are the
+        model's video arguments (``handle.adapter.video_kwargs``; LLaVA-OneVision: ``vision_feature_layer``,
+        ``vision_feature_select_strategy``; Qwen: ``video_grid_thw``, then ``second_per_grid_ts`` on
+        Qwen2.5-VL). Statistics go to :attr:`last_stats`."""
+        names = self._adapter.video_kwargs
         if len(args) > len(names):
-            raise TypeError(f"encode_videos takes at most {len(names)} positional arguments after the videos")
+            raise TypeError(
+                f"encode_videos takes at most {len(names)} positional argument(s) after the videos ({', '.join(names)})"
+            )
         for n, a in zip(names, args):
             if n in kwargs:
                 raise TypeError(f"encode_videos got {n} both positionally and by keyword")
