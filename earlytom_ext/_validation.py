@@ -127,6 +127,12 @@ def check_int_pairs(name: str, v) -> list[tuple[int, int]]:
     return out
 
 
+def check_bool(name: str, v, allow_none: bool = False) -> None:
+    """A flag: ``True`` / ``False`` (or ``None`` where it means "the default")."""
+    if not (isinstance(v, bool) or (allow_none and v is None)):
+        raise TypeError(f"{name} must be a bool{' or None' if allow_none else ''}, got {v!r}")
+
+
 def check_real(name: str, v, expected: str = "a finite real number") -> float:
     """A finite Python/NumPy real number (not a bool, a string or a tensor), as a float.
 
@@ -176,7 +182,8 @@ def host_to_device(values: Sequence | torch.Tensor, dtype: torch.dtype, device: 
     """Host values (a list or a CPU tensor) as a ``dtype`` tensor on ``device`` without a host
     sync: on CUDA through pinned staging memory and a ``non_blocking`` copy."""
     device = torch.device(device)
-    host = values.to(dtype) if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
+    # device="cpu": not the caller's torch.set_default_device / `with torch.device(...)`.
+    host = values.to(dtype) if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype, device="cpu")
     if device.type == "cpu":
         return host
     if device.type == "cuda":

@@ -304,6 +304,9 @@ def test_non_finite_rejected(which, value):
     with pytest.raises(ValueError, match=f"{which} contains NaN or Inf"):
         attention_received(q, k)
     attention_received(q, k, check_finite=False)  # skipped check: no error (result unspecified)
+    for flag in (None, 0, "no"):  # a flag is a bool: truthiness would turn the check on or off silently
+        with pytest.raises(TypeError, match=f"check_finite must be a bool, got {flag!r}"):
+            attention_received(q, k, check_finite=flag)
 
 
 def test_raw_op_checks():

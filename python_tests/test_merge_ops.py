@@ -425,6 +425,15 @@ def test_segments_per_video():
         segments_per_video(segs, [2, 1], [5, 4])
     with pytest.raises(ValueError, match="outside"):
         segments_per_video(segs, [3, 1], [5, 4])
+    # A segmentation partitions each video's frames in order: overlaps, gaps, uncovered frames fail.
+    for bad, counts, frames in [
+        ([[0, 2], [1, 1], [3, 4]], [3], [5]),  # overlap
+        ([[0, 1], [3, 4]], [2], [5]),  # gap
+        ([[1, 4]], [1], [5]),  # frame 0 uncovered
+        ([[0, 3], [4, 5]], [1, 1], [4, 500]),  # the second video's frames 2..499 uncovered
+    ]:
+        with pytest.raises(ValueError, match=r"must cover its \d+ frames in order without gaps or overlaps"):
+            segments_per_video(torch.tensor(bad), counts, frames)
 
 
 # ------------------------------------------------------------------------------ bad inputs
@@ -603,6 +612,48 @@ def test_bad_extras_forms():
     with pytest.raises(TypeError, match=r"extras\[1\] must be a torch.Tensor, got int"):
         merge_frames(x, [6], CFG, extras=(torch.randn(6), 3))
     assert merge_frames(x, [6], CFG, extras=()).extras == ()
+
+
+def test_extras_keep_their_structure_named_tuples_too():
+    from typing import NamedTuple
+
+    class Extras(NamedTuple):
+        scores: torch.Tensor
+        pos: torch.Tensor
+
+    cfg = EarlyTomConfig(tau=0.9, max_window=4, prune_layers=(1,))
+    x = torch.randn(6, 4, 8)
+    x[1] = x[0]  # a merge happens
+    extras = Extras(torch.randn(6, 4), torch.arange(6.0))
+    res = merge_frames(x, [6], cfg, extras=extras)
+    assert type(res.extras) is Extras
+    for name in Extras._fields:
+        assert torch.equal(getattr(res.extras, name), merge_frames(x, [6], cfg, extras=getattr(extras, name)).extras)
+    assert type(merge_frames(x, [6], cfg, extras=list(extras)).extras) is list
+
+
+def test_count_lists_stay_on_the_host_under_a_default_device():
+    """A list of frame counts becomes a CPU tensor even under torch.set_default_device / a device
+    context (the caller's tensors decide the device)."""
+    x = torch.randn(6, 4, 8)
+    plain = merge_frames(x, [3, 3], CFG)
+    with torch.device("meta"):
+        res = merge_frames(x, [3, 3], CFG)
+        seg = segment_frames(x, [3, 3], CFG)
+    assert torch.equal(res.x, plain.x) and torch.equal(res.frame_counts, plain.frame_counts)
+    assert torch.equal(seg[0], segment_frames(x, [3, 3], CFG)[0])
+
+
+def test_resolve_deferred_segments_bad_forms():
+    d = segment_frames_deferred(torch.randn(6, 4, 8), [3, 3], CFG)
+    with pytest.raises(TypeError, match="segments must hold integers, got dtype torch.float32"):
+        resolve_deferred_segments(d.segments.float(), d.segment_counts, d.status)
+    with pytest.raises(ValueError, match=r"segments must be \[K, 2\] \(start, end\) pairs, got shape \(12,\)"):
+        resolve_deferred_segments(d.segments.reshape(-1), d.segment_counts, d.status)
+    with pytest.raises(TypeError, match="segment_counts must hold integers, got dtype torch.float32"):
+        resolve_deferred_segments(d.segments, d.segment_counts.float() + 0.25, d.status)
+    with pytest.raises(ValueError, match=r"segment_counts must be 1-D \[B\], got shape \(1, 2\)"):
+        resolve_deferred_segments(d.segments, d.segment_counts[None], d.status)
 
 
 def test_apply_merge_plan_rejects_non_finite_weights():

@@ -419,6 +419,9 @@ def test_nan_scores_unchecked_rank_highest_like_torch_sort():
     ref_t, ref_i = R.select_tokens_batched(feats, scores, counts, segs, plan.ratios)
     tok, idx = select_tokens(feats, scores, plan, check_nan=False)
     assert torch.equal(idx, ref_i) and torch.equal(tok, ref_t)
+    for flag in ("off", 0):
+        with pytest.raises(TypeError, match=f"check_nan must be a bool or None, got {flag!r}"):
+            select_tokens(feats, scores, plan, check_nan=flag)
 
 
 def test_bad_wrapper_inputs():

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from .. import _ext
-from .._validation import all_finite, check_int, check_real, check_same_device, check_tensor
+from .._validation import all_finite, check_bool, check_int, check_real, check_same_device, check_tensor
 
 __all__ = ["attention_received"]
 
@@ -82,6 +82,7 @@ def attention_received(
         num_heads = check_int("num_heads", num_heads)
         if num_heads < 1:
             raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
+    check_bool("check_finite", check_finite)
     if k.dim() != q.dim():
         raise ValueError(f"k must have the rank of q ({q.dim()}), got shape {tuple(k.shape)}")
     qh = _as_heads("q", q, num_heads)

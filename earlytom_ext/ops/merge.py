@@ -173,7 +173,8 @@ def _merge_extras(extras, n_frames: int, device: torch.device, plan_src: torch.T
         raise TypeError(f"extras must be None, a tensor or a tuple/list of tensors, got {type(extras).__name__}")
     for i, t in enumerate(extras):
         _check_frames_tensor(f"extras[{i}]", t, n_frames, device)
-    return type(extras)(_apply(t, plan_src, plan_weight) for t in extras)
+    merged = [_apply(t, plan_src, plan_weight) for t in extras]
+    return type(extras)(*merged) if hasattr(extras, "_fields") else type(extras)(merged)  # a NamedTuple too
 
 
 def _apply(t: torch.Tensor, plan_src: torch.Tensor, plan_weight: torch.Tensor) -> torch.Tensor:
@@ -292,6 +293,9 @@ def resolve_deferred_segments(
     ``status``: give host copies to avoid a sync). Raises ``ValueError`` naming what the device
     flagged (bad ``frame_counts``, NaN/Inf in ``x``)."""
     check_tensor("segments", segments)
+    check_int_tensor("segments", segments)
+    if segments.dim() != 2 or segments.shape[1] != 2:
+        raise ValueError(f"segments must be [K, 2] (start, end) pairs, got shape {tuple(segments.shape)}")
     check_tensor("status", status)
     if status.numel() != 2:
         raise ValueError(f"status must hold 2 entries (K, flags), got shape {tuple(status.shape)}")
@@ -309,6 +313,9 @@ def resolve_deferred_segments(
             f"flags within {known}), got ({k}, {flags})"
         )
     check_tensor("segment_counts", segment_counts)
+    check_int_tensor("segment_counts", segment_counts)
+    if segment_counts.dim() != 1:
+        raise ValueError(f"segment_counts must be 1-D [B], got shape {tuple(segment_counts.shape)}")
     if segment_counts.device.type == "cpu" and int(segment_counts.sum()) != k:  # free on a host copy
         raise ValueError(f"segment_counts must sum to K = {k} (status[0]), got {int(segment_counts.sum())}")
     return segments[:k], segment_counts
@@ -337,7 +344,7 @@ def segments_per_video(segments: torch.Tensor, segment_counts, frame_counts) -> 
         raise ValueError(f"segment_counts must sum to the number of segments {len(segs)}, got {sum(sc)}")
     out: list[list[tuple[int, int]]] = []
     k = offset = 0
-    for n, T in zip(sc, fc):
+    for v, (n, T) in enumerate(zip(sc, fc)):
         video = []
         for s, e in segs[k : k + n]:
             s, e = s - offset, e - offset
@@ -346,6 +353,12 @@ def segments_per_video(segments: torch.Tensor, segment_counts, frame_counts) -> 
                     f"segment ({s + offset}, {e + offset}) lies outside its video's frames [{offset}, {offset + T})"
                 )
             video.append((s, e))
+        # A segmentation partitions the frames: consecutive segments from frame 0 to the last.
+        if video[0][0] != 0 or video[-1][1] != T - 1 or any(b[0] != a[1] + 1 for a, b in zip(video, video[1:])):
+            raise ValueError(
+                f"the segments of video {v} must cover its {T} frames in order without gaps or overlaps "
+                f"(local (start, end) pairs {video})"
+            )
         out.append(video)
         k += n
         offset += T

@@ -25,6 +25,7 @@ from .. import _ext
 from .. import reference as _ref
 from .._validation import (
     FLOAT_DTYPES,
+    check_bool,
     check_int,
     check_int_list,
     check_int_pairs,
@@ -254,6 +255,7 @@ def select_tokens(
     _ext.require()
     check_tensor("feats", feats)
     check_tensor("scores", scores, dtypes=FLOAT_DTYPES)  # the op takes float32 only: 16-bit upcast here
+    check_bool("check_nan", check_nan, allow_none=True)
     if scores.dtype != torch.float32:
         scores = scores.float()
     frame_keep, frame_static, num_out, host_keep = _plan_tensors(plan, feats.device)
