@@ -7,7 +7,7 @@ import argparse
 from typing import Optional
 
 import torch
-from transformers import AutoProcessor, LlavaOnevisionForConditionalGeneration
+from transformers import AutoConfig, AutoProcessor, LlavaOnevisionForConditionalGeneration
 
 import earlytom_ext
 from earlytom_ext.demo import load_video, synthetic_frames
@@ -26,6 +26,9 @@ def main(
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model_type = AutoConfig.from_pretrained(model_id).model_type  # checked before the weights download
+    if model_type != "llava_onevision":
+        raise ValueError(f"{model_id} is a {model_type!r} model; this example runs LLaVA-OneVision (see examples/)")
     # `dtype=` works with transformers 4.57.x and 5.x (older releases called it `torch_dtype`).
     model = LlavaOnevisionForConditionalGeneration.from_pretrained(model_id, dtype=dtype).to(device).eval()
     processor = AutoProcessor.from_pretrained(model_id)

@@ -180,9 +180,10 @@ def test_errors_leave_no_output_folder(tmp_path, capsys):
     _fails(capsys, ["--max-window", str(2**63)] + o, "max_window")
     _fails(capsys, ["--preset", "nosuchbench"] + o, "--preset nosuchbench --ratio 0.1: benchmark must be one of")
     _fails(capsys, ["--preset", "videomme", "--ratio", "0.3"] + o, "--preset videomme --ratio 0.3: retain_ratio")
-    _fails(capsys, ["--model", str(tmp_path / "no" / "such" / "checkpoint"), "--no-png"] + o, "--model:")
+    missing = str(tmp_path / "no" / "such" / "checkpoint")
+    _fails(capsys, ["--model", missing, "--no-png"] + o, f"--model: no such folder: {missing}")
     if not torch.cuda.is_available():
-        _fails(capsys, ["--device", "cuda"] + o, "--device")
+        _fails(capsys, ["--device", "cuda"] + o, "--device cuda: no CUDA GPU is visible to torch; use --device cpu")
     with pytest.raises(SystemExit):
         demo.main(["--prune-layers", "a,b"] + o)
     a_file = tmp_path / "a_file"
@@ -546,6 +547,20 @@ def test_demo_real_video(tmp_path):
     )
     assert rc == 0
     assert _is_png(os.path.join(str(tmp_path), "earlytom_demo.png"))
+
+
+def test_demo_checks_the_config_against_the_model_before_timing(monkeypatch):
+    timed = []
+    monkeypatch.setattr(demo, "time_ms", lambda *args, **kwargs: timed.append(1) or 1.0)
+    with pytest.raises(ValueError, match="below the vision encoder depth 26"):
+        demo.run(frames=2, device="cpu", png=False, generate=False, quiet=True, repeats=1, prune_layers=(6, 21, 30))
+    assert timed == []
+
+
+def test_demo_without_transformers_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` raises ImportError
+    with pytest.raises(ValueError, match=r"the demo needs transformers: pip install 'earlytom_ext\[demo\]'"):
+        demo.build_demo_model()
 
 
 def test_demo_with_a_checkpoint(tmp_path, capsys):

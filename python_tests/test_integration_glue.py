@@ -606,6 +606,16 @@ def test_apply_without_a_config_uses_the_encoders_prune_layers(model, videos):
         earlytom_ext.apply(model, {"retain_ratio": 0.1})
 
 
+def test_a_gpu_model_with_a_cpu_only_build_is_a_clear_error(model, videos, monkeypatch):
+    from earlytom_ext.integration import core
+
+    with earlytom_ext.apply(model, CFG) as h:
+        monkeypatch.setattr(h.adapter, "encoder_device", lambda: torch.device("cuda"))
+        monkeypatch.setattr(core, "has_cuda_kernels", lambda: False)
+        with pytest.raises(RuntimeError, match="built without its CUDA kernels .* reinstall with CUDA_HOME set"):
+            h.encode_videos(torch.stack(videos))
+
+
 def test_config_without_prune_layers_gets_the_encoders(model, videos):
     # Only the prune layers are left to the model; explicit ones are kept as given.
     cfg = EarlyTomConfig(retain_ratio=0.25, tau=0.3, max_window=6)

@@ -353,5 +353,17 @@ def test_next_video_example_refuses_another_family_before_loading_weights(checkp
         example.main(model_id=checkpoint, num_frames=2)
 
 
+def test_quickstart_refuses_another_family_before_loading_weights(tmp_path, monkeypatch):
+    import transformers
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("the weights were loaded")
+
+    monkeypatch.setattr(transformers.LlavaOnevisionForConditionalGeneration, "from_pretrained", no_weights)
+    checkpoint = save_tiny_next_video_checkpoint(str(tmp_path / "tiny-llava-next-video"))
+    with pytest.raises(ValueError, match="is a 'llava_next_video' model; this example runs LLaVA-OneVision"):
+        _load_example().main(model_id=checkpoint, num_frames=2)
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))

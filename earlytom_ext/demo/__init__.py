@@ -171,8 +171,13 @@ def run(
     dev = cpu_or_cuda(device)
     if dev is None:
         raise ValueError(f"--device must be cpu or cuda (cuda:N), got {device!r}")
-    if dev.type == "cuda" and not cuda_ok:
-        raise ValueError("--device cuda needs a CUDA GPU and earlytom_ext built with its CUDA kernels")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA GPU is visible to torch; use --device cpu")
+    if dev.type == "cuda" and not has_cuda_kernels():
+        raise ValueError(
+            "--device cuda: earlytom_ext was built without its CUDA kernels (no CUDA toolkit at install); "
+            "reinstall with CUDA_HOME set, or use --device cpu"
+        )
     if repeats is None:
         repeats = 10 if dev.type == "cuda" else 3
     if png:
@@ -230,6 +235,7 @@ def run(
         model_name = model
         new_tokens = max_new_tokens or 32
     vt = net.model.vision_tower
+    apply(net, cfg).remove()  # the config checked against this model before any timed work
 
     def sync():
         if dev.type == "cuda":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .._logging import logger
@@ -11,6 +13,10 @@ from .report import _one_line
 
 def build_demo_model(vision_layers: int = 26, seed: int = 0, device="cpu", dtype=torch.float32):
     """A small random ``LlavaOnevisionForConditionalGeneration`` (SigLIP geometry and depth of LLaVA-OV)."""
+    try:
+        import transformers  # noqa: F401
+    except ImportError as e:
+        raise ValueError("the demo needs transformers: pip install 'earlytom_ext[demo]'") from e
     return build_model(seed=seed, device=device, dtype=dtype, vision_layers=vision_layers)
 
 
@@ -24,6 +30,8 @@ def load_pretrained(model_id: str, device: torch.device):
         from transformers import AutoConfig, AutoProcessor, LlavaOnevisionForConditionalGeneration
     except ImportError as e:
         raise ValueError("--model needs transformers: pip install 'transformers>=4.57'") from e
+    if model_id.startswith(("/", ".", "~")) and not os.path.isdir(os.path.expanduser(model_id)):
+        raise ValueError(f"--model: no such folder: {model_id}")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     logger.info("loading %s (%s on %s)", model_id, dtype, device)
     try:

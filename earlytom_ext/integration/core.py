@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from .. import ops
+from .._ext import has_cuda_kernels
 from .._logging import logger
 from .._validation import check_finite
 from ..config import EarlyTomConfig
@@ -83,24 +84,26 @@ class EarlyTomHandle:
         """Statistics of the last video batch, or ``None`` before the first one::
 
             {
-              "videos": [  # one dict per video
+              "videos": [  # one dict per video (a "frame" is a temporal patch group on Qwen)
                 {"frames_before": T,
                  "frames_after": {prune_layer: frames after Stage I at that layer, ...},
                  "segments": [(start, end), ...],   # refined segments, local merged-frame indices
                  "frame_sources": [[orig frames merged into merged frame i], ...],
                  "ratio": r',                        # adjusted retain ratio
-                 "tokens_before": T * 196 + 1,       # what the unpatched model feeds the LLM
-                 "tokens_after": kept + 1,           # kept tokens + image_newline
-                 "kept": [(merged frame, position in the 14x14 grid), ...]},
+                 "tokens_before": T * P + e,         # what the unpatched model feeds the LLM
+                 "tokens_after": kept + e,           # e: tokens appended per video (LLaVA-OV's image_newline)
+                 "kept": [(merged frame, position in the frame's P LLM tokens), ...]},
               ],
               "timings_ms": {"vision_tower": ..., "stage1_layer<p>": ..., "attention_score": ...,
-                             "refine_segments": ..., "projector": ..., "pooling": ...,
+                             "refine_segments": ..., "projector": ..., "pooling": ... (LLaVA),
                              "stage2": ..., "total": ..., "prompt_rewrite": ...},
-              "prune_layers": (...), "tokens_per_frame": 196, "device": "cpu" | "cuda:0",
+              "prune_layers": (...), "tokens_per_frame": P, "device": "cpu" | "cuda:0",
               "llm_merge": [per sample: span, kept, prefill_len_before, prefill_len_after] (when on),
             }
 
-        Device values are copied to the host on first access (not during the forward pass).
+        ``P`` is :attr:`tokens_per_frame` (196 on LLaVA-OneVision: 1 + 196 T tokens per video there,
+        144 T on LLaVA-NeXT-Video). Device values are copied to the host on first access (not during
+        the forward pass).
         """
         if self._raw_stats is None:
             return None
@@ -223,6 +226,12 @@ class EarlyTomHandle:
     def _encode(self, videos: VideoInputs) -> list[torch.Tensor]:
         adapter = self._adapter
         device = adapter.encoder_device()
+        if device.type == "cuda" and not has_cuda_kernels():
+            raise RuntimeError(
+                "earlytom_ext was built without its CUDA kernels (no CUDA toolkit when it was installed), so it "
+                "cannot compress on the GPU: reinstall with CUDA_HOME set (pip install --no-build-isolation "
+                "--force-reinstall earlytom_ext), or run the model on the CPU"
+            )
         clock = Clock(device)
         frame_counts = torch.tensor(videos.frames, dtype=torch.int64)
         if device.type == "cuda":
