@@ -209,7 +209,8 @@ def install_pattern(handle, pattern: str) -> Callable[[], None]:
             return None
         if isinstance(t, torch.Tensor):
             return ops.apply_merge_plan(t, p["plan_src"], p["plan_weight"])
-        return type(t)(ops.apply_merge_plan(e, p["plan_src"], p["plan_weight"]) for e in t)
+        merged = [ops.apply_merge_plan(e, p["plan_src"], p["plan_weight"]) for e in t]
+        return type(t)(*merged) if hasattr(t, "_fields") else type(t)(merged)  # a NamedTuple too
 
     def stage1(x, frame_counts, layer_index, extras=None):
         ops.segment_frames(x, frame_counts, cfg)  # the real walk and its sync: their cost counts

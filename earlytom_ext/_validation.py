@@ -127,6 +127,29 @@ def check_int_pairs(name: str, v) -> list[tuple[int, int]]:
     return out
 
 
+def check_partition(name: str, segs: Sequence[tuple[int, int]], frames: int | None = None) -> None:
+    """Inclusive ``(start, end)`` segments that cover frames ``0..frames-1`` (``0..`` the last end
+    when ``frames`` is None) in order, without gaps or overlaps: a segmentation of one video."""
+    if not segs:
+        raise ValueError(f"{name} must hold at least one segment (every video has >= 1 frame), got none")
+    upto = "T-1" if frames is None else str(frames - 1)
+    expected = 0
+    for j, (s, e) in enumerate(segs):
+        if s != expected:
+            raise ValueError(
+                f"{name} must cover the frames 0..{upto} in order without gaps or overlaps: segment {j} "
+                f"should start at frame {expected}, got ({s}, {e})"
+            )
+        if e < s:
+            raise ValueError(f"{name}[{j}] must satisfy start <= end, got ({s}, {e})")
+        expected = e + 1
+    if frames is not None and expected != frames:
+        raise ValueError(
+            f"{name} must cover the frames 0..{upto} in order without gaps or overlaps: the last segment "
+            f"ends at frame {expected - 1}"
+        )
+
+
 def check_bool(name: str, v, allow_none: bool = False) -> None:
     """A flag: ``True`` / ``False`` (or ``None`` where it means "the default")."""
     if not (isinstance(v, bool) or (allow_none and v is None)):

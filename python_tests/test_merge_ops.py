@@ -432,7 +432,7 @@ def test_segments_per_video():
         ([[1, 4]], [1], [5]),  # frame 0 uncovered
         ([[0, 3], [4, 5]], [1, 1], [4, 500]),  # the second video's frames 2..499 uncovered
     ]:
-        with pytest.raises(ValueError, match=r"must cover its \d+ frames in order without gaps or overlaps"):
+        with pytest.raises(ValueError, match=r"video \d \(local: .* cover the frames 0\.\.\d+ in order without gaps"):
             segments_per_video(torch.tensor(bad), counts, frames)
 
 

@@ -479,8 +479,8 @@ MUTATIONS = [
     Mutation(
         "merge-checkpointing-accepted",
         ("earlytom_ext/integration/llm_merge.py",),
-        'm.training and getattr(m, "gradient_checkpointing", False) is True',
-        'm.training and getattr(m, "gradient_checkpointing", False) is None',
+        'and getattr(m, "gradient_checkpointing", False) is True',
+        'and getattr(m, "gradient_checkpointing", False) is None',
         "inner-LLM merge: gradient checkpointing under grad mode accepted (backward recomputes without the merge)",
     ),
     Mutation(

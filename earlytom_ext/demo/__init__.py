@@ -175,8 +175,8 @@ def run(
         raise ValueError("--device cuda: no CUDA GPU is visible to torch; use --device cpu")
     if dev.type == "cuda" and not has_cuda_kernels():
         raise ValueError(
-            "--device cuda: earlytom_ext was built without its CUDA kernels (no CUDA toolkit at install); "
-            "reinstall with CUDA_HOME set, or use --device cpu"
+            "--device cuda: earlytom_ext was built without its CUDA kernels (no CUDA toolkit found when it was "
+            "built); rebuild it with CUDA_HOME set (README: Set up), or use --device cpu"
         )
     if repeats is None:
         repeats = 10 if dev.type == "cuda" else 3

@@ -30,7 +30,8 @@ def load_pretrained(model_id: str, device: torch.device):
         from transformers import AutoConfig, AutoProcessor, LlavaOnevisionForConditionalGeneration
     except ImportError as e:
         raise ValueError("--model needs transformers: pip install 'transformers>=4.57'") from e
-    if model_id.startswith(("/", ".", "~")) and not os.path.isdir(os.path.expanduser(model_id)):
+    model_id = os.path.expanduser(model_id)  # Hugging Face does not expand ~
+    if model_id.startswith(("/", ".")) and not os.path.isdir(model_id):
         raise ValueError(f"--model: no such folder: {model_id}")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     logger.info("loading %s (%s on %s)", model_id, dtype, device)

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from .. import ops
-from .._ext import has_cuda_kernels
+from .._ext import has_cuda_kernels, require
 from .._logging import logger
 from .._validation import check_finite
 from ..config import EarlyTomConfig
@@ -209,9 +209,9 @@ class EarlyTomHandle:
         """Compressed LLM features of a batch of videos: a list of one ``[n_v, hidden]`` tensor per
         video (kept tokens, then what the model appends per video, e.g. LLaVA-OneVision's
         ``image_newline``) in the projector's dtype. Further arguments, by position or keyword, are the
-        model's video arguments (``handle.adapter.video_kwargs``; LLaVA-OneVision: ``vision_feature_layer``,
-        ``vision_feature_select_strategy``; Qwen: ``video_grid_thw``, then ``second_per_grid_ts`` on
-        Qwen2.5-VL). Statistics go to :attr:`last_stats`."""
+        model's video arguments in the order of ``handle.adapter.video_kwargs`` (LLaVA: first
+        ``vision_feature_layer``, ``vision_feature_select_strategy``; Qwen: first ``video_grid_thw``).
+        Statistics go to :attr:`last_stats`."""
         names = self._adapter.video_kwargs
         if len(args) > len(names):
             raise TypeError(
@@ -227,10 +227,12 @@ class EarlyTomHandle:
         adapter = self._adapter
         device = adapter.encoder_device()
         if device.type == "cuda" and not has_cuda_kernels():
+            require()  # a failed import of the extension says so itself
             raise RuntimeError(
-                "earlytom_ext was built without its CUDA kernels (no CUDA toolkit when it was installed), so it "
-                "cannot compress on the GPU: reinstall with CUDA_HOME set (pip install --no-build-isolation "
-                "--force-reinstall earlytom_ext), or run the model on the CPU"
+                "earlytom_ext was built without its CUDA kernels (no CUDA toolkit found when it was built), so "
+                "it cannot compress on the GPU: rebuild it from the repository with the toolkit, CUDA_HOME=/usr/"
+                "local/cuda pip install --no-build-isolation -e . (EARLYTOM_SKIP_CUDA unset), or run the model "
+                "on the CPU"
             )
         clock = Clock(device)
         frame_counts = torch.tensor(videos.frames, dtype=torch.int64)
@@ -386,9 +388,9 @@ class EarlyTomHandle:
             call.pop(k, None)
         if self._llm_merge is not None and torch.is_grad_enabled() and self._llm_merge.checkpointed():
             raise ValueError(
-                "the inner-LLM merge cannot run under gradient checkpointing with gradients on: the backward pass "
-                "recomputes the decoder layers without the merge; call under torch.no_grad() (or "
-                "torch.inference_mode()), or model.gradient_checkpointing_disable()"
+                "the inner-LLM merge cannot run under gradient checkpointing with gradients on with this "
+                "transformers version (before 5.25 the backward pass recomputes the decoder layers without the "
+                "merge); call under torch.no_grad(), or model.eval(), or model.gradient_checkpointing_disable()"
             )
         prep = self._prepare(
             input_ids,

@@ -124,11 +124,18 @@ class LLMMerge(_MergePaths):
         return self._wrapper is not None
 
     def checkpointed(self) -> bool:
-        """Whether Hugging Face's gradient checkpointing would recompute a decoder layer the merge runs
-        around (it does so in training mode): the recomputation would run it without the merge."""
-        lm = self._lm
-        layers = lm.layers[self._k - 1 :]
-        return any(m.training and getattr(m, "gradient_checkpointing", False) is True for m in (lm, *layers))
+        """Whether the backward pass would recompute a decoder layer the merge changes (k on) without
+        the merge: Hugging Face checkpoints a layer in training mode, and before transformers 5.25 it
+        checkpoints the layer's whole ``__call__``, hooks included, which are gone by then."""
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        wraps_call = "__call__" in GradientCheckpointingLayer.__dict__
+        return any(
+            m.training
+            and getattr(m, "gradient_checkpointing", False) is True
+            and (wraps_call or not isinstance(m, GradientCheckpointingLayer))
+            for m in self._lm.layers[self._k :]
+        )
 
     def install(self) -> None:
         """Replace the language model's ``forward`` on the instance (idempotent)."""

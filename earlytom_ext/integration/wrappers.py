@@ -253,14 +253,15 @@ def refuse_unsupported_settings(model, call: dict, llm_merge: bool) -> None:
                 f"EarlyTom: {what} ({name}) is not supported on a generate call with videos: {why}. "
                 f"Leave {name} unset, or call handle.remove() first."
             )
-    impl = generation_setting(model, call, "cache_implementation", _defaults())
-    if impl == "paged":
+    # Hugging Face switches to continuous batching on the keyword only (not on a generation config's value).
+    if call.get("cache_implementation") == "paged":
         raise ValueError(
             f"EarlyTom: continuous batching (cache_implementation='paged') is not supported on a generate call "
             f"with videos: {_EMBEDS}, which that path ignores. Leave cache_implementation unset, or call "
             f"handle.remove() first."
         )
     if llm_merge:
+        impl = generation_setting(model, call, "cache_implementation", _defaults())
         if impl not in MERGE_CACHES:
             raise ValueError(
                 f"the inner-LLM merge runs on the default DynamicCache only; cache_implementation={impl!r} is not "

@@ -31,6 +31,7 @@ from .._validation import (
     check_int_list,
     check_int_pairs,
     check_int_tensor,
+    check_partition,
     check_same_device,
     check_tensor,
     host_to_device,
@@ -353,12 +354,7 @@ def segments_per_video(segments: torch.Tensor, segment_counts, frame_counts) -> 
                     f"segment ({s + offset}, {e + offset}) lies outside its video's frames [{offset}, {offset + T})"
                 )
             video.append((s, e))
-        # A segmentation partitions the frames: consecutive segments from frame 0 to the last.
-        if video[0][0] != 0 or video[-1][1] != T - 1 or any(b[0] != a[1] + 1 for a, b in zip(video, video[1:])):
-            raise ValueError(
-                f"the segments of video {v} must cover its {T} frames in order without gaps or overlaps "
-                f"(local (start, end) pairs {video})"
-            )
+        check_partition(f"the segments of video {v} (local: {video})", video, T)
         out.append(video)
         k += n
         offset += T

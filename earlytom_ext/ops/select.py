@@ -30,6 +30,7 @@ from .._validation import (
     check_int_list,
     check_int_pairs,
     check_int_tensor,
+    check_partition,
     check_ratio,
     check_same_device,
     check_tensor,
@@ -63,18 +64,7 @@ def _check_segments(v: int, segs) -> list[tuple[int, int]]:
     """Segments of video ``v``: inclusive (start, end) pairs covering 0..T'-1 contiguously, in order."""
     name = f"segments_per_video[{v}]"
     out = check_int_pairs(name, segs)
-    expected = 0
-    for j, (s, e) in enumerate(out):
-        if s != expected:
-            raise ValueError(
-                f"{name} must cover the merged frames 0..T'-1 contiguously and in order: segment {j} "
-                f"should start at frame {expected}, got ({s}, {e})"
-            )
-        if e < s:
-            raise ValueError(f"{name}[{j}] must satisfy start <= end, got ({s}, {e})")
-        expected = e + 1
-    if not out:
-        raise ValueError(f"{name} must hold at least one segment (every video has >= 1 frame), got none")
+    check_partition(name, out)
     return out
 
 
