@@ -156,8 +156,8 @@ def test_plan_uses_reference_definitions():
     "segs, before, r, exc, match",
     [
         ([[(1, 3)]], [4], 0.1, ValueError, "start at frame 0"),
-        ([[(0, 1), (3, 4)]], [5], 0.1, ValueError, "contiguously"),
-        ([[(0, 2), (2, 4)]], [5], 0.1, ValueError, "contiguously"),
+        ([[(0, 1), (3, 4)]], [5], 0.1, ValueError, "in order without gaps or overlaps"),
+        ([[(0, 2), (2, 4)]], [5], 0.1, ValueError, "in order without gaps or overlaps"),
         ([[(0, 1), (2, 1)]], [5], 0.1, ValueError, "start <= end"),
         ([[]], [5], 0.1, ValueError, "at least one segment"),
         ([], [], 0.1, ValueError, "at least one video"),
