@@ -29,9 +29,11 @@ from earlytom_ext.tiny_model import (  # noqa: F401  (re-exported for the tests)
 
 
 def vision_layers(model):
-    """``(vision model, its encoder layers)`` of a LLaVA-OneVision or LLaVA-NeXT-Video model
-    (transformers 4.57 wraps the transformer in the tower, 5.x's tower is it)."""
-    vt = model.model.vision_tower
+    """``(vision model, its encoder layers)`` of a LLaVA-OneVision or LLaVA-NeXT-Video model, or the
+    video tower's of a Video-LLaVA model (transformers 4.57 wraps the transformer in the tower, 5.x's
+    tower is it)."""
+    vt = getattr(model.model, "video_tower", None)
+    vt = model.model.vision_tower if vt is None else vt
     vm = getattr(vt, "vision_model", vt)
     return vm, vm.encoder.layers
 

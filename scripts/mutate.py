@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Mutation check of the Stage I / Stage II code, the attention score, the prompt rewriting, the
-window batching, the generate wrapper and the Qwen and LLaVA-NeXT-Video adapters: do the CPU tests catch small
-realistic bugs?
+window batching, the generate wrapper and the Qwen, LLaVA-NeXT-Video and Video-LLaVA adapters: do the CPU tests
+catch small realistic bugs?
 
 Run it before resolving an algorithm change (it is not part of CI; it takes a while on 2 cores):
 
@@ -54,6 +54,7 @@ DEFAULT_TESTS = [
     "python_tests/test_window_attention.py",
     "python_tests/test_integration_glue.py",
     "python_tests/test_llava_next_video.py",
+    "python_tests/test_video_llava.py",
     "python_tests/test_qwen2_5_vl.py",  # last: with -x, only what the earlier files pass reaches it
 ]
 DEFAULT_PYTEST_ARGS = ["-x", "-q", "-p", "no:cacheprovider"]
@@ -68,6 +69,7 @@ WRAPPERS = ("earlytom_ext/integration/wrappers.py",)
 WINDOWS = ("earlytom_ext/integration/window_attention.py",)
 QWEN = ("earlytom_ext/integration/adapters/qwen2*.py",)
 LLAVA = ("earlytom_ext/integration/adapters/llava_*.py",)
+VIDEO_LLAVA = ("earlytom_ext/integration/adapters/video_llava.py",)
 
 
 @dataclass(frozen=True)
@@ -468,6 +470,21 @@ MUTATIONS = [
         "        return scaled_prune_layers(first + 1)\n",
         "        return scaled_prune_layers(self.depth)\n",
         "LLaVA: default prune layers scaled to the whole encoder, not to the layers that feed the features",
+    ),
+    # ---- Video-LLaVA adapter
+    Mutation(
+        "video-llava-class-token-dropped",
+        VIDEO_LLAVA,
+        '        return "full"\n',
+        '        return "default"\n',
+        "Video-LLaVA: the class token of a frame dropped (the model keeps it for videos)",
+    ),
+    Mutation(
+        "video-llava-scores-in-model-dtype",
+        VIDEO_LLAVA,
+        "return proj, scores.to(torch.float32)",
+        "return proj, scores",
+        "Video-LLaVA: the scores handed to Stage II in the model's dtype, not fp32",
     ),
     Mutation(
         "merge-prompt-checked-late",

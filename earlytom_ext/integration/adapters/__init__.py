@@ -17,6 +17,7 @@ ADAPTERS: dict[str, tuple[str, str]] = {
     "llava_next_video": (".llava_next_video", "LlavaNextVideoAdapter"),
     "qwen2_5_vl": (".qwen2_5_vl", "Qwen2_5_VLAdapter"),
     "qwen2_vl": (".qwen2_vl", "Qwen2VLAdapter"),
+    "video_llava": (".video_llava", "VideoLlavaAdapter"),
 }
 
 

@@ -31,6 +31,8 @@ class LlavaOnevisionAdapter(ModelAdapter):
     model_class = "LlavaOnevisionForConditionalGeneration"
     #: what ``model.model`` must hold (the modules the video path calls)
     required_modules: tuple[str, ...] = ("vision_tower", "multi_modal_projector", "image_newline")
+    #: the encoder of the videos in ``model.model``
+    tower_name: str = "vision_tower"
     video_arg = "pixel_values_videos"
     video_kwargs = ("vision_feature_layer", "vision_feature_select_strategy", "image_sizes_videos")
     consumed_kwargs = ("image_sizes_videos",)  # only the unpatched video path reads it
@@ -62,7 +64,7 @@ class LlavaOnevisionAdapter(ModelAdapter):
         self.inner = inner
         self.config = config
         self.video_token_id = int(video_token_id)
-        self.tower = inner.vision_tower
+        self.tower = getattr(inner, self.tower_name)
         vm = getattr(self.tower, "vision_model", self.tower)
         layers = getattr(getattr(vm, "encoder", None), "layers", None)
         if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
@@ -159,18 +161,7 @@ class LlavaOnevisionAdapter(ModelAdapter):
         else the model config's; checked against the prune layers."""
         c = self.config
         layer = vision_feature_layer if vision_feature_layer is not None else getattr(c, "vision_feature_layer", -1)
-        strategy = (
-            vision_feature_select_strategy
-            if vision_feature_select_strategy is not None
-            else getattr(c, "vision_feature_select_strategy", "full")
-        )
-        if strategy not in ("default", "full"):
-            raise ValueError(f"vision_feature_select_strategy must be 'default' or 'full', got {strategy!r}")
-        if strategy == "full" and self.class_token:
-            raise ValueError(
-                "vision_feature_select_strategy 'full' keeps the encoder's class token, so a frame's tokens form "
-                "no square grid to pool: use 'default'"
-            )
+        strategy = self.select_strategy(vision_feature_select_strategy)
         layers = self.feature_layers(layer)
         first, last = min(layers), self._cfg.prune_layers[-1]
         if first < last:
@@ -191,6 +182,22 @@ class LlavaOnevisionAdapter(ModelAdapter):
                 f"the model's projector takes {lin.in_features}: give as many layers as the model was built for"
             )
         return layers, strategy
+
+    def select_strategy(self, vision_feature_select_strategy) -> str:
+        """The call's select strategy, else the model config's; checked."""
+        strategy = (
+            vision_feature_select_strategy
+            if vision_feature_select_strategy is not None
+            else getattr(self.config, "vision_feature_select_strategy", "full")
+        )
+        if strategy not in ("default", "full"):
+            raise ValueError(f"vision_feature_select_strategy must be 'default' or 'full', got {strategy!r}")
+        if strategy == "full" and self.class_token:
+            raise ValueError(
+                "vision_feature_select_strategy 'full' keeps the encoder's class token, so a frame's tokens form "
+                "no square grid to pool: use 'default'"
+            )
+        return strategy
 
     def projector_input(self, n_layers: int) -> int | None:
         """Channels the projector receives from ``n_layers`` feature layers (``None``: not known)."""
@@ -303,7 +310,7 @@ class LlavaOnevisionAdapter(ModelAdapter):
             feats = feats[:, 1:]
             scores = scores[:, 1:]
         S = feats.shape[1]
-        if S != self.grid * self.grid:
+        if S != self.grid * self.grid + int(strategy == "full" and self.class_token):
             raise ValueError(
                 f"EarlyTom needs a square {self.grid}x{self.grid} token grid per frame for pooling, got {S} tokens "
                 f"(vision_feature_select_strategy={strategy!r})"
