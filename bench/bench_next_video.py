@@ -1,4 +1,6 @@
-"""TTFT of the LLaVA-NeXT-Video-7B architecture with random weights, bf16, SDPA: stock and EarlyTom.
+"""TTFT of the LLaVA-NeXT-Video-7B architecture (or Video-LLaVA-7B's: ``size="video-llava-7b"``,
+``bench.run --next-video --next-video-model video-llava-7b``) with random weights, bf16, SDPA: stock
+and EarlyTom.
 
 The configuration is written by hand to match ``llava-hf/LLaVA-NeXT-Video-7B-hf`` (nothing is
 downloaded): CLIP ViT-L/14 at 336 px (24 layers, hidden 1024, 16 heads, MLP 4096; features from
@@ -7,6 +9,9 @@ frame), the projector 1024 -> 4096 -> 4096, and the Vicuna-7B language model (Ll
 32 layers, 32 heads, MLP 11008, vocabulary 32064; its linear rope scaling is left out, it costs
 no time). The video: 32 frames at 336x336 (the crossfade clip of ``tiny_model.make_video``), 4608
 video tokens. EarlyTom runs at ``LLAVA_NEXT_VIDEO_PRUNE_LAYERS`` with the preset's other settings.
+Video-LLaVA-7B (``LanguageBind/Video-LLaVA-7B-hf``): CLIP ViT-L/14 at 224 px as its video tower (and
+another as its image tower), every token of a frame with the class token (257 per frame), the same
+projector shape and Vicuna-7B; 8 frames at 224x224, 2056 video tokens; ``VIDEO_LLAVA_PRUNE_LAYERS``.
 
 Before building the 7B model the section checks, on a tiny model of the family on the CPU, that
 ``earlytom_ext.apply`` accepts it; otherwise the section is skipped with the reason.
@@ -23,7 +28,18 @@ from bench.common import Budget
 from bench.family import apply_accepted, family_benchmark, ready_model
 from earlytom_ext import tiny_model as tm
 
-__all__ = ["SIZES", "availability", "benchmark", "build_model", "earlytom_config", "make_inputs", "next_video_config"]
+__all__ = [
+    "SIZES",
+    "TINY",
+    "availability",
+    "benchmark",
+    "build_model",
+    "earlytom_config",
+    "make_inputs",
+    "next_video_config",
+    "prune_layers",
+    "tokens_per_frame",
+]
 
 # llava-hf/LLaVA-NeXT-Video-7B-hf, written out by hand.
 _VISION_7B = dict(
@@ -65,10 +81,29 @@ _TEXT_TINY = dict(
 )
 _IDS_TINY = dict(image_token_index=301, video_token_index=300)
 
+# LanguageBind/Video-LLaVA-7B-hf: the same CLIP-L/14 at 224 px and the same language model.
+_VIDEO_LLAVA_VISION_7B = dict(_VISION_7B, image_size=224)
+_VIDEO_LLAVA_IDS_7B = dict(image_token_index=32000, video_token_index=32001)
+_VIDEO_LLAVA_VISION_TINY = dict(_VISION_TINY, image_size=224)
+
 SIZES = {
-    # name: (vision, text, ids, text id range, frames)
-    "llava-next-video-7b": (_VISION_7B, _TEXT_7B, _IDS_7B, (1000, 31000), 32),
-    "tiny": (_VISION_TINY, _TEXT_TINY, _IDS_TINY, (3, 290), 4),
+    # name: (vision, text, ids, text id range, frames, model_type)
+    "llava-next-video-7b": (_VISION_7B, _TEXT_7B, _IDS_7B, (1000, 31000), 32, "llava_next_video"),
+    "tiny": (_VISION_TINY, _TEXT_TINY, _IDS_TINY, (3, 290), 4, "llava_next_video"),
+    "video-llava-7b": (_VIDEO_LLAVA_VISION_7B, _TEXT_7B, _VIDEO_LLAVA_IDS_7B, (1000, 31000), 8, "video_llava"),
+    "tiny-video-llava": (_VIDEO_LLAVA_VISION_TINY, _TEXT_TINY, _IDS_TINY, (3, 290), 4, "video_llava"),
+}
+#: The 7B sizes and their tiny versions (``bench.run --quick``).
+TINY = {"llava-next-video-7b": "tiny", "video-llava-7b": "tiny-video-llava"}
+# model_type -> (family, model class, config class, result tag)
+_FAMILIES = {
+    "llava_next_video": (
+        "LLaVA-NeXT-Video",
+        "LlavaNextVideoForConditionalGeneration",
+        "LlavaNextVideoConfig",
+        "llava-next-video",
+    ),
+    "video_llava": ("Video-LLaVA", "VideoLlavaForConditionalGeneration", "VideoLlavaConfig", "video-llava"),
 }
 
 
@@ -78,45 +113,70 @@ def _size(size: str) -> tuple:
     return SIZES[size]
 
 
-def earlytom_config(benchmark_preset: str, ratio: float):
-    """The paper's settings for ``benchmark_preset`` at ``ratio``, at the family's prune layers."""
-    from earlytom_ext.config import preset
+def _family(size: str) -> tuple[str, str, str, str]:
+    return _FAMILIES[_size(size)[5]]
+
+
+def prune_layers(size: str = "llava-next-video-7b") -> tuple[int, ...]:
+    """The family's prune layers (both: the paper's scaled to the 23 CLIP layers that feed the features)."""
+    if _size(size)[5] == "video_llava":
+        from earlytom_ext.integration.adapters.video_llava import VIDEO_LLAVA_PRUNE_LAYERS
+
+        return VIDEO_LLAVA_PRUNE_LAYERS
     from earlytom_ext.integration.adapters.llava_next_video import LLAVA_NEXT_VIDEO_PRUNE_LAYERS
 
-    return preset(benchmark_preset, ratio).replace(prune_layers=LLAVA_NEXT_VIDEO_PRUNE_LAYERS)
+    return LLAVA_NEXT_VIDEO_PRUNE_LAYERS
+
+
+def earlytom_config(benchmark_preset: str, ratio: float, size: str = "llava-next-video-7b"):
+    """The paper's settings for ``benchmark_preset`` at ``ratio``, at the family's prune layers."""
+    from earlytom_ext.config import preset
+
+    return preset(benchmark_preset, ratio).replace(prune_layers=prune_layers(size))
 
 
 def next_video_config(size: str = "llava-next-video-7b"):
-    """A ``LlavaNextVideoConfig`` of ``size``."""
+    """A ``LlavaNextVideoConfig`` (or ``VideoLlavaConfig``) of ``size``."""
     import transformers
 
     vision, text, ids = _size(size)[:3]
-    cfg = transformers.LlavaNextVideoConfig(
+    family_args = (
+        dict(spatial_pool_mode="average", spatial_pool_stride=2) if _size(size)[5] == "llava_next_video" else {}
+    )
+    cfg = getattr(transformers, _family(size)[2])(
         vision_config=dict(vision),
         text_config=dict(text),
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
-        spatial_pool_mode="average",
-        spatial_pool_stride=2,
         projector_hidden_act="gelu",
         tie_word_embeddings=False,
+        **family_args,
         **ids,
     )
     cfg.pad_token_id = text["pad_token_id"]
     return cfg
 
 
+def tokens_per_frame(config) -> int:
+    """Video placeholders per frame: the resampler's 2x2 pooling (LLaVA-NeXT-Video), or every patch
+    and the class token (Video-LLaVA)."""
+    vc = config.vision_config
+    grid = vc.image_size // vc.patch_size
+    if config.model_type == "video_llava":
+        return grid * grid + 1
+    return (grid // config.spatial_pool_stride) ** 2
+
+
 def build_model(size: str = "llava-next-video-7b", device="cuda", dtype=torch.bfloat16, seed: int = 0):
-    """Random-weight ``LlavaNextVideoForConditionalGeneration`` built directly on ``device``; ``(model, info)``."""
+    """Random-weight ``LlavaNextVideoForConditionalGeneration`` (or ``VideoLlavaForConditionalGeneration``)
+    built directly on ``device``; ``(model, info)``."""
     import transformers
 
     device = torch.device(device)
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     with device:
-        model = tm.from_config(
-            transformers.LlavaNextVideoForConditionalGeneration, next_video_config(size), dtype, "sdpa"
-        )
+        model = tm.from_config(getattr(transformers, _family(size)[1]), next_video_config(size), dtype, "sdpa")
     return ready_model(model, size, device, dtype, t0)
 
 
@@ -132,8 +192,7 @@ def make_inputs(
 ) -> dict:
     """Generate inputs of ``batch`` synthetic videos: ``prefix, video tokens, suffix`` per sample."""
     vc = model.config.vision_config
-    grid = vc.image_size // vc.patch_size
-    per_frame = (grid // model.config.spatial_pool_stride) ** 2
+    per_frame = tokens_per_frame(model.config)
     videos = [
         tm.make_video(
             frames,
@@ -159,14 +218,18 @@ def make_inputs(
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values_videos": torch.stack(videos)}
 
 
-def availability(benchmark_preset: str = "videomme", ratio: float = 0.10) -> tuple[bool, str]:
-    """Whether ``earlytom_ext.apply`` accepts LLaVA-NeXT-Video (checked on the tiny size, CPU)."""
+def availability(
+    benchmark_preset: str = "videomme", ratio: float = 0.10, size: str = "llava-next-video-7b"
+) -> tuple[bool, str]:
+    """Whether ``earlytom_ext.apply`` accepts the family of ``size`` (checked on its tiny size, CPU)."""
     import transformers
 
-    if not hasattr(transformers, "LlavaNextVideoForConditionalGeneration"):
-        return False, f"transformers {transformers.__version__} has no LlavaNextVideoForConditionalGeneration"
-    tiny, _ = build_model("tiny", device="cpu", dtype=torch.float32)
-    return apply_accepted(tiny, earlytom_config(benchmark_preset, ratio), "LlavaNextVideoForConditionalGeneration")
+    model_class = _family(size)[1]
+    if not hasattr(transformers, model_class):
+        return False, f"transformers {transformers.__version__} has no {model_class}"
+    tiny_size = TINY.get(size, size)
+    tiny, _ = build_model(tiny_size, device="cpu", dtype=torch.float32)
+    return apply_accepted(tiny, earlytom_config(benchmark_preset, ratio, size), model_class)
 
 
 def benchmark(
@@ -184,21 +247,20 @@ def benchmark(
     log=print,
 ) -> dict:
     """``{"rows": [...], "model_info": ...}`` or ``{"skipped": reason}``: stock and EarlyTom per ratio."""
-    from earlytom_ext.integration.adapters.llava_next_video import LLAVA_NEXT_VIDEO_PRUNE_LAYERS
-
     frames, image_size = _size(size)[4], _size(size)[0]["image_size"]
+    family, _, _, tag = _family(size)
     return family_benchmark(
         device,
-        tag="llava-next-video",
-        family="LLaVA-NeXT-Video",
+        tag=tag,
+        family=family,
         model_name=size,
-        prune_layers=LLAVA_NEXT_VIDEO_PRUNE_LAYERS,
-        available=lambda: availability(benchmark_preset, ratios[0]),
+        prune_layers=prune_layers(size),
+        available=lambda: availability(benchmark_preset, ratios[0], size),
         build=lambda: build_model(size, device=device, dtype=dtype, seed=seed),
         make_inputs=lambda model: make_inputs(
             model, frames, device=device, dtype=dtype, seed=seed, text_id_range=SIZES[size][3]
         ),
-        earlytom_config=lambda ratio: earlytom_config(benchmark_preset, ratio),
+        earlytom_config=lambda ratio: earlytom_config(benchmark_preset, ratio, size),
         geometry=dict(frames=frames, image_size=image_size, batch=1),
         ratios=ratios,
         pattern=pattern,

@@ -111,10 +111,13 @@ def llm_merge_config(benchmark_preset: str, ratio: float, text_layers: int | Non
 
 
 def timers_for(model, device) -> HookTimers:
-    """Hook timers on the parts of a LLaVA-OneVision (or Qwen2.5-VL / Qwen2-VL) model: ``vision`` (every
-    tower call), ``llm`` (its first call: the prefill), ``projector``, ``pooling``."""
+    """Hook timers on the parts of a LLaVA-OneVision (or Qwen2.5-VL / Qwen2-VL, LLaVA-NeXT-Video,
+    Video-LLaVA) model: ``vision`` (every call of the tower videos go through), ``llm`` (its first call:
+    the prefill), ``projector``, ``pooling``."""
     inner = model.model
-    tower = getattr(inner, "vision_tower", None)
+    tower = getattr(inner, "video_tower", None)  # Video-LLaVA: videos have a tower of their own
+    if tower is None:
+        tower = getattr(inner, "vision_tower", None)
     if tower is None:
         tower = inner.visual  # Qwen: its merger (projector) runs inside the tower
     modules = {"vision": tower, "llm": inner.language_model}

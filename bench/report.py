@@ -7,7 +7,16 @@ from pathlib import Path
 from bench.bench_ttft import config_label
 from bench.common import is_cuda, markdown_table, params_text
 
-__all__ = ["GOALS", "PAPER", "breakdown", "goals_section", "qwen_family", "write_markdown", "write_plot"]
+__all__ = [
+    "GOALS",
+    "PAPER",
+    "breakdown",
+    "goals_section",
+    "next_video_family",
+    "qwen_family",
+    "write_markdown",
+    "write_plot",
+]
 
 #: our targets at r = 0.10, 32 frames, batch 1, bf16 on an H100/H200 (vs stock Hugging Face).
 GOALS = {
@@ -213,7 +222,7 @@ def goals_section(results: dict) -> list[str]:
             + (f"; ms per decoding step, EarlyTom / stock: {', '.join(steps)}" if steps else "")
             + "."
         )
-    for key, family in (("qwen25vl", qwen_family(results)), ("llava_next_video", "LLaVA-NeXT-Video")):
+    for key, family in (("qwen25vl", qwen_family(results)), ("llava_next_video", next_video_family(results))):
         qrows = (results.get(key) or {}).get("rows") or []
         q = [r for r in qrows if r.get("config") == "earlytom" and _ok(r) and r.get("speedup")]
         if not q:
@@ -626,8 +635,14 @@ def _qwen_section(results: dict) -> list[str]:
     return _family_section(results, "qwen25vl", qwen_family(results))
 
 
+def next_video_family(results: dict) -> str:
+    """The model family of the --next-video section (LLaVA-NeXT-Video, or Video-LLaVA with
+    ``--next-video-model video-llava-7b``)."""
+    return ((results.get("llava_next_video") or {}).get("model_info") or {}).get("family") or "LLaVA-NeXT-Video"
+
+
 def _next_video_section(results: dict) -> list[str]:
-    return _family_section(results, "llava_next_video", "LLaVA-NeXT-Video")
+    return _family_section(results, "llava_next_video", next_video_family(results))
 
 
 def _family_section(results: dict, key: str, family: str) -> list[str]:

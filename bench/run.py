@@ -11,7 +11,7 @@ the time goes, op share, peak memory, prefill tokens; inner-LLM merge when avail
 tokens), ``--scaling`` (vs frames and vs batch), ``--encoder`` (video features: time, memory),
 ``--kernels`` (the op microbenchmarks), ``--qwen`` (Qwen2.5-VL-7B architecture, or Qwen2-VL-7B's
 with ``--qwen-model qwen2-vl-7b``, when ``earlytom_ext.apply`` accepts it), ``--next-video``
-(LLaVA-NeXT-Video-7B architecture).
+(LLaVA-NeXT-Video-7B architecture, or Video-LLaVA-7B's with ``--next-video-model video-llava-7b``).
 
 Writes ``<out>/<device>-<date>.md`` (tables), ``.json`` (every number) and ``.png`` (one figure).
 GPU runs default to ``bench/results/``; CPU runs are labelled as smoke runs and default to a
@@ -46,7 +46,7 @@ from bench import (
 from bench.common import Budget, free_memory, is_cuda, params_text
 from bench.env import ROOT, device_slug, environment, utc_now
 from bench.patterns import PATTERNS
-from bench.report import GOALS, PAPER, goals_section, qwen_family, write_markdown, write_plot
+from bench.report import GOALS, PAPER, goals_section, next_video_family, qwen_family, write_markdown, write_plot
 from earlytom_ext.demo import cpu_or_cuda
 
 KERNEL_MODULES = ("bench_merge_frames", "bench_attention_received", "bench_select_tokens")
@@ -73,7 +73,7 @@ SECTION_HELP = {
     "encoder": "pixels to LLM-ready video tokens (the vision side alone)",
     "kernels": "microbenchmarks of the earlytom:: ops",
     "qwen": "the Qwen2.5-VL-7B (or --qwen-model) configuration's TTFT (stock, fast window attention, EarlyTom)",
-    "next_video": "the LLaVA-NeXT-Video-7B configuration's TTFT (stock, EarlyTom)",
+    "next_video": "the LLaVA-NeXT-Video-7B (or --next-video-model) configuration's TTFT (stock, EarlyTom)",
 }
 
 
@@ -125,7 +125,8 @@ def collect_outcomes(results: dict) -> None:
         note(f"scaling B={r['batch']} T={r['frames']} ({r['axis']} axis)", r)
     for r in results.get("encoder") or []:
         note(f"encoder {r.get('baseline') or ''} r={r['ratio']} {r['pattern']}".replace("  ", " "), r)
-    for key, tag in (("qwen25vl", qwen_family(results).lower()), ("llava_next_video", "llava-next-video")):
+    families = (("qwen25vl", qwen_family(results)), ("llava_next_video", next_video_family(results)))
+    for key, tag in ((k, family.lower()) for k, family in families):
         q = results.get(key) or {}
         if q.get("skipped"):
             results["skipped"].append(f"{tag}: {q['skipped']}")
@@ -190,6 +191,12 @@ def parse_args(argv=None):
         choices=sorted(bench_qwen25vl.TINY),
         default="qwen2.5-vl-7b",
         help="the --qwen section's architecture (its tiny version with --quick)",
+    )
+    ap.add_argument(
+        "--next-video-model",
+        choices=sorted(bench_next_video.TINY),
+        default="llava-next-video-7b",
+        help="the --next-video section's architecture (its tiny version with --quick)",
     )
     ap.add_argument("--frames", type=positive, default=None, help="default 32 (8 with --quick)")
     ap.add_argument("--batch", type=positive, default=1)
@@ -482,7 +489,7 @@ def main(argv=None) -> dict:
         ),
         "next_video": lambda b: bench_next_video.benchmark(
             device,
-            size="tiny" if quick else "llava-next-video-7b",
+            size=bench_next_video.TINY[args.next_video_model] if quick else args.next_video_model,
             ratios=(0.10, 0.25),
             pattern=patterns[0],
             warmup=warmup,

@@ -1,37 +1,56 @@
-"""EarlyTom on LLaVA-NeXT-Video-7B: compress a video inside the vision encoder, then generate.
+"""EarlyTom on LLaVA-NeXT-Video-7B (or a Video-LLaVA checkpoint): compress a video inside the vision
+encoder, then generate.
 
 Run: python examples/llava_next_video.py [--video clip.mp4]   (downloads the checkpoint once, ~14 GB)
+     python examples/llava_next_video.py --model LanguageBind/Video-LLaVA-7B-hf   (8 frames by default)
 """
 
 import argparse
 from typing import Optional
 
 import torch
-from transformers import AutoConfig, AutoProcessor, LlavaNextVideoForConditionalGeneration
+from transformers import (
+    AutoConfig,
+    AutoProcessor,
+    LlavaNextVideoForConditionalGeneration,
+    VideoLlavaForConditionalGeneration,
+)
 
 import earlytom_ext
 from earlytom_ext.demo import load_video, synthetic_frames
+
+# model_type -> (model class, frames by default: LLaVA-NeXT-Video samples 32, Video-LLaVA was trained on 8)
+FAMILIES = {
+    "llava_next_video": (LlavaNextVideoForConditionalGeneration, 32),
+    "video_llava": (VideoLlavaForConditionalGeneration, 8),
+}
+QUESTION = "Describe the video."
 
 
 def main(
     model_id: str = "llava-hf/LLaVA-NeXT-Video-7B-hf",
     video: Optional[str] = None,
-    num_frames: int = 32,
+    num_frames: Optional[int] = None,
     max_new_tokens: int = 64,
 ) -> str:
+    model_type = AutoConfig.from_pretrained(model_id).model_type  # checked before the weights download
+    if model_type not in FAMILIES:
+        raise ValueError(f"{model_id} is a {model_type!r} model; this example runs LLaVA-NeXT-Video and Video-LLaVA")
+    model_class, default_frames = FAMILIES[model_type]
     # Frames sampled uniformly, [T, 3, H, W] uint8; decoded first, so that a wrong path fails before the download.
+    num_frames = default_frames if num_frames is None else num_frames
     clip = load_video(video, num_frames) if video else synthetic_frames(num_frames)
     frames = [frame.permute(1, 2, 0).numpy() for frame in clip]
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    model_type = AutoConfig.from_pretrained(model_id).model_type  # checked before the weights download
-    if model_type != "llava_next_video":
-        raise ValueError(f"{model_id} is a {model_type!r} model; this example runs LLaVA-NeXT-Video")
-    model = LlavaNextVideoForConditionalGeneration.from_pretrained(model_id, dtype=dtype).to(device).eval()
+    model = model_class.from_pretrained(model_id, dtype=dtype).to(device).eval()
     processor = AutoProcessor.from_pretrained(model_id)
-    conversation = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "Describe the video."}]}]
-    prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)
+    if model_type == "video_llava":  # the prompt format of the Video-LLaVA checkpoints
+        prompt = f"USER: <video>\n{QUESTION} ASSISTANT:"
+    else:
+        content = [{"type": "video"}, {"type": "text", "text": QUESTION}]
+        prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
     inputs = processor(text=prompt, videos=[frames], return_tensors="pt").to(device, dtype=dtype)
 
     # The paper's VideoMME settings at 10% of the video tokens; prune_layers=None lets apply choose this
@@ -47,9 +66,11 @@ def main(
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="EarlyTom quick start on LLaVA-NeXT-Video")
+    parser = argparse.ArgumentParser(description="EarlyTom quick start on LLaVA-NeXT-Video and Video-LLaVA")
     parser.add_argument("--model", default="llava-hf/LLaVA-NeXT-Video-7B-hf", help="checkpoint folder or id")
     parser.add_argument("--video", default=None, help="a video file (default: a synthetic clip)")
-    parser.add_argument("--frames", type=int, default=32, help="frames sampled uniformly (default 32)")
+    parser.add_argument(
+        "--frames", type=int, default=None, help="frames sampled uniformly (default: 32; Video-LLaVA: 8)"
+    )
     args = parser.parse_args()
     main(model_id=args.model, video=args.video, num_frames=args.frames)

@@ -381,6 +381,37 @@ def test_next_video_section_on_a_tiny_model():
     assert "_skipped: not here_" in text
 
 
+def test_next_video_section_on_video_llava():
+    """--next-video --next-video-model video-llava-7b (its tiny version on the CPU): the Video-LLaVA
+    architecture written as the checkpoint's, every frame token with the class token (257 at 224 px),
+    the family named in the rows, the report and the goal line."""
+    pytest.importorskip("transformers")
+    if not _ops_ready():
+        pytest.skip("earlytom ops are not all built yet (CPU kernels missing)")
+    from bench import bench_next_video
+    from bench.run import parse_args
+
+    assert parse_args(["--next-video"]).next_video_model == "llava-next-video-7b"
+    assert parse_args(["--next-video", "--next-video-model", "video-llava-7b"]).next_video_model == "video-llava-7b"
+    cfg = bench_next_video.next_video_config("video-llava-7b")
+    vc, tc = cfg.vision_config, cfg.text_config
+    assert cfg.model_type == "video_llava" and bench_next_video.tokens_per_frame(cfg) == 16 * 16 + 1
+    assert (vc.num_hidden_layers, vc.hidden_size, vc.image_size, vc.patch_size) == (24, 1024, 224, 14)
+    assert (tc.num_hidden_layers, tc.hidden_size, cfg.video_token_index) == (32, 4096, 32001)
+    q = bench_next_video.benchmark(
+        "cpu", size="tiny-video-llava", ratios=(0.25,), warmup=0, iters=1, log=lambda *a: None
+    )
+    assert q["model_info"]["family"] == "Video-LLaVA" and q["model_info"]["prune_layers"] == [6, 18, 20]
+    rows = q["rows"]
+    assert all(not r.get("error") and r["ttft_ms"] > 0 for r in rows), rows
+    # 4 frames x 257 tokens of 224 px frames (+ 32 text tokens) before compression.
+    assert rows[0]["prefill_tokens"] == 4 * 257 + 32 and rows[1]["prefill_tokens"] < rows[0]["prefill_tokens"]
+    results = {"llava_next_video": q, "meta": {"headline_pattern": "forced-merge", "device": "cpu"}, "env": {}}
+    text = "\n".join(report._next_video_section(results) + report.goals_section(results))
+    assert "## Video-LLaVA at tiny widths (random weights, 4 frames at 224x224)" in text, text
+    assert "- Video-LLaVA TTFT: r=0.25: " in text and "LLaVA-NeXT-Video" not in text
+
+
 def test_profile_op_time_counts_earlytom_ops():
     if not _ops_ready():
         pytest.skip("earlytom ops are not all built yet (CPU kernels missing)")

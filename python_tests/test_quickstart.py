@@ -1,6 +1,6 @@
 """examples/quickstart.py (the README's "Quick start" code), examples/qwen2_5_vl.py and
 examples/llava_next_video.py on tiny random checkpoints (LLaVA-OneVision, Qwen2.5-VL / Qwen2-VL,
-LLaVA-NeXT-Video) saved to a temporary folder with a real processor,
+LLaVA-NeXT-Video / Video-LLaVA) saved to a temporary folder with a real processor,
 loaded through the same ``from_pretrained`` calls as a real one (nothing is downloaded); and the
 README shows exactly the quick start file."""
 
@@ -341,6 +341,100 @@ def test_next_video_image_and_video_prompt_through_the_processor(tmp_path):
     assert int((ids == IMG).sum()) == n_img and 0 < int((ids == VID).sum()) < 6 * 16
 
 
+def save_tiny_video_llava_checkpoint(path: str) -> str:
+    """A tiny random Video-LLaVA (24 CLIP layers, 16 x 16 px frames of 2-pixel patches: 8 x 8 patches
+    and the class token, 65 tokens per frame) and a real ``VideoLlavaProcessor`` for it."""
+    transformers = pytest.importorskip("transformers")
+    if importlib.util.find_spec("torchvision") is None:
+        pytest.skip("the Video-LLaVA video processor needs torchvision")
+    from test_video_llava import IMG, SIZE, VID, build_model
+    from transformers import (
+        LlamaTokenizerFast,
+        PreTrainedTokenizerFast,
+        VideoLlavaImageProcessor,
+        VideoLlavaProcessor,
+        VideoLlavaVideoProcessor,
+    )
+
+    v4 = transformers.__version__.startswith("4.")
+    tokenizer = word_level_tokenizer(
+        LlamaTokenizerFast if v4 else PreTrainedTokenizerFast,
+        128,
+        {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3},
+        {"<image>": IMG, "<video>": VID},
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        **({"add_bos_token": False} if v4 else {}),
+    )
+    sizes = dict(size={"shortest_edge": SIZE}, crop_size={"height": SIZE, "width": SIZE})
+    processor = VideoLlavaProcessor(
+        image_processor=VideoLlavaImageProcessor(**sizes),
+        video_processor=VideoLlavaVideoProcessor(**sizes),
+        tokenizer=tokenizer,
+        patch_size=2,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # CLIP's class token
+    )
+    build_model(depth=24).save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+def test_video_llava_through_the_next_video_example(tmp_path, capsys, monkeypatch):
+    checkpoint = save_tiny_video_llava_checkpoint(str(tmp_path / "tiny-video-llava"))
+    import transformers
+
+    seen = []
+    call = transformers.VideoLlavaProcessor.__call__
+
+    def spy(self, *args, **kwargs):
+        seen.append(call(self, *args, **kwargs))
+        return seen[-1]
+
+    monkeypatch.setattr(transformers.VideoLlavaProcessor, "__call__", spy)
+    example = _load_example(NEXT_VIDEO_EXAMPLE)
+    answer = example.main(model_id=checkpoint, max_new_tokens=3)
+    printed = capsys.readouterr().out
+    assert isinstance(answer, str) and answer.strip(), printed
+    assert re.fullmatch(r"(\s*(w\d+|<unk>))+\s*", answer), answer
+    # "USER:" 8 x 65 x <video> "Describe the video." "ASSISTANT:": 8 frames by default, the class token counted.
+    assert len(seen) == 1 and seen[0]["pixel_values_videos"].shape == (1, 8, 3, 16, 16)
+    assert seen[0]["input_ids"].shape == (1, 1 + 8 * 65 + 3 + 1)
+    assert "tokens before" in printed and " 520 " in printed, printed
+    assert "prune_layers=(6, 18, 20)" in printed and "tau=0.3" in printed, printed
+
+
+def test_video_llava_image_and_video_prompt_through_the_processor(tmp_path):
+    """A prompt with an image and a video from the real processor: under the identity configuration
+    the patched model's logits equal the unpatched model's; compressed, only the video's
+    placeholders shrink."""
+    import numpy as np
+    import torch
+    from test_video_llava import IDENTITY, IMG, SIZE, VID, build_model
+    from transformers import AutoProcessor
+
+    import earlytom_ext
+
+    processor = AutoProcessor.from_pretrained(save_tiny_video_llava_checkpoint(str(tmp_path / "ckpt")))
+    model = build_model(depth=24)  # the checkpoint's weights (same seed)
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8) for _ in range(8)]
+    image = rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+    inputs = processor(text="USER: <image>\n<video>\nWhat changes? ASSISTANT:", images=[image], videos=[frames])
+    n_img = int((inputs["input_ids"] == IMG).sum())
+    assert int((inputs["input_ids"] == VID).sum()) == 8 * 65 and n_img == 64  # images: 'default' drops the class token
+    with torch.no_grad():
+        want = model(**inputs).logits
+        with earlytom_ext.apply(model, IDENTITY):
+            assert torch.equal(model(**inputs).logits, want)
+        with earlytom_ext.apply(model, earlytom_ext.EarlyTomConfig(retain_ratio=0.25)) as h:
+            model(**inputs)
+            ids = h.last_inputs["input_ids"]
+            kept = h.last_stats["videos"][0]["tokens_after"]
+    assert int((ids == IMG).sum()) == n_img and int((ids == VID).sum()) == kept and 0 < kept < 8 * 65
+
+
 def test_next_video_example_refuses_another_family_before_loading_weights(checkpoint, monkeypatch):
     import transformers
 
@@ -349,7 +443,7 @@ def test_next_video_example_refuses_another_family_before_loading_weights(checkp
 
     monkeypatch.setattr(transformers.LlavaNextVideoForConditionalGeneration, "from_pretrained", no_weights)
     example = _load_example(NEXT_VIDEO_EXAMPLE)
-    with pytest.raises(ValueError, match="is a 'llava_onevision' model; this example runs LLaVA-NeXT-Video"):
+    with pytest.raises(ValueError, match="is a 'llava_onevision' model; this example runs LLaVA-NeXT-Video and Video"):
         example.main(model_id=checkpoint, num_frames=2)
 
 

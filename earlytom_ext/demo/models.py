@@ -43,8 +43,8 @@ def load_pretrained(model_id: str, device: torch.device):
     if config.model_type != "llava_onevision":
         raise ValueError(
             f"--model: {model_id!r} is a {config.model_type!r} checkpoint; the demo runs LLaVA-OneVision "
-            "checkpoints (earlytom_ext.apply also takes LLaVA-NeXT-Video, Qwen2.5-VL and Qwen2-VL models in "
-            "Python: examples/llava_next_video.py and examples/qwen2_5_vl.py in the repository)"
+            "checkpoints (earlytom_ext.apply also takes LLaVA-NeXT-Video, Video-LLaVA, Qwen2.5-VL and Qwen2-VL "
+            "models in Python: examples/llava_next_video.py and examples/qwen2_5_vl.py in the repository)"
         )
     try:
         # `dtype` is the argument's name from transformers 4.56 on (4.57.x and 5.x).

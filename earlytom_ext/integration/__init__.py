@@ -10,7 +10,7 @@ Layout: :mod:`.core` (the handle: model-independent), :mod:`.run` (one armed pas
 encoder), :mod:`.prompt` (placeholder rewriting), :mod:`.wrappers` (``forward`` / ``generate``),
 :mod:`.stats`, :mod:`.pooling`, :mod:`.window_attention` (Qwen2.5-VL's windows and Qwen2-VL's
 groups batched), :mod:`.llm_merge` (the optional inner-LLM merge), and :mod:`.adapters` (one per
-model family: LLaVA-OneVision, LLaVA-NeXT-Video, Qwen2.5-VL, Qwen2-VL).
+model family: LLaVA-OneVision, LLaVA-NeXT-Video, Video-LLaVA, Qwen2.5-VL, Qwen2-VL).
 
 ``generate`` returns sequences whose prompt part is the caller's *original* ``input_ids``;
 ``max_length`` / ``min_length`` count that prompt; a ``streamer`` receives it. ``forward`` returns the
@@ -43,14 +43,14 @@ def apply(model: nn.Module, cfg: EarlyTomConfig | None = None) -> EarlyTomHandle
 
     Args:
         model: a ``LlavaOnevisionForConditionalGeneration``, ``LlavaNextVideoForConditionalGeneration``,
-            ``Qwen2_5_VLForConditionalGeneration`` or ``Qwen2VLForConditionalGeneration`` (transformers
-            4.57.x or 5.x).
+            ``VideoLlavaForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration`` or
+            ``Qwen2VLForConditionalGeneration`` (transformers 4.57.x or 5.x).
         cfg: the :class:`EarlyTomConfig`; its prune layers must be below the vision encoder's depth
             and not after the feature layer. Default: ``EarlyTomConfig()``. Prune layers ``None`` (the
             config's default) become the model family's own (``handle.adapter.default_prune_layers()``,
             ``handle.config`` shows them: (6, 21, 23) for
-            LLaVA-OneVision's 26-layer SigLIP, (6, 18, 20) for LLaVA-NeXT-Video's CLIP (23 of its 24
-            layers feed the features), (7, 21, 23) for Qwen2.5-VL's 32 blocks, (8, 26, 28) for
+            LLaVA-OneVision's 26-layer SigLIP, (6, 18, 20) for LLaVA-NeXT-Video's and Video-LLaVA's CLIP (23
+            of its 24 layers feed the features), (7, 21, 23) for Qwen2.5-VL's 32 blocks, (8, 26, 28) for
             Qwen2-VL's 32 blocks; scaled for other depths and, on the LLaVA families, to the layers
             that feed the features, ``config.vision_feature_layer``).
 

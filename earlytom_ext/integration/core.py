@@ -102,8 +102,8 @@ class EarlyTomHandle:
             }
 
         ``P`` is :attr:`tokens_per_frame` (196 on LLaVA-OneVision: 1 + 196 T tokens per video there,
-        144 T on LLaVA-NeXT-Video). Device values are copied to the host on first access (not during
-        the forward pass).
+        144 T on LLaVA-NeXT-Video, 257 T on Video-LLaVA). Device values are copied to the host on
+        first access (not during the forward pass).
         """
         if self._raw_stats is None:
             return None
