@@ -19,7 +19,7 @@ from transformers import (
 import earlytom_ext
 from earlytom_ext.demo import load_video, synthetic_frames
 
-# model_type -> (model class, frames by default: LLaVA-NeXT-Video samples 32, Video-LLaVA was trained on 8)
+# model_type -> (model class, frames by default: 32 for LLaVA-NeXT-Video, 8 for Video-LLaVA as in its paper)
 FAMILIES = {
     "llava_next_video": (LlavaNextVideoForConditionalGeneration, 32),
     "video_llava": (VideoLlavaForConditionalGeneration, 8),

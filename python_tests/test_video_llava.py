@@ -203,6 +203,17 @@ def test_kept_tokens_equal_the_reference(videos, dtype):
     assert stats["videos"][1]["frames_after"][4] < T
 
 
+def test_eager_attention(videos):
+    # Q and K come from the projections, whatever attention implementation the tower runs.
+    m = build_model(attn="eager")
+    check_against_reference(m, videos)
+    x = make_inputs(videos)
+    with torch.no_grad():
+        want = m(**x).logits
+        with earlytom_ext.apply(m, IDENTITY):
+            assert torch.equal(m(**x).logits, want)
+
+
 def test_odd_frame_counts_and_one_frame(model):
     for frames in (1, 3):
         clip = [make_video(frames, seed=11, kind="crossfade", scene_length=2, image_size=SIZE)]
@@ -234,7 +245,7 @@ def test_the_call_select_strategy_is_for_images(model, videos):
         want = model(**x).logits
         for strategy in ("full", "default"):
             assert torch.equal(model(**x, vision_feature_select_strategy=strategy).logits, want)
-    with torch.no_grad(), earlytom_ext.apply(model, IDENTITY):
+    with torch.no_grad():
         unpatched = model.model.get_video_features(x["pixel_values_videos"], vision_feature_layer=-2)
     assert getattr(unpatched, "pooler_output", unpatched[0]).shape[1] == P
 
@@ -264,9 +275,11 @@ def test_an_image_sample_next_to_a_video_sample(model, videos):
     x.update(pixel_values_images=image)
     with torch.no_grad():
         want = model(**x).logits
+        want_seqs = model.generate(**x, max_new_tokens=3, do_sample=False)
         with earlytom_ext.apply(model, IDENTITY) as h:
             assert torch.equal(model(**x).logits, want)
             assert len(h.last_stats["videos"]) == 1
+            assert torch.equal(model.generate(**x, max_new_tokens=3, do_sample=False), want_seqs)
         with earlytom_ext.apply(model, CFG) as h:
             got = model(**x).logits
             assert h.last_stats["videos"][0]["tokens_after"] < T * P

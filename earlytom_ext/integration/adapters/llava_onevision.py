@@ -310,9 +310,11 @@ class LlavaOnevisionAdapter(ModelAdapter):
             feats = feats[:, 1:]
             scores = scores[:, 1:]
         S = feats.shape[1]
-        if S != self.grid * self.grid + int(strategy == "full" and self.class_token):
+        expected = self.grid * self.grid + int(strategy == "full" and self.class_token)
+        if S != expected:
             raise ValueError(
-                f"EarlyTom needs a square {self.grid}x{self.grid} token grid per frame for pooling, got {S} tokens "
+                f"EarlyTom expects {expected} tokens per frame (a {self.grid}x{self.grid} patch grid"
+                f"{' and the class token' if expected > self.grid * self.grid else ''}), got {S} "
                 f"(vision_feature_select_strategy={strategy!r})"
             )
         pooled, pooled_scores = self.to_llm(feats, scores, clock, t1)
