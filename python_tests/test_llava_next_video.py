@@ -19,102 +19,41 @@ transformers = pytest.importorskip("transformers")
 if not hasattr(transformers, "LlavaNextVideoForConditionalGeneration"):
     pytest.skip("this transformers has no LlavaNextVideoForConditionalGeneration", allow_module_level=True)
 
-from test_llm_merge import Oracle, _sharpen, unpad  # noqa: E402
-from tiny_models import (  # noqa: E402
-    cache_names,
-    call_layer,
-    call_syncs,
-    check_compiled_model,
-    layer_qk,
-    spy_host_reads,
-    vision_layers,
-)
+import llava_video_checks as checks  # noqa: E402
+from llava_video_checks import SIZE, TOL, VID, needs_cuda  # noqa: E402
+from tiny_models import call_layer, check_compiled_model, layer_qk, vision_layers  # noqa: E402
 from transformers import LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration  # noqa: E402
 
 import earlytom_ext  # noqa: E402
 from earlytom_ext import EarlyTomConfig  # noqa: E402
 from earlytom_ext import reference as R  # noqa: E402
-from earlytom_ext._ext import has_cuda_kernels  # noqa: E402
 from earlytom_ext.integration.adapters.llava_next_video import LLAVA_NEXT_VIDEO_PRUNE_LAYERS  # noqa: E402
 from earlytom_ext.tiny_model import make_video  # noqa: E402
 
-VID, IMG = 120, 121
-SIZE, PATCH = 16, 2  # an 8x8 patch grid (+ the class token) -> 4x4 = 16 tokens per frame after the resampler
+# an 8x8 patch grid (+ the class token) -> 4x4 = 16 tokens per frame after the resampler
 GRID, P = 8, 16
 T = 8
 # 6 CLIP layers; the features come from the second-to-last (layer 4), so the last prune layer is 4 at most.
 CFG = EarlyTomConfig(retain_ratio=0.3, tau=0.5, max_window=6, ema=0.9, prune_layers=(1, 3, 4))
 IDENTITY = EarlyTomConfig(retain_ratio=1.0, tau=-1.0, max_window=2, prune_layers=(1, 2))
-TOL = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 3e-2}
-needs_cuda = pytest.mark.skipif(
-    not torch.cuda.is_available() or not has_cuda_kernels(), reason="needs a CUDA device and the CUDA kernels"
-)
 
 
 def build_model(seed=0, dtype=torch.float32, depth=6, pool_mode="average", attn="sdpa", **config):
-    vision = dict(
-        model_type="clip_vision_model",
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=depth,
-        num_attention_heads=2,
-        image_size=SIZE,
-        patch_size=PATCH,
-        projection_dim=16,
-    )
-    text = dict(
-        model_type="llama",
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=4096,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    cfg = LlavaNextVideoConfig(
-        vision_config=vision,
-        text_config=text,
-        video_token_index=VID,
-        image_token_index=IMG,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
+    return checks.build_tiny(
+        LlavaNextVideoForConditionalGeneration,
+        LlavaNextVideoConfig,
+        seed,
+        dtype,
+        depth,
+        attn,
         spatial_pool_mode=pool_mode,
         image_grid_pinpoints=[[SIZE, SIZE]],
         **config,
     )
-    for c in (cfg, cfg.vision_config, cfg.text_config):
-        c._attn_implementation = attn
-    torch.manual_seed(seed)
-    m = LlavaNextVideoForConditionalGeneration(cfg).to(dtype).eval()
-    m.generation_config.pad_token_id = 0
-    return m
 
 
 def make_inputs(videos, seed=0, padding_side="left", image_tokens=None):
-    """Prompts ``text, video placeholders, text`` (sample b has b extra text tokens); where
-    ``image_tokens[b]`` is set, sample b has that many image placeholders and no video."""
-    g = torch.Generator().manual_seed(seed)
-    rows = []
-    for b, v in enumerate(videos):
-        row = torch.randint(3, 100, (2 + b,), generator=g).tolist()
-        if image_tokens is not None and image_tokens[b]:
-            row += [IMG] * image_tokens[b]
-        else:
-            row += [VID] * (v.shape[0] * P)
-        rows.append(row + torch.randint(3, 100, (3,), generator=g).tolist())
-    L = max(map(len, rows))
-    ids = torch.zeros(len(rows), L, dtype=torch.long)
-    am = torch.zeros_like(ids)
-    for b, r in enumerate(rows):
-        sl = slice(L - len(r), L) if padding_side == "left" else slice(0, len(r))
-        ids[b, sl] = torch.tensor(r)
-        am[b, sl] = 1
-    with_video = [v for b, v in enumerate(videos) if image_tokens is None or not image_tokens[b]]
-    return dict(input_ids=ids, attention_mask=am, pixel_values_videos=torch.stack(with_video))
+    return checks.prompt_inputs(videos, P, seed, padding_side, image_tokens)
 
 
 @pytest.fixture(scope="module")
@@ -174,20 +113,7 @@ def reference_video(model, video, cfg):
 
 
 def check_against_reference(model, videos, cfg=CFG, tol=1e-4):
-    with earlytom_ext.apply(model, cfg) as h:
-        feats = h.encode_videos(torch.stack(videos))
-        stats = h.last_stats
-    for b, v in enumerate(videos):
-        tokens, index, segs, counts, r_adj = reference_video(model, v, cfg)
-        st = stats["videos"][b]
-        assert st["segments"] == segs
-        assert [st["frames_after"][p] for p in cfg.prune_layers] == counts
-        assert st["kept"] == [tuple(x) for x in index.tolist()]
-        assert st["ratio"] == r_adj
-        assert st["tokens_before"] == T * P and st["tokens_after"] == tokens.shape[0]  # nothing appended
-        assert feats[b].dtype == model.dtype
-        torch.testing.assert_close(feats[b].float(), tokens.float(), atol=tol, rtol=tol)
-    return stats
+    return checks.check_against_reference(model, videos, cfg, reference_video, P, tol)
 
 
 # --------------------------------------------------------------------------------------------
@@ -195,16 +121,7 @@ def check_against_reference(model, videos, cfg=CFG, tol=1e-4):
 # --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("padding_side", ["left", "right"])
 def test_identity_config_equals_the_unpatched_model(model, videos, padding_side):
-    x = make_inputs(videos, padding_side=padding_side)
-    with torch.no_grad():
-        logits = model(**x).logits
-        seqs = model.generate(**x, max_new_tokens=4, do_sample=False)
-        with earlytom_ext.apply(model, IDENTITY) as h:
-            got = model(**x).logits
-            got_seqs = model.generate(**x, max_new_tokens=4, do_sample=False)
-        assert [v["tokens_after"] for v in h.last_stats["videos"]] == [T * P] * 2
-    assert torch.equal(got, logits)
-    assert torch.equal(got_seqs, seqs)
+    checks.check_identity(model, make_inputs(videos, padding_side=padding_side), IDENTITY, T * P)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -243,29 +160,11 @@ def test_scores_pooled_by_the_mode_hand_written():
 
 
 def test_generate_returns_the_prompt_with_beams(model, videos):
-    x = make_inputs(videos)
-    L = x["input_ids"].shape[1]
-    with earlytom_ext.apply(model, CFG) as h, torch.no_grad():
-        out = model.generate(**x, max_new_tokens=3, do_sample=False, num_beams=2, num_return_sequences=2)
-        n_after = [v["tokens_after"] for v in h.last_stats["videos"]]
-        compressed = h.last_inputs["input_ids"]
-    assert out.shape == (4, L + 3)
-    assert torch.equal(out[:, :L], x["input_ids"].repeat_interleave(2, dim=0))
-    assert all(n < T * P for n in n_after)
-    assert [int((row == VID).sum()) for row in compressed] == n_after
+    checks.check_beams(model, CFG, make_inputs(videos), T * P)
 
 
 def test_cache_continuation(model, videos):
-    x = make_inputs(videos[:1])
-    name = cache_names()[0]
-    with earlytom_ext.apply(model, CFG), torch.no_grad():
-        out = model.generate(**x, max_new_tokens=2, do_sample=False, return_dict_in_generate=True)
-        follow = torch.cat([out.sequences, torch.tensor([[9, 10]])], dim=1)
-        cache = out[name] if name in out else out["past_key_values"]
-        more = model.generate(
-            input_ids=follow, attention_mask=torch.ones_like(follow), max_new_tokens=2, do_sample=False, **{name: cache}
-        )
-    assert more.shape == (1, follow.shape[1] + 2) and torch.equal(more[:, : follow.shape[1]], follow)
+    checks.check_cache_continuation(model, CFG, make_inputs(videos[:1]))
 
 
 def test_an_image_sample_next_to_a_video_sample(model, videos):
@@ -278,17 +177,7 @@ def test_an_image_sample_next_to_a_video_sample(model, videos):
     n_img = sum(f.shape[0] for f in feats)
     x = make_inputs(videos, image_tokens=[n_img, 0])
     x.update(pixel_values=pixel_values, image_sizes=image_sizes)
-    with torch.no_grad():
-        want = model(**x).logits
-        with earlytom_ext.apply(model, IDENTITY) as h:
-            assert torch.equal(model(**x).logits, want)
-            assert len(h.last_stats["videos"]) == 1
-        with earlytom_ext.apply(model, CFG) as h:
-            got = model(**x).logits
-            assert h.last_stats["videos"][0]["tokens_after"] < T * P
-    # Sample 0 (the image, left of the shortened video prompt) is unchanged by the compression.
-    n0 = int(x["attention_mask"][0].sum())
-    torch.testing.assert_close(got[0, -n0:], want[0, -n0:], rtol=1e-5, atol=1e-5)
+    checks.check_image_next_to_video(model, x, IDENTITY, CFG, T * P)
 
 
 def test_remove_restores_the_model(model, videos):
@@ -313,25 +202,7 @@ def test_compiled_model(model, videos):
 
 
 def test_llm_merge_generates_like_the_recomputation(videos):
-    m = build_model(seed=1)
-    _sharpen(m)
-    k, ratio, new = 1, 0.5, 4
-    cfg = CFG.replace(llm_merge_layer=k, llm_merge_ratio=ratio)
-    x = make_inputs(videos, seed=2)
-    with earlytom_ext.apply(m, CFG) as plain:
-        prep = plain.prepare_inputs(x["input_ids"], x["pixel_values_videos"], attention_mask=x["attention_mask"])
-    with earlytom_ext.apply(m, cfg) as h, torch.no_grad():
-        out = m.generate(**x, max_new_tokens=new, do_sample=False, output_logits=True, return_dict_in_generate=True)
-        merge_stats = h.last_stats["llm_merge"]
-    oracle = Oracle(m, k, ratio)
-    L0 = x["input_ids"].shape[1]
-    for b in range(2):
-        (span,) = prep["video_spans"][b]
-        assert merge_stats[b]["span"] == tuple(span)
-        assert len(merge_stats[b]["kept"]) == max(1, round(span[1] * (1 - ratio)))
-        e, sp = unpad(prep["inputs_embeds"], prep["attention_mask"], b, tuple(span))
-        want = oracle.logits(e, sp, out.sequences[b, L0:])
-        torch.testing.assert_close(torch.stack([s[b] for s in out.logits]), want, rtol=1e-4, atol=1e-4)
+    checks.check_llm_merge(build_model(seed=1), CFG, make_inputs(videos, seed=2))
 
 
 # --------------------------------------------------------------------------------------------
@@ -377,11 +248,7 @@ def test_errors(model, videos):
             "projector": (dict(x, vision_feature_layer=[-2, -1]), ValueError, "64 channels, but the model's projector"),
         }
     )
-    with earlytom_ext.apply(model, CFG) as h:
-        for name, (call, exc, needle) in calls.items():
-            with pytest.raises(exc, match=needle), torch.no_grad():
-                model(**call)
-            assert h.last_stats is None, name  # refused before the vision encoder ran
+    checks.check_refused_before_the_encoder(model, CFG, calls)
     embedding = build_model()
     embedding.config.vision_feature_layer = 0
     with pytest.raises(ValueError, match="config.vision_feature_layer 0 selects the embedding output"):
@@ -391,52 +258,21 @@ def test_errors(model, videos):
 
 
 def test_video_path_reads_no_tensor_values_on_the_host(model, videos, monkeypatch):
-    # The integration's own files read nothing from tensors on this path (on a GPU each read syncs).
-    files = ("core.py", "run.py", "wrappers.py", "base.py", "llava_onevision.py", "llava_next_video.py")
-    reads = spy_host_reads(monkeypatch, files)
-    x = make_inputs(videos)
-    with earlytom_ext.apply(model, CFG) as h:
-        with torch.no_grad():
-            model(**x)
-        model.generate(**x, max_new_tokens=2)
-        h.encode_videos(torch.stack(videos))
-    monkeypatch.undo()
-    assert reads == []
+    checks.check_no_host_reads(
+        model, CFG, make_inputs(videos), videos, monkeypatch, ("llava_onevision.py", "llava_next_video.py")
+    )
 
 
 # --------------------------------------------------------------------------------------------
 # CUDA
 # --------------------------------------------------------------------------------------------
-_SYNC_SETUP = """
-import earlytom_ext
-from test_llava_next_video import CFG, SIZE, T, build_model, make_inputs
-from earlytom_ext.tiny_model import make_video
-
-videos = [make_video(T, seed=5, kind="crossfade", scene_length=3, image_size=SIZE),
-          make_video(T, seed=2, kind="static", image_size=SIZE)]
-m = build_model().cuda()
-x = {k: v.cuda() for k, v in make_inputs(videos).items()}
-h = earlytom_ext.apply(m, CFG)
-"""
 
 
 @needs_cuda
 def test_cuda_host_syncs_at_most_one_per_prune_layer(tmp_path):
-    call = 'h.prepare_inputs(x["input_ids"], x["pixel_values_videos"], attention_mask=x["attention_mask"])'
-    syncs = call_syncs(_SYNC_SETUP, call, tmp_path)
-    assert 1 <= len(syncs) <= len(CFG.prune_layers), "\n".join(syncs)
+    checks.check_cuda_syncs("test_llava_next_video", CFG, tmp_path)
 
 
 @needs_cuda
 def test_cuda_equals_cpu(videos):
-    m = build_model()
-    with earlytom_ext.apply(m, CFG) as h:
-        want = h.encode_videos(torch.stack(videos))
-        want_stats = h.last_stats["videos"]
-    m = m.cuda()
-    with earlytom_ext.apply(m, CFG) as h:
-        got = h.encode_videos(torch.stack(videos).cuda())
-        stats = h.last_stats["videos"]
-    for b in range(2):
-        assert stats[b]["kept"] == want_stats[b]["kept"] and stats[b]["segments"] == want_stats[b]["segments"]
-        torch.testing.assert_close(got[b].cpu(), want[b], rtol=1e-4, atol=1e-4)
+    checks.check_cuda_equals_cpu(build_model(), videos, CFG)

@@ -243,33 +243,35 @@ def test_qwen2_5_vl_example_reads_the_clip_duration():
     assert _load_example(QWEN_EXAMPLE).clip_seconds(path) == pytest.approx(132 / 25)
 
 
-def save_tiny_next_video_checkpoint(path: str) -> str:
-    """A tiny random LLaVA-NeXT-Video (24 CLIP layers, 16 x 16 px frames of 2-pixel patches: 4 x 4
-    tokens per frame after the resampler) and a real ``LlavaNextVideoProcessor`` for it."""
-    transformers = pytest.importorskip("transformers")
-    if importlib.util.find_spec("torchvision") is None:
-        pytest.skip("the LLaVA-NeXT-Video video processor needs torchvision")
-    from test_llava_next_video import IMG, SIZE, VID, build_model
-    from transformers import (
-        LlamaTokenizerFast,
-        LlavaNextImageProcessor,
-        LlavaNextVideoProcessor,
-        LlavaNextVideoVideoProcessor,
-        PreTrainedTokenizerFast,
-    )
+def llama_tokenizer(image_id: int, video_id: int):
+    """The word-level tokenizer of the tiny Llama-based LLaVA checkpoints (vocabulary 128): 4.x's
+    processors take only Llama's tokenizer class (told not to add <s>, as the generic one)."""
+    import transformers
 
-    # 4.x's processor takes only Llama's tokenizer class (told not to add <s>, as the generic one).
     v4 = transformers.__version__.startswith("4.")
-    tokenizer = word_level_tokenizer(
-        LlamaTokenizerFast if v4 else PreTrainedTokenizerFast,
+    return word_level_tokenizer(
+        transformers.LlamaTokenizerFast if v4 else transformers.PreTrainedTokenizerFast,
         128,
         {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3},
-        {"<image>": IMG, "<video>": VID},
+        {"<image>": image_id, "<video>": video_id},
         pad_token="<pad>",
         bos_token="<s>",
         eos_token="</s>",
         **({"add_bos_token": False} if v4 else {}),
     )
+
+
+def save_tiny_next_video_checkpoint(path: str) -> str:
+    """A tiny random LLaVA-NeXT-Video (24 CLIP layers, 16 x 16 px frames of 2-pixel patches: 4 x 4
+    tokens per frame after the resampler) and a real ``LlavaNextVideoProcessor`` for it."""
+    pytest.importorskip("transformers")
+    if importlib.util.find_spec("torchvision") is None:
+        pytest.skip("the LLaVA-NeXT-Video video processor needs torchvision")
+    from llava_video_checks import IMG, SIZE, VID
+    from test_llava_next_video import build_model
+    from transformers import LlavaNextImageProcessor, LlavaNextVideoProcessor, LlavaNextVideoVideoProcessor
+
+    tokenizer = llama_tokenizer(IMG, VID)
     sizes = dict(size={"shortest_edge": SIZE}, crop_size={"height": SIZE, "width": SIZE})
     processor = LlavaNextVideoProcessor(
         video_processor=LlavaNextVideoVideoProcessor(**sizes),
@@ -316,7 +318,8 @@ def test_next_video_image_and_video_prompt_through_the_processor(tmp_path):
     video's placeholders shrink."""
     import numpy as np
     import torch
-    from test_llava_next_video import IDENTITY, IMG, SIZE, VID, build_model
+    from llava_video_checks import IMG, SIZE, VID
+    from test_llava_next_video import IDENTITY, build_model
     from transformers import AutoProcessor
 
     import earlytom_ext
@@ -344,29 +347,14 @@ def test_next_video_image_and_video_prompt_through_the_processor(tmp_path):
 def save_tiny_video_llava_checkpoint(path: str) -> str:
     """A tiny random Video-LLaVA (24 CLIP layers, 16 x 16 px frames of 2-pixel patches: 8 x 8 patches
     and the class token, 65 tokens per frame) and a real ``VideoLlavaProcessor`` for it."""
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     if importlib.util.find_spec("torchvision") is None:
         pytest.skip("the Video-LLaVA video processor needs torchvision")
-    from test_video_llava import IMG, SIZE, VID, build_model
-    from transformers import (
-        LlamaTokenizerFast,
-        PreTrainedTokenizerFast,
-        VideoLlavaImageProcessor,
-        VideoLlavaProcessor,
-        VideoLlavaVideoProcessor,
-    )
+    from llava_video_checks import IMG, SIZE, VID
+    from test_video_llava import build_model
+    from transformers import VideoLlavaImageProcessor, VideoLlavaProcessor, VideoLlavaVideoProcessor
 
-    v4 = transformers.__version__.startswith("4.")
-    tokenizer = word_level_tokenizer(
-        LlamaTokenizerFast if v4 else PreTrainedTokenizerFast,
-        128,
-        {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3},
-        {"<image>": IMG, "<video>": VID},
-        pad_token="<pad>",
-        bos_token="<s>",
-        eos_token="</s>",
-        **({"add_bos_token": False} if v4 else {}),
-    )
+    tokenizer = llama_tokenizer(IMG, VID)
     sizes = dict(size={"shortest_edge": SIZE}, crop_size={"height": SIZE, "width": SIZE})
     processor = VideoLlavaProcessor(
         image_processor=VideoLlavaImageProcessor(**sizes),
@@ -411,7 +399,8 @@ def test_video_llava_image_and_video_prompt_through_the_processor(tmp_path):
     placeholders shrink."""
     import numpy as np
     import torch
-    from test_video_llava import IDENTITY, IMG, SIZE, VID, build_model
+    from llava_video_checks import IMG, SIZE, VID
+    from test_video_llava import IDENTITY, build_model
     from transformers import AutoProcessor
 
     import earlytom_ext

@@ -1,0 +1,249 @@
+"""Checks shared by the tests of the CLIP-based LLaVA video families (LLaVA-NeXT-Video, Video-LLaVA):
+prompts built by hand, the kept tokens against a reference pipeline the test module runs by hand, and
+the integration behaviours both families share. Each family's test module supplies its model builder,
+its reference pipeline and its tokens per frame."""
+
+import pytest
+import torch
+from test_llm_merge import Oracle, _sharpen, unpad
+from tiny_models import cache_names, call_syncs, spy_host_reads
+
+import earlytom_ext
+from earlytom_ext._ext import has_cuda_kernels
+
+VID, IMG = 120, 121
+
+
+SIZE, PATCH = 16, 2  # an 8x8 patch grid and CLIP's class token
+TOL = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+needs_cuda = pytest.mark.skipif(
+    not torch.cuda.is_available() or not has_cuda_kernels(), reason="needs a CUDA device and the CUDA kernels"
+)
+
+
+def build_tiny(model_class, config_class, seed, dtype, depth, attn, **config):
+    """A tiny random ``model_class``: CLIP (``depth`` layers, 16 px frames of 2 px patches, features
+    from the second-to-last layer, 'default' select strategy) and a 2-layer Llama; eval mode."""
+    vision = dict(
+        model_type="clip_vision_model",
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=depth,
+        num_attention_heads=2,
+        image_size=SIZE,
+        patch_size=PATCH,
+        projection_dim=16,
+    )
+    text = dict(
+        model_type="llama",
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=4096,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    cfg = config_class(
+        vision_config=vision,
+        text_config=text,
+        video_token_index=VID,
+        image_token_index=IMG,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        **config,
+    )
+    for c in (cfg, cfg.vision_config, cfg.text_config):
+        c._attn_implementation = attn
+    torch.manual_seed(seed)
+    m = model_class(cfg).to(dtype).eval()
+    m.generation_config.pad_token_id = 0
+    return m
+
+
+def prompt_inputs(videos, per_frame, seed=0, padding_side="left", image_tokens=None):
+    """Prompts ``text, video placeholders, text`` (sample b has b extra text tokens; ``per_frame``
+    placeholders per frame); where ``image_tokens[b]`` is set, sample b has that many image
+    placeholders and no video."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for b, v in enumerate(videos):
+        row = torch.randint(3, 100, (2 + b,), generator=g).tolist()
+        if image_tokens is not None and image_tokens[b]:
+            row += [IMG] * image_tokens[b]
+        else:
+            row += [VID] * (v.shape[0] * per_frame)
+        rows.append(row + torch.randint(3, 100, (3,), generator=g).tolist())
+    L = max(map(len, rows))
+    ids = torch.zeros(len(rows), L, dtype=torch.long)
+    am = torch.zeros_like(ids)
+    for b, r in enumerate(rows):
+        sl = slice(L - len(r), L) if padding_side == "left" else slice(0, len(r))
+        ids[b, sl] = torch.tensor(r)
+        am[b, sl] = 1
+    with_video = [v for b, v in enumerate(videos) if image_tokens is None or not image_tokens[b]]
+    return dict(input_ids=ids, attention_mask=am, pixel_values_videos=torch.stack(with_video))
+
+
+def check_against_reference(model, videos, cfg, reference_video, per_frame, tol=1e-4):
+    """``apply(model, cfg).encode_videos`` equals ``reference_video(model, video, cfg)`` (``(tokens,
+    index, segments, frames after each prune layer, r')``) for every video; returns the statistics."""
+    with earlytom_ext.apply(model, cfg) as h:
+        feats = h.encode_videos(torch.stack(videos))
+        stats = h.last_stats
+    for b, v in enumerate(videos):
+        tokens, index, segs, counts, r_adj = reference_video(model, v, cfg)
+        st = stats["videos"][b]
+        assert st["segments"] == segs
+        assert [st["frames_after"][p] for p in cfg.prune_layers] == counts
+        assert st["kept"] == [tuple(x) for x in index.tolist()]
+        assert st["ratio"] == r_adj
+        assert (
+            st["tokens_before"] == v.shape[0] * per_frame and st["tokens_after"] == tokens.shape[0]
+        )  # nothing appended
+        assert feats[b].dtype == model.dtype
+        torch.testing.assert_close(feats[b].float(), tokens.float(), atol=tol, rtol=tol)
+    return stats
+
+
+def check_identity(model, x, identity, per_video):
+    """Under the identity configuration, logits and greedy tokens equal the unpatched model's and every
+    video keeps its ``per_video`` tokens."""
+    with torch.no_grad():
+        logits = model(**x).logits
+        seqs = model.generate(**x, max_new_tokens=4, do_sample=False)
+        with earlytom_ext.apply(model, identity) as h:
+            got = model(**x).logits
+            got_seqs = model.generate(**x, max_new_tokens=4, do_sample=False)
+        assert [v["tokens_after"] for v in h.last_stats["videos"]] == [per_video] * x["input_ids"].shape[0]
+    assert torch.equal(got, logits)
+    assert torch.equal(got_seqs, seqs)
+
+
+def check_beams(model, cfg, x, per_video):
+    """``generate`` with beams returns the caller's prompt; the compressed prompt holds the kept counts."""
+    L = x["input_ids"].shape[1]
+    B = x["input_ids"].shape[0]
+    with earlytom_ext.apply(model, cfg) as h, torch.no_grad():
+        out = model.generate(**x, max_new_tokens=3, do_sample=False, num_beams=2, num_return_sequences=2)
+        videos = h.last_stats["videos"]
+        compressed = h.last_inputs["input_ids"]
+    assert out.shape == (2 * B, L + 3)
+    assert torch.equal(out[:, :L], x["input_ids"].repeat_interleave(2, dim=0))
+    assert all(v["tokens_after"] < per_video for v in videos)
+    assert [int((row == VID).sum()) for row in compressed] == [v["tokens_after"] for v in videos]
+
+
+def check_cache_continuation(model, cfg, x):
+    """A follow-up ``generate`` on the returned sequences with the returned cache (one sample) continues
+    the conversation: the compressed prompt stands in the cache."""
+    name = cache_names()[0]
+    with earlytom_ext.apply(model, cfg), torch.no_grad():
+        out = model.generate(**x, max_new_tokens=2, do_sample=False, return_dict_in_generate=True)
+        follow = torch.cat([out.sequences, torch.tensor([[9, 10]])], dim=1)
+        cache = out[name] if name in out else out["past_key_values"]
+        more = model.generate(
+            input_ids=follow, attention_mask=torch.ones_like(follow), max_new_tokens=2, do_sample=False, **{name: cache}
+        )
+    assert more.shape == (1, follow.shape[1] + 2) and torch.equal(more[:, : follow.shape[1]], follow)
+
+
+def check_image_next_to_video(model, x, identity, cfg, per_video):
+    """Sample 0 holds an image, sample 1 a video: bit-identical under the identity configuration
+    (forward and generate); compressed, sample 0's logits are unchanged."""
+    with torch.no_grad():
+        want = model(**x).logits
+        want_seqs = model.generate(**x, max_new_tokens=3, do_sample=False)
+        with earlytom_ext.apply(model, identity) as h:
+            assert torch.equal(model(**x).logits, want)
+            assert len(h.last_stats["videos"]) == 1
+            assert torch.equal(model.generate(**x, max_new_tokens=3, do_sample=False), want_seqs)
+        with earlytom_ext.apply(model, cfg) as h:
+            got = model(**x).logits
+            assert h.last_stats["videos"][0]["tokens_after"] < per_video
+    # Sample 0 (the image, left of the shortened video prompt) is unchanged by the compression.
+    n0 = int(x["attention_mask"][0].sum())
+    torch.testing.assert_close(got[0, -n0:], want[0, -n0:], rtol=1e-5, atol=1e-5)
+
+
+def check_llm_merge(model, cfg, x, k=1, ratio=0.5, new=4):
+    """With the inner-LLM merge at layer ``k``, ``generate``'s logits equal the merge recomputed by
+    hand (``test_llm_merge.Oracle``) on the compressed prompt."""
+    _sharpen(model)
+    merged = cfg.replace(llm_merge_layer=k, llm_merge_ratio=ratio)
+    with earlytom_ext.apply(model, cfg) as plain:
+        prep = plain.prepare_inputs(x["input_ids"], x["pixel_values_videos"], attention_mask=x["attention_mask"])
+    with earlytom_ext.apply(model, merged) as h, torch.no_grad():
+        out = model.generate(**x, max_new_tokens=new, do_sample=False, output_logits=True, return_dict_in_generate=True)
+        merge_stats = h.last_stats["llm_merge"]
+    oracle = Oracle(model, k, ratio)
+    L0 = x["input_ids"].shape[1]
+    for b in range(x["input_ids"].shape[0]):
+        (span,) = prep["video_spans"][b]
+        assert merge_stats[b]["span"] == tuple(span)
+        assert len(merge_stats[b]["kept"]) == max(1, round(span[1] * (1 - ratio)))
+        e, sp = unpad(prep["inputs_embeds"], prep["attention_mask"], b, tuple(span))
+        want = oracle.logits(e, sp, out.sequences[b, L0:])
+        torch.testing.assert_close(torch.stack([s[b] for s in out.logits]), want, rtol=1e-4, atol=1e-4)
+
+
+def check_no_host_reads(model, cfg, x, videos, monkeypatch, adapter_files):
+    """The integration's own files (and ``adapter_files``) read nothing from tensors on the video path
+    (on a GPU each read syncs)."""
+    files = ("core.py", "run.py", "wrappers.py", "base.py", *adapter_files)
+    reads = spy_host_reads(monkeypatch, files)
+    with earlytom_ext.apply(model, cfg) as h:
+        with torch.no_grad():
+            model(**x)
+        model.generate(**x, max_new_tokens=2)
+        h.encode_videos(torch.stack(videos))
+    monkeypatch.undo()
+    assert reads == []
+
+
+def check_refused_before_the_encoder(model, cfg, calls):
+    """Every call of ``calls`` (name -> (call kwargs, exception, message pattern)) raises before the
+    vision encoder runs."""
+    with earlytom_ext.apply(model, cfg) as h:
+        for name, (call, exc, needle) in calls.items():
+            with pytest.raises(exc, match=needle), torch.no_grad():
+                model(**call)
+            assert h.last_stats is None, name
+
+
+_SYNC_SETUP = """
+import earlytom_ext
+from {module} import CFG, SIZE, T, build_model, make_inputs
+from earlytom_ext.tiny_model import make_video
+
+videos = [make_video(T, seed=5, kind="crossfade", scene_length=3, image_size=SIZE),
+          make_video(T, seed=2, kind="static", image_size=SIZE)]
+m = build_model().cuda()
+x = {{k: v.cuda() for k, v in make_inputs(videos).items()}}
+h = earlytom_ext.apply(m, CFG)
+"""
+
+
+def check_cuda_syncs(module, cfg, tmp_path):
+    """``prepare_inputs`` on CUDA (the test module ``module``'s model, two videos and config) syncs at
+    most once per prune layer."""
+    call = 'h.prepare_inputs(x["input_ids"], x["pixel_values_videos"], attention_mask=x["attention_mask"])'
+    syncs = call_syncs(_SYNC_SETUP.format(module=module), call, tmp_path)
+    assert 1 <= len(syncs) <= len(cfg.prune_layers), "\n".join(syncs)
+
+
+def check_cuda_equals_cpu(model, videos, cfg):
+    """The model moved to CUDA keeps the CPU run's decisions and (within fp32 tolerance) its tokens."""
+    with earlytom_ext.apply(model, cfg) as h:
+        want = h.encode_videos(torch.stack(videos))
+        want_stats = h.last_stats["videos"]
+    model = model.cuda()
+    with earlytom_ext.apply(model, cfg) as h:
+        got = h.encode_videos(torch.stack(videos).cuda())
+        stats = h.last_stats["videos"]
+    for b in range(len(videos)):
+        assert stats[b]["kept"] == want_stats[b]["kept"] and stats[b]["segments"] == want_stats[b]["segments"]
+        torch.testing.assert_close(got[b].cpu(), want[b], rtol=1e-4, atol=1e-4)
