@@ -379,6 +379,8 @@ def test_errors(model, videos):
         inputs = tm.make_inputs(videos, seed=12)
         with pytest.raises(ValueError, match="5 dimensions"):
             model(input_ids=inputs["input_ids"], pixel_values_videos=good[0])
+        with pytest.raises(ValueError, match=r"mm_encoder_outputs\['video'\] .* cannot be given together with pixel"):
+            model(**inputs, mm_encoder_outputs={"video": object()})
         wrong = tm.make_inputs(videos, seed=12, video_tokens=[100, 100])
         stage1_calls = []
         h.force_decisions(stage1=lambda *args, **kwargs: stage1_calls.append(args))

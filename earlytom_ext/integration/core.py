@@ -365,6 +365,12 @@ class EarlyTomHandle:
         call's arguments in place. Returns the compressed ``input_ids``."""
         if call.get("inputs_embeds") is not None:
             raise ValueError(f"EarlyTom needs input_ids (not inputs_embeds) together with {self.video_arg}")
+        encoded = call.get("mm_encoder_outputs")  # transformers 5.x: features computed beforehand
+        if isinstance(encoded, dict) and encoded.get("video") is not None:
+            raise ValueError(
+                f"mm_encoder_outputs['video'] (video features computed beforehand) cannot be given together with "
+                f"{self.video_arg}: EarlyTom computes the compressed video features itself"
+            )
         # transformers 5.24 renamed past_key_values to cache and still accepts both: check each.
         for name in ("cache", "past_key_values"):
             if cache_holds_tokens(call.get(name)):
