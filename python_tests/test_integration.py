@@ -8,6 +8,7 @@ Stage II from earlytom_ext.reference).
 import math
 import os
 import sys
+import warnings
 
 import pytest
 import torch
@@ -399,6 +400,15 @@ def test_errors(model, videos):
     with pytest.raises(ValueError, match="encoder depth"):
         earlytom_ext.apply(model, EarlyTomConfig(prune_layers=(6, 21, 23)))  # needs 24+ encoder layers
     assert "_earlytom_handle" not in model.__dict__
+
+
+def test_presets_on_llava_onevision_give_no_warning():
+    # The presets were tuned on LLaVA-OneVision: their layers are this family's own choice.
+    m = tm.build_model(seed=0, vision_layers=26)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for name in ("mvbench", "videomme", "longvideobench", "egoschema"):
+            earlytom_ext.apply(m, earlytom_ext.preset(name, 0.1)).remove()
 
 
 def test_other_llava_family_model_rejected():

@@ -11,6 +11,7 @@ from the model's rope rules, and the uncompressed layout against the model's own
 import inspect
 import os
 import sys
+import warnings
 
 import pytest
 import torch
@@ -809,6 +810,14 @@ def test_published_geometry_runs_with_the_default_prune_layers(family):
     assert st["tokens_before"] == 2 * 64
     assert st["tokens_after"] == h.last_inputs["video_token_counts"][0] < 2 * 64
     assert logits.shape[1] == inputs["input_ids"].shape[1] - (st["tokens_before"] - st["tokens_after"])
+    # A preset's layers (LLaVA-OneVision's SigLIP) fit this encoder: accepted, with a warning naming the family's.
+    family_name = "Qwen2.5-VL" if family == "qwen2_5_vl" else "Qwen2-VL"
+    with pytest.warns(UserWarning, match=rf"prune_layers \(10, 21, 23\) are a paper preset's.*{family_name}'s own are"):
+        earlytom_ext.apply(m, earlytom_ext.preset("videomme", 0.1)).remove()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        earlytom_ext.apply(m, earlytom_ext.preset("videomme", 0.1).replace(prune_layers=None)).remove()
+        earlytom_ext.apply(m, cfg.replace(prune_layers=(7, 15, 23))).remove()  # chosen by hand: no warning
 
 
 @pytest.mark.skipif(not (torch.cuda.is_available() and has_cuda_kernels()), reason="needs CUDA and the CUDA kernels")

@@ -222,6 +222,9 @@ def test_default_prune_layers():
     videomme = earlytom_ext.preset("videomme", 0.1).replace(prune_layers=None)
     with earlytom_ext.apply(build_model(depth=24), videomme) as h:
         assert (h.config.prune_layers, h.config.tau, h.config.max_window) == ((6, 18, 20), 0.3, 6)
+    # MVBench's (8, 14, 20) fit CLIP's 23 feature layers: accepted, with a warning naming the family's.
+    with pytest.warns(UserWarning, match=r"\(8, 14, 20\) are a paper preset's.*Video-LLaVA's own are \(6, 18, 20\)"):
+        earlytom_ext.apply(build_model(depth=24), earlytom_ext.preset("mvbench", 0.1)).remove()
 
 
 def test_errors(model, videos):

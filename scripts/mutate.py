@@ -501,6 +501,20 @@ MUTATIONS = [
         "inner-LLM merge: gradient checkpointing under grad mode accepted (backward recomputes without the merge)",
     ),
     Mutation(
+        "apply-preset-layers-silent",
+        ("earlytom_ext/integration/__init__.py",),
+        "    if adapter.presets_tuned:\n        return\n",
+        "    if adapter.presets_tuned or True:\n        return\n",
+        "apply: a preset's SigLIP prune layers accepted on another family without a warning",
+    ),
+    Mutation(
+        "apply-preset-warning-on-llava-onevision",
+        ("earlytom_ext/integration/adapters/llava_onevision.py",),
+        "    presets_tuned = True",
+        "    presets_tuned = False",
+        "apply: the presets' layers warned about on LLaVA-OneVision, the family they were tuned on",
+    ),
+    Mutation(
         "apply-config-without-layers",
         ("earlytom_ext/integration/__init__.py",),
         "        cfg = cfg.replace(prune_layers=adapter.default_prune_layers())",

@@ -19,10 +19,12 @@ model's output over the *compressed* sequence; the compressed inputs are on ``ha
 
 from __future__ import annotations
 
+import warnings
+
 import torch.nn as nn
 
 from .._logging import logger
-from ..config import EarlyTomConfig
+from ..config import PAPER_PRESETS, EarlyTomConfig
 from .adapters import adapter_for
 from .core import MARKER, EarlyTomHandle
 from .pooling import FastPoolingHandle, fast_pooling
@@ -76,6 +78,7 @@ def apply(model: nn.Module, cfg: EarlyTomConfig | None = None) -> EarlyTomHandle
         cfg = cfg.replace(prune_layers=adapter.default_prune_layers())
     cfg.check_depths(num_layers=adapter.depth)
     adapter.check_config(cfg)
+    _warn_preset_layers(adapter, cfg)
     llm_merge = None
     if cfg.llm_merge_layer is not None:
         from .llm_merge import LLMMerge
@@ -91,3 +94,21 @@ def apply(model: nn.Module, cfg: EarlyTomConfig | None = None) -> EarlyTomHandle
         cfg,
     )
     return handle
+
+
+def _warn_preset_layers(adapter, cfg: EarlyTomConfig) -> None:
+    """A preset's prune layers on a family they were not tuned on (they index LLaVA-OneVision's SigLIP):
+    accepted, since they fit the encoder, with a warning naming the family's own."""
+    if adapter.presets_tuned:
+        return
+    layers = tuple(cfg.prune_layers)
+    own = tuple(adapter.default_prune_layers())
+    if layers == own or layers not in {tuple(c.prune_layers) for t in PAPER_PRESETS.values() for c in t.values()}:
+        return
+    family = getattr(adapter, "family", type(adapter.model).__name__)
+    warnings.warn(
+        f"EarlyTom: prune_layers {layers} are a paper preset's, tuned on LLaVA-OneVision's SigLIP encoder; "
+        f"{family}'s own are {own} (preset(...).replace(prune_layers=None) uses them)",
+        UserWarning,
+        stacklevel=3,
+    )

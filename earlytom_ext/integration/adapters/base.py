@@ -60,6 +60,8 @@ class ModelAdapter:
     depth: int  # vision encoder layers (prune layers index them)
     tokens_per_frame: int  # P: tokens per frame the LLM sees without compression
     extra_tokens_per_video: int = 0  # tokens appended per video after Stage II (LLaVA-OneVision: image_newline)
+    #: the paper's presets (:func:`earlytom_ext.preset`) were tuned on this family's encoder
+    presets_tuned: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module):
         self.model = model

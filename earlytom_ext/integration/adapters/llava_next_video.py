@@ -35,6 +35,7 @@ class LlavaNextVideoAdapter(LlavaOnevisionAdapter):
     video_kwargs = ("vision_feature_layer", "vision_feature_select_strategy")
     consumed_kwargs = ()
     extra_tokens_per_video = 0
+    presets_tuned = False
 
     def __init__(self, model: nn.Module):
         super().__init__(model)

@@ -37,6 +37,7 @@ class LlavaOnevisionAdapter(ModelAdapter):
     video_kwargs = ("vision_feature_layer", "vision_feature_select_strategy", "image_sizes_videos")
     consumed_kwargs = ("image_sizes_videos",)  # only the unpatched video path reads it
     extra_tokens_per_video = 1  # image_newline
+    presets_tuned = True  # the paper's model: its presets' prune layers are SigLIP's
 
     def __init__(self, model: nn.Module):
         super().__init__(model)

@@ -35,6 +35,7 @@ class VideoLlavaAdapter(LlavaOnevisionAdapter):
     video_kwargs = ("vision_feature_layer",)
     consumed_kwargs = ()
     extra_tokens_per_video = 0
+    presets_tuned = False
 
     def pooled_tokens(self) -> int:
         """Tokens per frame the LLM sees: every patch and the class token (CLIP), no pooling."""
