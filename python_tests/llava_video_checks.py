@@ -204,6 +204,42 @@ def check_no_host_reads(model, cfg, x, videos, monkeypatch, adapter_files):
     assert reads == []
 
 
+def check_errors(model, build_model, cfg, x, adapter_class, extra_calls=None):
+    """The refusals both families share, each with the message that names the fix: prune layers after
+    the feature layer, a preset's SigLIP layers on CLIP's 24, call arguments (before the encoder; plus
+    ``extra_calls``), a feature layer at the embeddings, the adapter on the inner model. ``model``:
+    6 CLIP layers, features from the second-to-last (layer 4); ``cfg`` prunes at (1, 3, 4)."""
+    needle = r"vision_feature_layer -2 selects encoder layer 4, before the last prune layer 5.*e\.g\. to \(1, 4\)"
+    with pytest.raises(ValueError, match=needle):
+        earlytom_ext.apply(model, cfg.replace(prune_layers=(1, 5)))
+    # The paper's presets are SigLIP's (26 layers): on CLIP's 24 the message names the family's layers.
+    with pytest.raises(ValueError, match=r"last prune layer 23.*e\.g\. to \(6, 18, 20\)"):
+        earlytom_ext.apply(build_model(depth=24), earlytom_ext.preset("videomme", 0.1))
+    short = x["input_ids"].clone()
+    short[1, int((short[1] == VID).nonzero()[0])] = 5  # one video placeholder fewer in sample 1
+    pv = x["pixel_values_videos"]
+    vfl = r"vision_feature_layer must be an int or a non-empty list of ints in \[-7, 6\], got "
+    calls = {
+        "frame size": (dict(x, pixel_values_videos=pv[..., :8, :8]), ValueError, "image_size"),
+        "dims": (dict(x, pixel_values_videos=pv[0]), ValueError, "5 dimensions"),
+        "integers": (dict(x, pixel_values_videos=pv.long()), TypeError, "floating-point"),
+        "placeholders": (dict(x, input_ids=short), ValueError, "placeholder"),
+        "layer float": (dict(x, vision_feature_layer=-2.0), ValueError, vfl + "-2.0"),
+        "layer list empty": (dict(x, vision_feature_layer=[]), ValueError, vfl + r"\[\]"),
+        "layer early": (dict(x, vision_feature_layer=2), ValueError, r"layer 1, .*e\.g\. to \(0, 1\)"),
+        "projector": (dict(x, vision_feature_layer=[-2, -1]), ValueError, "64 channels, but the model's projector"),
+        **(extra_calls or {}),
+    }
+    check_refused_before_the_encoder(model, cfg, calls)
+    embedding = build_model()
+    embedding.config.vision_feature_layer = 0
+    with pytest.raises(ValueError, match="config.vision_feature_layer 0 selects the embedding output"):
+        earlytom_ext.apply(embedding)
+    name = adapter_class.model_class
+    with pytest.raises(TypeError, match=f"{name} .*got {name.replace('ForConditionalGeneration', 'Model')}"):
+        adapter_class(model.model)
+
+
 def check_refused_before_the_encoder(model, cfg, calls):
     """Every call of ``calls`` (name -> (call kwargs, exception, message pattern)) raises before the
     vision encoder runs."""

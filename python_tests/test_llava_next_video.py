@@ -20,14 +20,17 @@ if not hasattr(transformers, "LlavaNextVideoForConditionalGeneration"):
     pytest.skip("this transformers has no LlavaNextVideoForConditionalGeneration", allow_module_level=True)
 
 import llava_video_checks as checks  # noqa: E402
-from llava_video_checks import SIZE, TOL, VID, needs_cuda  # noqa: E402
+from llava_video_checks import SIZE, TOL, needs_cuda  # noqa: E402
 from tiny_models import call_layer, check_compiled_model, layer_qk, vision_layers  # noqa: E402
 from transformers import LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration  # noqa: E402
 
 import earlytom_ext  # noqa: E402
 from earlytom_ext import EarlyTomConfig  # noqa: E402
 from earlytom_ext import reference as R  # noqa: E402
-from earlytom_ext.integration.adapters.llava_next_video import LLAVA_NEXT_VIDEO_PRUNE_LAYERS  # noqa: E402
+from earlytom_ext.integration.adapters.llava_next_video import (  # noqa: E402
+    LLAVA_NEXT_VIDEO_PRUNE_LAYERS,
+    LlavaNextVideoAdapter,
+)
 from earlytom_ext.tiny_model import make_video  # noqa: E402
 
 # an 8x8 patch grid (+ the class token) -> 4x4 = 16 tokens per frame after the resampler
@@ -224,37 +227,9 @@ def test_default_prune_layers():
 
 
 def test_errors(model, videos):
-    needle = r"vision_feature_layer -2 selects encoder layer 4, before the last prune layer 5.*e\.g\. to \(1, 4\)"
-    with pytest.raises(ValueError, match=needle):
-        earlytom_ext.apply(model, CFG.replace(prune_layers=(1, 5)))
-    # The paper's presets are SigLIP's (26 layers): on CLIP's 24 the message names the family's layers.
-    with pytest.raises(ValueError, match=r"last prune layer 23.*e\.g\. to \(6, 18, 20\)"):
-        earlytom_ext.apply(build_model(depth=24), earlytom_ext.preset("videomme", 0.1))
     x = make_inputs(videos)
-    short = x["input_ids"].clone()
-    short[1, int((short[1] == VID).nonzero()[0])] = 5  # one video placeholder fewer in sample 1
-    calls = {
-        "strategy": (dict(x, vision_feature_select_strategy="full"), ValueError, "'full' keeps the encoder's class"),
-        "frame size": (dict(x, pixel_values_videos=x["pixel_values_videos"][..., :8, :8]), ValueError, "image_size"),
-        "dims": (dict(x, pixel_values_videos=x["pixel_values_videos"][0]), ValueError, "5 dimensions"),
-        "placeholders": (dict(x, input_ids=short), ValueError, "placeholder"),
-    }
-    vfl = r"vision_feature_layer must be an int or a non-empty list of ints in \[-7, 6\], got "
-    calls.update(
-        {
-            "layer float": (dict(x, vision_feature_layer=-2.0), ValueError, vfl + "-2.0"),
-            "layer list empty": (dict(x, vision_feature_layer=[]), ValueError, vfl + r"\[\]"),
-            "layer early": (dict(x, vision_feature_layer=2), ValueError, r"layer 1, .*e\.g\. to \(0, 1\)"),
-            "projector": (dict(x, vision_feature_layer=[-2, -1]), ValueError, "64 channels, but the model's projector"),
-        }
-    )
-    checks.check_refused_before_the_encoder(model, CFG, calls)
-    embedding = build_model()
-    embedding.config.vision_feature_layer = 0
-    with pytest.raises(ValueError, match="config.vision_feature_layer 0 selects the embedding output"):
-        earlytom_ext.apply(embedding)
-    with pytest.raises(TypeError, match="LlavaNextVideoForConditionalGeneration .*got LlavaNextVideoModel"):
-        earlytom_ext.integration.adapters.llava_next_video.LlavaNextVideoAdapter(model.model)
+    strategy = (dict(x, vision_feature_select_strategy="full"), ValueError, "'full' keeps the encoder's class")
+    checks.check_errors(model, build_model, CFG, x, LlavaNextVideoAdapter, {"strategy": strategy})
 
 
 def test_video_path_reads_no_tensor_values_on_the_host(model, videos, monkeypatch):

@@ -20,14 +20,14 @@ if not hasattr(transformers, "VideoLlavaForConditionalGeneration"):
     pytest.skip("this transformers has no VideoLlavaForConditionalGeneration", allow_module_level=True)
 
 import llava_video_checks as checks  # noqa: E402
-from llava_video_checks import SIZE, TOL, VID, needs_cuda  # noqa: E402
+from llava_video_checks import SIZE, TOL, needs_cuda  # noqa: E402
 from tiny_models import call_layer, check_compiled_model, layer_qk, vision_layers  # noqa: E402
 from transformers import VideoLlavaConfig, VideoLlavaForConditionalGeneration  # noqa: E402
 
 import earlytom_ext  # noqa: E402
 from earlytom_ext import EarlyTomConfig  # noqa: E402
 from earlytom_ext import reference as R  # noqa: E402
-from earlytom_ext.integration.adapters.video_llava import VIDEO_LLAVA_PRUNE_LAYERS  # noqa: E402
+from earlytom_ext.integration.adapters.video_llava import VIDEO_LLAVA_PRUNE_LAYERS, VideoLlavaAdapter  # noqa: E402
 from earlytom_ext.tiny_model import make_video  # noqa: E402
 
 # the 8x8 patch grid and the class token: 65 tokens per frame, all of them to the LLM
@@ -228,31 +228,7 @@ def test_default_prune_layers():
 
 
 def test_errors(model, videos):
-    needle = r"vision_feature_layer -2 selects encoder layer 4, before the last prune layer 5.*e\.g\. to \(1, 4\)"
-    with pytest.raises(ValueError, match=needle):
-        earlytom_ext.apply(model, CFG.replace(prune_layers=(1, 5)))
-    with pytest.raises(ValueError, match=r"last prune layer 23.*e\.g\. to \(6, 18, 20\)"):
-        earlytom_ext.apply(build_model(depth=24), earlytom_ext.preset("videomme", 0.1))
-    x = make_inputs(videos)
-    short = x["input_ids"].clone()
-    short[1, int((short[1] == VID).nonzero()[0])] = 5  # one video placeholder fewer in sample 1
-    vfl = r"vision_feature_layer must be an int or a non-empty list of ints in \[-7, 6\], got "
-    calls = {
-        "frame size": (dict(x, pixel_values_videos=x["pixel_values_videos"][..., :8, :8]), ValueError, "image_size"),
-        "dims": (dict(x, pixel_values_videos=x["pixel_values_videos"][0]), ValueError, "5 dimensions"),
-        "integers": (dict(x, pixel_values_videos=x["pixel_values_videos"].long()), TypeError, "floating-point"),
-        "placeholders": (dict(x, input_ids=short), ValueError, "placeholder"),
-        "layer float": (dict(x, vision_feature_layer=-2.0), ValueError, vfl + "-2.0"),
-        "layer early": (dict(x, vision_feature_layer=2), ValueError, r"layer 1, .*e\.g\. to \(0, 1\)"),
-        "projector": (dict(x, vision_feature_layer=[-2, -1]), ValueError, "64 channels, but the model's projector"),
-    }
-    checks.check_refused_before_the_encoder(model, CFG, calls)
-    embedding = build_model()
-    embedding.config.vision_feature_layer = 0
-    with pytest.raises(ValueError, match="config.vision_feature_layer 0 selects the embedding output"):
-        earlytom_ext.apply(embedding)
-    with pytest.raises(TypeError, match="VideoLlavaForConditionalGeneration .*got VideoLlavaModel"):
-        earlytom_ext.integration.adapters.video_llava.VideoLlavaAdapter(model.model)
+    checks.check_errors(model, build_model, CFG, make_inputs(videos), VideoLlavaAdapter)
 
 
 def test_video_path_reads_no_tensor_values_on_the_host(model, videos, monkeypatch):
