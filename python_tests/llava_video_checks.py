@@ -6,10 +6,12 @@ its reference pipeline and its tokens per frame."""
 import pytest
 import torch
 from test_llm_merge import Oracle, _sharpen, unpad
-from tiny_models import cache_names, call_syncs, spy_host_reads
+from tiny_models import cache_names, call_layer, call_syncs, layer_qk, spy_host_reads, vision_layers
 
 import earlytom_ext
+from earlytom_ext import reference as R
 from earlytom_ext._ext import has_cuda_kernels
+from earlytom_ext.tiny_model import make_video
 
 VID, IMG = 120, 121
 
@@ -62,6 +64,41 @@ def build_tiny(model_class, config_class, seed, dtype, depth, attn, **config):
     m = model_class(cfg).to(dtype).eval()
     m.generation_config.pad_token_id = 0
     return m
+
+
+def sample_videos(frames):
+    """A crossfade (merges at the later prune layers) and a static shot (merges at every one)."""
+    return [
+        make_video(frames, seed=5, kind="crossfade", scene_length=3, image_size=SIZE),
+        make_video(frames, seed=2, kind="static", image_size=SIZE),
+    ]
+
+
+@torch.no_grad()
+def reference_video(model, video, cfg, to_llm, per_frame):
+    """``(tokens, index, segments, frames after each prune layer, r')`` of one video ``[T, 3, H, W]``:
+    the CLIP embeddings, every encoder layer up to the feature layer (-2) one at a time with Stage I,
+    the score and the refined segmentation from ``earlytom_ext.reference``, then ``to_llm(hidden,
+    scores) -> (tokens, scores)`` (the family's step to the LLM's side) and Stage II."""
+    vm, layers = vision_layers(model)
+    hidden = vm.pre_layrnorm(vm.embeddings(video.to(dtype=model.dtype)))
+    last = cfg.prune_layers[-1]
+    scores, segs, counts = None, None, []
+    for i, layer in enumerate(layers[: len(layers) - 1]):  # vision_feature_layer -2: all but the last
+        if i == last:
+            scores = R.attention_received(*layer_qk(layer, hidden))
+        hidden = call_layer(layer, hidden)
+        if i in cfg.prune_layers:
+            plan = R.merge_plan(hidden, cfg)[0]
+            hidden = R.apply_plan(hidden, plan)
+            if i == last:
+                scores = R.apply_plan(scores, plan)
+                segs = R.segment(hidden, cfg)
+            counts.append(hidden.shape[0])
+    tokens, scores = to_llm(hidden, scores)
+    r_adj = R.adjusted_ratio(cfg.retain_ratio, video.shape[0], tokens.shape[0], P=per_frame)
+    kept, index = R.select_tokens(tokens, scores, segs, r_adj)
+    return kept, index, [tuple(s) for s in segs], counts, r_adj
 
 
 def prompt_inputs(videos, per_frame, seed=0, padding_side="left", image_tokens=None):
@@ -252,11 +289,10 @@ def check_refused_before_the_encoder(model, cfg, calls):
 
 _SYNC_SETUP = """
 import earlytom_ext
-from {module} import CFG, SIZE, T, build_model, make_inputs
-from earlytom_ext.tiny_model import make_video
+from {module} import CFG, T, build_model, make_inputs
+from llava_video_checks import sample_videos
 
-videos = [make_video(T, seed=5, kind="crossfade", scene_length=3, image_size=SIZE),
-          make_video(T, seed=2, kind="static", image_size=SIZE)]
+videos = sample_videos(T)
 m = build_model().cuda()
 x = {{k: v.cuda() for k, v in make_inputs(videos).items()}}
 h = earlytom_ext.apply(m, CFG)

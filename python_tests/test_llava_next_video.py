@@ -21,12 +21,11 @@ if not hasattr(transformers, "LlavaNextVideoForConditionalGeneration"):
 
 import llava_video_checks as checks  # noqa: E402
 from llava_video_checks import SIZE, TOL, needs_cuda  # noqa: E402
-from tiny_models import call_layer, check_compiled_model, layer_qk, vision_layers  # noqa: E402
+from tiny_models import check_compiled_model, vision_layers  # noqa: E402
 from transformers import LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration  # noqa: E402
 
 import earlytom_ext  # noqa: E402
 from earlytom_ext import EarlyTomConfig  # noqa: E402
-from earlytom_ext import reference as R  # noqa: E402
 from earlytom_ext.integration.adapters.llava_next_video import (  # noqa: E402
     LLAVA_NEXT_VIDEO_PRUNE_LAYERS,
     LlavaNextVideoAdapter,
@@ -66,11 +65,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def videos():
-    # A crossfade (merges at the later prune layers) and a static shot (merges at every one).
-    return [
-        make_video(T, seed=5, kind="crossfade", scene_length=3, image_size=SIZE),
-        make_video(T, seed=2, kind="static", image_size=SIZE),
-    ]
+    return checks.sample_videos(T)
 
 
 @pytest.fixture(autouse=True)
@@ -89,30 +84,13 @@ def pool_scores(scores, mode):
     return out.reshape(n, P)
 
 
-@torch.no_grad()
 def reference_video(model, video, cfg):
-    """``(tokens, index, segments, frames after each prune layer, r')`` of one video ``[T, 3, H, W]``."""
-    vm, layers = vision_layers(model)
-    hidden = vm.pre_layrnorm(vm.embeddings(video.to(dtype=model.dtype)))
-    last = cfg.prune_layers[-1]
-    scores, segs, counts = None, None, []
-    for i, layer in enumerate(layers[: len(layers) - 1]):  # vision_feature_layer -2: all but the last
-        if i == last:
-            scores = R.attention_received(*layer_qk(layer, hidden))
-        hidden = call_layer(layer, hidden)
-        if i in cfg.prune_layers:
-            plan = R.merge_plan(hidden, cfg)[0]
-            hidden = R.apply_plan(hidden, plan)
-            if i == last:
-                scores = R.apply_plan(scores, plan)
-                segs = R.segment(hidden, cfg)
-            counts.append(hidden.shape[0])
-    feats, scores = hidden[:, 1:], scores[:, 1:]  # 'default': no class token
-    tokens = model.model.multi_modal_projector(model.model.vision_resampler(feats))
-    pooled = pool_scores(scores, model.config.spatial_pool_mode)
-    r_adj = R.adjusted_ratio(cfg.retain_ratio, video.shape[0], tokens.shape[0], P=P)
-    kept, index = R.select_tokens(tokens, pooled, segs, r_adj)
-    return kept, index, [tuple(s) for s in segs], counts, r_adj
+    def to_llm(hidden, scores):
+        feats, scores = hidden[:, 1:], scores[:, 1:]  # 'default': no class token
+        tokens = model.model.multi_modal_projector(model.model.vision_resampler(feats))
+        return tokens, pool_scores(scores, model.config.spatial_pool_mode)
+
+    return checks.reference_video(model, video, cfg, to_llm, P)
 
 
 def check_against_reference(model, videos, cfg=CFG, tol=1e-4):

@@ -21,7 +21,7 @@ if not hasattr(transformers, "VideoLlavaForConditionalGeneration"):
 
 import llava_video_checks as checks  # noqa: E402
 from llava_video_checks import SIZE, TOL, needs_cuda  # noqa: E402
-from tiny_models import call_layer, check_compiled_model, layer_qk, vision_layers  # noqa: E402
+from tiny_models import check_compiled_model, vision_layers  # noqa: E402
 from transformers import VideoLlavaConfig, VideoLlavaForConditionalGeneration  # noqa: E402
 
 import earlytom_ext  # noqa: E402
@@ -53,11 +53,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def videos():
-    # A crossfade (merges at the later prune layers) and a static shot (merges at every one).
-    return [
-        make_video(T, seed=5, kind="crossfade", scene_length=3, image_size=SIZE),
-        make_video(T, seed=2, kind="static", image_size=SIZE),
-    ]
+    return checks.sample_videos(T)
 
 
 @pytest.fixture(autouse=True)
@@ -68,28 +64,11 @@ def _no_leftover(model):
         h.remove()
 
 
-@torch.no_grad()
 def reference_video(model, video, cfg):
-    """``(tokens, index, segments, frames after each prune layer, r')`` of one video ``[T, 3, H, W]``."""
-    vm, layers = vision_layers(model)
-    hidden = vm.pre_layrnorm(vm.embeddings(video.to(dtype=model.dtype)))
-    last = cfg.prune_layers[-1]
-    scores, segs, counts = None, None, []
-    for i, layer in enumerate(layers[: len(layers) - 1]):  # vision_feature_layer -2: all but the last
-        if i == last:
-            scores = R.attention_received(*layer_qk(layer, hidden))
-        hidden = call_layer(layer, hidden)
-        if i in cfg.prune_layers:
-            plan = R.merge_plan(hidden, cfg)[0]
-            hidden = R.apply_plan(hidden, plan)
-            if i == last:
-                scores = R.apply_plan(scores, plan)
-                segs = R.segment(hidden, cfg)
-            counts.append(hidden.shape[0])
-    tokens = model.model.multi_modal_projector(hidden)  # every token, the class token first
-    r_adj = R.adjusted_ratio(cfg.retain_ratio, video.shape[0], tokens.shape[0], P=P)
-    kept, index = R.select_tokens(tokens, scores.float(), segs, r_adj)
-    return kept, index, [tuple(s) for s in segs], counts, r_adj
+    def to_llm(hidden, scores):  # every token, the class token first; the scores as they are
+        return model.model.multi_modal_projector(hidden), scores.float()
+
+    return checks.reference_video(model, video, cfg, to_llm, P)
 
 
 def check_against_reference(model, videos, cfg=CFG, tol=1e-4):
