@@ -578,11 +578,11 @@ def test_forced_segments_give_the_spec_count(model, videos):
     assert [0 <= static[0] < 3, 3 <= static[1] < 5, 5 <= static[2] < 7, 7 <= static[3] < 9] == [True] * 4
 
 
-def test_positions_follow_the_original_grid(model, videos):
+def check_positions(model, inputs, cfg):
     """Every kept token has the position the unpatched model gives its (first source group,
     position) in the uncompressed prompt; text keeps its positions; padding and rope_deltas follow
-    the model's own rules (all read from the model's get_rope_index on the uncompressed prompt)."""
-    inputs = make_inputs(model, videos, seed=8, spgt=(1.0, 1.5))
+    the model's own rules (all read from the model's get_rope_index on the uncompressed prompt).
+    One video per sample. Returns the statistics."""
     v5 = v5_rope(model)
     kw = {"mm_token_type_ids": inputs["mm_token_type_ids"]} if v5 else {}
     if "second_per_grid_ts" in inputs:
@@ -590,20 +590,20 @@ def test_positions_follow_the_original_grid(model, videos):
     full_pos, full_delta = model.model.get_rope_index(
         inputs["input_ids"], video_grid_thw=inputs["video_grid_thw"], attention_mask=inputs["attention_mask"], **kw
     )
-    with earlytom_ext.apply(model, CFG) as h:
+    with earlytom_ext.apply(model, cfg) as h:
         prep, pos, delta = _positions(model, h, inputs)
         st = h.last_stats
     mask, ids = prep["attention_mask"], prep["input_ids"]
     L, L2 = inputs["input_ids"].shape[1], ids.shape[1]
-    P = 9
-    for b in range(2):
+    for b, (T, gh, gw) in enumerate(inputs["video_grid_thw"].tolist()):
+        P = gh * gw // 4
         real_full = inputs["attention_mask"][b].nonzero().flatten().tolist()
         full = [tuple(full_pos[:, b, c].tolist()) for c in real_full]
         start = inputs["input_ids"][b, real_full].tolist().index(VID)
         sources = st["videos"][b]["frame_sources"]
         expect = full[:start]
         expect += [full[start + min(sources[f]) * P + p] for f, p in st["videos"][b]["kept"]]
-        expect += full[start + 6 * P :]
+        expect += full[start + T * P :]
         real = mask[b].nonzero().flatten().tolist()
         assert [tuple(pos[:, b, c].tolist()) for c in real] == expect
         pad = [tuple(full_pos[:, b, c].tolist()) for c in range(L) if c not in real_full]
@@ -614,6 +614,61 @@ def test_positions_follow_the_original_grid(model, videos):
         assert int(delta[b, 0]) == max(map(max, expect)) + 1 - (L2 if padded else len(real))
     merged = [f for v in st["videos"] for f in v["frame_sources"] if len(f) > 1]
     assert merged, "the test should exercise the position of a merged group"
+    return st
+
+
+def test_positions_follow_the_original_grid(model, videos):
+    check_positions(model, make_inputs(model, videos, seed=8, spgt=(1.0, 1.5)), CFG)
+
+
+def mixed_grid_videos():
+    """Three videos on two spatial grids, the odd one in the middle: 12x12 px (3x3 tokens per group),
+    8x16 px (2x4 tokens, windows of another shape), 12x12 px with fewer groups (static: Stage I
+    merges groups in it on both families)."""
+    return [
+        make_video(FRAMES, seed=1, kind="scenes", scene_length=4, image_size=SIZE),
+        make_video(FRAMES, seed=2, kind="static", image_size=16)[:, :, :8, :],
+        make_video(10, seed=2, kind="static", image_size=SIZE),
+    ]
+
+
+def test_videos_of_different_grids_in_one_call(model):
+    """Videos on different spatial grids are encoded one grid at a time: the identity configuration
+    still gives the unpatched model's logits and tokens, each video's kept tokens equal the
+    reference pipeline run on that video alone, and the positions follow the original grids."""
+    vids = mixed_grid_videos()
+    inputs = make_inputs(model, vids, seed=12, spgt=(1.0, 0.5, 2.0))
+    assert inputs["video_grid_thw"].tolist() == [[6, 6, 6], [6, 4, 8], [5, 6, 6]]
+    with torch.no_grad():
+        base_logits = model(**inputs).logits
+    base_gen = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    with earlytom_ext.apply(model, IDENTITY) as h:
+        with torch.no_grad():
+            logits = model(**inputs).logits
+        gen = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        assert [v["tokens_after"] for v in h.last_stats["videos"]] == [54, 48, 45]
+    assert torch.equal(logits, base_logits)
+    assert torch.equal(gen, base_gen)
+
+    st = check_positions(model, inputs, CFG)
+    assert st["tokens_per_frame"] is None
+    assert [v["tokens_per_frame"] for v in st["videos"]] == [9, 8, 9]
+    with earlytom_ext.apply(model, CFG) as h:
+        feats = h.encode_videos(inputs["pixel_values_videos"], video_grid_thw=inputs["video_grid_thw"])
+        assert h.tokens_per_frame == 0  # the call's videos have no one P
+        assert h.last_stats["videos"] == st["videos"]
+        out = model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    assert torch.equal(out[:, : inputs["input_ids"].shape[1]], inputs["input_ids"])
+    pix, grids = _split_pixels(inputs)
+    for b in range(3):
+        ref_tokens, ref_index, ref = reference_video(model, pix[b], grids[b], CFG)
+        v = st["videos"][b]
+        assert v["segments"] == [tuple(s) for s in ref["segments"]]
+        assert [v["frames_after"][p] for p in CFG.prune_layers] == ref["counts"]
+        assert v["kept"] == [tuple(x) for x in ref_index.tolist()]
+        assert v["ratio"] == ref["ratio"]
+        _close(feats[b], ref_tokens)
+    assert st["videos"][1]["frames_after"][CFG.prune_layers[-1]] < 6, "the odd grid's video should merge"
 
 
 def test_generate_batch_with_image_and_different_lengths(model, videos):
@@ -712,7 +767,7 @@ def test_errors(model, videos):
             h.encode_videos(inputs["pixel_values_videos"], video_grid_thw=torch.tensor([6, 6, 6]))
         with pytest.raises(TypeError, match="pixel_values_videos must be a floating-point"):
             h.encode_videos(inputs["pixel_values_videos"].long(), video_grid_thw=inputs["video_grid_thw"])
-        with pytest.raises(ValueError, match="one spatial grid"):
+        with pytest.raises(ValueError, match=r"pixel_values_videos has 432 patches but video_grid_thw"):
             h.encode_videos(inputs["pixel_values_videos"], video_grid_thw=torch.tensor([[4, 6, 6], [3, 8, 6]]))
         if family_of(model) == "qwen2_5_vl":
             with pytest.raises(ValueError, match="second_per_grid_ts must have one value per video"):

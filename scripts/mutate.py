@@ -422,6 +422,20 @@ MUTATIONS = [
     ),
     # ---- Qwen2.5-VL / Qwen2-VL adapters
     Mutation(
+        "qwen-mixed-grids-joined-in-pass-order",
+        QWEN,
+        "                    gathered[v] = value\n",
+        "                    gathered[sum(g is not None for g in gathered)] = value\n",
+        "Qwen: with videos on several grids, the positions of the kept tokens gathered in encoding order",
+    ),
+    Mutation(
+        "qwen-mixed-grids-time-steps-not-split",
+        QWEN,
+        '"second_per_grid_ts": None if spg is None else [spg[v] for v in where],',
+        '"second_per_grid_ts": None if spg is None else spg[: len(where)],',
+        "Qwen2.5-VL: with videos on several grids, each pass given the first videos' time steps",
+    ),
+    Mutation(
         "qwen-merged-group-time",
         QWEN,
         "first = torch.minimum(first[plan_src[:, 0]], first[plan_src[:, 1]])",

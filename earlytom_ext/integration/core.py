@@ -76,7 +76,8 @@ class EarlyTomHandle:
 
     @property
     def tokens_per_frame(self) -> int:
-        """Tokens per frame the LLM sees without compression (196 for LLaVA-OneVision's SigLIP)."""
+        """Tokens per frame the LLM sees without compression (196 for LLaVA-OneVision's SigLIP; Qwen: of
+        the last call's videos, 0 when their grids differ: ``last_stats`` has it per video)."""
         return self._adapter.tokens_per_frame
 
     @property
@@ -92,12 +93,13 @@ class EarlyTomHandle:
                  "ratio": r',                        # adjusted retain ratio
                  "tokens_before": T * P + e,         # what the unpatched model feeds the LLM
                  "tokens_after": kept + e,           # e: tokens appended per video (LLaVA-OV's image_newline)
+                 "tokens_per_frame": P,              # of this video (Qwen: from its grid)
                  "kept": [(merged frame, position in the frame's P LLM tokens), ...]},
               ],
               "timings_ms": {"vision_tower": ..., "stage1_layer<p>": ..., "attention_score": ...,
                              "refine_segments": ..., "projector": ..., "pooling": ... (LLaVA),
                              "stage2": ..., "total": ..., "prompt_rewrite": ...},
-              "prune_layers": (...), "tokens_per_frame": P, "device": "cpu" | "cuda:0",
+              "prune_layers": (...), "tokens_per_frame": P (None if the videos differ), "device": "cpu" | "cuda:0",
               "llm_merge": [per sample: span, kept, prefill_len_before, prefill_len_after] (when on),
             }
 
@@ -236,26 +238,54 @@ class EarlyTomHandle:
                 "on the CPU"
             )
         clock = Clock(device)
+        t_start = clock.now()
+        # Videos that cannot share one pass (Qwen: different spatial grids) are encoded in groups;
+        # each video is compressed on its own either way, so the result is the same.
+        parts = adapter.split(videos) or [(list(range(len(videos.frames))), videos)]
+        features: list[torch.Tensor | None] = [None] * len(videos.frames)
+        raw_parts = []
+        for where, part in parts:
+            feats, raw = self._encode_part(part, clock)
+            for v, f in zip(where, feats):
+                features[v] = f
+            raw_parts.append((where, raw))
+        if len(parts) > 1:
+            adapter.join(videos, parts)
+        clock.span("total", t_start, clock.now())
+        self._raw_stats = {"parts": raw_parts, "clock": clock, "device": str(device)}
+        self._stats_cache = None
+        logger.debug(
+            "EarlyTom: %d video(s) in %d pass(es), %s frames, video tokens %s -> %s",
+            len(videos.frames),
+            len(parts),
+            videos.frames,
+            videos.placeholders,
+            [int(f.shape[0]) for f in features],
+        )
+        return features
+
+    def _encode_part(self, videos: VideoInputs, clock: Clock) -> tuple[list[torch.Tensor], dict]:
+        """One pass of the encoder over videos that share it: Stage I / score inside, Stage II after."""
+        adapter = self._adapter
+        device = adapter.encoder_device()
         frame_counts = torch.tensor(videos.frames, dtype=torch.int64)
         if device.type == "cuda":
             frame_counts = frame_counts.pin_memory()  # an asynchronous copy: no host sync
         frame_counts = frame_counts.to(device, non_blocking=True)
         run = VideoRun(self._cfg, frame_counts, clock, self._decisions)
-        t_start = clock.now()
         encoded = adapter.encode(run, videos)
         t2 = clock.now()
         segs_local = run.refined_segments()  # copied while the encoder ran
-        P = adapter.tokens_per_frame  # of this call (Qwen: set by video_inputs from the grid)
+        # P of these videos (Qwen: from their grid)
+        P = videos.tokens_per_frame if videos.tokens_per_frame is not None else adapter.tokens_per_frame
         plan = ops.stage2_plan(segs_local, videos.frames, self._cfg.retain_ratio, tokens_per_frame=P)
         tokens, index = ops.select_tokens(encoded.feats, encoded.scores, plan)
         sizes = list(plan.tokens_per_video)
         features = adapter.finish(
             list(torch.split(tokens, sizes, dim=0)), list(torch.split(index, sizes, dim=0)), run, videos, encoded
         )
-        t3 = clock.now()
-        clock.span("stage2", t2, t3)
-        clock.span("total", t_start, t3)
-        self._raw_stats = {
+        clock.span("stage2", t2, clock.now())
+        raw = {
             "frames": list(videos.frames),
             "placeholders": list(videos.placeholders),
             "merges": run.merges,
@@ -263,19 +293,9 @@ class EarlyTomHandle:
             "plan": plan,
             "index": index,
             "final_counts": run.frame_counts,
-            "clock": clock,
-            "device": str(device),
             "tokens_per_frame": P,
         }
-        self._stats_cache = None
-        logger.debug(
-            "EarlyTom: %d video(s), %s frames, video tokens %s -> %s",
-            len(videos.frames),
-            videos.frames,
-            videos.placeholders,
-            [int(f.shape[0]) for f in features],
-        )
-        return features
+        return features, raw
 
     # ---------------------------------------------------------------- LLM inputs
     def prepare_inputs(

@@ -8,6 +8,23 @@ __all__ = ["materialize", "summary"]
 
 
 def materialize(raw: dict, cfg: EarlyTomConfig, adapter) -> dict:
+    parts = raw["parts"]
+    videos: list[dict | None] = [None] * sum(len(where) for where, _ in parts)
+    for where, part in parts:
+        for v, stats in zip(where, _videos(part, adapter)):
+            videos[v] = stats
+    per_frame = {v["tokens_per_frame"] for v in videos}
+    return {
+        "videos": videos,
+        "timings_ms": raw["clock"].resolve(),
+        "prune_layers": tuple(cfg.prune_layers),
+        "tokens_per_frame": per_frame.pop() if len(per_frame) == 1 else None,
+        "device": raw["device"],
+    }
+
+
+def _videos(raw: dict, adapter) -> list[dict]:
+    """The statistics of the videos of one encoder pass."""
     frames = raw["frames"]
     B = len(frames)
     plan = raw["plan"]
@@ -42,16 +59,11 @@ def materialize(raw: dict, cfg: EarlyTomConfig, adapter) -> dict:
                 "ratio": float(plan.ratios[b]),
                 "tokens_before": raw["placeholders"][b],
                 "tokens_after": int(plan.tokens_per_video[b]) + extra,
+                "tokens_per_frame": raw["tokens_per_frame"],
                 "kept": kept_per_video[b],
             }
         )
-    return {
-        "videos": videos,
-        "timings_ms": raw["clock"].resolve(),
-        "prune_layers": tuple(cfg.prune_layers),
-        "tokens_per_frame": raw["tokens_per_frame"],
-        "device": raw["device"],
-    }
+    return videos
 
 
 def _table(rows: list[list[str]]) -> list[str]:

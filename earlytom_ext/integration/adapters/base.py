@@ -23,6 +23,8 @@ class VideoInputs:
     frames: list[int]  # Stage I frames per video (LLaVA-OneVision: T; Qwen: temporal groups)
     placeholders: list[int]  # video placeholder tokens per video in input_ids before compression
     extra: dict[str, Any] = field(default_factory=dict)  # model-specific (grid sizes, feature layer, ...)
+    #: P of these videos when it is not the adapter's ``tokens_per_frame`` (Qwen: from the grid)
+    tokens_per_frame: int | None = None
     #: set by the core before ``build_llm_inputs``: the rewritten prompt on the host
     #: (:class:`~earlytom_ext.integration.prompt.RewrittenPrompt`: input_ids, attention_mask, spans)
     prompt: Any | None = None
@@ -134,6 +136,16 @@ class ModelAdapter:
         """Run the vision encoder on ``videos`` calling ``run.score`` / ``run.stage1`` at the prune
         layers, then whatever the model does until the LLM's side (projector, pooling)."""
         raise NotImplementedError
+
+    def split(self, videos: VideoInputs) -> list[tuple[list[int], VideoInputs]] | None:
+        """``None`` when one encoder pass takes all ``videos`` (the default); else the groups of
+        videos that share a pass, as ``(indices into videos, their VideoInputs)`` (Qwen: one group
+        per spatial grid). The core encodes each group and then calls :meth:`join`."""
+        return None
+
+    def join(self, videos: VideoInputs, parts: list[tuple[list[int], VideoInputs]]) -> None:
+        """After the groups of :meth:`split` went through :meth:`finish`: gather into ``videos``
+        what :meth:`build_llm_inputs` reads per video."""
 
     def finish(
         self,

@@ -31,8 +31,8 @@ How EarlyTom maps onto this encoder (docs/qwen2_5_vl.md):
   the prefill (an instance override that answers one armed call and otherwise calls the original);
   the model stores ``rope_deltas`` itself.
 
-Limits: the videos of one batch must share one spatial grid (``grid_h, grid_w``); images in the
-same call go through the model's own path untouched.
+Videos of different spatial grids in one call are encoded in one pass per grid (each video is
+compressed on its own either way); images in the same call go through the model's own path untouched.
 """
 
 from __future__ import annotations
@@ -283,13 +283,6 @@ class Qwen2_5_VLAdapter(_VisionForward, _RopePositions, ModelAdapter):
                     f"video_grid_thw[{v}] must be (t >= 1, h, w) with h and w positive multiples of spatial_merge_size "
                     f"{m}, got {(t, h, w)}"
                 )
-        hw = {(h, w) for _, h, w in grid}
-        if len(hw) > 1:
-            raise ValueError(
-                f"EarlyTom needs every video of a call on one spatial grid (Stage I compares groups position by "
-                f"position and Stage II selects from one token grid); video_grid_thw holds {sorted(hw)}: resize the "
-                f"videos to one size or pass them in separate calls"
-            )
         total = sum(t * h * w for t, h, w in grid)
         if pv.shape[0] != total:
             raise ValueError(
@@ -331,18 +324,56 @@ class Qwen2_5_VLAdapter(_VisionForward, _RopePositions, ModelAdapter):
         mm = call.get("mm_token_type_ids")
         if mm is not None and not isinstance(mm, torch.Tensor):
             raise TypeError(f"mm_token_type_ids must be a torch.Tensor [batch, seq_len], got {type(mm).__name__}")
+        hws = {(h, w) for _, h, w in grid}
         _, H, W = grid[0]
         P = H * W // self.unit
-        self.tokens_per_frame = P
+        self.tokens_per_frame = P if len(hws) == 1 else 0
         return VideoInputs(
             pixels=pv,
             frames=[t for t, _, _ in grid],
-            placeholders=[t * P for t, _, _ in grid],
+            placeholders=[t * h * w // self.unit for t, h, w in grid],
             extra={
                 "grid": grid,
-                "hw": (H, W),
+                "hw": (H, W) if len(hws) == 1 else None,
                 "second_per_grid_ts": spg,
                 "image_grid": image_grid,
                 "mm_token_type_ids": mm,
             },
+            tokens_per_frame=P if len(hws) == 1 else None,
         )
+
+    def split(self, videos: VideoInputs) -> list[tuple[list[int], VideoInputs]] | None:
+        """One group per spatial grid (in order of first appearance): Stage I compares the groups of a
+        pass position by position, and Stage II selects from one token grid."""
+        if videos.extra["hw"] is not None:
+            return None
+        grid = videos.extra["grid"]
+        rows = torch.split(videos.pixels, [t * h * w for t, h, w in grid])
+        spg = videos.extra["second_per_grid_ts"]
+        by_hw: dict[tuple[int, int], list[int]] = {}
+        for v, (_, h, w) in enumerate(grid):
+            by_hw.setdefault((h, w), []).append(v)
+        parts = []
+        for (H, W), where in by_hw.items():
+            part = VideoInputs(
+                pixels=torch.cat([rows[v] for v in where]),
+                frames=[videos.frames[v] for v in where],
+                placeholders=[videos.placeholders[v] for v in where],
+                extra={
+                    **videos.extra,
+                    "grid": [grid[v] for v in where],
+                    "hw": (H, W),
+                    "second_per_grid_ts": None if spg is None else [spg[v] for v in where],
+                },
+                tokens_per_frame=H * W // self.unit,
+            )
+            parts.append((where, part))
+        return parts
+
+    def join(self, videos: VideoInputs, parts: list[tuple[list[int], VideoInputs]]) -> None:
+        for key in ("layouts", "kept_thw"):
+            gathered: list = [None] * len(videos.frames)
+            for where, part in parts:
+                for v, value in zip(where, part.extra[key]):
+                    gathered[v] = value
+            videos.extra[key] = gathered
