@@ -220,6 +220,61 @@ def test_qwen_example_runs_on_a_local_checkpoint(family, tmp_path, capsys, monke
     assert "tau=0.3" in printed, printed  # the preset's other settings
 
 
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl"])
+def test_qwen_processor_batch_of_videos_of_different_shapes(family, tmp_path):
+    """A square and a wide video through the real processor (two spatial grids in one call, padded
+    prompts): the identity configuration gives the unpatched model's logits and tokens; a compressing
+    one gives each sample its own compressed count."""
+    import numpy as np
+    import torch
+    from test_qwen2_5_vl import IDENTITY
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    import earlytom_ext
+
+    path = save_tiny_qwen_checkpoint(str(tmp_path / f"tiny-{family}"), family)
+    model = AutoModelForImageTextToText.from_pretrained(path).eval()
+    model.generation_config.pad_token_id = 0
+    processor = AutoProcessor.from_pretrained(path)
+    processor.tokenizer.padding_side = "left"
+    rng = np.random.default_rng(0)
+    square = [rng.integers(0, 256, (16, 16, 3), dtype=np.uint8) for _ in range(8)]
+    wide = [rng.integers(0, 256, (16, 32, 3), dtype=np.uint8) for _ in range(6)]
+    texts = [
+        processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": q}]}], add_generation_prompt=True
+        )
+        for q in ("Describe the video.", "What happens?")
+    ]
+    meta = [{"fps": 2.0, "total_num_frames": len(v)} for v in (square, wide)]
+    inputs = processor(
+        text=texts, videos=[square, wide], fps=2.0, video_metadata=meta, padding=True, return_tensors="pt"
+    )
+    grids = inputs["video_grid_thw"].tolist()
+    assert len({(h, w) for _, h, w in grids}) == 2, grids
+    with torch.no_grad():
+        base_logits = model(**inputs).logits
+    base = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    with earlytom_ext.apply(model, IDENTITY.replace(prune_layers=(7, 23))):
+        with torch.no_grad():
+            logits = model(**inputs).logits
+        same = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert torch.equal(logits, base_logits)
+    assert torch.equal(same, base)
+    with earlytom_ext.apply(model, earlytom_ext.EarlyTomConfig(retain_ratio=0.25)) as h:
+        out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        counts = h.last_inputs["video_token_counts"]
+        stats = h.last_stats["videos"]
+        for b, video in enumerate((square, wide)):  # each sample alone: the same compression
+            one = processor(text=texts[b], videos=[video], fps=2.0, video_metadata=meta[b : b + 1], return_tensors="pt")
+            model(**one)
+            assert h.last_stats["videos"] == stats[b : b + 1]
+            assert h.last_inputs["video_token_counts"] == counts[b : b + 1]
+    assert [v["tokens_per_frame"] for v in stats] == [h * w // 4 for _, h, w in grids]
+    assert counts[0] != counts[1]
+    assert torch.equal(out[:, : inputs["input_ids"].shape[1]], inputs["input_ids"])
+
+
 def test_qwen_example_refuses_another_family_before_loading_weights(checkpoint, monkeypatch):
     import transformers
 
