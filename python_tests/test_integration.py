@@ -222,6 +222,25 @@ def test_identity_config_equals_unpatched(model, videos):
     assert torch.equal(gen, base_gen)
 
 
+def test_identity_config_under_autocast(model, videos):
+    """fp32 weights under bf16 autocast: the model's features come out in bf16 and its fp32
+    image_newline is appended by a promoting cat; EarlyTom's features must be the same values in
+    the same dtype (the newline rounded to bf16 moved the logits by ~2e-3)."""
+    inputs = tm.make_inputs([v[:3] for v in videos], seed=8)
+    pix = inputs["pixel_values_videos"]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        base = model.model.get_video_features(pix, vision_feature_layer=-1, vision_feature_select_strategy="full")
+        base = getattr(base, "pooler_output", base)
+        base_logits = model(**inputs).logits
+        with earlytom_ext.apply(model, IDENTITY) as h:
+            feats = h.encode_videos(pix)
+            logits = model(**inputs).logits
+    for b in range(2):
+        assert feats[b].dtype == base[b].dtype == torch.float32
+        assert torch.equal(feats[b], base[b])
+    _close(logits, base_logits, tol=1e-5)
+
+
 def test_remove_restores_exactly(model, videos):
     m = model
     inputs = tm.make_inputs(videos[:1], seed=9)

@@ -485,6 +485,13 @@ MUTATIONS = [
         "        return scaled_prune_layers(self.depth)\n",
         "LLaVA: default prune layers scaled to the whole encoder, not to the layers that feed the features",
     ),
+    Mutation(
+        "llava-newline-in-feature-dtype",
+        LLAVA,
+        "newline = self.inner.image_newline.to(device=tokens[0].device)[None, :]",
+        "newline = self.inner.image_newline.to(device=tokens[0].device, dtype=tokens[0].dtype)[None, :]",
+        "LLaVA-OneVision: image_newline cast to the features' dtype (under autocast the model promotes both)",
+    ),
     # ---- Video-LLaVA adapter
     Mutation(
         "video-llava-class-token-dropped",

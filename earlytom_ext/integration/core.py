@@ -210,8 +210,9 @@ class EarlyTomHandle:
     def encode_videos(self, pixel_values_videos: torch.Tensor, *args: Any, **kwargs: Any) -> list[torch.Tensor]:
         """Compressed LLM features of a batch of videos: a list of one ``[n_v, hidden]`` tensor per
         video (kept tokens, then what the model appends per video, e.g. LLaVA-OneVision's
-        ``image_newline``) in the projector's dtype. Further arguments, by position or keyword, are the
-        model's video arguments in the order of ``handle.adapter.video_kwargs`` (LLaVA-OneVision,
+        ``image_newline``) in the dtype of the model's own video features (the projector's; under
+        autocast, what the model's concatenation promotes to). Further arguments, by position or
+        keyword, are the model's video arguments in the order of ``handle.adapter.video_kwargs`` (LLaVA-OneVision,
         LLaVA-NeXT-Video: first ``vision_feature_layer``, ``vision_feature_select_strategy``; Video-LLaVA:
         ``vision_feature_layer`` only, its select strategy is for images; Qwen: first ``video_grid_thw``).
         Statistics go to :attr:`last_stats`."""

@@ -343,7 +343,9 @@ class LlavaOnevisionAdapter(ModelAdapter):
     ) -> list[torch.Tensor]:
         if not tokens or not self.extra_tokens_per_video:
             return list(tokens)
-        newline = self.inner.image_newline.to(device=tokens[0].device, dtype=tokens[0].dtype)[None, :]
+        # torch.cat promotes as the model's own cat does: under autocast the bf16 features meet an
+        # fp32 newline, and both reach the LLM in fp32.
+        newline = self.inner.image_newline.to(device=tokens[0].device)[None, :]
         return [torch.cat([t, newline], dim=0) for t in tokens]
 
     def build_llm_inputs(
