@@ -808,6 +808,36 @@ def test_errors(model, videos):
         earlytom_ext.apply(model, EarlyTomConfig(prune_layers=(1, 7)))
 
 
+def test_video_placeholders_without_vision_start(model, videos):
+    """5.x places a video by mm_token_type_ids: a prompt without <|vision_start|> runs and the identity
+    configuration equals the unpatched model. 4.57 finds a video only after <|vision_start|> (without it
+    the model gives the placeholders text positions): refused before the encoder."""
+    pix, grid = patchify(videos[0])
+    ids = torch.tensor([[5, 6] + [VID] * (grid[0] * grid[1] * grid[2] // 4) + [7, 8]])
+    inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values_videos=pix)
+    inputs["video_grid_thw"] = torch.tensor([grid])
+    if family_of(model) == "qwen2_5_vl":
+        inputs["second_per_grid_ts"] = torch.tensor([1.0])
+    if v5_rope(model):
+        inputs["mm_token_type_ids"] = 2 * (ids == VID).long()
+        with torch.no_grad():
+            base = model(**inputs).logits
+            with earlytom_ext.apply(model, IDENTITY):
+                assert torch.equal(model(**inputs).logits, base)
+        return
+    calls = []
+    hook = model.model.visual.blocks[0].register_forward_hook(lambda *a: calls.append(1))
+    try:
+        with earlytom_ext.apply(model, IDENTITY), torch.no_grad():
+            with pytest.raises(
+                ValueError, match=r"sample 0 has video or image placeholders without <\|vision_start\|>"
+            ):
+                model(**inputs)
+    finally:
+        hook.remove()
+    assert not calls
+
+
 @pytest.mark.parametrize("check", ["before the encoder", "after it (the GPU path)"])
 def test_image_placeholders_checked_against_image_grid_thw(model, videos, check, monkeypatch):
     """On the CPU the image runs are checked before the encoder; on a GPU (which would have to wait for

@@ -166,6 +166,7 @@ class _RopePositions:
         """3-D positions of the text and image tokens (``[3, B, L]``, host), the video runs
         ``(sample, column, length, start position, video)`` whose positions come from the kept
         tokens, and the padding / ``rope_deltas`` rules."""
+        self._check_vision_start(ids, mask)
         B, L = ids.shape
         layouts = videos.extra["layouts"]
         rules = layouts[0]
@@ -218,8 +219,30 @@ class _RopePositions:
         self._check_image_count(img, image_grid)
         return positions, runs, rules
 
+    def _check_vision_start(self, ids: torch.Tensor, mask: torch.Tensor | None) -> None:
+        """4.57 finds a video or image only right after ``<|vision_start|>`` (the processor writes it);
+        without it the unpatched model gives the placeholders text positions, which the compressed
+        prompt cannot reproduce. 5.x places them by ``mm_token_type_ids``."""
+        if self._v5_rope:
+            return
+        start_id = self.config.vision_start_token_id
+        vision = [t for t in (self.video_token_id, self.image_token_id) if t is not None]
+        for b in range(ids.shape[0]):
+            row = ids[b] if mask is None else ids[b][mask[b] != 0]
+            is_vision = torch.isin(row, torch.tensor(vision))
+            first = is_vision & ~torch.cat([torch.zeros(1, dtype=torch.bool), is_vision[:-1]])
+            before = torch.cat([torch.full((1,), -1, dtype=row.dtype), row[:-1]])[first]
+            if bool((before != start_id).any()):
+                raise ValueError(
+                    f"input_ids: sample {b} has video or image placeholders without <|vision_start|> (id {start_id}) "
+                    f"right before them; with this transformers version the model finds a video or image by that "
+                    f"token (the processor writes it before each one)"
+                )
+
     def check_prompt(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, videos: VideoInputs) -> None:
-        """The image placeholder runs against ``image_grid_thw`` (host tensors, before the encoder)."""
+        """Runs that follow ``<|vision_start|>`` (4.57), the image placeholder runs against
+        ``image_grid_thw`` (host tensors, before the encoder)."""
+        self._check_vision_start(input_ids, attention_mask)
         if self.image_token_id is None:
             return
         image_grid = videos.extra["image_grid"]
