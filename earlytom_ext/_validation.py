@@ -44,6 +44,24 @@ def check_same_device(op: str, ref_name: str, ref: torch.Tensor, **others: torch
             raise ValueError(f"{op}: {name} must be on the device of {ref_name} ({ref.device}), got {t.device}")
 
 
+def check_meta_tensor(
+    op: str, name: str, t: torch.Tensor, *, dtypes: tuple[torch.dtype, ...] | None = None, dim: int | None = None
+) -> None:
+    """The compiled ops' dtype and rank checks, for the fake (meta) kernels: under torch.compile or on
+    meta tensors they run instead of the op and must reject what it rejects, with its error types."""
+    if dtypes is not None and t.dtype not in dtypes:
+        if len(dtypes) == 1:
+            raise TypeError(f"{op}: {name} must have dtype {_dtype_name(dtypes[0])}, got {_dtype_name(t.dtype)}")
+        allowed = ", ".join(_dtype_name(d) for d in dtypes)
+        raise TypeError(f"{op}: {name} must have dtype in ({allowed}), got {_dtype_name(t.dtype)}")
+    if dim is not None and t.dim() != dim:
+        raise ValueError(f"{op}: {name} must be {dim}-D, got shape {tuple(t.shape)}")
+
+
+def _dtype_name(d: torch.dtype) -> str:
+    return str(d).removeprefix("torch.")
+
+
 def all_finite(t: torch.Tensor) -> torch.Tensor:
     """0-d bool tensor on ``t``'s device: ``t`` holds no NaN/Inf (``True`` when empty). One fused
     min/max reduction, which propagates NaN and sees +-Inf at the ends, without the boolean copy of

@@ -942,3 +942,21 @@ def test_cuda_apply(dtype):
     torch.testing.assert_close(out.cpu(), apply_merge_plan(t, ps, pw), **TOL[dtype])
     bad = apply_merge_plan(t.cuda(), torch.tensor([[0, 9]], device="cuda"), torch.tensor([0.5], device="cuda"))
     assert torch.isnan(bad.float()).all()
+
+
+def test_apply_merge_plan_check_weights():
+    """``check_weights=False`` skips the host read of the weights (so fullgraph compile traces the
+    call); the default rejects a NaN weight on the CPU."""
+    x = torch.arange(24, dtype=torch.float32).view(4, 3, 2)
+    src = torch.tensor([[0, 1], [2, 2], [3, 3]])
+    w = torch.tensor([0.25, 1.0, 1.0])
+    expect = torch.stack([0.25 * x[0] + 0.75 * x[1], x[2], x[3]])
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda t: apply_merge_plan(t, src, w, check_weights=False), fullgraph=True)
+    assert torch.equal(compiled(x), expect)
+    bad = torch.tensor([float("nan"), 1.0, 1.0])
+    with pytest.raises(ValueError, match="plan_weight contains NaN or Inf"):
+        apply_merge_plan(x, src, bad)
+    assert torch.isnan(apply_merge_plan(x, src, bad, check_weights=False)[0]).all()
+    with pytest.raises(TypeError, match="check_weights must be a bool"):
+        apply_merge_plan(x, src, w, check_weights=1)

@@ -211,6 +211,16 @@ def test_plan_bad_tokens_per_frame():
     for bad in (196.0, True, "196"):
         with pytest.raises(TypeError, match="tokens_per_frame must be an int"):
             stage2_plan([[(0, 0)]], [1], 0.1, tokens_per_frame=bad)
+    for big in (2**31, 2**63, 10**400):  # the op holds a frame's positions in int32
+        with pytest.raises(ValueError, match=r"tokens_per_frame must be in \[1, 2\*\*31\)"):
+            stage2_plan([[(0, 0)]], [1], 0.1, tokens_per_frame=big)
+    stage2_plan([[(0, 0)]], [1], 0.1, tokens_per_frame=2**31 - 1)
+
+
+def test_plan_segments_per_video_must_be_a_sequence():
+    for bad in ({0: [(0, 1)]}, {((0, 1),)}, iter([[(0, 1)]])):
+        with pytest.raises(TypeError, match="segments_per_video must be a list"):
+            stage2_plan(bad, [3], 0.1)
 
 
 def test_plan_ratio_forms():

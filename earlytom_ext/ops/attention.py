@@ -12,15 +12,28 @@ from __future__ import annotations
 import torch
 
 from .. import _ext
-from .._validation import all_finite, check_bool, check_int, check_real, check_same_device, check_tensor
+from .._validation import (
+    FLOAT_DTYPES,
+    all_finite,
+    check_bool,
+    check_int,
+    check_meta_tensor,
+    check_real,
+    check_same_device,
+    check_tensor,
+)
 
 __all__ = ["attention_received"]
 
 
 def _attention_received_fake(q, k, scale):
-    check_same_device("attention_received", "q", q, k=k)
-    torch._check(q.dim() == 4, lambda: f"q must be [N, H, S, d], got {tuple(q.shape)}")
-    torch._check(k.shape == q.shape, lambda: f"k must have the shape of q {tuple(q.shape)}, got {tuple(k.shape)}")
+    op = "attention_received"
+    check_meta_tensor(op, "q", q, dtypes=FLOAT_DTYPES, dim=4)
+    torch._check_value(
+        k.shape == q.shape, lambda: f"{op}: k must have the shape of q {tuple(q.shape)}, got {tuple(k.shape)}"
+    )
+    check_meta_tensor(op, "k", k, dtypes=(q.dtype,))
+    check_same_device(op, "q", q, k=k)
     return q.new_empty((q.shape[0], q.shape[2]), dtype=torch.float32)
 
 

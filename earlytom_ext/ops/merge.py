@@ -27,10 +27,12 @@ import torch
 from .. import _ext
 from .._validation import (
     FLOAT_DTYPES,
+    check_bool,
     check_finite,
     check_int_list,
     check_int_pairs,
     check_int_tensor,
+    check_meta_tensor,
     check_partition,
     check_same_device,
     check_tensor,
@@ -84,8 +86,14 @@ class MergeResult(NamedTuple):
 # ------------------------------------------------------------------------------------------
 # Fake (meta) implementations: the output sizes N' and K are data dependent.
 # ------------------------------------------------------------------------------------------
+def _check_frames_fake(op: str, x, frame_counts) -> None:
+    check_meta_tensor(op, "x", x, dtypes=FLOAT_DTYPES, dim=3)
+    check_meta_tensor(op, "frame_counts", frame_counts, dtypes=(torch.int64,), dim=1)
+    check_same_device(op, "x", x, frame_counts=frame_counts)
+
+
 def _merge_frames_fake(x, frame_counts, tau, max_window, ema, keep_last_interior):
-    check_same_device("merge_frames", "x", x, frame_counts=frame_counts)
+    _check_frames_fake("merge_frames", x, frame_counts)
     ctx = torch.library.get_ctx()
     n_out = ctx.new_dynamic_size()
     k = ctx.new_dynamic_size()
@@ -100,7 +108,7 @@ def _merge_frames_fake(x, frame_counts, tau, max_window, ema, keep_last_interior
 
 
 def _segment_frames_fake(x, frame_counts, tau, max_window, ema):
-    check_same_device("segment_frames", "x", x, frame_counts=frame_counts)
+    _check_frames_fake("segment_frames", x, frame_counts)
     ctx = torch.library.get_ctx()
     k = ctx.new_dynamic_size()
     B = frame_counts.shape[0]
@@ -108,7 +116,7 @@ def _segment_frames_fake(x, frame_counts, tau, max_window, ema):
 
 
 def _segment_frames_deferred_fake(x, frame_counts, tau, max_window, ema):
-    check_same_device("segment_frames", "x", x, frame_counts=frame_counts)
+    _check_frames_fake("segment_frames", x, frame_counts)
     i64 = dict(dtype=torch.int64)
     return (
         frame_counts.new_empty((x.shape[0], 2), **i64),
@@ -118,7 +126,17 @@ def _segment_frames_deferred_fake(x, frame_counts, tau, max_window, ema):
 
 
 def _apply_merge_plan_fake(x, plan_src, plan_weight):
-    check_same_device("apply_merge_plan", "x", x, plan_src=plan_src, plan_weight=plan_weight)
+    op = "apply_merge_plan"
+    check_meta_tensor(op, "x", x, dtypes=FLOAT_DTYPES + (torch.float64,))
+    torch._check_value(x.dim() >= 1, lambda: f"{op}: x must have a leading frame dimension, got a 0-d tensor")
+    check_meta_tensor(op, "plan_src", plan_src, dtypes=(torch.int64,), dim=2)
+    torch._check_value(plan_src.shape[1] == 2, lambda: f"{op}: plan_src must have shape [N', 2], got {plan_src.shape}")
+    check_meta_tensor(op, "plan_weight", plan_weight, dtypes=(torch.float32,), dim=1)
+    torch._check_value(
+        plan_weight.shape[0] == plan_src.shape[0],
+        lambda: f"{op}: plan_weight must have one weight per row of plan_src, got shape {tuple(plan_weight.shape)}",
+    )
+    check_same_device(op, "x", x, plan_src=plan_src, plan_weight=plan_weight)
     return x.new_empty((plan_src.shape[0], *x.shape[1:]))
 
 
@@ -219,15 +237,21 @@ def merge_frames(x: torch.Tensor, frame_counts, cfg: EarlyTomConfig, extras: Ext
     return MergeResult(out, merged, out_counts, segments, segment_counts, plan_src, plan_weight)
 
 
-def apply_merge_plan(t: torch.Tensor, plan_src: torch.Tensor, plan_weight: torch.Tensor) -> torch.Tensor:
+def apply_merge_plan(
+    t: torch.Tensor, plan_src: torch.Tensor, plan_weight: torch.Tensor, *, check_weights: bool = True
+) -> torch.Tensor:
     """Merge any per-frame tensor ``t`` (leading dim N, float dtype) with a Stage-I plan.
 
     Output row ``o`` is ``w*t[src0] + (1-w)*t[src1]`` with ``(src0, src1) = plan_src[o]`` and
     ``w = plan_weight[o]``, computed in float32 (float64 for float64 tensors), in ``t``'s dtype.
-    On the CPU, out-of-range indices and NaN/Inf weights raise ``ValueError``; on a GPU they are
-    not checked (that would cost a host sync): an out-of-range index gives a NaN row.
+    On the CPU, out-of-range indices and (with ``check_weights``, the default) NaN/Inf weights
+    raise ``ValueError``; on a GPU they are not checked (that would cost a host sync): an
+    out-of-range index gives a NaN row. ``check_weights=False`` skips the weights' host read, so
+    that ``torch.compile(fullgraph=True)`` can trace the call (a plan from :func:`merge_frames` has
+    finite weights).
     """
     _ext.require()
+    check_bool("check_weights", check_weights)
     check_tensor("t", t, dtypes=APPLY_DTYPES)  # the op would call it x
     if t.dim() < 1:
         raise ValueError("t must have a leading frame dimension, got a 0-d tensor")
@@ -235,7 +259,7 @@ def apply_merge_plan(t: torch.Tensor, plan_src: torch.Tensor, plan_weight: torch
     check_tensor("plan_weight", plan_weight)
     with torch.no_grad():
         out = _apply(t, plan_src, plan_weight)  # checks the plan (and its indices on the CPU)
-    if t.device.type == "cpu":  # free on the CPU; a GPU would have to sync
+    if check_weights and t.device.type == "cpu":  # free on the CPU; a GPU would have to sync
         check_finite("plan_weight", plan_weight)
     return out
 

@@ -30,6 +30,7 @@ from .._validation import (
     check_int_list,
     check_int_pairs,
     check_int_tensor,
+    check_meta_tensor,
     check_partition,
     check_ratio,
     check_same_device,
@@ -111,7 +112,7 @@ def stage2_plan(
     Per video: ``r' = min(r / ((T·P - (T - T')·P) / (T·P)), 1)`` (double precision), a dynamic
     frame keeps ``k = ceil(P·r')`` tokens, a static frame ``n = max(1, round(P·r'))`` (half to even).
     """
-    if isinstance(segments_per_video, (str, bytes, torch.Tensor)) or not hasattr(segments_per_video, "__len__"):
+    if isinstance(segments_per_video, (str, bytes, torch.Tensor)) or not isinstance(segments_per_video, Sequence):
         raise TypeError(
             f"segments_per_video must be a list (per video) of lists of (start, end) pairs, "
             f"got {type(segments_per_video).__name__}"
@@ -123,8 +124,8 @@ def stage2_plan(
     if len(frames_before) != B:
         raise ValueError(f"frames_before must have one entry per video ({B}), got {len(frames_before)}")
     P = check_int("tokens_per_frame", tokens_per_frame)
-    if P < 1:
-        raise ValueError(f"tokens_per_frame must be >= 1, got {P}")
+    if not 1 <= P < 2**31:  # a frame's positions are int32 in the op
+        raise ValueError(f"tokens_per_frame must be in [1, 2**31), got {P}")
     ratios_in = _check_ratios(retain_ratio, B)
 
     frame_keep: list[int] = []
@@ -266,12 +267,25 @@ if _ext.available():
 
     @torch.library.register_fake("earlytom::select_tokens")
     def _select_tokens_fake(feats, scores, frame_keep, frame_static, num_out):
-        check_same_device(
-            "select_tokens", "feats", feats, scores=scores, frame_keep=frame_keep, frame_static=frame_static
+        op = "select_tokens"
+        check_meta_tensor(op, "feats", feats, dtypes=FLOAT_DTYPES, dim=3)
+        check_meta_tensor(op, "scores", scores, dtypes=(torch.float32,), dim=2)
+        check_meta_tensor(op, "frame_keep", frame_keep, dtypes=(torch.int64,), dim=1)
+        check_meta_tensor(op, "frame_static", frame_static, dtypes=(torch.bool,), dim=1)
+        N, P = feats.shape[0], feats.shape[1]
+        torch._check_value(
+            scores.shape[0] == N and scores.shape[1] == P,
+            lambda: f"{op}: scores must have shape [{N}, {P}] (feats' first two dims), got {tuple(scores.shape)}",
         )
-        torch._check(feats.dim() == 3, lambda: f"feats must be [N, P, C], got {tuple(feats.shape)}")
-        torch._check(scores.dim() == 2, lambda: f"scores must be [N, P], got {tuple(scores.shape)}")
-        torch._check(num_out >= 0, lambda: f"num_out must be >= 0, got {num_out}")
+        for name, t in (("frame_keep", frame_keep), ("frame_static", frame_static)):
+            torch._check_value(
+                t.shape[0] == N,
+                lambda name=name, t=t: (
+                    f"{op}: {name} must have shape [{N}] (one entry per frame of feats), got {tuple(t.shape)}"
+                ),
+            )
+        torch._check_value(num_out >= 0, lambda: f"{op}: num_out must be >= 0, got {num_out}")
+        check_same_device(op, "feats", feats, scores=scores, frame_keep=frame_keep, frame_static=frame_static)
         tokens = feats.new_empty((num_out, feats.shape[2]))
         index = feats.new_empty((num_out, 2), dtype=torch.int64)
         return tokens, index
