@@ -23,8 +23,8 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     p = sub.add_parser(
         "demo",
-        help="compress a video through a LLaVA-OneVision model (small and random by "
-        "default); writes a PNG and prints a summary",
+        help="compress a video through a video LLM (a small random LLaVA-OneVision by default; --model: a "
+        "checkpoint of any supported family); writes a PNG and prints a summary",
         description=demo.DESCRIPTION,
     )
     demo.add_arguments(p)

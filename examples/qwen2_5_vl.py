@@ -12,20 +12,9 @@ import torch
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
 import earlytom_ext
-from earlytom_ext.demo import load_video, synthetic_frames
+from earlytom_ext.demo import clip_seconds, load_video, synthetic_frames
 
 FAMILIES = ("qwen2_5_vl", "qwen2_vl")
-
-
-def clip_seconds(path: str) -> Optional[float]:
-    """The duration of a video file (PyAV), or None when the container does not say."""
-    import av
-
-    with av.open(path) as container:
-        stream = container.streams.video[0]
-        if stream.duration and stream.time_base:
-            return float(stream.duration * stream.time_base)
-        return container.duration / av.time_base if container.duration else None
 
 
 def main(

@@ -1,16 +1,20 @@
-"""``earlytom demo`` (``python -m earlytom_ext demo``): compress one video through a LLaVA-OneVision
-model with EarlyTom and show what was kept.
+"""``earlytom demo`` (``python -m earlytom_ext demo``): compress one video through a video LLM with
+EarlyTom and show what was kept.
 
-By default the model is small and has random weights (nothing is downloaded, it runs on a CPU in
-about a minute) but the real LLaVA-OneVision frame geometry and encoder depth (SigLIP: 384x384 frames,
-14x14 patches, 27x27 = 729 tokens, 26 layers, so the paper's prune layers apply): the kept patches
-show the mechanism, not a trained model's choice. ``--model PATH_OR_ID`` runs the same demo on a
-real checkpoint (``LlavaOnevisionForConditionalGeneration`` and its processor). The frames are a
-synthetic clip, or ``--video PATH`` decoded with PyAV and resized to 384x384.
+By default the model is a small LLaVA-OneVision with random weights (nothing is downloaded, it runs
+on a CPU in about a minute) but the real LLaVA-OneVision frame geometry and encoder depth (SigLIP:
+384x384 frames, 14x14 patches, 27x27 = 729 tokens, 26 layers, so the paper's prune layers apply):
+the kept patches show the mechanism, not a trained model's choice. ``--model PATH_OR_ID`` runs the
+same demo on a real checkpoint of any family ``earlytom_ext.apply`` supports (LLaVA-OneVision,
+LLaVA-NeXT-Video, Video-LLaVA, Qwen2.5-VL, Qwen2-VL: the family from its config, its
+``...ForConditionalGeneration`` class and its processor; :mod:`.families` holds what differs). The
+frames are a synthetic clip, or ``--video PATH`` decoded with PyAV and resized to 384x384 (the
+processors resize them again to their own input size).
 
 Outputs: a PNG (a timeline of the original frames, then every merged frame of Stage I with the
-patches Stage II kept) and a summary printed as markdown tables (frames after each prune layer,
-tokens before/after, time per stage as the median of several runs after a warm-up).
+patches Stage II kept; on Qwen a Stage I frame is a temporal group of 2 frames) and a summary
+printed as markdown tables (frames after each prune layer, tokens before/after, time per stage as
+the median of several runs after a warm-up).
 """
 
 from __future__ import annotations
@@ -27,19 +31,32 @@ from ..config import EarlyTomConfig
 from ..config import preset as paper_preset
 from ..tiny_model import TOKENS_PER_FRAME, VIDEO_TOKEN_ID
 from .cli import DESCRIPTION, add_arguments, build_parser, main, prog_name, run_args
+from .families import (
+    QWEN,
+    TokenGrid,
+    adapter_class,
+    encode_kwargs,
+    frame_word,
+    processor_inputs,
+    to_model,
+    token_grid,
+    unpatched_encoder,
+)
 from .figure import _figure as _figure
 from .figure import plot, segment_colors, timeline_label_step
 from .models import build_demo_model, load_pretrained
 from .report import RANDOM_WEIGHTS_NOTE, _count, markdown_table, summary
 from .timing import time_ms
-from .video import load_video, normalize_siglip, sample_video_path, synthetic_frames
+from .video import clip_seconds, load_video, normalize_siglip, sample_video_path, synthetic_frames
 
 __all__ = [
     "DESCRIPTION",
     "RANDOM_WEIGHTS_NOTE",
+    "TokenGrid",
     "add_arguments",
     "build_demo_model",
     "build_parser",
+    "clip_seconds",
     "cpu_or_cuda",
     "load_pretrained",
     "load_video",
@@ -123,8 +140,10 @@ def run(
     """Run the demo; returns ``{"png", "summary", "stats", "timings", "baseline_ms", "answer"}``.
 
     ``preset``: the paper's settings for a benchmark at ``ratio`` (:func:`earlytom_ext.preset`);
-    ``tau``, ``max_window`` and ``prune_layers`` given too override them. ``model``: a
-    LLaVA-OneVision checkpoint (folder or Hugging Face id) instead of the small random model.
+    ``tau``, ``max_window`` and ``prune_layers`` given too override them (a family the presets were
+    not tuned on takes its own prune layers). ``model``: a checkpoint (folder or Hugging Face id) of
+    a family ``earlytom_ext.apply`` supports instead of the small random model; on Qwen the frame
+    rate given to the processor is ``frames`` over the clip's duration (2.0 for the synthetic clip).
     ``repeats``: timed runs (after one warm-up) of the unpatched and the patched vision path,
     interleaved so that load on the machine hits both alike; the summary shows medians (a single
     cold run is dominated by one-off costs and by whatever else the machine is doing). Default: 3
@@ -223,19 +242,29 @@ def run(
         new_tokens = max_new_tokens or 2
     else:
         net, processor = load_pretrained(model, dev)
-        conversation = [
-            {"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "Describe the video briefly."}]}
-        ]
-        text = processor.apply_chat_template(conversation, add_generation_prompt=True)
-        video_frames = [f.permute(1, 2, 0).numpy() for f in frames_u8]  # a video: a list of [H, W, 3] frames
-        inputs = dict(processor(text=text, videos=[video_frames], return_tensors="pt"))
-        dtype = next(net.parameters()).dtype
-        inputs = {k: (t.to(dev, dtype) if t.is_floating_point() else t.to(dev)) for k, t in inputs.items()}
+        model_type = net.config.model_type
+        fps = 2.0  # Qwen places the frames in time by their rate: that of the sampled frames over the clip
+        if video is not None and model_type in QWEN:
+            seconds = clip_seconds(video)
+            fps = frames / seconds if seconds else fps
+        inputs = processor_inputs(processor, model_type, frames_u8, fps)
+        inputs = to_model(inputs, model_type, dev, next(net.parameters()).dtype)
         pix = inputs["pixel_values_videos"]
         model_name = model
         new_tokens = max_new_tokens or 32
-    vt = net.model.vision_tower
-    apply(net, cfg).remove()  # the config checked against this model before any timed work
+    model_type = net.config.model_type
+    if preset is not None and prune_layers is None and not adapter_class(model_type).presets_tuned:
+        # The presets' prune layers index LLaVA-OneVision's SigLIP: this family's own, as in the examples.
+        cfg = cfg.replace(prune_layers=None)
+    with apply(net, cfg) as handle:  # the config checked against this model before any timed work
+        video_args = encode_kwargs(handle.adapter, inputs)
+        grid = token_grid(net.config, model_type, inputs)  # where the figure puts the kept positions
+        if png and model_type not in QWEN and grid.tokens != handle.tokens_per_frame:  # Qwen's P is the grid's
+            raise ValueError(
+                f"--model: the figure's {grid.rows} x {grid.cols} token grid does not fit the model's "
+                f"{handle.tokens_per_frame} tokens per frame (run with --no-png)"
+            )
+    unpatched = unpatched_encoder(net, model_type, inputs)
 
     def sync():
         if dev.type == "cuda":
@@ -249,9 +278,9 @@ def run(
     with torch.no_grad():
         for i in range(1 + repeats):  # run 0 is the warm-up
             logger.info("timing run %d of %d%s", i, repeats, " (warm-up)" if i == 0 else "")
-            t = time_ms(lambda: vt(pixel_values=pix[0]), sync=sync)
+            t = time_ms(unpatched, sync=sync)
             with apply(net, cfg) as handle:
-                handle.encode_videos(pix)
+                handle.encode_videos(pix, **video_args)
                 stats = handle.last_stats
             if i > 0:
                 baseline_ms.append(t)
@@ -280,16 +309,20 @@ def run(
         timings=timings,
         random_weights=random_weights,
         model_name=model_name,
+        model_type=model_type,
+        decoded_frames=frames,
     )
     png_path = None
     if png:
         os.makedirs(out, exist_ok=True)
         png_path = os.path.join(out, "earlytom_demo.png")
+        unit = frame_word(model_type) + "s"
         title = (
-            f"EarlyTom on {source}: {v['frames_before']} -> {len(v['frame_sources'])} frames, "
+            f"EarlyTom on {source}: {v['frames_before']} -> {len(v['frame_sources'])} {unit}, "
             f"{v['tokens_before']} -> {v['tokens_after']} tokens (r = {cfg.retain_ratio}), model: {model_name}"
         )
-        plot(frames_u8, stats, png_path, title=title, note=RANDOM_WEIGHTS_NOTE if random_weights else None)
+        note = RANDOM_WEIGHTS_NOTE if random_weights else None
+        plot(frames_u8, stats, png_path, title=title, note=note, grid=grid)
     if not quiet:
         print(text)
         if png_path:

@@ -10,10 +10,11 @@ from .._logging import set_verbosity
 from .report import _one_line
 
 DESCRIPTION = (
-    "Compress one video with EarlyTom through a LLaVA-OneVision model and show what was kept: writes "
-    "a PNG (frames merged by Stage I, kept patches of Stage II) and prints a summary (frames, tokens, "
-    "time per stage). The default model is small with random weights (no download, CPU is enough); "
-    "--model runs a real checkpoint."
+    "Compress one video with EarlyTom through a video LLM and show what was kept: writes a PNG (frames "
+    "merged by Stage I, kept patches of Stage II) and prints a summary (frames, tokens, time per stage). "
+    "The default model is a small LLaVA-OneVision with random weights (no download, CPU is enough); "
+    "--model runs a real checkpoint of any family earlytom_ext.apply supports: LLaVA-OneVision, "
+    "LLaVA-NeXT-Video, Video-LLaVA, Qwen2.5-VL or Qwen2-VL."
 )
 
 
@@ -42,9 +43,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--model",
         default=None,
         metavar="PATH_OR_ID",
-        help="a LLaVA-OneVision checkpoint (local folder or Hugging Face id, e.g. "
-        "llava-hf/llava-onevision-qwen2-0.5b-ov-hf) instead of the small random model; "
-        "needs transformers and torchvision",
+        help="a checkpoint (local folder or Hugging Face id) of LLaVA-OneVision (e.g. "
+        "llava-hf/llava-onevision-qwen2-0.5b-ov-hf), LLaVA-NeXT-Video, Video-LLaVA, Qwen2.5-VL or Qwen2-VL "
+        "instead of the small random model, with its processor; needs transformers and torchvision",
     )
     p.add_argument(
         "--out",
@@ -59,7 +60,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="BENCHMARK",
         help="the paper's settings for a benchmark at --ratio (0.1, 0.15, 0.2 or 0.25), as "
         "earlytom_ext.preset(BENCHMARK, R): mvbench, videomme, longvideobench or egoschema; "
-        "--tau, --max-window and --prune-layers override them",
+        "--tau, --max-window and --prune-layers override them (the presets' prune layers are "
+        "LLaVA-OneVision's: other families take their own)",
     )
     p.add_argument(
         "--tau",

@@ -7,6 +7,8 @@ import math
 
 import torch
 
+from .families import TokenGrid
+
 # The timeline gets one label per this many pixels at most (a label is up to 3 digits at 7 pt).
 _LABEL_PX = 22
 _DPI = 80
@@ -39,7 +41,9 @@ def timeline_label_step(num_frames: int, width_px: float) -> int:
         base *= 10
 
 
-def _figure(frames_u8: torch.Tensor, stats: dict, title: str = "", note: str | None = None):
+def _figure(
+    frames_u8: torch.Tensor, stats: dict, title: str = "", note: str | None = None, grid: TokenGrid | None = None
+):
     """The matplotlib figure of :func:`plot` (not saved)."""
     import matplotlib
 
@@ -48,11 +52,24 @@ def _figure(frames_u8: torch.Tensor, stats: dict, title: str = "", note: str | N
     from matplotlib.patches import Rectangle
 
     v = stats["videos"][0]
-    T = v["frames_before"]
+    G = v["frames_before"]  # Stage I frames (Qwen: temporal groups)
+    T = int(frames_u8.shape[0])  # decoded frames
     sources = v["frame_sources"]
     segs = v["segments"]
     Tm = len(sources)
-    side = int(round(math.sqrt(stats["tokens_per_frame"])))
+    per_frame = v.get("tokens_per_frame") or stats["tokens_per_frame"]
+    if grid is None:  # one decoded frame per Stage I frame, a square grid
+        side = int(round(math.sqrt(per_frame)))
+        grid = TokenGrid(side, side)
+    k = grid.frames_per_group
+    cls = int(grid.class_token)
+    if grid.tokens != per_frame:
+        raise ValueError(
+            f"the token grid {grid.rows} x {grid.cols}{' + class token' if cls else ''} does not match the "
+            f"{per_frame} tokens per frame of the stats"
+        )
+    if math.ceil(T / k) != G:
+        raise ValueError(f"{T} decoded frames in groups of {k} do not make the {G} Stage I frames of the stats")
     seg_of = {}
     for j, (s, e) in enumerate(segs):
         for f in range(s, e + 1):
@@ -60,8 +77,13 @@ def _figure(frames_u8: torch.Tensor, stats: dict, title: str = "", note: str | N
     colors = segment_colors(max(1, len(segs)))
     kept = {}
     for f, pos in v["kept"]:
+        if not 0 <= pos < per_frame:
+            raise ValueError(f"kept position {pos} of merged frame {f} is outside its {per_frame} tokens")
         kept.setdefault(f, []).append(pos)
     static = {f for s, e in segs if e - s + 1 >= 3 for f in range(s + 1, e)}
+
+    def decoded(group: int) -> range:  # the decoded frames of one Stage I frame
+        return range(group * k, min((group + 1) * k, T))
 
     cols = min(8, Tm)
     rows = math.ceil(Tm / cols)
@@ -73,38 +95,65 @@ def _figure(frames_u8: torch.Tensor, stats: dict, title: str = "", note: str | N
     for i, src in enumerate(sources):
         for t in src:
             owner.setdefault(t, i)
-    # The axis spans about the figure's width; label only every step-th frame so labels never overlap.
-    step = timeline_label_step(T, 0.9 * width_in * _DPI)
-    for t in range(T):
-        i = owner.get(t)
+    # One box per Stage I frame (k decoded frames wide); the axis spans about the figure's width:
+    # label only every step-th box so labels never overlap.
+    step = timeline_label_step(G, 0.9 * width_in * _DPI)
+    for g in range(G):
+        i = owner.get(g)
         color = "lightgrey" if i is None else colors[seg_of[i] % len(colors)]
-        ax.add_patch(Rectangle((t, 0), 0.92 if step == 1 else 1.0, 1, color=color, linewidth=0))
-        if t % step == 0:
+        span = decoded(g)
+        width = len(span) - (0.08 if step == 1 else 0.0)
+        ax.add_patch(Rectangle((span.start, 0), width, 1, color=color, linewidth=0))
+        if g % step == 0:
             ax.text(
-                t + 0.5, 0.5, "x" if i is None else str(i), ha="center", va="center", fontsize=7, gid="timeline-label"
+                span.start + len(span) / 2,
+                0.5,
+                "x" if i is None else str(i),
+                ha="center",
+                va="center",
+                fontsize=7,
+                gid="timeline-label",
             )
     ax.set_xlim(0, T)
     ax.set_ylim(0, 1)
     ax.set_yticks([])
-    ticks = list(range(0, T, step))
+    ticks = [g * k for g in range(0, G, step)]  # the first decoded frame of each labelled box
     ax.set_xticks([t + 0.5 for t in ticks], [str(t) for t in ticks])
-    every = "" if step == 1 else f" (every {step}th frame labelled)"
     heading = f"{title}\n" if title else ""
     if note:
         heading += f"{note}\n"
-    ax.set_title(
-        f"{heading}original frames 0..{T - 1}{every}: label = the merged frame each went into, x = dropped "
-        "by Stage I; colour = refined segment. Below: merged frames, kept patches bright",
-        fontsize=9,
-    )
+    if k == 1 and not cls:
+        every = "" if step == 1 else f" (every {step}th frame labelled)"
+        text = (
+            f"original frames 0..{T - 1}{every}: label = the merged frame each went into, x = dropped by Stage I; "
+            "colour = refined segment. Below: merged frames, kept patches bright"
+        )
+    elif k == 1:  # three shorter lines: the class token's note makes it long
+        every = "" if step == 1 else f" (every {step}th frame labelled)"
+        text = (
+            f"original frames 0..{T - 1}{every}: label = the merged frame each went into, x = dropped by Stage I;\n"
+            "colour = refined segment. Below: merged frames, kept patches bright;\n"
+            "'kept' counts the class token (position 0 of each frame), which is not drawn"
+        )
+    else:
+        every = "" if step == 1 else f", every {step}th labelled"
+        text = (
+            f"decoded frames 0..{T - 1} (ticks), one box per temporal group of {k} frames{every}:\n"
+            "label = the merged group each went into, x = dropped by Stage I; colour = refined segment.\n"
+            "Below: merged groups (the mean of their frames), kept tokens bright"
+        )
+    ax.set_title(heading + text, fontsize=9)
     ax.tick_params(labelsize=7)
     frames = frames_u8.float() / 255.0
     for i in range(Tm):
-        a = fig.add_subplot(gs[1 + i // cols, i % cols])
-        img = frames[sources[i]].mean(0).permute(1, 2, 0).numpy()
-        mask = torch.full((side * side,), 0.3)
-        mask[kept.get(i, [])] = 1.0
-        mask = mask.view(1, 1, side, side)
+        a = fig.add_subplot(gs[1 + i // cols, i % cols], gid="merged-frame")
+        src = sources[i]
+        shown = [t for g in src for t in decoded(g)]
+        img = frames[shown].mean(0).permute(1, 2, 0).numpy()
+        mine = kept.get(i, [])
+        mask = torch.full((grid.rows * grid.cols,), 0.3)
+        mask[[p - cls for p in mine if p >= cls]] = 1.0
+        mask = mask.view(1, 1, grid.rows, grid.cols)
         mask = torch.nn.functional.interpolate(mask, size=img.shape[:2], mode="nearest")[0, 0].numpy()
         a.imshow(img * mask[..., None])
         for spine in a.spines.values():
@@ -112,20 +161,31 @@ def _figure(frames_u8: torch.Tensor, stats: dict, title: str = "", note: str | N
             spine.set_linewidth(3)
         a.set_xticks([])
         a.set_yticks([])
-        src = sources[i]
         src_txt = str(src[0]) if len(src) == 1 else f"{src[0]}..{src[-1]} ({len(src)})"
+        if k > 1:
+            frames_txt = f"frame {shown[0]}" if len(shown) == 1 else f"frames {shown[0]}..{shown[-1]}"
+            src_txt = f"group{'s' if len(src) > 1 else ''} {src_txt}, {frames_txt}"
         kind = "static" if i in static else "dynamic"
-        a.set_title(f"#{i} <- {src_txt}\n{kind}, {len(kept.get(i, []))} kept", fontsize=7)
+        with_cls = " incl. class token" if cls and 0 in mine else ""
+        a.set_title(f"#{i} <- {src_txt}\n{kind}, {len(mine)} kept{with_cls}", fontsize=7)
     return fig
 
 
-def plot(frames_u8: torch.Tensor, stats: dict, path: str, title: str = "", note: str | None = None) -> str:
+def plot(
+    frames_u8: torch.Tensor,
+    stats: dict,
+    path: str,
+    title: str = "",
+    note: str | None = None,
+    grid: TokenGrid | None = None,
+) -> str:
     """PNG: timeline of the original frames (colour = refined segment of the merged frame they went
     into, grey = dropped by Stage I), then every merged frame with its kept patches. ``note`` is
-    printed under the title (the random-weights note)."""
+    printed under the title (the random-weights note). ``grid``: where the kept positions lie on a
+    frame and how many decoded frames make a Stage I frame (default: a square grid, one frame each)."""
     import matplotlib.pyplot as plt
 
-    fig = _figure(frames_u8, stats, title=title, note=note)
+    fig = _figure(frames_u8, stats, title=title, note=note, grid=grid)
     fig.savefig(path, dpi=_DPI)
     plt.close(fig)
     return path

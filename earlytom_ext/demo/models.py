@@ -1,4 +1,5 @@
-"""The demo's models: the small random LLaVA-OneVision, or a real checkpoint with its processor."""
+"""The demo's models: the small random LLaVA-OneVision, or a real checkpoint of any family
+``earlytom_ext.apply`` supports, with its processor."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import torch
 
 from .._logging import logger
 from ..tiny_model import build_model
+from .families import adapter_class, supported_families
 from .report import _one_line
 
 
@@ -21,13 +23,16 @@ def build_demo_model(vision_layers: int = 26, seed: int = 0, device="cpu", dtype
 
 
 def load_pretrained(model_id: str, device: torch.device):
-    """``(model, processor)`` of a LLaVA-OneVision checkpoint (a local folder or a Hugging Face id).
+    """``(model, processor)`` of a checkpoint of a family ``earlytom_ext.apply`` supports (a local
+    folder or a Hugging Face id): LLaVA-OneVision, LLaVA-NeXT-Video, Video-LLaVA, Qwen2.5-VL, Qwen2-VL.
 
-    bf16 on CUDA, fp32 on the CPU. Raises ValueError (``--model: ...``, one line) when it cannot be
-    loaded.
+    The family comes from the config (``model_type``), read before any weights load; the class is
+    the family's ``...ForConditionalGeneration``. bf16 on CUDA, fp32 on the CPU. Raises ValueError
+    (``--model: ...``, one line) when it cannot be loaded.
     """
     try:
-        from transformers import AutoConfig, AutoProcessor, LlavaOnevisionForConditionalGeneration
+        import transformers
+        from transformers import AutoConfig, AutoProcessor
     except ImportError as e:
         raise ValueError("--model needs transformers: pip install 'transformers>=4.57'") from e
     model_id = os.path.expanduser(model_id)  # Hugging Face does not expand ~
@@ -36,23 +41,33 @@ def load_pretrained(model_id: str, device: torch.device):
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     logger.info("loading %s (%s on %s)", model_id, dtype, device)
     try:
-        # The config first: another family's weights would load into a full-size random LLaVA-OV.
+        # The config first: another family's weights would load into a full-size random model.
         config = AutoConfig.from_pretrained(model_id)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"--model: cannot load {model_id!r}: {_one_line(e)}") from e
-    if config.model_type != "llava_onevision":
+    from ..integration.adapters import ADAPTERS
+
+    model_type = getattr(config, "model_type", None)
+    if model_type not in ADAPTERS:
         raise ValueError(
-            f"--model: {model_id!r} is a {config.model_type!r} checkpoint; the demo runs LLaVA-OneVision "
-            "checkpoints (earlytom_ext.apply also takes LLaVA-NeXT-Video, Video-LLaVA, Qwen2.5-VL and Qwen2-VL "
-            "models in Python: examples/llava_next_video.py and examples/qwen2_5_vl.py in the repository)"
+            f"--model: {model_id!r} is a {model_type!r} checkpoint; the demo runs {supported_families()} "
+            f"checkpoints (model_type {', '.join(repr(t) for t in ADAPTERS)})"
+        )
+    adapter = adapter_class(model_type)
+    # By name: Video-LLaVA has no AutoModelForImageTextToText mapping on 4.57.
+    model_class = getattr(transformers, adapter.model_class, None)
+    if model_class is None:
+        raise ValueError(
+            f"--model: this transformers ({transformers.__version__}) has no {adapter.model_class} "
+            "(pip install 'transformers>=4.57')"
         )
     try:
         # `dtype` is the argument's name from transformers 4.56 on (4.57.x and 5.x).
-        model = LlavaOnevisionForConditionalGeneration.from_pretrained(model_id, config=config, dtype=dtype)
+        model = model_class.from_pretrained(model_id, config=config, dtype=dtype)
         processor = AutoProcessor.from_pretrained(model_id)
     except ImportError as e:
         raise ValueError(
-            f"--model: {_one_line(e)} (the LLaVA-OneVision video processor needs torchvision: pip install torchvision)"
+            f"--model: {_one_line(e)} (the {adapter.family} video processor needs torchvision: pip install torchvision)"
         ) from e
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"--model: cannot load {model_id!r}: {_one_line(e)}") from e

@@ -6,6 +6,7 @@ import statistics
 from collections.abc import Sequence
 
 from ..config import EarlyTomConfig
+from .families import frame_word, tokens_label
 
 RANDOM_WEIGHTS_NOTE = "random weights: kept patches show the mechanism, not a trained model's choice"
 
@@ -35,19 +36,23 @@ def summary(
     timings: dict[str, list[float]] | None = None,
     random_weights: bool = True,
     model_name: str = "small LLaVA-OneVision (random weights)",
+    model_type: str = "llava_onevision",
+    decoded_frames: int | None = None,
 ) -> str:
     """The demo's summary as markdown tables.
 
     ``timings``: per stage, the ms of each timed run (the median is shown, with the range);
     without it the single run in ``stats["timings_ms"]``. ``baseline_ms``: the unpatched vision
-    tower's runs.
+    tower's runs. ``model_type`` words the counts (Qwen: the stats count temporal groups of
+    ``decoded_frames`` frames).
     """
     v = stats["videos"][0]
     layers = tuple(stats["prune_layers"])  # the layers the run used (a config may leave them to the model)
-    out = [
-        f"EarlyTom demo: {_count(v['frames_before'], 'frame')} ({source}), model: {model_name}, "
-        f"device {stats['device']}"
-    ]
+    unit = frame_word(model_type)
+    clip = _count(v["frames_before"], unit)
+    if unit != "frame" and decoded_frames is not None:
+        clip = f"{_count(decoded_frames, 'frame')} = {clip}"
+    out = [f"EarlyTom demo: {clip} ({source}), model: {model_name}, device {stats['device']}"]
     if random_weights:
         out.append(RANDOM_WEIGHTS_NOTE)
     out += [
@@ -57,18 +62,19 @@ def summary(
     ]
     rows = [["input", v["frames_before"]]]
     rows += [[f"after Stage I at layer {p}", v["frames_after"][p]] for p in layers]
-    out += [markdown_table(["encoder stage", "frames"], rows), ""]
+    out += [markdown_table(["encoder stage", unit + "s"], rows), ""]
     segs = v["segments"]
     out.append(f"refined segments ({len(segs)}): " + ", ".join(f"[{s}-{e}]" for s, e in segs))
     kept = v["tokens_after"]
     before = v["tokens_before"]
+    unpatched, patched = tokens_label(model_type, v.get("tokens_per_frame") or stats["tokens_per_frame"])
     out += [
         "",
         markdown_table(
             ["video tokens into the LLM", "count"],
             [
-                [f"unpatched (T x {stats['tokens_per_frame']} + newline)", before],
-                ["EarlyTom (kept + newline)", kept],
+                [unpatched, before],
+                [patched, kept],
                 ["retained", f"{100.0 * kept / before:.1f}%"],
                 ["adjusted ratio r'", f"{v['ratio']:.4f}"],
             ],

@@ -1,4 +1,4 @@
-"""The demo's frames: a synthetic clip, a video file decoded with PyAV, SigLIP normalisation."""
+"""The demo's frames: a synthetic clip, a video file decoded with PyAV (and its duration), SigLIP normalisation."""
 
 from __future__ import annotations
 
@@ -113,6 +113,18 @@ def _decode(av, path: str, num_frames: int, size: int) -> torch.Tensor:
     # A container can announce more frames than it decodes: later indices reuse the last decoded frame.
     last = max(got)
     return torch.stack([got[i] if i in got else got[last] for i in wanted])
+
+
+def clip_seconds(path: str) -> float | None:
+    """The duration of a video file (PyAV), or None when the container does not say (the frame rate
+    of frames sampled uniformly from it is ``frames / clip_seconds(path)``: Qwen places frames in time by it)."""
+    import av
+
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        if stream.duration and stream.time_base:
+            return float(stream.duration * stream.time_base)
+        return container.duration / av.time_base if container.duration else None
 
 
 def normalize_siglip(frames_u8: torch.Tensor) -> torch.Tensor:
