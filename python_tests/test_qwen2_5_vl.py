@@ -323,8 +323,9 @@ def test_default_prune_layers():
         default_prune_layers(4, [])
 
 
-def test_identity_config_equals_unpatched(model, videos):
-    inputs = make_inputs(model, videos, seed=3)
+def check_identity(model, inputs):
+    """The identity configuration gives the unpatched model's logits and generated tokens bit for
+    bit and leaves the prompt as it is; returns the statistics."""
     with torch.no_grad():
         base_logits = model(**inputs).logits
     base_gen = model.generate(**inputs, max_new_tokens=3, do_sample=False)
@@ -333,10 +334,15 @@ def test_identity_config_equals_unpatched(model, videos):
             logits = model(**inputs).logits
         gen = model.generate(**inputs, max_new_tokens=3, do_sample=False)
         st = h.last_stats
-    assert all(v["tokens_after"] == v["tokens_before"] == 6 * 9 for v in st["videos"])
     assert torch.equal(h.last_inputs["input_ids"], inputs["input_ids"])
     assert torch.equal(logits, base_logits)
     assert torch.equal(gen, base_gen)
+    return st
+
+
+def test_identity_config_equals_unpatched(model, videos):
+    st = check_identity(model, make_inputs(model, videos, seed=3))
+    assert all(v["tokens_after"] == v["tokens_before"] == 6 * 9 for v in st["videos"])
 
 
 def test_inference_mode_with_several_threads(model, videos):
@@ -639,16 +645,7 @@ def test_videos_of_different_grids_in_one_call(model):
     vids = mixed_grid_videos()
     inputs = make_inputs(model, vids, seed=12, spgt=(1.0, 0.5, 2.0))
     assert inputs["video_grid_thw"].tolist() == [[6, 6, 6], [6, 4, 8], [5, 6, 6]]
-    with torch.no_grad():
-        base_logits = model(**inputs).logits
-    base_gen = model.generate(**inputs, max_new_tokens=3, do_sample=False)
-    with earlytom_ext.apply(model, IDENTITY) as h:
-        with torch.no_grad():
-            logits = model(**inputs).logits
-        gen = model.generate(**inputs, max_new_tokens=3, do_sample=False)
-        assert [v["tokens_after"] for v in h.last_stats["videos"]] == [54, 48, 45]
-    assert torch.equal(logits, base_logits)
-    assert torch.equal(gen, base_gen)
+    assert [v["tokens_after"] for v in check_identity(model, inputs)["videos"]] == [54, 48, 45]
 
     st = check_positions(model, inputs, CFG)
     assert st["tokens_per_frame"] is None
