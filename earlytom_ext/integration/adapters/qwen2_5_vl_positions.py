@@ -242,11 +242,11 @@ class _RopePositions:
     def check_prompt(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, videos: VideoInputs) -> None:
         """Runs that follow ``<|vision_start|>`` (4.57), the image placeholder runs against
         ``image_grid_thw`` (host tensors, before the encoder)."""
-        self._check_vision_start(input_ids, attention_mask)
+        mask = None if attention_mask is None else attention_mask.cpu() != 0
+        self._check_vision_start(input_ids, mask)
         if self.image_token_id is None:
             return
         image_grid = videos.extra["image_grid"]
-        mask = None if attention_mask is None else attention_mask.cpu() != 0
         edge = torch.zeros(1, dtype=torch.int8)
         img = 0
         for b in range(input_ids.shape[0]):
