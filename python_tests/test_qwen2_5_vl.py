@@ -903,10 +903,14 @@ def test_published_geometry_runs_with_the_default_prune_layers(family):
 
 
 @pytest.mark.skipif(not (torch.cuda.is_available() and has_cuda_kernels()), reason="needs CUDA and the CUDA kernels")
-def test_cuda_matches_cpu(model, videos, monkeypatch):
+@pytest.mark.parametrize("grids", ["one grid", "two grids"])
+def test_cuda_matches_cpu(model, videos, grids, monkeypatch):
     # fp32 on both sides: cuDNN runs the patch embedding's Conv3d in TF32 unless told otherwise.
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    inputs = make_inputs(model, videos, seed=13)
+    if grids == "one grid":
+        inputs = make_inputs(model, videos, seed=13)
+    else:
+        inputs = make_inputs(model, mixed_grid_videos(), seed=13, spgt=(1.0, 0.5, 2.0))
     with earlytom_ext.apply(model, CFG) as h:
         cpu = h.encode_videos(inputs["pixel_values_videos"], video_grid_thw=inputs["video_grid_thw"])
         cpu_kept = [v["kept"] for v in h.last_stats["videos"]]
@@ -937,8 +941,10 @@ videos = [
     make_video(12, seed=1, kind="scenes", scene_length=4, image_size=16),
     make_video(12, seed=2, kind="static", image_size=16),
 ]
+if sys.argv[3] == "two grids":  # a third video on another grid: one encoder pass per grid
+    videos.append(make_video(12, seed=3, kind="static", image_size=24)[:, :, :8, :])
 m = build_model(family=sys.argv[2]).cuda()
-inputs = make_inputs(m, videos, seed=5)
+inputs = make_inputs(m, videos, seed=5, spgt=(1.0, 0.5, 2.0))
 grid = inputs.pop("video_grid_thw")  # on the host, as the processor gives it
 inputs = {k: v.cuda() for k, v in inputs.items()}
 h = earlytom_ext.apply(m, CFG)
@@ -946,12 +952,15 @@ h = earlytom_ext.apply(m, CFG)
 
 
 @pytest.mark.skipif(not (torch.cuda.is_available() and has_cuda_kernels()), reason="needs CUDA and the CUDA kernels")
-def test_cuda_host_syncs_at_most_one_per_prune_layer(family, tmp_path):
+@pytest.mark.parametrize("grids", ["one grid", "two grids"])
+def test_cuda_host_syncs_at_most_one_per_prune_layer(family, grids, tmp_path):
     from tiny_models import call_syncs
 
     syncs = call_syncs(
-        _SYNC_SETUP, 'h.encode_videos(inputs["pixel_values_videos"], video_grid_thw=grid)', tmp_path, family
+        _SYNC_SETUP, 'h.encode_videos(inputs["pixel_values_videos"], video_grid_thw=grid)', tmp_path, family, grids
     )
-    # Stage I's size read per prune layer; no per-block window-length read (the windows are
-    # batched from the host geometry) and no read of the refined segments (an asynchronous copy).
-    assert 1 <= len(syncs) <= len(CFG.prune_layers), "\n".join(syncs)
+    # Stage I's size read per prune layer and encoder pass (one pass per spatial grid); no per-block
+    # window-length read (the windows are batched from the host geometry) and no read of the refined
+    # segments (an asynchronous copy).
+    passes = 2 if grids == "two grids" else 1
+    assert 1 <= len(syncs) <= passes * len(CFG.prune_layers), "\n".join(syncs)
