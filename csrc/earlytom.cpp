@@ -3,6 +3,7 @@
 // start with the op's input checks from csrc/ops/<op>.h. The semantics of every op are documented
 // in docs/design.md.
 #include <Python.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
 extern "C" {
@@ -30,4 +31,14 @@ TORCH_LIBRARY(earlytom, m) {
   m.def(
       "select_tokens(Tensor feats, Tensor scores, Tensor frame_keep, Tensor frame_static, "
       "int num_out) -> (Tensor tokens, Tensor index)");
+}
+
+// None of the ops is differentiable (the compression is a constant; the Python wrappers run them
+// without grad): inputs that require grad give outputs whose backward raises, instead of a
+// backward that silently returns no gradient.
+TORCH_LIBRARY_IMPL(earlytom, Autograd, m) {
+  for (const char* op : {"merge_frames", "apply_merge_plan", "segment_frames", "segment_frames_deferred",
+                         "attention_received", "select_tokens"}) {
+    m.impl(op, torch::autograd::autogradNotImplementedFallback());
+  }
 }

@@ -78,3 +78,27 @@ def test_select_tokens(device, mode):
     scores = torch.rand(4, 9, generator=g).to(device)
     plan = ops.stage2_plan([[(0, 1), (2, 3)]], [6], 0.5, tokens_per_frame=9)
     _assert_equal(*_both(mode, lambda f, s: ops.select_tokens(f, s, plan), feats, scores))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_raw_ops_refuse_backward(device):
+    """The raw ``torch.ops.earlytom`` ops on inputs that require grad: their backward raises instead
+    of silently giving no gradient (the wrappers above return constants)."""
+    E = torch.ops.earlytom
+    x = torch.randn(4, 3, 8, device=device).cumsum(0).requires_grad_()
+    counts = torch.tensor([4], device=device)
+    q = torch.randn(2, 2, 5, 4, device=device, requires_grad=True)
+    plan_src = torch.tensor([[0, 1], [2, 3]], device=device)
+    feats = torch.randn(2, 6, 8, device=device, requires_grad=True)
+    keep = torch.tensor([2, 1], device=device)
+    static = torch.zeros(2, dtype=torch.bool, device=device)
+    calls = {
+        "merge_frames": lambda: E.merge_frames(x, counts, 0.5, 4, 0.9, False)[0],
+        "apply_merge_plan": lambda: E.apply_merge_plan(x, plan_src, torch.full((2,), 0.5, device=device)),
+        "attention_received": lambda: E.attention_received(q, q, 0.5),
+        "select_tokens": lambda: E.select_tokens(feats, torch.randn(2, 6, device=device), keep, static, 3)[0],
+    }
+    for name, call in calls.items():
+        out = call()
+        with pytest.raises(RuntimeError, match=f"derivative for earlytom::{name} is not implemented"):
+            out.sum().backward()
