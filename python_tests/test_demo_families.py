@@ -101,6 +101,18 @@ def _panels(frames, stats, grid):
         plt.close(fig)
 
 
+def _check_panels(panels, v, class_token=False):
+    """Each panel's title counts its merged frame's kept tokens and its bright cells are those tokens
+    (with a class token, position 0, counted but not drawn: patch p is position p + 1)."""
+    assert len(panels) == len(v["frame_sources"])
+    for i, (title, bright) in enumerate(panels):
+        kept = [p for f, p in v["kept"] if f == i]
+        drawn = {p - 1 for p in kept if p > 0} if class_token else set(kept)
+        assert f"{len(kept)} kept" in title and bright == drawn, (title, bright, kept)
+        if class_token:
+            assert ("incl. class token" in title) == (0 in kept), title
+
+
 def _check_counts(res, inputs, video_token_id, label):
     v = res["stats"]["videos"][0]
     placeholders = int((inputs["input_ids"] == video_token_id).sum())
@@ -144,9 +156,8 @@ def test_demo_on_qwen(family, checkpoints, tmp_path, monkeypatch):
     sources = v["frame_sources"]
     last = stats["prune_layers"][-1]
     assert len(panels) == len(sources) == v["frames_after"][last] < grid_t  # Stage I merged groups
-    for i, (title, bright) in enumerate(panels):
-        kept = [p for f, p in v["kept"] if f == i]
-        assert f"{len(kept)} kept" in title and bright == set(kept), (title, bright, kept)
+    _check_panels(panels, v)
+    for i, (title, _) in enumerate(panels):
         # Group g is decoded frames 2g, 2g + 1 (the last one alone: its pair is the processor's copy).
         first, end = 2 * sources[i][0], min(2 * sources[i][-1] + 1, frames - 1)
         shown = f"frame {first}" if first == end else f"frames {first}..{end}"
@@ -195,10 +206,8 @@ def test_demo_on_llava_next_video(checkpoints, tmp_path, monkeypatch):
     grid = kw["grid"]
     assert (grid.rows, grid.cols, grid.class_token, grid.frames_per_group) == (4, 4, False, 1)
     panels, _ = _panels(7, stats, grid)
-    assert len(panels) == len(v["frame_sources"]) < 7
-    for i, (title, bright) in enumerate(panels):
-        kept = [p for f, p in v["kept"] if f == i]
-        assert f"{len(kept)} kept" in title and bright == set(kept), (title, bright, kept)
+    assert len(panels) < 7
+    _check_panels(panels, v)
 
 
 def test_demo_on_video_llava(checkpoints, tmp_path, monkeypatch):
@@ -213,13 +222,9 @@ def test_demo_on_video_llava(checkpoints, tmp_path, monkeypatch):
     grid = kw["grid"]
     assert (grid.rows, grid.cols, grid.class_token, grid.frames_per_group) == (8, 8, True, 1)
     panels, timeline = _panels(7, stats, grid)
-    assert len(panels) == len(v["frame_sources"]) < 7
+    assert len(panels) < 7
     assert "'kept' counts the class token" in timeline
-    for i, (title, bright) in enumerate(panels):
-        kept = [p for f, p in v["kept"] if f == i]
-        # The class token (position 0) is counted, not drawn: patch p is position p + 1.
-        assert f"{len(kept)} kept" in title and bright == {p - 1 for p in kept if p > 0}, (title, bright, kept)
-        assert ("incl. class token" in title) == (0 in kept), title
+    _check_panels(panels, v, class_token=True)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
