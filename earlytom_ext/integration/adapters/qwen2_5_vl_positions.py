@@ -226,10 +226,10 @@ class _RopePositions:
         if self._v5_rope:
             return
         start_id = self.config.vision_start_token_id
-        vision = [t for t in (self.video_token_id, self.image_token_id) if t is not None]
+        vision = torch.tensor([t for t in (self.video_token_id, self.image_token_id) if t is not None])
         for b in range(ids.shape[0]):
             row = ids[b] if mask is None else ids[b][mask[b] != 0]
-            is_vision = torch.isin(row, torch.tensor(vision))
+            is_vision = torch.isin(row, vision)
             first = is_vision & ~torch.cat([torch.zeros(1, dtype=torch.bool), is_vision[:-1]])
             before = torch.cat([torch.full((1,), -1, dtype=row.dtype), row[:-1]])[first]
             if bool((before != start_id).any()):
